@@ -1,0 +1,146 @@
+"""Compare a backend's outputs with the reference, per output: the numbers a user needs to decide.
+
+An element fails only if |a - r| > atol AND |a - r| > rtol * |r| (polygraphy's elementwise rule);
+any NaN/Inf in either output fails.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from exporter.errors import LrexportError
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float
+    rtol: float
+
+
+DEFAULT_TOLERANCES = {
+    "fp32": Tolerance(atol=1e-4, rtol=1e-3),
+    "fp16": Tolerance(atol=1e-2, rtol=1e-2),
+    "bf16": Tolerance(atol=5e-2, rtol=5e-2),
+}
+
+
+@dataclass
+class Tolerances:
+    """Default tolerance for a precision, overridable per output name (glob patterns allowed)."""
+
+    default: Tolerance
+    per_output: Mapping[str, Tolerance]
+
+    @classmethod
+    def for_precision(cls, precision: str, atol: float | None = None, rtol: float | None = None,
+                      per_output: Mapping[str, Tolerance] | None = None) -> "Tolerances":
+        if precision not in DEFAULT_TOLERANCES:
+            raise LrexportError(f"unknown precision {precision!r}", f"use one of {', '.join(DEFAULT_TOLERANCES)}")
+        base = DEFAULT_TOLERANCES[precision]
+        return cls(Tolerance(base.atol if atol is None else atol, base.rtol if rtol is None else rtol),
+                   dict(per_output or {}))
+
+    def get(self, output: str) -> Tolerance:
+        for pattern, tol in self.per_output.items():
+            if fnmatch.fnmatchcase(output, pattern):
+                return tol
+        return self.default
+
+
+def parse_output_tolerance(text: str) -> tuple[str, Tolerance]:
+    """``NAME:atol=1e-3,rtol=1e-2`` (NAME may be a glob)."""
+    name, sep, rest = text.partition(":")
+    values: dict[str, float] = {}
+    for item in rest.split(",") if sep else []:
+        key, eq, val = item.partition("=")
+        try:
+            if key.strip() not in ("atol", "rtol") or not eq:
+                raise ValueError
+            values[key.strip()] = float(val)
+        except ValueError:
+            values = {}
+            break
+    if not name or not values:
+        raise LrexportError(f"bad output tolerance {text!r}", "write NAME:atol=1e-3,rtol=1e-2")
+    base = DEFAULT_TOLERANCES["fp32"]
+    return name, Tolerance(values.get("atol", base.atol), values.get("rtol", base.rtol))
+
+
+@dataclass
+class OutputComparison:
+    output: str
+    shape: tuple[int, ...]
+    atol: float
+    rtol: float
+    max_abs: float
+    max_rel: float
+    rel_l2: float
+    cosine: float
+    mismatches: int
+    total: int
+    worst_index: tuple[int, ...]  # where |a - r| is largest (or the first NaN/Inf)
+    worst_actual: float
+    worst_expected: float
+    min_atol: float  # smallest atol that would pass at this rtol
+    min_rtol: float  # smallest rtol that would pass at this atol
+    nonfinite: int
+    module: str | None = None  # module path of the node that produced the output (dynamo metadata)
+
+    @property
+    def ok(self) -> bool:
+        return self.mismatches == 0 and self.nonfinite == 0
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["shape"] = list(self.shape)
+        d["worst_index"] = list(self.worst_index)
+        d["ok"] = self.ok
+        return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in d.items()}
+
+
+def compare_arrays(name: str, actual: np.ndarray, expected: np.ndarray, tol: Tolerance) -> OutputComparison:
+    if actual.shape != expected.shape:
+        raise LrexportError(f"output {name!r} has shape {list(actual.shape)} but the reference has "
+                            f"{list(expected.shape)}", "the ONNX model does not match the PyTorch model")
+    a = actual.astype(np.float64, copy=False)
+    r = expected.astype(np.float64, copy=False)
+    finite = np.isfinite(a) & np.isfinite(r)
+    nonfinite = int(a.size - finite.sum())
+    diff = np.where(finite, np.abs(a - r), np.inf)
+    absr = np.abs(np.where(finite, r, 0.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(absr > 0, diff / absr, np.where(diff > 0, np.inf, 0.0))
+    failing = (diff > tol.atol) & (rel > tol.rtol)
+    if a.size:
+        worst = np.unravel_index(int(np.argmax(diff)), a.shape)
+        max_abs = float(diff.max())
+        max_rel = float(rel[finite].max()) if finite.any() else float("inf")
+        beyond_rtol, beyond_atol = rel > tol.rtol, diff > tol.atol
+        min_atol = float(diff[beyond_rtol].max()) if beyond_rtol.any() else 0.0
+        min_rtol = float(rel[beyond_atol].max()) if beyond_atol.any() else 0.0
+        af, rf = a[finite], r[finite]
+        norm_r = float(np.linalg.norm(rf))
+        rel_l2 = float(np.linalg.norm(af - rf) / norm_r) if norm_r > 0 else float(np.linalg.norm(af - rf))
+        denom = float(np.linalg.norm(af) * norm_r)
+        cosine = float(np.dot(af.ravel(), rf.ravel()) / denom) if denom > 0 else (1.0 if not af.any() else 0.0)
+        worst_a, worst_e = float(a[worst]), float(r[worst])
+    else:
+        worst, max_abs, max_rel, min_atol, min_rtol, rel_l2, cosine, worst_a, worst_e = (
+            (), 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0)
+    return OutputComparison(
+        output=name, shape=tuple(a.shape), atol=tol.atol, rtol=tol.rtol, max_abs=max_abs, max_rel=max_rel,
+        rel_l2=rel_l2, cosine=cosine, mismatches=int(failing.sum()), total=int(a.size),
+        worst_index=tuple(int(i) for i in worst), worst_actual=worst_a, worst_expected=worst_e,
+        min_atol=min_atol, min_rtol=min_rtol, nonfinite=nonfinite)
+
+
+def compare_outputs(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray],
+                    tolerances: Tolerances) -> list[OutputComparison]:
+    missing = [k for k in expected if k not in actual]
+    if missing:
+        raise LrexportError(f"backend output {missing[0]!r} is missing", "the ONNX outputs do not match the model's")
+    return [compare_arrays(name, actual[name], expected[name], tolerances.get(name)) for name in expected]

@@ -1,0 +1,354 @@
+"""Export a loaded model to ONNX with dynamic batch/sequence axes, and say which axes stayed dynamic.
+
+The dynamo exporter (torch.export + torch.onnx) is the default: it keeps per-node module paths
+(``pkg.torch.onnx.name_scopes``) that the parity report uses. The TorchScript exporter is a fallback
+only (``exporter="torchscript"``): it is deprecated and exports some models wrongly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import logging
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import onnx
+import torch
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
+from torch import nn
+
+from exporter.errors import LrexportError
+from exporter.loading import LoadedModel
+from exporter.specs import InputSpec
+
+DEFAULT_OPSET = 18  # >= 17 for LayerNormalization
+_AXIS_NAMES = {0: "batch", 1: "seq"}
+TWO_GB = 2**31
+
+
+@dataclass
+class PinnedAxis:
+    """A dynamic axis the exporter fixed to one size, and why."""
+
+    input: str
+    axis: int
+    requested: tuple[int, int]
+    size: int
+    reason: str
+
+    def message(self) -> str:
+        return (f"axis {self.axis} of input {self.input!r} became static ({self.size}; requested "
+                f"{self.requested[0]}..{self.requested[1]}): {self.reason}")
+
+
+@dataclass
+class ExportResult:
+    onnx_path: Path
+    exporter: str
+    opset: int
+    seconds: float
+    specs: list[InputSpec]  # the specs as exported (pinned axes made static)
+    output_names: list[str]
+    pinned: list[PinnedAxis] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"onnx": str(self.onnx_path), "exporter": self.exporter, "opset": self.opset,
+                "seconds": round(self.seconds, 3), "inputs": [s.to_dict() for s in self.specs],
+                "outputs": self.output_names,
+                "pinned_axes": [{"input": p.input, "axis": p.axis, "requested": list(p.requested),
+                                 "size": p.size, "reason": p.reason} for p in self.pinned],
+                "warnings": self.warnings}
+
+
+def dim_names(specs: Sequence[InputSpec]) -> dict[tuple[str, int], str]:
+    """Name each dynamic axis; axes with the same position and range share a name (and a torch Dim)."""
+    names: dict[tuple[str, int], str] = {}
+    by_range: dict[tuple[int, int, int], str] = {}
+    used: set[str] = set()
+    for spec in specs:
+        for axis in spec.dynamic_axes:
+            key = (axis, spec.min[axis], spec.max[axis])
+            if key not in by_range:
+                base = _AXIS_NAMES.get(axis, f"dim{axis}")
+                name, k = base, 2
+                while name in used:
+                    name, k = f"{base}_{k}", k + 1
+                used.add(name)
+                by_range[key] = name
+            names[(spec.name, axis)] = by_range[key]
+    return names
+
+
+def torch_dynamic_shapes(specs: Sequence[InputSpec], auto: bool = False) -> tuple[dict[int, Any], ...]:
+    """torch.export dynamic_shapes for positional inputs in ``specs`` order."""
+    names = dim_names(specs)
+    dims: dict[str, Any] = {}
+    out = []
+    for spec in specs:
+        per_axis: dict[int, Any] = {}
+        for axis in spec.dynamic_axes:
+            name = names[(spec.name, axis)]
+            if auto:
+                per_axis[axis] = torch.export.Dim.AUTO
+            else:
+                dims.setdefault(name, torch.export.Dim(name, min=spec.min[axis], max=spec.max[axis]))
+                per_axis[axis] = dims[name]
+        out.append(per_axis)
+    return tuple(out)
+
+
+def example_args(specs: Sequence[InputSpec], seed: int = 0) -> tuple[torch.Tensor, ...]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return tuple(torch.from_numpy(s.random(s.export_shape(), rng)) for s in specs)
+
+
+def order_specs(module: nn.Module, specs: Sequence[InputSpec]) -> list[InputSpec]:
+    """Order specs like ``forward``'s parameters when the names match (else keep the given order)."""
+    try:
+        params = [p for p in inspect.signature(module.forward).parameters
+                  if p not in ("self", "args", "kwargs")]
+    except (TypeError, ValueError):
+        return list(specs)
+    names = [s.name for s in specs]
+    if set(names) <= set(params):
+        return sorted(specs, key=lambda s: params.index(s.name))
+    return list(specs)
+
+
+def output_names_for(module: nn.Module, args: tuple) -> list[str]:
+    with torch.no_grad():
+        out = module(*args)
+    if isinstance(out, dict):
+        return [str(k) for k in out]
+    leaves, _ = torch.utils._pytree.tree_flatten(out)
+    if len(leaves) == 1:
+        return ["output"]
+    return [f"output_{i}" for i in range(len(leaves))]
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporter's progress chatter and warnings (lrexport reports its own progress)."""
+    buf = io.StringIO()
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
+            warnings.simplefilter("ignore")
+            yield buf
+    finally:
+        for lg, lvl in zip(loggers, levels):
+            lg.setLevel(lvl)
+
+
+def _unsupported_op(err: BaseException, ep: Any) -> LrexportError | None:
+    """Turn a 'no ONNX function for op X' failure into a one-line error naming the op and module."""
+    text = str(err) + " " + str(err.__cause__ or "")
+    m = re.search(r"OpOverload\(op='([\w.:]+)'", text) or re.search(r"No ONNX function found for ([\w.:]+)", text)
+    if not m:
+        return None
+    op = m.group(1)
+    module = "the model's top level"
+    node_m = re.search(r"Error when translating node %(\w+)", text)
+    if ep is not None and node_m:
+        for node in ep.graph.nodes:
+            if node.name == node_m.group(1):
+                stack = node.meta.get("nn_module_stack") or {}
+                if stack:
+                    path, cls = list(stack.values())[-1]
+                    cls_name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+                    module = f"module {path.replace('L__self___', '').strip() or '<root>'!r} ({cls_name.split('.')[-1]})"
+                break
+    return LrexportError(f"the ONNX exporter cannot handle op {op} in {module}",
+                         "replace it with standard torch ops, or register an ONNX translation for it")
+
+
+def _torch_export(module: nn.Module, args: tuple, specs: Sequence[InputSpec]) -> tuple[Any, dict[str, str]]:
+    """torch.export with the requested ranges; where the model forces an axis static, retry with
+    automatic dims and keep torch's explanation as the reason."""
+    reasons: dict[str, str] = {}
+    try:
+        with _quiet():
+            return torch.export.export(module, args, dynamic_shapes=torch_dynamic_shapes(specs), strict=False), reasons
+    except Exception as err:  # constraint violations come as torch._dynamo.exc.UserError
+        text = str(err)
+        if "Constraints violated" not in text and "constraint" not in text.lower():
+            raise
+        for line in text.splitlines():
+            m = re.search(r"marked (\w+) as dynamic but your code (specialized it to be a constant \(\d+\))", line) \
+                or re.search(r"values of (\w+) = .*?(inferred to be (?:a constant|equal to)[^.]*)", line)
+            if m:
+                reasons[m.group(1)] = (f"the model's code {m.group(2).strip()} (e.g. a layer sized by this axis, "
+                                       "or control flow on it)")
+    with _quiet():
+        return torch.export.export(module, args, dynamic_shapes=torch_dynamic_shapes(specs, auto=True),
+                                   strict=False), reasons
+
+
+def _static_axes(ep: Any, specs: Sequence[InputSpec], reasons: dict[str, str]) -> list[PinnedAxis]:
+    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"
+                    and n.name in ep.graph_signature.user_inputs]
+    names = dim_names(specs)
+    pinned = []
+    for spec, node in zip(specs, placeholders):
+        shape = node.meta["val"].shape
+        for axis in spec.dynamic_axes:
+            if is_concrete_int(shape[axis]):
+                dim = names[(spec.name, axis)]
+                reason = reasons.get(dim, "the model's code fixes it at the example size "
+                                          "(a layer sized by this axis, or control flow on it)")
+                pinned.append(PinnedAxis(spec.name, axis, (spec.min[axis], spec.max[axis]),
+                                         int(shape[axis]), reason))  # type: ignore[call-overload]
+    return pinned
+
+
+def _rename_dims(model: onnx.ModelProto, specs: Sequence[InputSpec]) -> None:
+    """Give the graph's symbolic dims the readable names lrexport uses (batch, seq, ...)."""
+    names = dim_names(specs)
+    mapping: dict[str, str] = {}
+    for spec, vi in zip(specs, model.graph.input):
+        for axis, dim in enumerate(vi.type.tensor_type.shape.dim):
+            if dim.HasField("dim_param") and (spec.name, axis) in names:
+                mapping.setdefault(dim.dim_param, names[(spec.name, axis)])
+            elif dim.HasField("dim_param") and axis not in spec.dynamic_axes:
+                dim.dim_value = spec.opt[axis]  # pinned by the exporter: say so in the graph too
+    for vi in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        for dim in vi.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param in mapping:
+                dim.dim_param = mapping[dim.dim_param]
+
+
+def save_onnx(model: onnx.ModelProto, path: Path) -> None:
+    """Save inline when small, with one external-data file when the weights pass 2 GB."""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+    if model.ByteSize() < TWO_GB - 64 * 2**20:
+        onnx.save_model(model, str(path))
+    else:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+
+
+def export_onnx(loaded: LoadedModel | nn.Module, specs: Sequence[InputSpec], path: str | Path, *,
+                exporter: str = "dynamo", opset: int = DEFAULT_OPSET,
+                progress: Callable[[str], None] | None = None) -> ExportResult:
+    """Export to ``path`` (weights inline below 2 GB) and verify with the checker and shape inference."""
+    if opset < 17:
+        raise LrexportError(f"opset {opset} is too old", "use --opset 17 or newer (LayerNormalization)")
+    if exporter not in ("dynamo", "torchscript"):
+        raise LrexportError(f"unknown exporter {exporter!r}", "use dynamo or torchscript")
+    if not specs:
+        raise LrexportError("no input spec for the model",
+                            "pass --input NAME:DIMS:DTYPE (and --shapes for dynamic axes), or a sidecar .inputs.json")
+    loaded = loaded if isinstance(loaded, LoadedModel) else LoadedModel(loaded, "module", "<module>")
+    path = Path(path)
+    say = progress or (lambda _msg: None)
+    module = loaded.module
+    specs = order_specs(module, specs)
+    args = example_args(specs)
+    try:
+        out_names = output_names_for(module, args)
+    except Exception as err:
+        raise LrexportError(f"the model does not run on the given inputs ({type(err).__name__}: "
+                            f"{str(err).strip().splitlines()[0][:300]})",
+                            "check --input names, shapes and dtypes against the model's forward()") from None
+    start = time.perf_counter()
+    warnings_out: list[str] = []
+    pinned: list[PinnedAxis] = []
+    if exporter == "dynamo":
+        source = module
+        if loaded.kind == "torchscript":
+            say("converting TorchScript to torch.export")
+            try:
+                from torch._export.converter import TS2EPConverter
+
+                with _quiet():
+                    source = TS2EPConverter(module, args).convert().module()
+            except Exception as err:
+                warnings_out.append(f"TorchScript->torch.export conversion failed ({type(err).__name__}); "
+                                    "used the TorchScript exporter instead")
+                exporter = "torchscript"
+    if exporter == "dynamo":
+        say("torch.export")
+        try:
+            ep, reasons = _torch_export(source, args, specs)
+        except Exception as err:
+            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+            raise LrexportError(f"torch.export failed ({type(err).__name__}: {first})",
+                                "fix the model for torch.export, or try --exporter torchscript") from None
+        pinned = _static_axes(ep, specs, reasons)
+        say("translating to ONNX")
+        try:
+            with _quiet():
+                onnx_program = torch.onnx.export(ep, (), dynamo=True, opset_version=opset, optimize=True,
+                                                 input_names=[s.name for s in specs], output_names=out_names)
+        except Exception as err:
+            raise (_unsupported_op(err, ep) or LrexportError(
+                f"ONNX translation failed ({type(err).__name__}: {str(err).strip().splitlines()[0][:300]})",
+                "try --exporter torchscript")) from None
+        model = onnx_program.model_proto
+    else:
+        say("TorchScript exporter (fallback)")
+        names = dim_names(specs)
+        dynamic_axes = {s.name: {a: names[(s.name, a)] for a in s.dynamic_axes} for s in specs}
+        buf = io.BytesIO()
+        try:
+            with _quiet():
+                torch.onnx.export(module, args, buf, dynamo=False, opset_version=opset,
+                                  input_names=[s.name for s in specs], output_names=out_names,
+                                  dynamic_axes={k: v for k, v in dynamic_axes.items() if v})
+        except Exception as err:
+            m = re.search(r"(?:operator|op) '?([\w:.]+)'? (?:to ONNX opset|is not supported)", str(err))
+            if m:
+                raise LrexportError(f"the ONNX exporter cannot handle op {m.group(1)}",
+                                    "replace it with standard torch ops") from None
+            raise LrexportError(f"TorchScript export failed ({type(err).__name__}: "
+                                f"{str(err).strip().splitlines()[0][:300]})",
+                                "try the default dynamo exporter") from None
+        model = onnx.load_from_string(buf.getvalue())
+    exported_specs = list(specs)
+    for pin in pinned:
+        exported_specs = [s.with_static_axis(pin.axis, pin.size) if s.name == pin.input else s
+                          for s in exported_specs]
+        warnings_out.append(pin.message())
+    _rename_dims(model, exported_specs)
+    say("checking the ONNX model")
+    try:
+        onnx.checker.check_model(model, full_check=False) if model.ByteSize() < TWO_GB else None
+    except onnx.checker.ValidationError as err:
+        raise LrexportError(f"the exported model fails onnx.checker ({str(err).splitlines()[0][:200]})",
+                            "report this as an lrexport bug with the model") from None
+    try:
+        if model.ByteSize() < TWO_GB:
+            onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    except Exception as err:
+        warnings_out.append(f"ONNX shape inference: {str(err).splitlines()[0][:200]}")
+    save_onnx(model, path)
+    seconds = time.perf_counter() - start
+    if exporter == "torchscript":
+        _check_static_from_onnx(model, specs, pinned, warnings_out)
+    return ExportResult(path, exporter, opset, seconds, exported_specs, out_names, pinned, warnings_out)
+
+
+def _check_static_from_onnx(model: onnx.ModelProto, specs: Sequence[InputSpec], pinned: list[PinnedAxis],
+                            warnings_out: list[str]) -> None:
+    for spec, vi in zip(specs, model.graph.input):
+        dims = vi.type.tensor_type.shape.dim
+        for axis in spec.dynamic_axes:
+            if axis < len(dims) and dims[axis].HasField("dim_value"):
+                pin = PinnedAxis(spec.name, axis, (spec.min[axis], spec.max[axis]), dims[axis].dim_value,
+                                 "the TorchScript exporter traced it as a constant")
+                pinned.append(pin)

@@ -1,0 +1,90 @@
+"""``lrexport inspect``: what is in an ONNX file or a model file, at a glance."""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+from typing import Any
+
+import onnx
+from onnx import numpy_helper  # noqa: F401  (keeps the dtype helpers loaded)
+
+from exporter.errors import LrexportError
+from exporter.loading import load_model
+from exporter.parity import model_specs_from_onnx
+from exporter.table import format_table
+
+
+def _is_onnx(path: Path) -> bool:
+    if path.suffix == ".onnx":
+        return True
+    try:
+        onnx.load(str(path), load_external_data=False)
+        return True
+    except Exception:
+        return False
+
+
+def inspect_onnx(path: Path) -> dict[str, Any]:
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:
+        raise LrexportError(f"{path} is not a readable ONNX file ({type(err).__name__})",
+                            "check the path, or re-export it") from None
+    params = 0
+    for init in model.graph.initializer:
+        n = 1
+        for d in init.dims:
+            n *= d
+        params += n
+    ops = collections.Counter(n.op_type for n in model.graph.node)
+    outputs = []
+    for vi in model.graph.output:
+        tt = vi.type.tensor_type
+        dims = [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in tt.shape.dim]
+        outputs.append({"name": vi.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
+                        if tt.elem_type else "?", "dims": dims})
+    inputs = model_specs_from_onnx(path)
+    dynamic = {i["name"]: [a for a, d in enumerate(i["dims"]) if isinstance(d, str)] for i in inputs}
+    return {"kind": "onnx", "path": str(path), "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
+            "ir_version": model.ir_version, "producer": f"{model.producer_name} {model.producer_version}".strip(),
+            "inputs": inputs, "outputs": outputs, "dynamic_axes": dynamic, "parameters": params,
+            "nodes": len(model.graph.node), "op_histogram": dict(ops.most_common()),
+            "external_data": any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer)}
+
+
+def inspect_path(path: str | Path, *, factory: str | None = None, factory_kwargs: str | None = None,
+                 trust_pickle: bool = False) -> dict[str, Any]:
+    p = Path(path)
+    if not p.exists():
+        raise LrexportError(f"{p} does not exist", "check the path")
+    if _is_onnx(p):
+        return inspect_onnx(p)
+    loaded = load_model(p, factory=factory, factory_kwargs=factory_kwargs, trust_pickle=trust_pickle)
+    from exporter.specs import read_sidecar, build_specs
+
+    side = read_sidecar(p)
+    specs = build_specs(*side) if side else loaded.inferred_specs
+    modules = collections.Counter(type(m).__name__ for m in loaded.module.modules())
+    return {"kind": loaded.kind, "path": str(p), "class": type(loaded.module).__name__,
+            "parameters": loaded.parameter_count, "inputs": [s.to_dict() for s in specs],
+            "module_histogram": dict(modules.most_common())}
+
+
+def format_inspection(info: dict[str, Any]) -> str:
+    lines = [f"{info['path']}: {info['kind']}, {info['parameters']:,} parameters"]
+    if info["kind"] == "onnx":
+        lines.append(f"opset {info['opset']}, IR {info['ir_version']}, {info['nodes']} nodes"
+                     + (", external data" if info["external_data"] else ""))
+        rows = [["input", i["name"], i["dtype"], "x".join(map(str, i["dims"]))] for i in info["inputs"]]
+        rows += [["output", o["name"], o["dtype"], "x".join(map(str, o["dims"]))] for o in info["outputs"]]
+        lines.append(format_table(["", "name", "dtype", "dims"], rows))
+        lines.append(format_table(["op", "count"], list(info["op_histogram"].items())))
+    else:
+        lines.append(f"class {info['class']}")
+        rows = [[i["name"], i["dtype"], "x".join(map(str, i["min"])), "x".join(map(str, i["opt"])),
+                 "x".join(map(str, i["max"]))] for i in info["inputs"]]
+        lines.append(format_table(["input", "dtype", "min", "opt", "max"], rows) if rows
+                     else "inputs: unknown (no sidecar .inputs.json; pass --input to build)")
+        lines.append(format_table(["module", "count"], list(info["module_histogram"].items())))
+    return "\n".join(lines)

@@ -1,0 +1,253 @@
+"""Load a model file into a callable ``nn.Module`` without running code from the file by default.
+
+Formats: TorchScript archives (``torch.jit.save``), ``torch.export`` archives (``.pt2``), a state dict
+plus ``--factory pkg.module:function``, and full pickled modules (``torch.save(model)``) only with
+``trust_pickle=True``, since unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pickle
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from exporter.errors import LrexportError
+from exporter.specs import InputSpec
+
+KINDS = ("torchscript", "exported-program", "state-dict", "pickle", "module")
+
+
+@dataclass
+class LoadedModel:
+    module: nn.Module
+    kind: str
+    source: str
+    exported_program: Any = None  # torch.export.ExportedProgram when loaded from .pt2
+    inferred_specs: list[InputSpec] = field(default_factory=list)
+
+    @property
+    def parameter_count(self) -> int:
+        seen: set[int] = set()
+        total = 0
+        tensors = list(self.module.parameters()) + list(self.module.buffers())
+        if self.exported_program is not None:
+            tensors = list(self.exported_program.state_dict.values())
+        for t in tensors:
+            if id(t) not in seen and t.is_floating_point():
+                seen.add(id(t))
+                total += t.numel()
+        return total
+
+
+def _zip_names(path: Path) -> list[str] | None:
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return None
+
+
+def detect_kind(path: Path) -> str:
+    """Guess the archive kind from its contents (not its suffix)."""
+    names = _zip_names(path)
+    if names is None:
+        return "torch-save"  # legacy (non-zip) torch.save / raw pickle, or corrupt
+    if any(n.endswith("serialized_exported_program.json") or "/models/" in n and n.endswith(".json")
+           for n in names):
+        return "exported-program"
+    if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
+        return "torchscript"
+    if any(n.endswith("data.pkl") for n in names):
+        return "torch-save"
+    return "unknown-zip"
+
+
+def import_factory(spec: str):
+    """Import ``package.module:function`` (the current directory is importable, like ``python -m``)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise LrexportError(f"bad factory {spec!r}", "write it as package.module:function")
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # ImportError, SyntaxError, errors raised at import time
+        raise LrexportError(f"factory module {module_name!r} does not import ({type(err).__name__}: {err})",
+                            "check the name and that its package is on PYTHONPATH") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise LrexportError(f"factory {spec!r}: {module_name} has no callable {attr!r}",
+                            "name a function or class that returns the nn.Module")
+    return fn
+
+
+def build_from_factory(spec: str, kwargs: dict | str | None = None) -> nn.Module:
+    if isinstance(kwargs, str):
+        try:
+            kwargs = json.loads(kwargs) if kwargs.strip() else {}
+        except ValueError as err:
+            raise LrexportError(f"--factory-kwargs is not valid JSON ({err})",
+                                'write a JSON object, e.g. \'{"rank": 64}\'') from None
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise LrexportError("--factory-kwargs must be a JSON object", 'e.g. \'{"rank": 64}\'')
+    fn = import_factory(spec)
+    try:
+        model = fn(**(kwargs or {}))
+    except Exception as err:
+        raise LrexportError(f"factory {spec!r} raised {type(err).__name__}: {err}",
+                            "check --factory-kwargs") from None
+    if not isinstance(model, nn.Module):
+        raise LrexportError(f"factory {spec!r} returned {type(model).__name__}, not an nn.Module",
+                            "return the model instance")
+    return model
+
+
+def _state_dict_of(obj: Any) -> dict[str, torch.Tensor] | None:
+    if isinstance(obj, dict):
+        if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+            return obj
+        for key in ("state_dict", "model_state_dict", "model"):
+            inner = obj.get(key)
+            if isinstance(inner, dict):
+                return _state_dict_of(inner)
+    return None
+
+
+def _load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], factory: str) -> None:
+    result = model.load_state_dict(state, strict=False)
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing {', '.join(result.missing_keys[:3])}"
+                        + (f" (+{len(result.missing_keys) - 3})" if len(result.missing_keys) > 3 else ""))
+    if result.unexpected_keys:
+        problems.append(f"unexpected {', '.join(result.unexpected_keys[:3])}"
+                        + (f" (+{len(result.unexpected_keys) - 3})" if len(result.unexpected_keys) > 3 else ""))
+    if problems:
+        raise LrexportError(f"state dict does not fit the model from {factory!r}: {'; '.join(problems)}",
+                            "check --factory and --factory-kwargs match the checkpoint")
+
+
+def _specs_from_exported_program(ep: Any) -> list[InputSpec]:
+    """Input names, dtypes and dynamic ranges recorded in a torch.export archive."""
+    from torch.utils._sympy.value_ranges import ValueRanges  # noqa: F401  (documents the type)
+
+    names = list(ep.graph_signature.user_inputs)
+    placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    examples = None
+    if getattr(ep, "example_inputs", None):
+        args, kwargs = ep.example_inputs
+        examples = list(args) + list(kwargs.values())
+    specs = []
+    for i, name in enumerate(names):
+        val = placeholders[name].meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        lo, op, hi = [], [], []
+        for axis, dim in enumerate(val.shape):
+            if isinstance(dim, int):
+                lo.append(dim), op.append(dim), hi.append(dim)
+                continue
+            rng = ep.range_constraints.get(dim.node.expr)
+            ex = examples[i].shape[axis] if examples and i < len(examples) else None
+            dmin = int(rng.lower) if rng is not None else 1
+            dmax = int(rng.upper) if rng is not None and rng.upper.is_finite else max(ex or 1, 1) * 8
+            dmax = min(dmax, 65536)
+            lo.append(dmin), hi.append(dmax), op.append(min(max(ex or dmin, dmin), dmax))
+        dtype = str(val.dtype).replace("torch.", "")
+        low = high = None
+        if not val.dtype.is_floating_point and examples and i < len(examples) and examples[i].numel():
+            low, high = float(examples[i].min()), float(examples[i].max())
+        specs.append(InputSpec(name, dtype, tuple(lo), tuple(op), tuple(hi), low, high))
+    return specs
+
+
+def load_model(path: str | Path | None, *, factory: str | None = None, factory_kwargs: dict | str | None = None,
+               trust_pickle: bool = False) -> LoadedModel:
+    """Load a model file (or build one from a factory alone when ``path`` is None)."""
+    if path is None:
+        if not factory:
+            raise LrexportError("no model given", "pass a model file or --factory package.module:function")
+        return LoadedModel(build_from_factory(factory, factory_kwargs).eval(), "module", factory)
+    p = Path(path)
+    if not p.exists():
+        raise LrexportError(f"model file {p} does not exist", "check the path")
+    if p.is_dir():
+        raise LrexportError(f"model path {p} is a directory", "pass the model file itself")
+    if p.stat().st_size == 0:
+        raise LrexportError(f"model file {p} is empty", "re-save the model (torch.jit.save / torch.export.save)")
+    kind = detect_kind(p)
+    if kind == "torchscript":
+        try:
+            module = torch.jit.load(str(p), map_location="cpu")
+        except Exception as err:
+            raise LrexportError(f"TorchScript archive {p} could not be loaded ({_short(err)})",
+                                "re-save it with torch.jit.save") from None
+        return LoadedModel(module.eval(), "torchscript", str(p))
+    if kind == "exported-program":
+        try:
+            ep = torch.export.load(str(p))
+        except Exception as err:
+            raise LrexportError(f"torch.export archive {p} could not be loaded ({_short(err)})",
+                                "re-save it with torch.export.save") from None
+        return LoadedModel(ep.module(), "exported-program", str(p), ep, _specs_from_exported_program(ep))
+    if kind == "unknown-zip":
+        raise LrexportError(f"{p} is a zip archive but not a TorchScript, torch.export or torch.save file",
+                            "save the model with torch.jit.save, torch.export.save or torch.save")
+    # torch.save: a state dict (safe to read) or a pickled module (runs code: needs trust)
+    try:
+        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" in str(err) or "weights_only" in str(err):
+            if not trust_pickle:
+                raise LrexportError(f"{p} is a pickled Python object, and unpickling runs code from the file",
+                                    "pass --trust-pickle if you trust its source, or save a state dict / "
+                                    "TorchScript / torch.export archive instead") from None
+            obj = _load_trusted(p)
+        else:
+            raise _corrupt(p, err) from None
+    except Exception as err:  # truncated zips, garbage bytes
+        raise _corrupt(p, err) from None
+    if isinstance(obj, nn.Module):
+        return LoadedModel(obj.eval(), "pickle", str(p))
+    state = _state_dict_of(obj)
+    if state is None:
+        raise LrexportError(f"{p} holds a {type(obj).__name__}, neither a module nor a state dict",
+                            "save the model or its state_dict()")
+    if not factory:
+        raise LrexportError(f"{p} is a state dict, which needs the code that builds the model",
+                            "pass --factory package.module:function (and --factory-kwargs JSON)")
+    model = build_from_factory(factory, factory_kwargs)
+    _load_state_dict(model, state, factory)
+    return LoadedModel(model.eval(), "state-dict", str(p))
+
+
+def _load_trusted(p: Path) -> Any:
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        return torch.load(str(p), map_location="cpu", weights_only=False)
+    except (AttributeError, ModuleNotFoundError) as err:
+        raise LrexportError(f"pickled module {p} needs code that is not importable ({err})",
+                            "put the model's package on PYTHONPATH") from None
+    except Exception as err:
+        raise _corrupt(p, err) from None
+
+
+def _short(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
+
+
+def _corrupt(p: Path, err: BaseException) -> LrexportError:
+    return LrexportError(f"{p} is not a readable model archive ({_short(err)})",
+                         "the file may be truncated or not a PyTorch file; re-save it")

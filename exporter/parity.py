@@ -1,0 +1,215 @@
+"""Parity of exported models against PyTorch: run every backend at several shapes, compare per output.
+
+``check_parity(model, "model.onnx", shapes=[...])`` is the Python API for test suites;
+``report.assert_ok()`` raises an AssertionError that carries the whole table.
+"""
+
+from __future__ import annotations
+
+import ast
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import numpy as np
+import onnx
+from torch import nn
+
+from exporter.compare import OutputComparison, Tolerance, Tolerances, compare_outputs
+from exporter.errors import LrexportError
+from exporter.loading import LoadedModel
+from exporter.runners import OnnxRuntimeRunner, TorchRunner
+from exporter.specs import InputSpec, build_specs, parity_cases, random_feeds
+from exporter.table import fmt_num, format_table
+
+
+class Runner(Protocol):
+    name: str
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+@dataclass
+class CaseResult:
+    backend: str
+    case: str
+    shapes: dict[str, list[int]]
+    outputs: list[OutputComparison]
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return all(o.ok for o in self.outputs)
+
+    def to_dict(self) -> dict:
+        return {"backend": self.backend, "case": self.case, "shapes": self.shapes, "ok": self.ok,
+                "seconds": round(self.seconds, 4), "outputs": [o.to_dict() for o in self.outputs]}
+
+
+@dataclass
+class ParityReport:
+    reference: str  # "pytorch float64" or "pytorch float32"
+    precision: str
+    seed: int
+    results: list[CaseResult] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # backends not run, with the reason
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.results) and all(r.ok for r in self.results)
+
+    def failures(self) -> list[tuple[CaseResult, OutputComparison]]:
+        return [(r, o) for r in self.results for o in r.outputs if not o.ok]
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "reference": self.reference, "precision": self.precision, "seed": self.seed,
+                "results": [r.to_dict() for r in self.results], "skipped": self.skipped}
+
+    def format_table(self) -> str:
+        headers = ["backend", "case", "shapes", "output", "max abs", "max rel", "rel L2", "cosine",
+                   "fail/total", "min atol", "atol/rtol", "status"]
+        rows = []
+        for r in self.results:
+            shapes = " ".join("x".join(map(str, s)) for s in r.shapes.values())
+            for o in r.outputs:
+                rows.append([r.backend, r.case, shapes, o.output, o.max_abs, o.max_rel, o.rel_l2,
+                             f"{o.cosine:.6f}", f"{o.mismatches + o.nonfinite}/{o.total}", o.min_atol,
+                             f"{fmt_num(o.atol)}/{fmt_num(o.rtol)}", "ok" if o.ok else "FAIL"])
+        lines = [format_table(headers, rows, title=f"parity vs {self.reference} (seed {self.seed})")]
+        for r, o in self.failures():
+            where = f" in module {o.module!r}" if o.module else ""
+            what = (f"{o.nonfinite} NaN/Inf values" if o.nonfinite
+                    else f"{o.mismatches} elements past atol {fmt_num(o.atol)} and rtol {fmt_num(o.rtol)}")
+            lines.append(f"  {r.backend} {r.case}: output {o.output!r}{where} drifts: {what}; worst at "
+                         f"{list(o.worst_index)}: got {fmt_num(o.worst_actual)}, expected "
+                         f"{fmt_num(o.worst_expected)} (passes with atol >= {fmt_num(o.min_atol)})")
+        for s in self.skipped:
+            lines.append(f"  skipped: {s}")
+        lines.append(f"parity: {'PASS' if self.ok else 'FAIL'}")
+        return "\n".join(lines)
+
+    def assert_ok(self) -> None:
+        """For test suites: raise AssertionError with the full table when any output drifts."""
+        if not self.ok:
+            raise AssertionError("lrexport parity failed\n" + self.format_table())
+
+
+def output_modules(model: onnx.ModelProto) -> dict[str, str]:
+    """Module path of the node producing each graph output, from the dynamo exporter's metadata."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    result = {}
+    for out in model.graph.output:
+        node = producers.get(out.name)
+        seen = 0
+        while node is not None and seen < 20:  # walk through Identity/Cast that carry no scope
+            meta = {p.key: p.value for p in node.metadata_props}
+            scopes = meta.get("pkg.torch.onnx.name_scopes")
+            if scopes:
+                try:
+                    parts = [p for p in ast.literal_eval(scopes) if p]
+                except (ValueError, SyntaxError):
+                    parts = []
+                if parts:
+                    result[out.name] = ".".join(parts[:-1]) or parts[0]
+                break
+            node = producers.get(node.input[0]) if node.input else None
+            seen += 1
+    return result
+
+
+def _load_graph_only(path: Path) -> onnx.ModelProto:
+    return onnx.load(str(path), load_external_data=False)
+
+
+def run_parity(reference: TorchRunner, backends: Sequence[Runner], specs: Sequence[InputSpec], *,
+               tolerances: Mapping[str, Tolerances], seed: int = 0, cases: Sequence[str] | None = None,
+               modules: Mapping[str, str] | None = None, precision: str = "fp32",
+               progress: Callable[[str], None] | None = None) -> ParityReport:
+    """Run the reference and each backend at every shape case, compare, and collect a report."""
+    say = progress or (lambda _m: None)
+    cases = list(cases or parity_cases(specs))
+    report = ParityReport(reference="pytorch", precision=precision, seed=seed)
+    for i, case in enumerate(cases):
+        feeds = random_feeds(specs, case, seed + i)
+        shapes = {k: list(v.shape) for k, v in feeds.items()}
+        say(f"parity {i + 1}/{len(cases)}: {case} {' '.join('x'.join(map(str, s)) for s in shapes.values())}")
+        expected = reference.run(feeds)
+        for name, arr in expected.items():
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                raise LrexportError(f"the PyTorch model itself produces NaN/Inf in output {name!r} at shape "
+                                    f"case {case} ({shapes})",
+                                    "check the weights and the --input value ranges; parity needs finite outputs")
+        for backend in backends:
+            start = time.perf_counter()
+            actual = backend.run(feeds)
+            seconds = time.perf_counter() - start
+            comps = compare_outputs(actual, expected, tolerances[backend.name])
+            for c in comps:
+                c.module = (modules or {}).get(c.output)
+            report.results.append(CaseResult(backend.name, case, shapes, comps, seconds))
+    report.reference = f"pytorch {reference.precision}"
+    return report
+
+
+def check_parity(model: nn.Module | LoadedModel, onnx_path: str | Path, *,
+                 specs: Sequence[InputSpec] | None = None, inputs: Sequence[str] = (),
+                 shapes: Sequence[str] = (), precision: str = "fp32", atol: float | None = None,
+                 rtol: float | None = None, per_output: Mapping[str, Tolerance] | None = None,
+                 seed: int = 0, cases: Sequence[str] | None = None,
+                 extra_backends: Sequence[tuple[Runner, str]] = (),
+                 progress: Callable[[str], None] | None = None) -> ParityReport:
+    """Compare an ONNX file (ONNX Runtime CPU) with the PyTorch model at min/opt/max/odd shapes.
+
+    ``specs`` or ``inputs``/``shapes`` strings (``"x:min=1x16x512,opt=1x128x512,max=8x512x512"``)
+    describe the inputs. ``extra_backends`` adds (runner, precision) pairs, e.g. a TensorRT engine.
+    """
+    module = model.module if isinstance(model, LoadedModel) else model
+    if specs is None:
+        specs = build_specs(inputs, shapes)
+    if not specs:
+        raise LrexportError("check_parity needs the model's inputs", "pass specs= or inputs=/shapes= strings")
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise LrexportError(f"ONNX file {onnx_path} does not exist", "export it first (lrexport export)")
+    ort_runner = OnnxRuntimeRunner(onnx_path)
+    specs = _align(specs, ort_runner.input_names)
+    reference = TorchRunner(module, ort_runner.output_names, [s.name for s in specs])
+    tols = {ort_runner.name: Tolerances.for_precision(precision if precision != "fp32" else "fp32",
+                                                      atol, rtol, per_output)}
+    backends: list[Runner] = [ort_runner]
+    for runner, prec in extra_backends:
+        tols[runner.name] = Tolerances.for_precision(prec, atol, rtol, per_output)
+        backends.append(runner)
+    return run_parity(reference, backends, specs, tolerances=tols, seed=seed, cases=cases,
+                      modules=output_modules(_load_graph_only(onnx_path)), precision=precision,
+                      progress=progress)
+
+
+def _align(specs: Sequence[InputSpec], onnx_inputs: Sequence[str]) -> list[InputSpec]:
+    """Order specs like the ONNX inputs; a name mismatch is the user's input spec being wrong."""
+    by_name = {s.name: s for s in specs}
+    unknown = [n for n in by_name if n not in onnx_inputs]
+    if unknown or len(specs) != len(onnx_inputs):
+        raise LrexportError(f"input spec names {sorted(by_name)} do not match the ONNX inputs {list(onnx_inputs)}",
+                            "name every model input in --input/--shapes")
+    return [by_name[n] for n in onnx_inputs]
+
+
+def model_specs_from_onnx(path: str | Path) -> list[dict[str, Any]]:
+    """Input names/dtypes/dims of an ONNX file (dims: int or symbolic name)."""
+    model = _load_graph_only(Path(path))
+    out = []
+    for vi in model.graph.input:
+        tt = vi.type.tensor_type
+        dims = [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in tt.shape.dim]
+        out.append({"name": vi.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name,
+                    "dims": dims})
+    return out
+
+
+def assert_parity(model: nn.Module | LoadedModel, onnx_path: str | Path, **kwargs: Any) -> ParityReport:
+    """``check_parity`` that raises AssertionError (with the table) on any drift; returns the report."""
+    report = check_parity(model, onnx_path, **kwargs)
+    report.assert_ok()
+    return report

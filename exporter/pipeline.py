@@ -1,0 +1,242 @@
+"""``lrexport build``: load -> export -> graph passes -> (precision cast) -> engine -> parity -> report.
+
+Every artifact is written into a temporary folder that replaces ``--out`` only when all steps ran.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import onnx
+
+from exporter.compare import Tolerance, Tolerances
+from exporter.errors import LrexportError
+from exporter.export import DEFAULT_OPSET, ExportResult, export_onnx, save_onnx
+from exporter.loading import LoadedModel
+from exporter.outputs import atomic_dir
+from exporter.parity import ParityReport, Runner, output_modules, run_parity, _align
+from exporter.runners import OnnxRuntimeRunner, TorchRunner
+from exporter.specs import InputSpec, build_specs, parity_cases, random_feeds, read_sidecar
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+BACKENDS = ("auto", "tensorrt", "tensorrt-rtx", "onnxruntime")
+
+
+def resolve_specs(loaded: LoadedModel | None, inputs: Sequence[str] = (), shapes: Sequence[str] = (),
+                  model_path: str | Path | None = None) -> list[InputSpec]:
+    """Inputs from the command line, else the sidecar ``<model>.inputs.json``, else the .pt2 archive."""
+    if inputs or shapes:
+        return build_specs(inputs, shapes)
+    if model_path is not None:
+        side = read_sidecar(model_path)
+        if side is not None:
+            return build_specs(*side)
+    if loaded is not None and loaded.inferred_specs:
+        return list(loaded.inferred_specs)
+    raise LrexportError("the model's inputs are not known",
+                        "pass --input NAME:DIMS:DTYPE (and --shapes NAME:min=..,opt=..,max=.. for dynamic axes)")
+
+
+@dataclass
+class BuildOptions:
+    out: Path
+    precision: str = "fp32"
+    passes: Sequence[str] | None = None  # None: the default passes; (): none
+    exporter: str = "dynamo"
+    opset: int = DEFAULT_OPSET
+    backend: str = "auto"
+    force: bool = False
+    atol: float | None = None
+    rtol: float | None = None
+    per_output: Mapping[str, Tolerance] = field(default_factory=dict)
+    seed: int = 0
+    cases: Sequence[str] | None = None
+    timing_cache: Path | None = None
+    opt_level: int | None = None
+    workspace_mb: int | None = None
+    chunk_size: int = 64
+    merge_threshold: float = 1.0
+
+
+@dataclass
+class BuildReport:
+    out: Path
+    model: dict[str, Any]
+    export: ExportResult
+    passes: dict[str, Any] | None
+    precision: dict[str, Any] | None
+    engine: dict[str, Any] | None
+    parity: ParityReport
+    notes: list[str]
+    seconds: dict[str, float]
+
+    @property
+    def ok(self) -> bool:
+        return self.parity.ok
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "out": str(self.out), "model": self.model, "export": self.export.to_dict(),
+                "passes": self.passes, "precision": self.precision, "engine": self.engine,
+                "parity": self.parity.to_dict(), "notes": self.notes,
+                "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
+
+    def format_text(self) -> str:
+        lines = [f"model: {self.model['source']} ({self.model['kind']}, {self.model['parameters']:,} parameters)",
+                 f"inputs: {'; '.join(s.describe() for s in self.export.specs)}",
+                 f"export: {self.export.exporter}, opset {self.export.opset}, {self.export.seconds:.1f} s"]
+        lines += [f"warning: {w}" for w in self.export.warnings]
+        if self.passes and self.passes.get("table"):
+            lines.append(self.passes["table"])
+        if self.precision:
+            lines.append(f"precision: {self.precision.get('summary', self.precision)}")
+        if self.engine:
+            lines.append(f"engine: {self.engine.get('summary', '')}")
+        lines.append(self.parity.format_table())
+        lines += [f"note: {n}" for n in self.notes]
+        lines.append(f"wrote {self.out}")
+        return "\n".join(lines)
+
+
+def _trt_error(backend: str) -> LrexportError | None:
+    """None when a TensorRT backend imports, else the error saying what to install."""
+    from exporter import trt_backend
+
+    try:
+        trt_backend.get_backend(backend)
+    except LrexportError as err:
+        return err
+    return None
+
+
+def run_passes_on(model: onnx.ModelProto, options: BuildOptions, specs: Sequence[InputSpec],
+                  progress: Callable[[str], None]) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    import graph_passes
+
+    feeds = [random_feeds(specs, case, options.seed + 100 + i)
+             for i, case in enumerate(c for c in parity_cases(specs) if c in ("min", "odd"))]
+    opts = graph_passes.PassOptions(chunk_size=options.chunk_size, merge_threshold=options.merge_threshold)
+    try:
+        new_model, report = graph_passes.run_passes(model, options.passes, options=opts, feeds=feeds,
+                                                    progress=progress)
+    except graph_passes.PassParityError as err:
+        raise LrexportError(f"graph pass broke parity: {err}",
+                            "rerun with --no-passes (or leave that pass out with --passes) and report the bug") from None
+    except ValueError as err:
+        raise LrexportError(str(err), "see `lrexport optimize --help` for the pass names") from None
+    return new_model, {"report": report.to_dict(), "table": report.format_table()}
+
+
+def build(loaded: LoadedModel, specs: Sequence[InputSpec], options: BuildOptions,
+          progress: Callable[[str], None] | None = None) -> BuildReport:
+    say = progress or (lambda _m: None)
+    if options.precision not in PRECISIONS:
+        raise LrexportError(f"unknown precision {options.precision!r}", f"use one of {', '.join(PRECISIONS)}")
+    if options.backend not in BACKENDS:
+        raise LrexportError(f"unknown backend {options.backend!r}", f"use one of {', '.join(BACKENDS)}")
+    notes: list[str] = []
+    seconds: dict[str, float] = {}
+    trt_err = None if options.backend == "onnxruntime" else _trt_error(options.backend)
+    if trt_err is not None and options.backend in ("tensorrt", "tensorrt-rtx"):
+        raise trt_err
+    trt_ok = options.backend != "onnxruntime" and trt_err is None
+    if trt_err is not None:
+        notes.append(f"{trt_err.problem}; ONNX Runtime (CPU) is the engine ({trt_err.hint})")
+    with atomic_dir(options.out, options.force) as tmp:
+        t = time.perf_counter()
+        say("[export] exporting to ONNX")
+        exported = export_onnx(loaded, specs, tmp / "exported.onnx", exporter=options.exporter,
+                               opset=options.opset, progress=lambda m: say(f"[export] {m}"))
+        seconds["export"] = time.perf_counter() - t
+        specs = exported.specs
+        model = onnx.load(str(exported.onnx_path))
+        passes_info = None
+        if options.passes is None or len(options.passes):
+            t = time.perf_counter()
+            say("[passes] running graph passes")
+            model, passes_info = run_passes_on(model, options, specs, lambda m: say(f"[passes] {m}"))
+            seconds["passes"] = time.perf_counter() - t
+        final = tmp / "model.onnx"
+        save_onnx(model, final)
+        ort_onnx = final
+        precision_info = None
+        if options.precision != "fp32":
+            t = time.perf_counter()
+            say(f"[precision] casting to {options.precision}")
+            from graph_passes.precision_cast import cast_precision
+
+            cast, precision_info = cast_precision(model, options.precision)
+            ort_onnx = tmp / f"model.{options.precision}.onnx"
+            save_onnx(cast, ort_onnx)
+            seconds["precision"] = time.perf_counter() - t
+        engine_info = None
+        engine_runner: Runner | None = None
+        if trt_ok:
+            t = time.perf_counter()
+            say(f"[engine] building a TensorRT engine ({options.precision})")
+            from exporter import trt_build, trt_engine
+
+            result = trt_build.build_engine(
+                ort_onnx if options.precision != "fp32" else final, tmp / "model.engine", specs=specs,
+                precision=options.precision, backend=options.backend, timing_cache=options.timing_cache,
+                opt_level=options.opt_level, workspace_mb=options.workspace_mb, force=True,
+                progress=lambda m: say(f"[engine] {m}"))
+            engine_info = result.to_dict()
+            engine_info["summary"] = (f"{result.backend} {result.backend_version}, {result.precision}, "
+                                      f"{result.engine_bytes / 1e6:.1f} MB, built in {result.build_seconds:.1f} s")
+            seconds["engine"] = time.perf_counter() - t
+            has_gpu, why = trt_engine.gpu_available()
+            if has_gpu:
+                engine_runner = _EngineRunner(tmp / "model.engine")
+            else:
+                notes.append(f"engine built but not executed: {why}")
+        t = time.perf_counter()
+        say("[parity] comparing with PyTorch")
+        ort_runner = OnnxRuntimeRunner(final)
+        specs = _align(specs, ort_runner.input_names)
+        reference = TorchRunner(loaded.module, ort_runner.output_names, [s.name for s in specs])
+        tols = {ort_runner.name: Tolerances.for_precision("fp32", options.atol, options.rtol, options.per_output)}
+        backends: list[Runner] = [ort_runner]
+        if options.precision != "fp32":
+            low = OnnxRuntimeRunner(ort_onnx, name=f"onnxruntime-{options.precision}")
+            tols[low.name] = Tolerances.for_precision(options.precision, options.atol, options.rtol,
+                                                      options.per_output)
+            backends.append(low)
+        if engine_runner is not None:
+            tols[engine_runner.name] = Tolerances.for_precision(options.precision, options.atol, options.rtol,
+                                                                options.per_output)
+            backends.append(engine_runner)
+        parity = run_parity(reference, backends, specs, tolerances=tols, seed=options.seed, cases=options.cases,
+                            modules=output_modules(model), precision=options.precision,
+                            progress=lambda m: say(f"[parity] {m}"))
+        if trt_ok and engine_runner is None:
+            parity.skipped.append("tensorrt: " + notes[-1])
+        seconds["parity"] = time.perf_counter() - t
+        report = BuildReport(
+            out=options.out,
+            model={"source": loaded.source, "kind": loaded.kind, "parameters": loaded.parameter_count},
+            export=exported, passes=passes_info, precision=precision_info, engine=engine_info,
+            parity=parity, notes=notes, seconds=seconds)
+        if passes_info is None:
+            (tmp / "exported.onnx").unlink()
+            report.export.onnx_path = options.out / "model.onnx"
+        else:
+            report.export.onnx_path = options.out / "exported.onnx"
+        (tmp / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return report
+
+
+class _EngineRunner:
+    name = "tensorrt"
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def run(self, feeds):
+        from exporter import trt_engine
+
+        return trt_engine.run_engine(self.path, feeds)

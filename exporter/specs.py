@@ -1,0 +1,275 @@
+"""Input specs and shape ranges: one description of each model input drives export dynamic axes,
+parity shapes and TensorRT optimization profiles.
+
+Syntax (trtexec spirit):
+  --input  NAME:DIMS[:DTYPE[:LO..HI]]          e.g. x:1x128x512:float32, ids:1x128:int64:0..255
+  --shapes NAME:min=DIMS,opt=DIMS,max=DIMS      e.g. x:min=1x16x512,opt=1x128x512,max=8x4096x512
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from exporter.errors import LrexportError
+
+DTYPES = {
+    "float32": np.float32, "float16": np.float16, "float64": np.float64,
+    "int64": np.int64, "int32": np.int32, "bool": np.bool_,
+}
+_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16",
+            "fp64": "float64", "double": "float64", "long": "int64", "int": "int32"}
+_NAME = re.compile(r"^[A-Za-z_][\w.]*$")
+SHAPE_CASES = ("min", "opt", "max", "odd")
+
+
+def _dims(text: str, what: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.lower().split("x"))
+    except ValueError:
+        raise LrexportError(f"bad dimensions {text!r} in {what}",
+                            "write them as integers joined by 'x', e.g. 1x128x512") from None
+    if any(d < 0 for d in dims):
+        raise LrexportError(f"negative dimension in {what}", "dimensions must be >= 0")
+    return dims
+
+
+def _dtype(text: str, what: str) -> str:
+    name = _ALIASES.get(text.lower(), text.lower())
+    if name not in DTYPES:
+        raise LrexportError(f"unknown dtype {text!r} in {what}", f"use one of {', '.join(DTYPES)}")
+    return name
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input: its dtype, value range and the min/opt/max shape range."""
+
+    name: str
+    dtype: str
+    min: tuple[int, ...]
+    opt: tuple[int, ...]
+    max: tuple[int, ...]
+    low: float | None = None
+    high: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (len(self.min) == len(self.opt) == len(self.max)):
+            raise LrexportError(f"shape range of input {self.name!r} mixes ranks "
+                                f"{len(self.min)}/{len(self.opt)}/{len(self.max)}",
+                                "give min, opt and max with the same number of dimensions")
+        for axis, (lo, op, hi) in enumerate(zip(self.min, self.opt, self.max)):
+            if lo > hi:
+                raise LrexportError(f"shape range of input {self.name!r} has min > max on axis {axis} "
+                                    f"({lo} > {hi})", "swap them or fix the range")
+            if not lo <= op <= hi:
+                raise LrexportError(f"shape range of input {self.name!r} has opt outside [min, max] on "
+                                    f"axis {axis} ({op} not in {lo}..{hi})", "put opt between min and max")
+        if self.low is not None and self.high is not None and self.low > self.high:
+            raise LrexportError(f"value range of input {self.name!r} has low > high", "write it as LO..HI")
+
+    @property
+    def rank(self) -> int:
+        return len(self.opt)
+
+    @property
+    def dynamic_axes(self) -> tuple[int, ...]:
+        return tuple(a for a in range(self.rank) if self.min[a] != self.max[a])
+
+    @property
+    def np_dtype(self) -> type:
+        return DTYPES[self.dtype]
+
+    def shape(self, case: str) -> tuple[int, ...]:
+        """The shape used for a parity case: min, opt, max, or odd (a size not divisible by 64)."""
+        if case == "odd":
+            return tuple(odd_size(lo, hi, op) for lo, op, hi in zip(self.min, self.opt, self.max))
+        return getattr(self, case)
+
+    def export_shape(self) -> tuple[int, ...]:
+        """Example shape for tracing: opt, but >= 2 on dynamic axes (torch.export specializes 0 and 1)."""
+        return tuple(max(op, min(2, hi)) if lo != hi else op
+                     for lo, op, hi in zip(self.min, self.opt, self.max))
+
+    def with_static_axis(self, axis: int, size: int) -> "InputSpec":
+        pin = lambda dims: tuple(size if a == axis else d for a, d in enumerate(dims))  # noqa: E731
+        return replace(self, min=pin(self.min), opt=pin(self.opt), max=pin(self.max))
+
+    def describe(self) -> str:
+        if not self.dynamic_axes:
+            dims = "x".join(map(str, self.opt))
+        else:
+            dims = "x".join(str(o) if lo == hi else f"[{lo}..{hi}]"
+                            for lo, o, hi in zip(self.min, self.opt, self.max))
+        rng = f" values {self.low:g}..{self.high:g}" if self.low is not None else ""
+        return f"{self.name}: {dims} {self.dtype}{rng}"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "min": list(self.min), "opt": list(self.opt),
+                "max": list(self.max), "low": self.low, "high": self.high,
+                "dynamic_axes": list(self.dynamic_axes)}
+
+    def random(self, shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
+        """Random values of this input's dtype: ints uniform in [low, high], floats standard normal."""
+        dt = self.np_dtype
+        if np.issubdtype(dt, np.integer):
+            lo = int(self.low if self.low is not None else 0)
+            hi = int(self.high if self.high is not None else 100)
+            return rng.integers(lo, hi + 1, size=tuple(shape), dtype=dt)
+        if dt is np.bool_:
+            return rng.random(tuple(shape)) < 0.5
+        arr = rng.standard_normal(tuple(shape))
+        if self.low is not None and self.high is not None:
+            arr = rng.uniform(self.low, self.high, size=tuple(shape))
+        return arr.astype(dt)
+
+
+def odd_size(lo: int, hi: int, opt: int) -> int:
+    """A size inside [lo, hi] that is not a multiple of 64 or 2 where possible (catches padding bugs)."""
+    if lo == hi:
+        return lo
+    for cand in (opt - opt // 4 - 1, opt + 37, (lo + hi) // 3 | 1, hi - 1, lo + 1):
+        if lo <= cand <= hi and cand % 64 and cand % 2 and cand != opt:
+            return cand
+    return hi if hi != opt else lo
+
+
+@dataclass
+class _Partial:
+    dtype: str | None = None
+    dims: tuple[int, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    ranges: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+def parse_input(text: str) -> tuple[str, tuple[int, ...], str | None, float | None, float | None]:
+    """Parse ``NAME:DIMS[:DTYPE[:LO..HI]]``."""
+    what = f"--input {text!r}"
+    parts = text.split(":")
+    if len(parts) < 2 or len(parts) > 4 or not _NAME.match(parts[0]):
+        raise LrexportError(f"bad input spec {text!r}",
+                            "write NAME:DIMS[:DTYPE[:LO..HI]], e.g. x:1x128x512:float32 or ids:1x128:int64:0..255")
+    dims = _dims(parts[1], what)
+    dtype = _dtype(parts[2], what) if len(parts) > 2 and parts[2] else None
+    low = high = None
+    if len(parts) == 4:
+        m = re.fullmatch(r"\s*(-?[\d.eE+-]+)\s*\.\.\s*(-?[\d.eE+-]+)\s*", parts[3])
+        if not m:
+            raise LrexportError(f"bad value range {parts[3]!r} in {what}", "write it as LO..HI, e.g. 0..255")
+        low, high = float(m.group(1)), float(m.group(2))
+        if low > high:
+            raise LrexportError(f"value range {parts[3]!r} in {what} has low > high", "write it as LO..HI")
+    return parts[0], dims, dtype, low, high
+
+
+def parse_shapes(text: str) -> tuple[str, dict[str, tuple[int, ...]]]:
+    """Parse ``NAME:min=DIMS,opt=DIMS,max=DIMS`` (opt optional: defaults to min)."""
+    name, sep, rest = text.partition(":")
+    if not sep or not _NAME.match(name):
+        raise LrexportError(f"bad shape range {text!r}",
+                            "write NAME:min=DIMS,opt=DIMS,max=DIMS, e.g. x:min=1x16x512,opt=1x128x512,max=8x4096x512")
+    ranges: dict[str, tuple[int, ...]] = {}
+    for item in rest.split(","):
+        key, eq, val = item.partition("=")
+        key = key.strip().lower()
+        if not eq or key not in ("min", "opt", "max"):
+            raise LrexportError(f"bad shape range {text!r}: {item!r} is not min=, opt= or max=",
+                                "write NAME:min=DIMS,opt=DIMS,max=DIMS")
+        ranges[key] = _dims(val.strip(), f"--shapes {text!r}")
+    if "min" not in ranges or "max" not in ranges:
+        raise LrexportError(f"shape range {text!r} lacks min= or max=", "give both (opt= is optional)")
+    ranges.setdefault("opt", ranges["min"])
+    return name, ranges
+
+
+def build_specs(inputs: Iterable[str] = (), shapes: Iterable[str] = ()) -> list[InputSpec]:
+    """Combine --input and --shapes strings into InputSpecs (order: first mention)."""
+    partial: dict[str, _Partial] = {}
+    for text in inputs:
+        name, dims, dtype, low, high = parse_input(text)
+        p = partial.setdefault(name, _Partial())
+        p.dims, p.dtype, p.low, p.high = dims, dtype, low, high
+    for text in shapes:
+        name, ranges = parse_shapes(text)
+        partial.setdefault(name, _Partial()).ranges = ranges
+    specs = []
+    for name, p in partial.items():
+        if p.ranges:
+            lo, op, hi = p.ranges["min"], p.ranges["opt"], p.ranges["max"]
+            if p.dims is not None and len(p.dims) != len(op):
+                raise LrexportError(f"input {name!r}: --input has {len(p.dims)} dims but --shapes has {len(op)}",
+                                    "give both the same rank")
+        elif p.dims is not None:
+            lo = op = hi = p.dims
+        else:  # pragma: no cover - every partial has one of the two
+            continue
+        specs.append(InputSpec(name, p.dtype or "float32", lo, op, hi, p.low, p.high))
+    return specs
+
+
+def sidecar_path(model_path: str | Path) -> Path:
+    """``model.pt2`` -> ``model.inputs.json``: the input spec a sample script writes beside its model."""
+    p = Path(model_path)
+    return p.with_name(p.name.split(".")[0] + ".inputs.json")
+
+
+def write_sidecar(model_path: str | Path, inputs: Sequence[str], shapes: Sequence[str]) -> Path:
+    path = sidecar_path(model_path)
+    path.write_text(json.dumps({"inputs": list(inputs), "shapes": list(shapes)}, indent=2) + "\n")
+    return path
+
+
+def read_sidecar(model_path: str | Path) -> tuple[list[str], list[str]] | None:
+    path = sidecar_path(model_path)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        return list(data.get("inputs", [])), list(data.get("shapes", []))
+    except (ValueError, AttributeError) as err:
+        raise LrexportError(f"input spec file {path} is not valid JSON ({err})",
+                            'fix it or pass --input/--shapes; format: {"inputs": [...], "shapes": [...]}') from None
+
+
+def parity_cases(specs: Sequence[InputSpec]) -> list[str]:
+    """The distinct shape cases (min, opt, max, odd) worth running; static models get just 'opt'."""
+    seen: dict[tuple, str] = {}
+    for case in SHAPE_CASES:
+        key = tuple(s.shape(case) for s in specs)
+        seen.setdefault(key, case)
+    return list(seen.values())
+
+
+def random_feeds(specs: Sequence[InputSpec], case: str, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs for one shape case, reproducible from the seed."""
+    rng = np.random.default_rng(seed)
+    return {s.name: s.random(s.shape(case), rng) for s in specs}
+
+
+def specs_from_onnx(model: "onnx.ModelProto") -> list[InputSpec]:  # noqa: F821
+    """Specs for a bare ONNX file: static dims as they are; symbolic dims get a modest default range
+    (axis 0: 1..4, others 1..256), ints the safe value range 0..1 (any embedding accepts it)."""
+    import onnx
+
+    specs = []
+    for vi in model.graph.input:
+        tt = vi.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
+        lo, op, hi = [], [], []
+        for axis, d in enumerate(tt.shape.dim):
+            if d.HasField("dim_value"):
+                lo.append(d.dim_value), op.append(d.dim_value), hi.append(d.dim_value)
+            elif axis == 0:
+                lo.append(1), op.append(2), hi.append(4)
+            else:
+                lo.append(1), op.append(64), hi.append(256)
+        is_int = np.issubdtype(np.dtype(dtype), np.integer)
+        specs.append(InputSpec(vi.name, dtype if dtype in DTYPES else "float32", tuple(lo), tuple(op), tuple(hi),
+                               0.0 if is_int else None, 1.0 if is_int else None))
+    return specs
