@@ -98,11 +98,19 @@ def _emit(as_json: bool, data: dict[str, Any], text: str) -> None:
         click.echo(text)
 
 
-def _load(model: str, factory, factory_kwargs, trust_pickle, say):
+def _load(model: str | None, factory, factory_kwargs, trust_pickle, say):
+    """MODEL may be omitted (or '-') when --factory builds the model with its own weights."""
     from exporter.loading import load_model
 
-    say(f"[load] {model}")
-    return load_model(model, factory=factory, factory_kwargs=factory_kwargs, trust_pickle=trust_pickle)
+    path = None if model in (None, "-") else model
+    say(f"[load] {path or factory}")
+    return load_model(path, factory=factory, factory_kwargs=factory_kwargs, trust_pickle=trust_pickle)
+
+
+def _model_name(model: str | None, factory: str | None) -> str:
+    if model not in (None, "-"):
+        return Path(model).name.split(".")[0]
+    return (factory or "model").rsplit(":", 1)[-1]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -112,7 +120,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path(dir_okay=False), required=False)
 @click.option("--out", "-o", type=click.Path(file_okay=False), help="Output folder (default: <model>.lrexport).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
 @click.option("--fp16", "precision", flag_value="fp16", help="Build in float16.")
@@ -134,13 +142,17 @@ def cli() -> None:
 def build(model, out, force, precision, no_passes, passes, chunk_size, merge_threshold, exporter, opset, backend,
           timing_cache, opt_level, workspace_mb, factory, factory_kwargs, trust_pickle, inputs, shapes, atol, rtol,
           tols, seed, cases, as_json, quiet, debug):
-    """Load MODEL, export to ONNX, run graph passes, build an engine and check parity against PyTorch."""
+    """Load MODEL, export to ONNX, run graph passes, build an engine and check parity against PyTorch.
+
+    MODEL is a TorchScript archive, a torch.export .pt2 archive, a state dict (with --factory) or a
+    pickled module (with --trust-pickle); leave it out to build the model from --factory alone.
+    """
     from exporter.pipeline import BuildOptions, build as run_build, resolve_specs
 
     say = _progress(quiet)
     loaded = _load(model, factory, factory_kwargs, trust_pickle, say)
-    specs = resolve_specs(loaded, inputs, shapes, model)
-    out_dir = Path(out) if out else Path(model).with_name(Path(model).name.split(".")[0] + ".lrexport")
+    specs = resolve_specs(loaded, inputs, shapes, None if model == "-" else model)
+    out_dir = Path(out) if out else Path(f"{_model_name(model, factory)}.lrexport")
     options = BuildOptions(out=out_dir, precision=precision, passes=_passes(passes, no_passes), exporter=exporter,
                            opset=opset, backend=backend, force=force, atol=atol, rtol=rtol,
                            per_output=_tolerances(tols), seed=seed, cases=_cases(cases),
@@ -152,7 +164,7 @@ def build(model, out, force, precision, no_passes, passes, chunk_size, merge_thr
 
 
 @cli.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path(dir_okay=False), required=False)
 @click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="ONNX file to write.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out.")
 @click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True)
@@ -172,7 +184,7 @@ def export(model, out, force, exporter, opset, factory, factory_kwargs, trust_pi
     if out_path.exists() and not force:
         raise LrexportError(f"{out_path} already exists", "pass --force to overwrite it")
     loaded = _load(model, factory, factory_kwargs, trust_pickle, say)
-    specs = resolve_specs(loaded, inputs, shapes, model)
+    specs = resolve_specs(loaded, inputs, shapes, None if model == "-" else model)
     with atomic_files(out_path, force) as tmp:
         result = export_onnx(loaded, specs, tmp / out_path.name, exporter=exporter, opset=opset,
                              progress=lambda m: say(f"[export] {m}"))
@@ -197,14 +209,14 @@ def export(model, out, force, exporter, opset, factory, factory_kwargs, trust_pi
 @common_options
 def check(model, onnx_file, precision, report_path, factory, factory_kwargs, trust_pickle, inputs, shapes, atol,
           rtol, tols, seed, cases, as_json, quiet, debug):
-    """Check parity of an existing ONNX_FILE (ONNX Runtime) against MODEL (PyTorch)."""
+    """Check parity of an existing ONNX_FILE (ONNX Runtime) against MODEL (PyTorch; '-' with --factory)."""
     from exporter.outputs import atomic_write_file
     from exporter.parity import check_parity
     from exporter.pipeline import resolve_specs
 
     say = _progress(quiet)
     loaded = _load(model, factory, factory_kwargs, trust_pickle, say)
-    specs = resolve_specs(loaded, inputs, shapes, model)
+    specs = resolve_specs(loaded, inputs, shapes, None if model == "-" else model)
     report = check_parity(loaded, onnx_file, specs=specs, precision=precision, atol=atol, rtol=rtol,
                           per_output=_tolerances(tols), seed=seed, cases=_cases(cases),
                           progress=lambda m: say(f"[parity] {m}"))

@@ -124,8 +124,13 @@ def _state_dict_of(obj: Any) -> dict[str, torch.Tensor] | None:
 
 
 def _load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], factory: str) -> None:
+    own = model.state_dict()
+    problems = [f"{k} is {list(v.shape)} in the file but {list(own[k].shape)} in the model"
+                for k, v in state.items() if k in own and own[k].shape != v.shape][:2]
+    if problems:
+        raise LrexportError(f"state dict does not fit the model from {factory!r}: {'; '.join(problems)}",
+                            "check --factory and --factory-kwargs match the checkpoint")
     result = model.load_state_dict(state, strict=False)
-    problems = []
     if result.missing_keys:
         problems.append(f"missing {', '.join(result.missing_keys[:3])}"
                         + (f" (+{len(result.missing_keys) - 3})" if len(result.missing_keys) > 3 else ""))
@@ -207,7 +212,7 @@ def load_model(path: str | Path | None, *, factory: str | None = None, factory_k
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "Unsupported global" in str(err) or "weights_only" in str(err):
+        if "Unsupported global" in str(err):
             if not trust_pickle:
                 raise LrexportError(f"{p} is a pickled Python object, and unpickling runs code from the file",
                                     "pass --trust-pickle if you trust its source, or save a state dict / "

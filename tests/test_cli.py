@@ -1,0 +1,142 @@
+"""The lrexport command line: the main job end to end, --json, safe outputs, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import FIXTURES, ROOT, error_line
+
+
+def test_build_writes_model_report_and_prints_a_table(cli, sample_file, tmp_path):
+    out = tmp_path / "out"
+    res = cli("build", sample_file("causal_lm"), "--out", out, "--no-passes", "--backend", "onnxruntime")
+    assert res.code == 0, res.err
+    assert "parity: PASS" in res.out and "onnxruntime" in res.out and "odd" in res.out
+    assert {p.name for p in out.iterdir()} == {"model.onnx", "report.json"}
+    report = json.loads((out / "report.json").read_text())
+    assert report["ok"] is True and report["model"]["kind"] == "exported-program"
+    assert {r["case"] for r in report["parity"]["results"]} == {"min", "opt", "max", "odd"}
+    assert "[export]" in res.err and "[parity]" in res.err  # progress on stderr
+
+
+def test_build_json_is_the_same_data(cli, sample_file, tmp_path):
+    res = cli("build", sample_file("lowrank_mlp"), "--out", tmp_path / "o", "--no-passes", "--backend",
+              "onnxruntime", "--json", "--cases", "min,odd", "-q")
+    assert res.code == 0, res.err
+    data = json.loads(res.out)
+    assert data == json.loads((tmp_path / "o" / "report.json").read_text())
+    assert [r["case"] for r in data["parity"]["results"]] == ["min", "odd"]
+    assert res.err == ""  # --quiet: no progress
+
+
+def test_fp16_is_accepted_without_tensorrt(cli, sample_file, tmp_path):
+    res = cli("build", sample_file("lowrank_mlp"), "--out", tmp_path / "o", "--no-passes", "--backend",
+              "onnxruntime", "--fp16", "--cases", "opt")
+    assert res.code == 0, res.out + res.err
+    assert "onnxruntime-fp16" in res.out
+    assert (tmp_path / "o" / "model.fp16.onnx").is_file()
+
+
+def test_refuses_to_clobber_without_force(cli, sample_file, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    args = ("build", sample_file("lowrank_mlp"), "--out", out, "--no-passes", "--backend", "onnxruntime",
+            "--cases", "opt")
+    res = cli(*args)
+    assert res.code != 0 and "--force" in error_line(res)
+    assert (out / "precious.txt").read_text() == "keep me"
+    res = cli(*args, "--force")
+    assert res.code == 0 and (out / "model.onnx").exists() and not (out / "precious.txt").exists()
+
+
+def test_failed_build_leaves_nothing_behind(cli, tmp_path):
+    out = tmp_path / "out"
+    res = cli("build", "--factory", "badmodels:custom_op_model", "--out", out, "--input", "x:2x4x16",
+              "--no-passes", cwd=FIXTURES)
+    assert res.code != 0
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_parity_failure_exits_nonzero(cli, sample_file, tmp_path):
+    res = cli("build", sample_file("lowrank_mlp"), "--out", tmp_path / "o", "--no-passes", "--backend",
+              "onnxruntime", "--cases", "opt", "--atol", "0", "--rtol", "0")
+    assert res.code == 1 and "parity: FAIL" in res.out and "drifts" in res.out
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["ok"] is False
+
+
+def test_export_check_inspect_and_optimize_stages(cli, sample_file, tmp_path):
+    model = sample_file("noncausal_encoder")
+    onnx_path = tmp_path / "enc.onnx"
+    res = cli("export", model, "--out", onnx_path, "-q")
+    assert res.code == 0, res.err and onnx_path.is_file()
+    assert cli("export", model, "--out", onnx_path, "-q").code != 0  # no clobbering
+    res = cli("check", model, onnx_path, "--json", "-q", "--report", tmp_path / "r.json")
+    assert res.code == 0 and json.loads(res.out)["ok"] is True and (tmp_path / "r.json").is_file()
+    res = cli("inspect", onnx_path, "--json")
+    info = json.loads(res.out)
+    assert info["dynamic_axes"] == {"x": [0, 1]} and info["parameters"] > 300_000
+    assert info["op_histogram"]["MatMul"] >= 8
+    res = cli("inspect", model)
+    assert res.code == 0 and "exported-program" in res.out and "x" in res.out
+
+
+def test_state_dict_with_factory_on_the_command_line(cli, sample_file, tmp_path):
+    res = cli("build", sample_file("lowrank_mlp", "state-dict"), "--factory", "samples.models:lowrank_mlp",
+              "--out", tmp_path / "o", "--no-passes", "--backend", "onnxruntime", "--cases", "opt", cwd=ROOT)
+    assert res.code == 0, res.err
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "corrupt", "pickle", "factory", "spec", "op", "nan", "range"])
+def test_bad_input_gets_one_line_and_nonzero_exit(case, cli, sample_file, tmp_path):
+    out = tmp_path / "out"
+    common = ("--out", out, "--no-passes", "--backend", "onnxruntime")
+    if case == "missing":
+        res, want = cli("build", tmp_path / "nope.pt2", *common), "does not exist"
+    elif case == "empty":
+        (tmp_path / "e.pt").write_bytes(b"")
+        res, want = cli("build", tmp_path / "e.pt", "--input", "x:1x2", *common), "is empty"
+    elif case == "corrupt":
+        data = sample_file("lowrank_mlp").read_bytes()
+        (tmp_path / "c.pt2").write_bytes(data[: len(data) // 3])
+        res, want = cli("build", tmp_path / "c.pt2", "--input", "x:1x2", *common), "re-save"
+    elif case == "pickle":
+        res, want = cli("build", sample_file("lowrank_mlp", "pickle"), *common), "--trust-pickle"
+    elif case == "factory":
+        torch.save({"w": torch.zeros(1)}, tmp_path / "sd.pt")
+        res, want = cli("build", tmp_path / "sd.pt", "--factory", "broken_import:build", "--input", "x:1x2",
+                        *common, cwd=FIXTURES), "does not import"
+    elif case == "spec":
+        res, want = cli("build", sample_file("lowrank_mlp"), "--input", "x:1x8x100", *common), \
+            "does not run on the given inputs"
+    elif case == "op":
+        res, want = cli("build", "--factory", "badmodels:custom_op_model", "--input", "x:2x4x16", *common,
+                        cwd=FIXTURES), "cannot handle op lrexport_tests.mystery in module 'odd'"
+    elif case == "nan":
+        res, want = cli("build", "--factory", "badmodels:nan_model", "--input", "x:2x4x16", *common,
+                        cwd=FIXTURES), "produces NaN"
+    else:
+        res, want = cli("build", sample_file("lowrank_mlp"), "--shapes", "x:min=4x8x512,max=1x8x512", *common), \
+            "min > max"
+    assert res.code != 0
+    assert want in error_line(res)
+    assert not out.exists()
+
+
+def test_debug_shows_the_traceback(cli, tmp_path):
+    with pytest.raises(Exception, match="does not exist"):
+        cli("build", tmp_path / "nope.pt2", "--debug")
+
+
+def test_console_script_end_to_end(sample_file, tmp_path):
+    """The installed entry point, as a user runs it (exit code and stderr of a real process)."""
+    res = subprocess.run([sys.executable, "-m", "exporter.cli", "build", str(tmp_path / "missing.pt2")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1].startswith("error: model file")
+    assert "Traceback" not in res.stderr
