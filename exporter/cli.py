@@ -10,6 +10,7 @@ import functools
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -310,6 +311,10 @@ def run(engine, inputs, shapes, repeats, seed, as_json, quiet, debug):
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    if not debug:  # torch's deprecation chatter is not the user's problem
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     try:
         code = cli.main(args=args, prog_name="lrexport", standalone_mode=False)
     except click.exceptions.Abort:
