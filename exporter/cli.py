@@ -279,6 +279,54 @@ def optimize(in_onnx, out_onnx, force, passes, chunk_size, merge_threshold, inpu
 
 
 @cli.command()
+@click.argument("model", type=click.Path(dir_okay=False), required=False)
+@click.option("--out", "-o", type=click.Path(dir_okay=False), required=True,
+              help="Model file to write (.pt2 torch.export archive, or .pt TorchScript with --format).")
+@click.option("--format", "fmt", type=click.Choice(["pt2", "torchscript"]), default="pt2", show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite an existing --out.")
+@click.option("--rank", type=int, help="The same rank for every layer.")
+@click.option("--fraction", type=float, help="Rank as a fraction of each layer's break-even rank mn/(m+n).")
+@click.option("--energy", type=float, help="Smallest rank keeping this share of the spectrum's energy, e.g. 0.95.")
+@click.option("--include", multiple=True, metavar="GLOB", help="Only layers whose module name matches. Repeatable.")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Leave layers whose module name matches. Repeatable.")
+@model_options
+@input_options
+@click.option("--seed", type=int, default=0, show_default=True)
+@common_options
+def factorize(model, out, fmt, force, rank, fraction, energy, include, exclude, factory, factory_kwargs,
+              trust_pickle, inputs, shapes, seed, as_json, quiet, debug):
+    """Replace Linear / Conv1D / ConvNd layers of a dense MODEL by SVD-initialized low-rank pairs."""
+    import copy
+
+    import torch
+
+    from exporter.export import order_specs, save_model
+    from exporter.factorize import factorize as run_factorize, output_error
+    from exporter.outputs import atomic_files
+    from exporter.pipeline import resolve_specs
+    from exporter.specs import random_feeds
+
+    say = _progress(quiet)
+    out_path = Path(out)
+    if out_path.exists() and not force:
+        raise LrexportError(f"{out_path} already exists", "pass --force to overwrite it")
+    loaded = _load(model, factory, factory_kwargs, trust_pickle, say)
+    specs = order_specs(loaded.module, resolve_specs(loaded, inputs, shapes, None if model == "-" else model))
+    original = copy.deepcopy(loaded.module)
+    say("[factorize] truncated SVD per layer")
+    report = run_factorize(loaded.module, rank=rank, fraction=fraction, energy=energy, include=include,
+                           exclude=exclude)
+    feeds = random_feeds(specs, "opt", seed)
+    args = [torch.from_numpy(feeds[s.name]) for s in specs]
+    report.output_rel_error = output_error(original, loaded.module, args)
+    say(f"[factorize] saving {out_path}")
+    with atomic_files(out_path, force) as tmp:
+        save_model(loaded.module, specs, tmp / out_path.name, fmt)
+    _emit(as_json, {"out": str(out_path), **report.to_dict()}, report.format_table() + f"\nwrote {out_path}")
+    return 0
+
+
+@cli.command()
 @click.argument("engine", type=click.Path(dir_okay=False))
 @input_options
 @click.option("--repeats", type=int, default=50, show_default=True, help="Timed runs (median reported).")

@@ -352,3 +352,31 @@ def _check_static_from_onnx(model: onnx.ModelProto, specs: Sequence[InputSpec], 
                 pin = PinnedAxis(spec.name, axis, (spec.min[axis], spec.max[axis]), dims[axis].dim_value,
                                  "the TorchScript exporter traced it as a constant")
                 pinned.append(pin)
+
+
+MODEL_FORMATS = ("pt2", "torchscript", "state-dict", "pickle")
+
+
+def save_model(module: nn.Module, specs: Sequence[InputSpec], path: str | Path, fmt: str = "pt2") -> Path:
+    """Save a module for ``lrexport build`` (.pt2 with the specs' dynamic axes, TorchScript, state dict or
+    pickle) and write its input spec beside it as ``<stem>.inputs.json``."""
+    from exporter.specs import write_sidecar
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    args = example_args(specs)
+    if fmt == "pt2":
+        with _quiet():
+            ep = torch.export.export(module, args, dynamic_shapes=torch_dynamic_shapes(specs), strict=False)
+        torch.export.save(ep, str(path))
+    elif fmt == "torchscript":
+        with _quiet():
+            torch.jit.save(torch.jit.trace(module, args), str(path))
+    elif fmt == "state-dict":
+        torch.save(module.state_dict(), str(path))
+    elif fmt == "pickle":
+        torch.save(module, str(path))
+    else:
+        raise LrexportError(f"unknown model format {fmt!r}", f"use one of {', '.join(MODEL_FORMATS)}")
+    write_sidecar(path, [s.input_string() for s in specs], [s.shapes_string() for s in specs])
+    return path

@@ -109,6 +109,16 @@ class InputSpec:
         rng = f" values {self.low:g}..{self.high:g}" if self.low is not None else ""
         return f"{self.name}: {dims} {self.dtype}{rng}"
 
+    def input_string(self) -> str:
+        """This spec as an --input string (opt shape)."""
+        rng = f":{self.low:g}..{self.high:g}" if self.low is not None and self.high is not None else ""
+        return f"{self.name}:{'x'.join(map(str, self.opt))}:{self.dtype}{rng}"
+
+    def shapes_string(self) -> str:
+        """This spec's range as a --shapes string."""
+        dims = ["x".join(map(str, d)) for d in (self.min, self.opt, self.max)]
+        return f"{self.name}:min={dims[0]},opt={dims[1]},max={dims[2]}"
+
     def to_dict(self) -> dict:
         return {"name": self.name, "dtype": self.dtype, "min": list(self.min), "opt": list(self.opt),
                 "max": list(self.max), "low": self.low, "high": self.high,

@@ -12,36 +12,17 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 import samples
-from exporter.export import example_args, torch_dynamic_shapes
-from exporter.specs import build_specs, write_sidecar
+from exporter.export import MODEL_FORMATS, save_model
+from exporter.specs import build_specs
 
-FORMATS = ("pt2", "torchscript", "state-dict", "pickle")
+FORMATS = MODEL_FORMATS
 
 
 def make(name: str, out: str | Path, fmt: str = "pt2") -> Path:
     """Save sample ``name`` to ``out`` in ``fmt`` and write its input spec beside it."""
     sample = samples.get(name)
-    model = sample.factory()
-    specs = build_specs(sample.inputs, sample.shapes)
-    args = example_args(specs)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "pt2":
-        ep = torch.export.export(model, args, dynamic_shapes=torch_dynamic_shapes(specs), strict=False)
-        torch.export.save(ep, str(out))
-    elif fmt == "torchscript":
-        torch.jit.save(torch.jit.trace(model, args), str(out))
-    elif fmt == "state-dict":
-        torch.save(model.state_dict(), str(out))
-    elif fmt == "pickle":
-        torch.save(model, str(out))
-    else:
-        raise ValueError(f"unknown format {fmt!r}; choose from {FORMATS}")
-    write_sidecar(out, sample.inputs, sample.shapes)
-    return out
+    return save_model(sample.factory(), build_specs(sample.inputs, sample.shapes), out, fmt)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,201 @@
+"""``lrexport factorize``: turn a dense model into a low-rank one from a truncated SVD of each weight.
+
+Linear(in, out) -> Sequential(Linear(in, r, bias=False), Linear(r, out)); Hugging Face GPT-style
+``Conv1D`` (a transposed linear) likewise; ConvNd(in, out, k) -> Sequential(ConvNd(in, r, k, same
+stride/padding/dilation, bias=False), ConvNd(r, out, 1)). W = U S V^T is split as
+(U sqrt(S)) (sqrt(S) V^T), so both factors carry half the spectrum (balanced, well-conditioned).
+The result is a plain nn.Module whose pairs the graph passes recognize.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from exporter.errors import LrexportError
+from exporter.table import format_table
+
+RANDOMIZED_ABOVE = 4096 * 4096  # weights with more elements use a randomized SVD
+
+
+@dataclass
+class LayerResult:
+    name: str
+    kind: str
+    shape: tuple[int, int]  # (out, in * prod(kernel))
+    rank: int | None
+    params_before: int
+    params_after: int
+    weight_rel_error: float | None
+    skipped: str | None = None  # why the layer was left dense
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__, shape=list(self.shape))
+
+
+@dataclass
+class FactorizeReport:
+    layers: list[LayerResult] = field(default_factory=list)
+    output_rel_error: float | None = None
+
+    @property
+    def params_before(self) -> int:
+        return sum(r.params_before for r in self.layers)
+
+    @property
+    def params_after(self) -> int:
+        return sum(r.params_after for r in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": [r.to_dict() for r in self.layers], "params_before": self.params_before,
+                "params_after": self.params_after, "output_rel_error": self.output_rel_error}
+
+    def format_table(self) -> str:
+        rows = [[r.name, r.kind, f"{r.shape[0]}x{r.shape[1]}", r.rank if r.rank else "-", r.params_before,
+                 r.params_after, r.weight_rel_error, r.skipped or "factorized"] for r in self.layers]
+        text = format_table(["layer", "type", "out x in", "rank", "params before", "params after",
+                             "weight rel err", "result"], rows)
+        tail = (f"factorized layers: {self.params_before:,} -> {self.params_after:,} parameters "
+                f"({self.params_after / max(self.params_before, 1):.1%})")
+        if self.output_rel_error is not None:
+            tail += f"; model output rel L2 error {self.output_rel_error:.3e} on random inputs"
+        return f"{text}\n{tail}"
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face GPT-2's ``Conv1D``: weight (in, out), y = x @ W + b."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def _matrix(module: nn.Module) -> tuple[str, torch.Tensor] | None:
+    """(kind, W as out x in*prod(k)) for the layers we know how to factorize."""
+    if isinstance(module, nn.Linear):
+        return "Linear", module.weight.detach()
+    if _is_hf_conv1d(module):
+        return "Conv1D", module.weight.detach().t()
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        w = module.weight.detach()
+        return type(module).__name__, w.reshape(w.shape[0], -1)
+    return None
+
+
+def choose_rank(singular: torch.Tensor, m: int, n: int, rank: int | None, fraction: float | None,
+                energy: float | None) -> int:
+    """A fixed rank, a fraction of the break-even rank mn/(m+n), or the smallest rank holding
+    ``energy`` of the spectrum's energy (sum of squared singular values)."""
+    full = min(m, n)
+    if rank is not None:
+        return max(1, min(rank, full))
+    if fraction is not None:
+        return max(1, min(int(fraction * m * n / (m + n)), full))
+    if energy is not None:
+        e = singular.double() ** 2
+        cum = torch.cumsum(e, 0) / e.sum().clamp_min(1e-30)
+        return max(1, min(int(torch.searchsorted(cum, torch.tensor(energy, dtype=cum.dtype)).item()) + 1, full))
+    raise LrexportError("no rank rule given", "pass --rank N, --fraction F or --energy E")
+
+
+def _svd(w: torch.Tensor, r: int, randomized: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    w64 = w.double()
+    if randomized:
+        u, s, v = torch.svd_lowrank(w64, q=min(r + 10, min(w.shape)), niter=4)
+        return u, s, v.t()
+    return torch.linalg.svd(w64, full_matrices=False)
+
+
+def _factor(module: nn.Module, kind: str, w: torch.Tensor, r: int, randomized: bool) -> tuple[nn.Module, float]:
+    u, s, vh = _svd(w, r, randomized)
+    root = s[:r].sqrt()
+    first = (root[:, None] * vh[:r]).to(w.dtype)  # r x n
+    second = (u[:, :r] * root[None, :]).to(w.dtype)  # m x r
+    err = float(torch.linalg.norm(w.double() - second.double() @ first.double()) / torch.linalg.norm(w.double()).clamp_min(1e-30))
+    bias = getattr(module, "bias", None)
+    if kind in ("Linear", "Conv1D"):
+        out_f, in_f = w.shape
+        a, b = nn.Linear(in_f, r, bias=False), nn.Linear(r, out_f, bias=bias is not None)
+        a.weight.data.copy_(first)
+        b.weight.data.copy_(second)
+    else:
+        conv = module
+        cls = type(conv)
+        a = cls(conv.in_channels, r, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                dilation=conv.dilation, bias=False, padding_mode=conv.padding_mode)
+        b = cls(r, conv.out_channels, 1, bias=bias is not None)
+        a.weight.data.copy_(first.reshape(a.weight.shape))
+        b.weight.data.copy_(second.reshape(b.weight.shape))
+    if bias is not None:
+        b.bias.data.copy_(bias.detach())
+    pair = nn.Sequential(a, b)
+    pair.train(module.training)
+    return pair.to(w.device), err
+
+
+def _selected(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+    if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
+        return False
+    return not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+
+
+def factorize(model: nn.Module, *, rank: int | None = None, fraction: float | None = None,
+              energy: float | None = None, include: Sequence[str] = (), exclude: Sequence[str] = (),
+              randomized_above: int = RANDOMIZED_ABOVE) -> FactorizeReport:
+    """Replace eligible layers of ``model`` in place; returns the per-layer report."""
+    if sum(x is not None for x in (rank, fraction, energy)) != 1:
+        raise LrexportError("give exactly one rank rule", "pass one of --rank N, --fraction F, --energy E")
+    if rank is not None and rank < 1:
+        raise LrexportError(f"rank {rank} is not positive", "pass --rank >= 1")
+    if fraction is not None and not 0 < fraction <= 1:
+        raise LrexportError(f"fraction {fraction} is outside (0, 1]", "e.g. --fraction 0.5 of the break-even rank")
+    if energy is not None and not 0 < energy <= 1:
+        raise LrexportError(f"energy {energy} is outside (0, 1]", "e.g. --energy 0.95")
+    report = FactorizeReport()
+    targets = [(name, mod) for name, mod in model.named_modules() if name and _matrix(mod) is not None
+               and _selected(name, include, exclude)]
+    if not targets:
+        raise LrexportError("no Linear, Conv1D or ConvNd layer matches", "check --include/--exclude patterns")
+    for name, module in targets:
+        kind, w = _matrix(module)  # type: ignore[misc]
+        m, n = w.shape
+        bias = getattr(module, "bias", None)
+        nb = bias.numel() if bias is not None else 0
+        before = m * n + nb
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups != 1:
+            report.layers.append(LayerResult(name, kind, (m, n), None, before, before, None,
+                                             f"skipped: grouped conv (groups={module.groups})"))
+            continue
+        randomized = m * n > randomized_above
+        if energy is not None:
+            s = torch.linalg.svdvals(w.double())
+        else:
+            s = torch.empty(0)
+        r = choose_rank(s, m, n, rank, fraction, energy)
+        if r * (m + n) >= m * n:
+            report.layers.append(LayerResult(
+                name, kind, (m, n), r, before, before, None,
+                f"skipped: rank {r} saves nothing (break-even {m * n / (m + n):.0f})"))
+            continue
+        pair, err = _factor(module, kind, w, r, randomized)
+        _replace(model, name, pair)
+        report.layers.append(LayerResult(name, kind, (m, n), r, before, r * (m + n) + nb, err))
+    return report
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def output_error(original: nn.Module, factorized: nn.Module, args: Sequence[torch.Tensor]) -> float:
+    """Relative L2 error of the factorized model's outputs against the original's."""
+    with torch.no_grad():
+        a = torch.utils._pytree.tree_flatten(original(*args))[0]
+        b = torch.utils._pytree.tree_flatten(factorized(*args))[0]
+    num = sum(float(torch.linalg.norm((x - y).double()) ** 2) for x, y in zip(a, b) if x.is_floating_point())
+    den = sum(float(torch.linalg.norm(x.double()) ** 2) for x in a if x.is_floating_point())
+    return math.sqrt(num / den) if den > 0 else math.sqrt(num)
