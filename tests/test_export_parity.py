@@ -90,3 +90,16 @@ def test_input_spec_that_does_not_match_the_model(tmp_path):
     with pytest.raises(LrexportError, match="does not run on the given inputs") as info:
         export_onnx(model, build_specs(["x:1x4x256"]), tmp_path / "m.onnx")
     assert "\n" not in str(info.value)
+
+
+def test_large_models_use_one_external_data_file(tmp_path, monkeypatch):
+    """Past the 2 GB protobuf limit weights go to <model>.onnx.data (threshold lowered to test it)."""
+    import exporter.export as export_module
+
+    monkeypatch.setattr(export_module, "TWO_GB", 64 * 2**20 + 1024)
+    model = samples.get("lowrank_mlp").factory()
+    specs = build_specs(samples.get("lowrank_mlp").inputs, samples.get("lowrank_mlp").shapes)
+    result = export_onnx(model, specs, tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").stat().st_size > 1_000_000
+    assert (tmp_path / "big.onnx").stat().st_size < 200_000
+    check_parity(model, result.onnx_path, specs=specs, cases=["odd"]).assert_ok()
