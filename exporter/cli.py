@@ -337,10 +337,8 @@ def run(engine, inputs, shapes, repeats, seed, as_json, quiet, debug):
     from exporter import trt_engine
     from exporter.specs import build_specs, random_feeds
 
-    specs = build_specs(inputs, shapes)
-    if not specs:
-        meta = trt_engine.read_metadata(Path(engine))
-        specs = trt_engine.specs_from_metadata(meta)
+    meta = trt_engine.check_engine(Path(engine))  # refuses corrupted / foreign engines before the GPU check
+    specs = build_specs(inputs, shapes) or trt_engine.specs_from_meta(meta.meta)
     feeds = random_feeds(specs, "opt", seed)
     ok, why = trt_engine.gpu_available()
     if not ok:

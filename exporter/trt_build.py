@@ -505,9 +505,9 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, specs: Seque
         "engine_file": engine_path.name,
         "engine_bytes": engine_bytes,
         "engine_sha256": engine_sha,
-        "source_onnx": str(onnx_path),
+        "source_onnx": os.path.relpath(onnx_path, engine_path.parent),  # relative: the folder may move
         **digest,
-        "network_onnx": str(network_onnx),
+        "network_onnx": os.path.relpath(network_onnx, engine_path.parent),
         "profiles": profiles,
         "profiles_source": profiles_source,
         "inputs": inputs,

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from exporter.errors import LrexportError
+from exporter.specs import InputSpec
 from exporter.trt_backend import Backend, dims_list, get_backend
 from exporter.trt_build import META_FORMAT, gpu_info, meta_path_for
 
@@ -80,6 +81,19 @@ def read_meta(engine_path: str | Path) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
         raise LrexportError(f"engine metadata {meta_path} has an unknown format", _REBUILD)
     return meta
+
+
+def specs_from_meta(meta: dict) -> list[InputSpec]:
+    """Input specs from an engine's metadata (its profile ranges; integer inputs get values 0..1,
+    which any embedding accepts: pass --input with a value range for realistic token ids)."""
+    dtypes = {i["name"]: i["dtype"] for i in meta.get("inputs", [])}
+    specs = []
+    for inp in (meta.get("profiles") or [{}])[0].get("inputs", []):
+        dtype = dtypes.get(inp["name"], "float32")
+        is_int = dtype.startswith("int")
+        specs.append(InputSpec(inp["name"], dtype, tuple(inp["min"]), tuple(inp["opt"]), tuple(inp["max"]),
+                               0.0 if is_int else None, 1.0 if is_int else None))
+    return specs
 
 
 def check_engine(engine_path: str | Path, backend: str = "auto") -> EngineMeta:

@@ -140,3 +140,19 @@ def test_console_script_end_to_end(sample_file, tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1].startswith("error: model file")
     assert "Traceback" not in res.stderr
+
+
+def test_run_engine_checks_the_engine_then_needs_a_gpu(cli, sample_file, tmp_path):
+    pytest.importorskip("tensorrt_rtx")
+    out = tmp_path / "o"
+    assert cli("build", sample_file("lowrank_mlp"), "--out", out, "--cases", "opt", "-q").code == 0
+    engine = out / "model.engine"
+    res = cli("run", engine, "--repeats", "3", "--json")
+    if torch.cuda.is_available():  # pragma: no cover - GPU machines only
+        assert res.code == 0 and json.loads(res.out)["median_ms"] > 0
+    else:
+        assert res.code == 2 and "CUDA" in error_line(res)
+    with open(engine, "ab") as fh:
+        fh.write(b"junk")
+    res = cli("run", engine)
+    assert res.code == 2 and "is corrupted" in error_line(res)
