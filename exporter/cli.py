@@ -108,6 +108,23 @@ def _load(model: str | None, factory, factory_kwargs, trust_pickle, say):
     return load_model(path, factory=factory, factory_kwargs=factory_kwargs, trust_pickle=trust_pickle)
 
 
+def _load_with_specs(model, factory, factory_kwargs, trust_pickle, inputs, shapes, pad_to_length, say):
+    """Load MODEL and resolve its input specs, wrapping a fixed-length model in a padder if asked."""
+    from exporter.pipeline import resolve_specs
+
+    loaded = _load(model, factory, factory_kwargs, trust_pickle, say)
+    if pad_to_length:
+        from exporter.linformer import apply_padding
+
+        loaded = apply_padding(loaded, pad_to_length)  # before resolve_specs: widens .pt2-inferred specs
+    specs = resolve_specs(loaded, inputs, shapes, None if model == "-" else model)
+    if pad_to_length:
+        from exporter.linformer import padded_specs
+
+        specs = padded_specs(specs, pad_to_length)
+    return loaded, specs
+
+
 def _model_name(model: str | None, factory: str | None) -> str:
     if model not in (None, "-"):
         return Path(model).name.split(".")[0]
@@ -128,6 +145,9 @@ def cli() -> None:
 @click.option("--bf16", "precision", flag_value="bf16", help="Build in bfloat16.")
 @click.option("--fp32", "precision", flag_value="fp32", default=True, help="Build in float32 (default).")
 @click.option("--no-passes", is_flag=True, help="Skip the graph passes.")
+@click.option("--pad-to-length", type=click.IntRange(min=1), metavar="N",
+              help="Fixed-length model (Linformer): pad axis 1 up to N inside the graph and slice the outputs "
+                   "back, so every sequence length 1..N works.")
 @pass_options
 @click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True)
 @click.option("--opset", type=int, default=18, show_default=True)
@@ -140,7 +160,7 @@ def cli() -> None:
 @input_options
 @parity_options
 @common_options
-def build(model, out, force, precision, no_passes, passes, chunk_size, merge_threshold, exporter, opset, backend,
+def build(model, out, force, precision, no_passes, pad_to_length, passes, chunk_size, merge_threshold, exporter, opset, backend,
           timing_cache, opt_level, workspace_mb, factory, factory_kwargs, trust_pickle, inputs, shapes, atol, rtol,
           tols, seed, cases, as_json, quiet, debug):
     """Load MODEL, export to ONNX, run graph passes, build an engine and check parity against PyTorch.
@@ -151,8 +171,7 @@ def build(model, out, force, precision, no_passes, passes, chunk_size, merge_thr
     from exporter.pipeline import BuildOptions, build as run_build, resolve_specs
 
     say = _progress(quiet)
-    loaded = _load(model, factory, factory_kwargs, trust_pickle, say)
-    specs = resolve_specs(loaded, inputs, shapes, None if model == "-" else model)
+    loaded, specs = _load_with_specs(model, factory, factory_kwargs, trust_pickle, inputs, shapes, pad_to_length, say)
     out_dir = Path(out) if out else Path(f"{_model_name(model, factory)}.lrexport")
     options = BuildOptions(out=out_dir, precision=precision, passes=_passes(passes, no_passes), exporter=exporter,
                            opset=opset, backend=backend, force=force, atol=atol, rtol=rtol,
@@ -170,10 +189,13 @@ def build(model, out, force, precision, no_passes, passes, chunk_size, merge_thr
 @click.option("--force", is_flag=True, help="Overwrite an existing --out.")
 @click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True)
 @click.option("--opset", type=int, default=18, show_default=True)
+@click.option("--pad-to-length", type=click.IntRange(min=1), metavar="N",
+              help="Fixed-length model (Linformer): pad axis 1 up to N inside the graph and slice the outputs "
+                   "back, so every sequence length 1..N works.")
 @model_options
 @input_options
 @common_options
-def export(model, out, force, exporter, opset, factory, factory_kwargs, trust_pickle, inputs, shapes, as_json,
+def export(model, out, force, exporter, opset, pad_to_length, factory, factory_kwargs, trust_pickle, inputs, shapes, as_json,
            quiet, debug):
     """Export MODEL to an ONNX file with dynamic axes (no passes, no parity)."""
     from exporter.export import export_onnx
@@ -184,8 +206,7 @@ def export(model, out, force, exporter, opset, factory, factory_kwargs, trust_pi
     out_path = Path(out)
     if out_path.exists() and not force:
         raise LrexportError(f"{out_path} already exists", "pass --force to overwrite it")
-    loaded = _load(model, factory, factory_kwargs, trust_pickle, say)
-    specs = resolve_specs(loaded, inputs, shapes, None if model == "-" else model)
+    loaded, specs = _load_with_specs(model, factory, factory_kwargs, trust_pickle, inputs, shapes, pad_to_length, say)
     with atomic_files(out_path, force) as tmp:
         result = export_onnx(loaded, specs, tmp / out_path.name, exporter=exporter, opset=opset,
                              progress=lambda m: say(f"[export] {m}"))
@@ -324,6 +345,80 @@ def factorize(model, out, fmt, force, rank, fraction, energy, include, exclude, 
         save_model(loaded.module, specs, tmp / out_path.name, fmt)
     _emit(as_json, {"out": str(out_path), **report.to_dict()}, report.format_table() + f"\nwrote {out_path}")
     return 0
+
+
+@cli.command("export-step")
+@click.argument("model", type=click.Path(dir_okay=False), required=False)
+@click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="Step-model ONNX file to write.")
+@click.option("--force", is_flag=True, help="Overwrite an existing --out (and its engine).")
+@click.option("--chunk-max", type=click.IntRange(1), default=64, show_default=True,
+              help="Most tokens per step call (the engine profile's sequence range is 1..N).")
+@click.option("--engine", "with_engine", is_flag=True,
+              help="Also build a TensorRT engine of the step model (<out stem>.engine).")
+@click.option("--backend", type=click.Choice(["auto", "tensorrt", "tensorrt-rtx"]), default="auto",
+              show_default=True, help="Engine backend for --engine.")
+@click.option("--length", type=click.IntRange(1), default=100, show_default=True,
+              help="Sequence length of the step-parity check.")
+@click.option("--opset", type=int, default=18, show_default=True)
+@model_options
+@input_options
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random inputs.")
+@common_options
+def export_step_cmd(model, out, force, chunk_max, with_engine, backend, length, opset, factory, factory_kwargs,
+                    trust_pickle, inputs, shapes, seed, as_json, quiet, debug):
+    """Export MODEL as a step model for autoregressive decoding (causal running-sum models only).
+
+    The step model takes a chunk of tokens plus the per-layer running sums (state_<i>) and returns the
+    chunk's outputs plus the new sums (new_state_<i>); models with absolute positions also take
+    position_offset. Parity: the step model fed token by token and chunk by chunk is compared with
+    the PyTorch model on the full sequence.
+    """
+    import tempfile
+
+    from exporter.export import export_onnx
+    from exporter.outputs import atomic_files
+    from exporter.recurrent import check_step_parity, export_step, step_specs
+
+    say = _progress(quiet)
+    out_path = Path(out)
+    if out_path.suffix != ".onnx":
+        raise LrexportError(f"--out {out_path} should end in .onnx", "e.g. --out step.onnx")
+    engine_path = out_path.with_suffix(".engine")
+    if out_path.exists() and not force:
+        raise LrexportError(f"{out_path} already exists", "pass --force to overwrite it")
+    loaded, specs = _load_with_specs(model, factory, factory_kwargs, trust_pickle, inputs, shapes, None, say)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".lrexport-step-", dir=out_path.parent) as full_dir:
+        exported = export_onnx(loaded, specs, Path(full_dir) / "full.onnx", opset=opset,
+                               progress=lambda m: say(f"[export] {m}"))
+        with atomic_files(out_path, force=True) as tmp:
+            result = export_step(exported.onnx_path, tmp / out_path.name, specs=exported.specs, seed=seed,
+                                 progress=lambda m: say(f"[step] {m}"))
+            say("[parity] step model token by token and chunk by chunk vs PyTorch")
+            report = check_step_parity(loaded, result.onnx_path, exported.specs, chunks=sorted({1, 7, chunk_max}),
+                                       length=length, seed=seed)
+            engine = None
+            if with_engine:
+                from exporter.trt_build import build_engine
+
+                batch = next((s for s in exported.specs if s.name in result.inputs), None)
+                b_range = (batch.min[0], batch.opt[0], batch.max[0]) if batch is not None and batch.rank else (1, 1, 1)
+                c_opt = min(chunk_max, max(1, chunk_max // 2))
+                engine = build_engine(result.onnx_path, tmp / engine_path.name,
+                                      specs=step_specs(result, b_range, (1, c_opt, chunk_max)), backend=backend,
+                                      force=True, progress=lambda m: say(f"[engine] {m}"))
+    result.onnx_path = out_path
+    data = {"step": result.to_dict(), "parity": report.to_dict(),
+            "engine": None if engine is None else {**engine.to_dict(), "engine_path": str(engine_path),
+                                                    "meta_path": str(engine_path) + ".json"},
+            "warnings": exported.warnings}
+    lines = [result.format_text(), report.format_table()]
+    if engine is not None:
+        lines.append(f"wrote {engine_path} ({engine.backend} {engine.precision}, {engine.engine_bytes / 2**20:.1f} "
+                     f"MiB, built in {engine.build_seconds:.1f} s; chunk 1..{chunk_max})")
+    lines += [f"warning: {w}" for w in exported.warnings]
+    _emit(as_json, data, "\n".join(lines))
+    return 0 if report.ok else 1
 
 
 @cli.command()

@@ -30,6 +30,7 @@ from exporter.specs import InputSpec
 DEFAULT_OPSET = 18  # >= 17 for LayerNormalization
 _AXIS_NAMES = {0: "batch", 1: "seq"}
 TWO_GB = 2**31
+_GUARDS = "__guards__"  # key in the reasons dict: conditions torch.export narrowed the ranges with
 
 
 @dataclass
@@ -185,6 +186,9 @@ def _torch_export(module: nn.Module, args: tuple, specs: Sequence[InputSpec]) ->
         text = str(err)
         if "Constraints violated" not in text and "constraint" not in text.lower():
             raise
+        guards = [ln.strip()[2:] for ln in text.splitlines() if ln.strip().startswith("- Not all values")]
+        if guards:
+            reasons[_GUARDS] = "; ".join(guards)
         for line in text.splitlines():
             m = re.search(r"marked (\w+) as dynamic but your code (specialized it to be a constant \(\d+\))", line) \
                 or re.search(r"values of (\w+) = .*?(inferred to be (?:a constant|equal to)[^.]*)", line)
@@ -290,6 +294,10 @@ def export_onnx(loaded: LoadedModel | nn.Module, specs: Sequence[InputSpec], pat
             raise LrexportError(f"torch.export failed ({type(err).__name__}: {first})",
                                 "fix the model for torch.export, or try --exporter torchscript") from None
         pinned = _static_axes(ep, specs, reasons)
+        if _GUARDS in reasons:
+            warnings_out.append(f"torch.export narrowed the requested ranges ({reasons[_GUARDS][:300]}) and exported "
+                                "with automatic dims; the ONNX graph does not check these conditions, so parity at "
+                                "min/max/odd decides")
         say("translating to ONNX")
         try:
             with _quiet():

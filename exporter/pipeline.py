@@ -134,6 +134,7 @@ def run_passes_on(model: onnx.ModelProto, options: BuildOptions, specs: Sequence
 def build(loaded: LoadedModel, specs: Sequence[InputSpec], options: BuildOptions,
           progress: Callable[[str], None] | None = None) -> BuildReport:
     say = progress or (lambda _m: None)
+    options.out = Path(options.out)
     if options.precision not in PRECISIONS:
         raise LrexportError(f"unknown precision {options.precision!r}", f"use one of {', '.join(PRECISIONS)}")
     if options.backend not in BACKENDS:

@@ -156,3 +156,15 @@ def test_run_engine_checks_the_engine_then_needs_a_gpu(cli, sample_file, tmp_pat
         fh.write(b"junk")
     res = cli("run", engine)
     assert res.code == 2 and "is corrupted" in error_line(res)
+
+
+def test_export_step_and_its_refusal(cli, sample_file, tmp_path):
+    res = cli("export-step", sample_file("causal_lm"), "--out", tmp_path / "step.onnx", "--length", "40",
+              "--chunk-max", "16", "--json", "-q")
+    assert res.code == 0, res.err
+    data = json.loads(res.out)
+    assert len(data["step"]["states"]) == 4 and data["parity"]["ok"] is True
+    assert (tmp_path / "step.onnx").is_file() and not (tmp_path / "step.engine").exists()
+    res = cli("export-step", sample_file("noncausal_encoder"), "--out", tmp_path / "bad.onnx", "-q")
+    assert res.code == 2 and "mixes positions" in error_line(res)
+    assert not (tmp_path / "bad.onnx").exists()

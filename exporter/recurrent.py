@@ -1,0 +1,498 @@
+"""Recurrent (step) export of causal running-sum models ("Transformers are RNNs").
+
+A causal linear-attention model computes its running sums ``S_t = sum_{j<=t} phi(k_j) v_j^T`` and
+``z_t = sum_{j<=t} phi(k_j)`` with CumSums over the sequence. :func:`export_step` derives, from the
+exported full-sequence ONNX graph, a *step model* that takes one token (or a chunk of tokens) plus the
+running sums of everything before it, and returns the chunk's outputs plus the new sums:
+
+    inputs:  the model's inputs for tokens t0..t0+c-1, state_0..state_{k-1} [, position_offset = t0]
+    outputs: the model's outputs for those tokens,     new_state_0..new_state_{k-1}
+
+Decoding costs O(1) per token instead of O(n). The rewrite itself is
+:class:`graph_passes.recurrent_state.RecurrentStatePass`; this module loads/saves, checks the step
+model numerically against the full model (full sequence with zero states, chunk by chunk, token by
+token) and refuses, naming node, op and reason, any model whose structure has no step form.
+
+    result = export_step("model.onnx", "step.onnx", specs=specs)
+    outs = run_stepwise("step.onnx", {"ids": ids}, chunk=1)          # token by token
+    check_step_parity(module, "step.onnx", specs, chunks=(1, 7, 64)).assert_ok()
+    build_engine("step.onnx", "step.engine", specs=step_specs(result, (1, 4), (1, 64)))
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from exporter.compare import OutputComparison, Tolerance, Tolerances, compare_arrays
+from exporter.errors import LrexportError
+from exporter.specs import InputSpec, specs_from_onnx
+from exporter.table import fmt_num, format_table
+from graph_passes.recurrent_state import CarriedState, RecurrentRefusal, RecurrentStatePass
+
+META_KEY = "lrexport.recurrent"
+SEQ_AXIS = 1  # lrexport names axis 1 of the inputs "seq"
+RULE_TAG = "pkg.onnxscript.rewriter.rule_name"  # set by the graph passes on the nodes they write
+
+
+# ------------------------------------------------------------------------------------------- results
+
+@dataclass
+class StepExportResult:
+    """What :func:`export_step` wrote: the step model's token inputs/outputs and its carried states."""
+
+    onnx_path: Path
+    seq_dim: str
+    batch_dim: str | None
+    inputs: list[str]  # token inputs (sliced along their sequence axis)
+    input_seq_axes: dict[str, int]
+    outputs: list[str]  # token outputs (concatenated along their sequence axis)
+    output_seq_axes: dict[str, int]
+    states: list[CarriedState]
+    position_offset: str | None = None
+    input_specs: list[InputSpec] = field(default_factory=list)  # the full model's token input specs
+    check: dict[str, Any] = field(default_factory=dict)  # the numeric self-check (max abs errors)
+    seconds: float = 0.0
+
+    @property
+    def state_names(self) -> list[str]:
+        return [s.input for s in self.states]
+
+    @property
+    def state_shapes(self) -> dict[str, list[int | str]]:
+        return {s.input: list(s.shape) for s in self.states}
+
+    @property
+    def state_dtypes(self) -> dict[str, str]:
+        return {s.input: s.dtype for s in self.states}
+
+    @property
+    def layers(self) -> dict[str, list[str]]:
+        """Module path (from the exporter's name scopes) -> the state inputs it owns."""
+        out: dict[str, list[str]] = {}
+        for s in self.states:
+            out.setdefault("<unknown>" if s.module is None else s.module or "<root>", []).append(s.input)
+        return out
+
+    def state_bytes(self, batch: int = 1) -> int:
+        total = 0
+        for s in self.states:
+            n = 1
+            for d in s.shape:
+                n *= batch if not isinstance(d, int) else d
+            total += n * np.dtype(s.dtype).itemsize
+        return total
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"onnx": str(self.onnx_path), "seq_dim": self.seq_dim, "batch_dim": self.batch_dim,
+                "inputs": self.inputs, "input_seq_axes": self.input_seq_axes, "outputs": self.outputs,
+                "output_seq_axes": self.output_seq_axes, "position_offset": self.position_offset,
+                "states": [s.to_dict() for s in self.states], "layers": self.layers,
+                "state_bytes_per_sequence": self.state_bytes(1),
+                "input_specs": [s.to_dict() for s in self.input_specs], "check": self.check,
+                "seconds": round(self.seconds, 3)}
+
+    def format_text(self) -> str:
+        lines = [f"wrote {self.onnx_path}: step model with {len(self.states)} carried states "
+                 f"({self.state_bytes(1) / 1024:.1f} KiB per sequence)"]
+        for s in self.states:
+            lines.append(f"  {s.input} -> {s.output}: {' x '.join(map(str, s.shape))} {s.dtype} "
+                         f"({s.role}, {_where(s)})")
+        if self.position_offset:
+            lines.append(f"  {self.position_offset}: int64 scalar, the position of the chunk's first token")
+        if self.check:
+            lines.append("  self-check vs the full model: " + ", ".join(
+                f"{k} max abs {fmt_num(v)}" for k, v in self.check.get("max_abs", {}).items()))
+        return "\n".join(lines)
+
+
+def _where(s: CarriedState) -> str:
+    op = s.source or s.node
+    if s.module is None:
+        return f"node {s.node}"
+    return f"{s.module}.{op}" if s.module else f"{op} in the root module"
+
+
+def _meta_from_result(r: StepExportResult) -> dict[str, Any]:
+    return {"format": 1, "seq_dim": r.seq_dim, "batch_dim": r.batch_dim, "inputs": r.inputs,
+            "input_seq_axes": r.input_seq_axes, "outputs": r.outputs, "output_seq_axes": r.output_seq_axes,
+            "position_offset": r.position_offset, "states": [s.to_dict() for s in r.states],
+            "input_specs": [s.to_dict() for s in r.input_specs]}
+
+
+def _result_from_meta(meta: Mapping[str, Any], path: Path) -> StepExportResult:
+    states = [CarriedState(**s) for s in meta["states"]]
+    specs = [InputSpec(d["name"], d["dtype"], tuple(d["min"]), tuple(d["opt"]), tuple(d["max"]), d.get("low"),
+                       d.get("high")) for d in meta.get("input_specs", [])]
+    return StepExportResult(path, meta["seq_dim"], meta.get("batch_dim"), list(meta["inputs"]),
+                            dict(meta["input_seq_axes"]), list(meta["outputs"]), dict(meta["output_seq_axes"]),
+                            states, meta.get("position_offset"), specs)
+
+
+def read_step_info(step_model: "str | Path | onnx.ModelProto | StepExportResult") -> StepExportResult:
+    """The step model's description (from the ``lrexport.recurrent`` metadata that export_step writes)."""
+    if isinstance(step_model, StepExportResult):
+        return step_model
+    path = Path("<model>")
+    if isinstance(step_model, (str, Path)):
+        path = Path(step_model)
+        if not path.is_file():
+            raise LrexportError(f"step model {path} does not exist", "write it with export_step / lrexport export-step")
+        model = onnx.load(str(path), load_external_data=False)
+    else:
+        model = step_model
+    meta = {p.key: p.value for p in model.metadata_props}.get(META_KEY)
+    if not meta:
+        raise LrexportError(f"{path} is not an lrexport step model (no {META_KEY!r} metadata)",
+                            "export it with export_step / lrexport export-step")
+    return _result_from_meta(json.loads(meta), path)
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+def _load_ir(source: Any) -> ir.Model:
+    if isinstance(source, ir.Model):
+        return ir.from_proto(ir.to_proto(source))  # never rewrite the caller's model in place
+    if isinstance(source, onnx.ModelProto):
+        return ir.from_proto(source)
+    path = Path(source)
+    if not path.is_file():
+        raise LrexportError(f"ONNX file {path} does not exist", "export the model first (lrexport export)")
+    try:
+        return ir.from_proto(onnx.load(str(path)))
+    except Exception as err:
+        raise LrexportError(f"{path} is not a readable ONNX file ({type(err).__name__})", "re-export it") from None
+
+
+def _seq_axes(values: Sequence[ir.Value], seq: str) -> dict[str, int]:
+    out = {}
+    for v in values:
+        dims = [d.value if isinstance(d, ir.SymbolicDim) else d for d in (v.shape or [])]
+        if seq in dims:
+            out[v.name or ""] = dims.index(seq)
+    return out
+
+
+def _from_causal_chunk(model: ir.Model, node_name: str | None) -> bool:
+    """Whether the refused node came from lrexport's chunked-causal rewrite (its rule tag says so)."""
+    if not node_name:
+        return False
+    for node in model.graph:
+        if node.name == node_name:
+            return node.metadata_props.get(RULE_TAG, "").startswith("Causal")
+    return False
+
+
+def export_step(onnx_path_or_model: Any, out_path: str | Path, *, specs: Sequence[InputSpec] | None = None,
+                check: bool = True, check_length: int = 13, check_chunk: int = 5, seed: int = 0,
+                progress: Callable[[str], None] | None = None) -> StepExportResult:
+    """Derive the step model of a causal running-sum model and write it to ``out_path``.
+
+    ``onnx_path_or_model``: the full-sequence model as lrexport exported it (path, ModelProto or
+    ir.Model). ``specs``: its input specs (value ranges for the check and for :func:`step_specs`;
+    read from the ONNX file when None). With ``check`` the step model is run on a random sequence
+    of ``check_length`` tokens in one go (zero states), token by token and ``check_chunk`` tokens at
+    a time, against the full model; any difference refuses the export (it means the graph mixes
+    positions in a way the structural check did not see).
+    """
+    say = progress or (lambda _m: None)
+    start = time.perf_counter()
+    out_path = Path(out_path)
+    model = _load_ir(onnx_path_or_model)
+    original = ir.to_proto(model)
+    token_inputs = [v.name or "" for v in model.graph.inputs]
+    token_outputs = [v.name or "" for v in model.graph.outputs]
+    say("carrying the running sums as states")
+    try:
+        res = RecurrentStatePass(seq_axis=SEQ_AXIS)(model)
+    except RecurrentRefusal as err:
+        hint = err.hint
+        if _from_causal_chunk(model, err.node):
+            hint = ("this graph went through the causal-chunk pass, which has no step form: export the step model "
+                    "from the model as exported (lrexport export / exported.onnx), then run the other passes on it")
+        raise LrexportError(f"cannot export a step model: {err}", hint) from None
+    seq = res.seq_dim or "seq"
+    graph = model.graph
+    in_axes = _seq_axes([v for v in graph.inputs if v.name in token_inputs], seq)
+    out_axes = _seq_axes([v for v in graph.outputs if v.name in token_outputs], seq)
+    no_seq = [n for n in token_outputs if n not in out_axes]
+    if no_seq:
+        raise LrexportError(f"cannot export a step model: output {no_seq[0]!r} has no sequence axis",
+                            "a step model returns per-token outputs; return the per-position tensor")
+    batch_dim = None
+    for v in graph.inputs:
+        if v.name in token_inputs and v.shape is not None and len(v.shape) > 0 \
+                and isinstance(v.shape[0], ir.SymbolicDim):
+            batch_dim = v.shape[0].value
+            break
+    for s in res.states:
+        odd = [d for d in s.shape if not isinstance(d, int) and d != batch_dim]
+        if odd:
+            raise LrexportError(f"cannot export a step model: state {s.input} of node {s.node} has a dimension "
+                                f"{odd[0]!r} that is neither the batch nor a fixed size",
+                                "the running sums must have fixed feature sizes")
+    if specs is None:
+        specs = specs_from_onnx(original)
+    by_name = {s.name: s for s in specs}
+    missing = [n for n in token_inputs if n not in by_name]
+    if missing:
+        raise LrexportError(f"no input spec for the model input {missing[0]!r}",
+                            f"name every model input ({', '.join(token_inputs)}) in the specs")
+    result = StepExportResult(out_path, seq, batch_dim, token_inputs, in_axes, token_outputs, out_axes,
+                              res.states, res.position_offset, [by_name[n] for n in token_inputs])
+    model.metadata_props[META_KEY] = json.dumps(_meta_from_result(result))
+    proto = ir.to_proto(model)
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as err:
+        raise LrexportError(f"the step model fails onnx.checker ({str(err).splitlines()[0][:200]})",
+                            "report this as an lrexport bug with the model") from None
+    if check:
+        say("checking the step model against the full model")
+        result.check = _self_check(original, proto, result, check_length, check_chunk, seed)
+    from exporter.export import save_onnx
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    save_onnx(proto, out_path)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _session(model: onnx.ModelProto | str | Path):
+    import onnxruntime as ort  # type: ignore[import-untyped]
+
+    from exporter.runners import ort_session_options
+
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(data, ort_session_options(), providers=["CPUExecutionProvider"])
+
+
+def _sequence_feeds(specs: Sequence[InputSpec], axes: Mapping[str, int], n: int, batch: int | None,
+                    seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for s in specs:
+        shape = list(s.opt)
+        if s.name in axes:
+            shape[axes[s.name]] = n
+        if batch is not None and s.rank and s.min[0] != s.max[0]:
+            shape[0] = batch
+        feeds[s.name] = s.random(shape, rng)
+    return feeds
+
+
+def _seq_length(spec_list: Sequence[InputSpec], axes: Mapping[str, int], want: int) -> int:
+    lo, hi = 1, want
+    for s in spec_list:
+        if s.name in axes:
+            a = axes[s.name]
+            lo, hi = max(lo, s.min[a]), min(hi, s.max[a])
+    return max(lo, min(want, hi))
+
+
+def _self_check(original: onnx.ModelProto, step: onnx.ModelProto, info: StepExportResult, n: int, chunk: int,
+                seed: int) -> dict[str, Any]:
+    n = _seq_length(info.input_specs, info.input_seq_axes, n)
+    feeds = _sequence_feeds(info.input_specs, info.input_seq_axes, n, None, seed)
+    full = _session(original)
+    expected = dict(zip([o.name for o in full.get_outputs()], full.run(None, feeds)))
+    sess = _session(step)
+    tol = Tolerance(atol=1e-4, rtol=1e-3)
+    report: dict[str, Any] = {"length": n, "max_abs": {}}
+    for label, c in (("full", n), ("token", 1), (f"chunk{chunk}", chunk)):
+        got = run_stepwise(info, feeds, c, session=sess)
+        worst = 0.0
+        for name in info.outputs:
+            comp = compare_arrays(name, got[name], expected[name], tol)
+            worst = max(worst, comp.max_abs)
+            if not comp.ok:
+                how = "in one go with zero states" if label == "full" else f"{c} token(s) at a time"
+                raise LrexportError(
+                    f"cannot export a step model: run {how}, the step model's output {name!r} differs from the "
+                    f"full model (max abs error {fmt_num(comp.max_abs)} at {list(comp.worst_index)}): the graph "
+                    "mixes positions along the sequence in a way that is not a causal running sum (e.g. an op that "
+                    "reads the sequence length, a position-dependent mask, or a shift along the sequence)",
+                    "only causal running-sum models have a step form; export the full-sequence model instead")
+        report["max_abs"][label] = worst
+    return report
+
+
+# ------------------------------------------------------------------------------------------- running
+
+def initial_states(step_model: Any, batch: int = 1) -> dict[str, np.ndarray]:
+    """Zero states for ``batch`` sequences: {state input name: array} (the running sums before token 0)."""
+    info = read_step_info(step_model)
+    if batch < 1:
+        raise LrexportError(f"batch {batch} must be >= 1", "pass the number of sequences")
+    out = {}
+    for s in info.states:
+        shape = [d if isinstance(d, int) else batch for d in s.shape]
+        out[s.input] = np.zeros(shape, dtype=np.dtype(s.dtype))
+    return out
+
+
+def run_stepwise(step_onnx: Any, feeds: Mapping[str, np.ndarray], chunk: int, *,
+                 states: Mapping[str, np.ndarray] | None = None, position: int = 0,
+                 session: Any = None) -> dict[str, np.ndarray]:
+    """Feed a whole sequence through the step model ``chunk`` tokens at a time (1: token by token).
+
+    ``feeds`` holds the model's token inputs for the full sequence. States start at zero (or
+    ``states``) and are carried from chunk to chunk; ``position`` is the first token's position.
+    Returns the token outputs concatenated along the sequence, plus the final states under their
+    ``new_state_<i>`` names (feed them back as ``state_<i>`` to continue the sequence).
+    """
+    info = read_step_info(step_onnx)
+    if chunk < 1:
+        raise LrexportError(f"chunk {chunk} must be >= 1", "use 1 for token by token")
+    missing = [n for n in info.inputs if n not in feeds]
+    if missing:
+        raise LrexportError(f"run_stepwise needs input {missing[0]!r}", f"feed {', '.join(info.inputs)}")
+    lengths = {feeds[n].shape[info.input_seq_axes[n]] for n in info.inputs if n in info.input_seq_axes}
+    if len(lengths) != 1:
+        raise LrexportError(f"the token inputs have different sequence lengths {sorted(lengths)}",
+                            "give every token input the same length")
+    (n,) = lengths
+    batch = next(iter(feeds.values())).shape[0] if feeds else 1
+    if session is None:
+        if isinstance(step_onnx, StepExportResult):
+            step_onnx = step_onnx.onnx_path
+        session = _session(step_onnx if isinstance(step_onnx, onnx.ModelProto) else Path(step_onnx))
+    carry = dict(states) if states is not None else initial_states(info, batch)
+    pieces: dict[str, list[np.ndarray]] = {o: [] for o in info.outputs}
+    out_names = [o.name for o in session.get_outputs()]
+    for t0 in range(0, n, chunk):
+        t1 = min(n, t0 + chunk)
+        step_feeds: dict[str, np.ndarray] = {}
+        for name in info.inputs:
+            arr = feeds[name]
+            if name in info.input_seq_axes:
+                idx = [slice(None)] * arr.ndim
+                idx[info.input_seq_axes[name]] = slice(t0, t1)
+                arr = np.ascontiguousarray(arr[tuple(idx)])
+            step_feeds[name] = arr
+        for s in info.states:
+            step_feeds[s.input] = carry[s.input]
+        if info.position_offset:
+            step_feeds[info.position_offset] = np.array(position + t0, dtype=np.int64)
+        outs = dict(zip(out_names, session.run(None, step_feeds)))
+        for o in info.outputs:
+            pieces[o].append(outs[o])
+        carry = {s.input: outs[s.output] for s in info.states}
+    result = {o: np.concatenate(p, axis=info.output_seq_axes[o]) for o, p in pieces.items()}
+    result.update({s.output: carry[s.input] for s in info.states})
+    return result
+
+
+# -------------------------------------------------------------------------------------------- parity
+
+@dataclass
+class StepParityReport:
+    """Step model run token by token / chunk by chunk vs the PyTorch model on the full sequence."""
+
+    reference: str
+    length: int
+    batch: int
+    results: list[tuple[int, list[OutputComparison]]] = field(default_factory=list)  # (chunk, per output)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.results) and all(c.ok for _, comps in self.results for c in comps)
+
+    def max_abs(self) -> dict[int, float]:
+        return {chunk: max(c.max_abs for c in comps) for chunk, comps in self.results}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "reference": self.reference, "length": self.length, "batch": self.batch,
+                "results": [{"chunk": chunk, "outputs": [c.to_dict() for c in comps]}
+                            for chunk, comps in self.results]}
+
+    def format_table(self) -> str:
+        headers = ["chunk", "steps", "output", "max abs", "max rel", "rel L2", "cosine", "fail/total", "status"]
+        rows = []
+        for chunk, comps in self.results:
+            steps = -(-self.length // chunk)
+            for c in comps:
+                rows.append([chunk, steps, c.output, c.max_abs, c.max_rel, c.rel_l2, f"{c.cosine:.6f}",
+                             f"{c.mismatches + c.nonfinite}/{c.total}", "ok" if c.ok else "FAIL"])
+        title = f"step parity vs {self.reference} (sequence of {self.length}, batch {self.batch})"
+        return format_table(headers, rows, title=title) + f"\nstep parity: {'PASS' if self.ok else 'FAIL'}"
+
+    def assert_ok(self) -> None:
+        if not self.ok:
+            raise AssertionError("lrexport step parity failed\n" + self.format_table())
+
+
+def check_step_parity(module: Any, step_onnx: Any, specs: Sequence[InputSpec] | None = None,
+                      chunks: Sequence[int] = (1, 7, 64), *, length: int = 100, batch: int | None = None,
+                      seed: int = 0, precision: str = "fp32", atol: float | None = None,
+                      rtol: float | None = None) -> StepParityReport:
+    """Run the PyTorch ``module`` on a full random sequence of ``length`` tokens and the step model on the
+    same sequence ``chunk`` tokens at a time, for every chunk; compare per output."""
+    from exporter.loading import LoadedModel
+    from exporter.runners import TorchRunner
+
+    info = read_step_info(step_onnx)
+    module = module.module if isinstance(module, LoadedModel) else module
+    specs = list(specs) if specs is not None else info.input_specs
+    by_name = {s.name: s for s in specs}
+    missing = [n for n in info.inputs if n not in by_name]
+    if missing:
+        raise LrexportError(f"no input spec for {missing[0]!r}", f"give specs for {', '.join(info.inputs)}")
+    specs = [by_name[n] for n in info.inputs]
+    n = _seq_length(specs, info.input_seq_axes, length)
+    feeds = _sequence_feeds(specs, info.input_seq_axes, n, batch, seed)
+    b = next(iter(feeds.values())).shape[0]
+    reference = TorchRunner(module, info.outputs, info.inputs)
+    expected = reference.run(feeds)
+    tols = Tolerances.for_precision(precision, atol, rtol)
+    path = info.onnx_path if not isinstance(step_onnx, onnx.ModelProto) else step_onnx
+    session = _session(path)
+    report = StepParityReport(f"pytorch {reference.precision}", n, b)
+    for chunk in chunks:
+        got = run_stepwise(info, feeds, chunk, session=session)
+        report.results.append((chunk, [compare_arrays(o, got[o], expected[o], tols.get(o)) for o in info.outputs]))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- engine
+
+def step_specs(result: Any, batch_range: tuple[int, ...] = (1, 4), chunk_range: tuple[int, ...] = (1, 64)
+               ) -> list[InputSpec]:
+    """Shape ranges of the step model for a TensorRT profile: token inputs with their sequence axis in
+    ``chunk_range`` and batch in ``batch_range`` ((min, max) or (min, opt, max)), the states with the
+    same batch range, and ``position_offset`` as an int64 scalar."""
+    info = read_step_info(result)
+
+    def rng(r: tuple[int, ...], what: str) -> tuple[int, int, int]:
+        if len(r) == 2:
+            r = (r[0], r[0], r[1])
+        if len(r) != 3 or not 1 <= r[0] <= r[1] <= r[2]:
+            raise LrexportError(f"bad {what} range {r}", "give (min, max) or (min, opt, max) with 1 <= min <= max")
+        return r[0], r[1], r[2]
+
+    b, c = rng(tuple(batch_range), "batch"), rng(tuple(chunk_range), "chunk")
+    out: list[InputSpec] = []
+    for spec in info.input_specs:
+        lo, op, hi = list(spec.min), list(spec.opt), list(spec.max)
+        if spec.rank and spec.min[0] != spec.max[0]:
+            lo[0], op[0], hi[0] = b
+        axis = info.input_seq_axes.get(spec.name)
+        if axis is not None:
+            lo[axis], op[axis], hi[axis] = c
+        out.append(InputSpec(spec.name, spec.dtype, tuple(lo), tuple(op), tuple(hi), spec.low, spec.high))
+    for s in info.states:
+        dims = [(d, d, d) if isinstance(d, int) else b for d in s.shape]
+        out.append(InputSpec(s.input, s.dtype, tuple(d[0] for d in dims), tuple(d[1] for d in dims),
+                             tuple(d[2] for d in dims)))
+    if info.position_offset:
+        longest = max((s.max[a] for s in info.input_specs for n, a in info.input_seq_axes.items() if n == s.name),
+                      default=c[2])
+        out.append(InputSpec(info.position_offset, "int64", (), (), (), 0.0, float(max(0, longest - c[2]))))
+    return out

@@ -1,0 +1,527 @@
+"""Recurrent (step) form of causal running-sum models: carry each CumSum over the sequence as a state.
+
+Causal linear attention ("Transformers are RNNs", Katharopoulos et al. 2020) computes
+``S_t = sum_{j<=t} phi(k_j) v_j^T`` and ``z_t = sum_{j<=t} phi(k_j)`` as CumSums over the sequence.
+Fed a chunk of tokens at positions ``t0 .. t0+c-1``, the same graph computes the right outputs if every
+such running sum starts from the sums of the tokens before the chunk:
+
+    y = CumSum(x, seq) + Unsqueeze(state_i, seq)      new_state_i = y[..., -1, ...]   (last position)
+
+:class:`RecurrentStatePass` makes that rewrite: one graph input ``state_<i>`` and one graph output
+``new_state_<i>`` per CumSum over the sequence axis (sums in float32 for float models), plus an int64
+``position_offset`` input added to every ``Range`` over the sequence length (absolute positions).
+The rewrite is only right when nothing else in the graph mixes positions along the sequence, so the
+pass first checks every node and refuses (:class:`RecurrentRefusal`, naming node, op and reason) a
+softmax over the sequence, a reduction or contraction over it, a seq x seq matrix, a reverse or
+exclusive CumSum, a convolution along it, or a static sequence axis. The check is structural (from the
+symbolic ``seq`` dimension); ``exporter.recurrent`` adds a numeric check of the result.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
+
+# ops that only read shapes (never values) or merely re-lay out a tensor (Reshape may merge seq with
+# another axis: it moves values, it does not mix positions; the numeric check covers what it hides)
+_SHAPE_ONLY = frozenset({"Shape", "Size"})
+_LAYOUT = frozenset({"Reshape", "Flatten"})
+_NORMALIZE_ALONG_AXIS = {"Softmax": "normalizes", "LogSoftmax": "normalizes", "Hardmax": "takes the max",
+                         "ArgMax": "takes the arg max", "ArgMin": "takes the arg min", "TopK": "ranks values",
+                         "CumSum": "sums", "CumProd": "multiplies", "ReverseSequence": "reverses",
+                         "Gather": "indexes", "GatherElements": "indexes", "Compress": "selects",
+                         "Slice": "slices", "Pad": "pads", "Concat": "concatenates", "Split": "splits"}
+_REDUCE = frozenset({"ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+                     "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"})
+_CONV = frozenset({"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "AveragePool", "MaxPool", "LpPool"})
+
+
+class RecurrentRefusal(Exception):
+    """The graph has no recurrent form: ``node``/``op`` name where, ``reason`` says why."""
+
+    def __init__(self, reason: str, node: str | None = None, op: str | None = None, hint: str | None = None):
+        self.reason, self.node, self.op = reason, node, op
+        self.hint = hint or ("only causal running-sum models (causal linear attention) have a step form; "
+                             "export the full-sequence model instead")
+        where = f"node {node} ({op}) " if node else ""
+        super().__init__(f"{where}{reason}")
+
+
+@dataclass
+class CarriedState:
+    """One running sum made recurrent: graph input ``input`` -> graph output ``output``."""
+
+    index: int
+    input: str
+    output: str
+    node: str  # the CumSum node
+    axis: int  # the sequence axis of the CumSum output
+    shape: list[int | str]  # the state's shape (the CumSum output without the sequence axis)
+    dtype: str  # numpy dtype name of the state
+    module: str | None  # module path from the exporter's name scopes (blocks.0.attn; "" the root module)
+    source: str | None  # the torch op's name inside the module (e.g. cumsum_1)
+    role: str  # "s" (running sum of outer products k v^T) or "z" (running sum of vectors)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "input": self.input, "output": self.output, "node": self.node,
+                "axis": self.axis, "shape": list(self.shape), "dtype": self.dtype, "module": self.module,
+                "source": self.source, "role": self.role}
+
+
+@dataclass
+class RecurrentStateResult(ir.passes.PassResult):
+    states: list[CarriedState] = field(default_factory=list)
+    seq_dim: str | None = None
+    position_offset: str | None = None  # the input's name when the model uses absolute positions
+    ranges: list[str] = field(default_factory=list)  # Range nodes that got the offset
+
+
+def _dims(value: ir.Value | None) -> list[Any] | None:
+    if value is None or value.shape is None:
+        return None
+    return [d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else str(d))
+            for d in value.shape]
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.is_graph_input():
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    return None if tensor is None else tensor.numpy()
+
+
+def _attr(node: ir.Node, name: str, default: Any = None) -> Any:
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
+
+
+def _scopes(node: ir.Node) -> list[str]:
+    text = node.metadata_props.get(SCOPES_KEY)
+    if not text:
+        return []
+    try:
+        return [p for p in ast.literal_eval(text) if isinstance(p, str)]
+    except (ValueError, SyntaxError):
+        return []
+
+
+def _norm_axis(axis: int, rank: int) -> int | None:
+    axis = int(axis)
+    if axis < 0:
+        axis += rank
+    return axis if 0 <= axis < rank else None
+
+
+def _fmt_shape(dims: list[Any] | None) -> str:
+    return "?" if dims is None else " x ".join(str(d) for d in dims) or "scalar"
+
+
+def find_seq_dim(graph: ir.Graph, seq_axis: int = 1) -> str:
+    """The symbolic name of the sequence axis (axis ``seq_axis`` of the graph inputs); refuse a static one."""
+    found: list[str] = []
+    static: list[tuple[str, int]] = []
+    for value in graph.inputs:
+        dims = _dims(value)
+        if dims is None or len(dims) <= seq_axis:
+            continue
+        d = dims[seq_axis]
+        if isinstance(d, str):
+            found.append(d)
+        elif isinstance(d, int):
+            static.append((value.name or "?", d))
+    if found:
+        if "seq" in found:
+            return "seq"
+        return found[0]
+    if static:
+        name, size = static[0]
+        raise RecurrentRefusal(
+            f"the sequence axis (axis {seq_axis}) of input {name!r} is static ({size}): the model fixes the "
+            "sequence length (a layer sized by it, e.g. a Linformer projection along the sequence), so it "
+            "cannot run on one token or a chunk at a time",
+            hint="a step model needs a dynamic sequence axis; a model with layers sized by the sequence length has "
+                 "no step form (export it with a --shapes seq range if its code allows one)")
+    raise RecurrentRefusal("no graph input has a sequence axis (axis 1)",
+                           hint="export the model with a dynamic sequence axis (--shapes NAME:min=1x1,...)")
+
+
+def _seq_positions(dims: list[Any] | None, seq: str) -> list[int]:
+    return [i for i, d in enumerate(dims or []) if d == seq]
+
+
+def mixing_reason(node: ir.Node, seq: str) -> str | None:
+    """Why ``node`` mixes positions along the sequence axis, or None when it is sequence-local."""
+    op = node.op_type
+    if op in _SHAPE_ONLY or node.domain not in ("", "ai.onnx"):
+        return None if op in _SHAPE_ONLY else _custom_reason(node, seq)
+    ins = [v for v in node.inputs if v is not None and _const(v) is None]
+    in_dims = [_dims(v) for v in ins]
+    seq_in = [(v, d, _seq_positions(d, seq)) for v, d in zip(ins, in_dims) if _seq_positions(d, seq)]
+    for out in node.outputs:
+        od = _dims(out)
+        if len(_seq_positions(od, seq)) > 1:
+            return (f"builds a seq x seq tensor ({_fmt_shape(od)}): every position sees every other "
+                    "(attention over all positions)")
+    if not seq_in:
+        return None
+    _, first_dims, first_pos = seq_in[0]
+    rank = len(first_dims or [])
+    p = first_pos[0]
+    if op in _NORMALIZE_ALONG_AXIS:
+        if op in ("Slice", "Pad", "Split", "Concat"):
+            return _axis_list_op(node, op, p, rank)
+        default = -1 if op in ("Softmax", "LogSoftmax", "Hardmax", "TopK") else 0
+        axis_val = _attr(node, "axis", default)
+        if op == "CumSum":
+            axis_arr = _const(node.inputs[1])
+            axis_val = int(axis_arr.reshape(-1)[0]) if axis_arr is not None else None
+            if axis_val is None:
+                return "sums along an axis that is not a constant (cannot tell whether it is the sequence axis)"
+        if op == "Gather":
+            data = node.inputs[0]
+            if data is None or not _seq_positions(_dims(data), seq):
+                return None  # indexing a table with per-position indices (embedding): local
+            dd = _dims(data) or []
+            if _norm_axis(axis_val, len(dd)) in _seq_positions(dd, seq):
+                return "indexes along the sequence axis (picks positions by index)"
+            return None
+        if _norm_axis(axis_val, rank) == p:
+            what = _NORMALIZE_ALONG_AXIS[op]
+            extra = ": the model is not a causal running-sum model" if op in ("Softmax", "LogSoftmax") else ""
+            return f"{what} along the sequence axis{extra}"
+        return None
+    if op in _REDUCE:
+        axes = _reduce_axes(node)
+        if axes is None or any(_norm_axis(a, rank) in first_pos for a in axes):
+            return "reduces over the sequence axis (a sum/mean over all positions is not causal)"
+        return None
+    if op == "LayerNormalization":
+        axis = _norm_axis(_attr(node, "axis", -1), rank)
+        if axis is not None and p >= axis:
+            return "normalizes over the sequence axis"
+        return None
+    if op in ("GroupNormalization", "InstanceNormalization") and rank > 2 and p >= 2:
+        return "normalizes over the sequence axis"
+    if op in _CONV:
+        if p >= 2:
+            return "convolves/pools along the sequence axis (needs a sliding-window state, not a running sum)"
+        return None
+    if op in ("MatMul", "MatMulInteger", "QLinearMatMul", "Gemm"):
+        return _matmul_reason(node, seq)
+    if op == "Einsum":
+        return _einsum_reason(node, seq)
+    if op in _LAYOUT:
+        return None
+    for out in node.outputs:
+        od = _dims(out)
+        if od is not None and not _seq_positions(od, seq):
+            return (f"removes the sequence axis ({_fmt_shape(first_dims)} -> {_fmt_shape(od)}): it combines "
+                    "values from all positions")
+    return None
+
+
+def _custom_reason(node: ir.Node, seq: str) -> str | None:
+    for v in node.inputs:
+        if v is not None and _seq_positions(_dims(v), seq):
+            return (f"is a custom op (domain {node.domain!r}) on a sequence-shaped tensor: lrexport cannot tell "
+                    "whether it mixes positions")
+    return None
+
+
+def _reduce_axes(node: ir.Node) -> list[int] | None:
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        arr = _const(node.inputs[1])
+        return None if arr is None else [int(a) for a in arr.reshape(-1)] or None
+    axes = _attr(node, "axes")
+    return None if axes is None else [int(a) for a in axes]
+
+
+def _int_list(value: ir.Value | None) -> list[int] | None:
+    arr = _const(value)
+    return None if arr is None else [int(v) for v in arr.reshape(-1)]
+
+
+def _axis_list_op(node: ir.Node, op: str, p: int, rank: int) -> str | None:
+    if op in ("Concat", "Split"):
+        verb = "concatenates" if op == "Concat" else "splits"
+        return f"{verb} along the sequence axis" if _norm_axis(_attr(node, "axis", 0), rank) == p else None
+    if op == "Slice":
+        starts = _int_list(node.inputs[1]) if len(node.inputs) > 1 else None
+        axes = _int_list(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else (
+            None if starts is None else list(range(len(starts))))
+        if axes is None or any(_norm_axis(a, rank) == p for a in axes):
+            return "slices along the sequence axis (selects positions)"
+        return None
+    if op == "Pad":
+        pads = _int_list(node.inputs[1]) if len(node.inputs) > 1 else None
+        if pads is None:
+            return "pads with non-constant pads (cannot tell whether it shifts positions)"
+        pad_axes = _int_list(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+        axes = pad_axes if pad_axes is not None else list(range(rank))
+        k = len(axes)
+        for j, a in enumerate(axes):
+            if _norm_axis(a, rank) == p and (pads[j] != 0 or pads[j + k] != 0):
+                return "pads along the sequence axis (shifts positions, e.g. a causal convolution)"
+        return None
+    return None
+
+
+def _matmul_reason(node: ir.Node, seq: str) -> str | None:
+    a, b = node.inputs[0], node.inputs[1]
+    ad, bd = _dims(a), _dims(b)
+    if node.op_type == "Gemm":
+        if ad and len(ad) == 2 and ad[1 - int(_attr(node, "transA", 0))] == seq:
+            return "contracts over the sequence axis (a weight sized by the sequence)"
+        return None
+    if ad and ad[-1] == seq:
+        return "contracts over the sequence axis (sums products over all positions)"
+    if bd and len(bd) >= 2 and bd[-2] == seq:
+        return "contracts over the sequence axis (sums products over all positions)"
+    return None
+
+
+def _einsum_reason(node: ir.Node, seq: str) -> str | None:
+    eq = str(_attr(node, "equation", "")).replace(" ", "")
+    if "->" not in eq or "..." in eq:
+        for out in node.outputs:
+            if not _seq_positions(_dims(out), seq):
+                return "removes the sequence axis (sums over all positions)"
+        return None
+    lhs, out = eq.split("->")
+    letters: set[str] = set()
+    for term, v in zip(lhs.split(","), node.inputs):
+        dims = _dims(v)
+        if dims is None or len(dims) != len(term):
+            continue
+        letters |= {term[i] for i in _seq_positions(dims, seq)}
+    summed = [c for c in letters if c not in out]
+    if summed:
+        return (f"sums over the sequence axis (einsum {eq!r} contracts {summed[0]!r}): "
+                "it combines all positions, not only earlier ones")
+    return None
+
+
+def _is_outer_product(node: ir.Node | None) -> bool:
+    """An Einsum outer product (each operand lacks an axis of the output), or a Mul of Unsqueezes."""
+    if node is None:
+        return False
+    if node.op_type == "Einsum":
+        eq = str(_attr(node, "equation", "")).replace(" ", "")
+        if "->" in eq and "..." not in eq:
+            lhs, out = eq.split("->")
+            terms = lhs.split(",")
+            return len(terms) == 2 and all(set(t) < set(out) for t in terms)
+    if node.op_type == "Mul":
+        return all(v is not None and v.producer() is not None and v.producer().op_type == "Unsqueeze"
+                   for v in node.inputs)
+    return False
+
+
+class RecurrentStatePass(ir.passes.InPlacePass):
+    """Carry every CumSum over the sequence axis as a state; refuse graphs that mix positions otherwise.
+
+    ``seq_axis`` is the sequence axis of the graph inputs (lrexport names axis 1 ``seq``).
+    After the call: ``self.result`` (also returned) lists the carried states.
+    """
+
+    name = "recurrent-state"
+
+    def __init__(self, seq_axis: int = 1, state_dtype: ir.DataType = ir.DataType.FLOAT,
+                 state_prefix: str = "state_", output_prefix: str = "new_state_",
+                 offset_name: str = "position_offset") -> None:
+        super().__init__()
+        self.seq_axis = seq_axis
+        self.state_dtype = state_dtype
+        self.state_prefix = state_prefix
+        self.output_prefix = output_prefix
+        self.offset_name = offset_name
+        self.result: RecurrentStateResult | None = None
+
+    # ----------------------------------------------------------------------------------------- analysis
+    def call(self, model: ir.Model) -> RecurrentStateResult:
+        graph = model.graph
+        taken = [v.name for v in graph.inputs] + [v.name for v in graph.outputs]
+        ours = re.compile(rf"^({re.escape(self.state_prefix)}|{re.escape(self.output_prefix)})\d+$")
+        clash = [n for n in taken if n and (ours.match(n) or n == self.offset_name)]
+        if clash:
+            raise RecurrentRefusal(f"the graph already has an input/output named {clash[0]!r}",
+                                   hint="it looks like a step model already; pass the full-sequence model")
+        if any(_dims(v) is None for n in graph for v in n.outputs):
+            try:
+                common_passes.ShapeInferencePass()(model)
+            except Exception:  # best effort: the numeric check covers what shapes cannot tell
+                pass
+        seq = find_seq_dim(graph, self.seq_axis)
+        sums: list[tuple[ir.Node, int]] = []
+        ranges: list[ir.Node] = []
+        for node in graph:
+            if node.op_type == "CumSum" and node.domain in ("", "ai.onnx"):
+                carried = self._cumsum_axis(node, seq)
+                if carried is not None:
+                    sums.append((node, carried))
+                    continue
+            if node.op_type == "Range" and node.domain in ("", "ai.onnx"):
+                if self._is_seq_range(node, seq):
+                    ranges.append(node)
+                    continue
+            why = mixing_reason(node, seq)
+            if why:
+                raise RecurrentRefusal(f"mixes positions along the sequence axis: it {why}",
+                                       node.name or "<unnamed>", node.op_type)
+        if not sums:
+            raise RecurrentRefusal(
+                "the graph has no CumSum over the sequence axis, so there is no running sum to carry "
+                "(a model with no mixing across positions needs no step model)",
+                hint="export the full-sequence model; it already runs on any chunk independently")
+        # ------------------------------------------------------------------------------------- rewrite
+        states = [self._carry(graph, i, node, axis) for i, (node, axis) in enumerate(sums)]
+        offset_name = self._add_offset(graph, ranges) if ranges else None
+        result = RecurrentStateResult(model, True, states=states, seq_dim=seq, position_offset=offset_name,
+                                      ranges=[r.name or "<unnamed>" for r in ranges])
+        self.result = result
+        return result
+
+    def _cumsum_axis(self, node: ir.Node, seq: str) -> int | None:
+        """The sequence axis a CumSum sums along, or None if it sums along another axis; refuse bad ones."""
+        x = node.inputs[0]
+        dims = _dims(x)
+        pos = _seq_positions(dims, seq)
+        if not pos:
+            return None
+        axis_arr = _const(node.inputs[1])
+        label, op = node.name or "<unnamed>", node.op_type
+        if axis_arr is None or axis_arr.size != 1:
+            raise RecurrentRefusal("sums along an axis that is not a constant: cannot tell whether it runs over "
+                                   "the sequence", label, op)
+        axis = _norm_axis(int(axis_arr.reshape(-1)[0]), len(dims or []))
+        if axis is None:
+            raise RecurrentRefusal(f"has axis {int(axis_arr.reshape(-1)[0])} out of range for rank {len(dims or [])}",
+                                   label, op)
+        if axis not in pos:
+            return None
+        if len(pos) > 1:
+            raise RecurrentRefusal(f"runs over a tensor with two sequence axes ({_fmt_shape(dims)})", label, op)
+        if _attr(node, "reverse", 0):
+            raise RecurrentRefusal("is a reverse CumSum (a sum over later positions, i.e. anti-causal): a step "
+                                   "model cannot know the future tokens", label, op)
+        if _attr(node, "exclusive", 0):
+            raise RecurrentRefusal("is an exclusive CumSum: lrexport carries inclusive running sums only", label, op,
+                                   hint="write the sum as an inclusive cumsum (x.cumsum(dim) - x)")
+        return axis
+
+    @staticmethod
+    def _is_seq_range(node: ir.Node, seq: str) -> bool:
+        od = _dims(node.outputs[0])
+        return od is not None and len(od) == 1 and od[0] == seq
+
+    # ------------------------------------------------------------------------------------------ rewrite
+    def _carry(self, graph: ir.Graph, i: int, node: ir.Node, axis: int) -> CarriedState:
+        x, y = node.inputs[0], node.outputs[0]
+        assert x is not None
+        dims = list(y.shape) if y.shape is not None else list(x.shape or [])
+        state_dims = [d for k, d in enumerate(dims) if k != axis]
+        plain = [d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else str(d))
+                 for d in state_dims]
+        orig_dtype = x.dtype or y.dtype or ir.DataType.FLOAT
+        cast = orig_dtype in _FLOAT_TYPES and orig_dtype != self.state_dtype
+        sdtype = self.state_dtype if orig_dtype in _FLOAT_TYPES else orig_dtype
+        label = node.name or f"cumsum_{i}"
+        new: list[ir.Node] = []
+
+        def const(name: str, arr: np.ndarray) -> ir.Value:
+            v = ir.Value(name=f"{label}_{name}", const_value=ir.tensor(arr, name=f"{label}_{name}"),
+                         shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)))
+            graph.register_initializer(v)
+            return v
+
+        state = ir.Value(name=f"{self.state_prefix}{i}", shape=ir.Shape(state_dims), type=ir.TensorType(sdtype))
+        graph.inputs.append(state)
+        uses = list(y.uses())
+        was_output = [k for k, o in enumerate(graph.outputs) if o is y]
+        meta = {k: v for k, v in node.metadata_props.items() if k.startswith("pkg.torch.onnx")}
+        if cast:
+            cx = ir.node("Cast", [x], {"to": sdtype}, name=f"{label}_state_cast_in", metadata_props=dict(meta))
+            graph.insert_before(node, [cx])
+            node.replace_input_with(0, cx.outputs[0])
+            y.dtype = sdtype
+        axes = const("state_axis", np.array([axis], dtype=np.int64))
+        last = const("state_last", np.array(-1, dtype=np.int64))
+        unsq = ir.node("Unsqueeze", [state, axes], name=f"{label}_state_unsqueeze", metadata_props=dict(meta))
+        add = ir.node("Add", [y, unsq.outputs[0]], name=f"{label}_state_add", metadata_props=dict(meta))
+        add.outputs[0].name = f"{y.name}_carried"
+        add.outputs[0].shape = ir.Shape(dims)
+        add.outputs[0].type = ir.TensorType(sdtype)
+        gather = ir.node("Gather", [add.outputs[0], last], {"axis": axis}, name=f"{label}_state_last",
+                         metadata_props=dict(meta))
+        out_state = gather.outputs[0]
+        out_state.name = f"{self.output_prefix}{i}"
+        out_state.shape = ir.Shape(state_dims)
+        out_state.type = ir.TensorType(sdtype)
+        new += [unsq, add, gather]
+        carried = add.outputs[0]
+        if cast:
+            back = ir.node("Cast", [carried], {"to": orig_dtype}, name=f"{label}_state_cast_out",
+                           metadata_props=dict(meta))
+            back.outputs[0].shape = ir.Shape(dims)
+            back.outputs[0].type = ir.TensorType(orig_dtype)
+            new.append(back)
+            carried = back.outputs[0]
+        graph.insert_after(node, new)
+        for user, idx in uses:
+            user.replace_input_with(idx, carried)
+        if was_output:  # the graph output keeps its name
+            name = y.name
+            y.name = f"{name}_uncarried"
+            carried.name = name
+        for k in was_output:
+            graph.outputs[k] = carried
+        graph.outputs.append(out_state)
+        scopes = _scopes(node)
+        module = scopes[-2] if len(scopes) >= 2 else None  # "" is the root module
+        role = "s" if _is_outer_product(x.producer()) else "z"
+        return CarriedState(i, state.name or "", out_state.name or "", label, axis, plain,
+                            np.dtype(sdtype.numpy()).name, module, scopes[-1] if scopes else None, role)
+
+    def _add_offset(self, graph: ir.Graph, ranges: list[ir.Node]) -> str:
+        """positions = Range(start, limit, delta) + offset * delta (the offset stays a data tensor, not a
+        shape tensor: TensorRT refuses shape-tensor network inputs)."""
+        offset = ir.Value(name=self.offset_name, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT64))
+        graph.inputs.append(offset)
+        for node in ranges:
+            delta, out = node.inputs[2], node.outputs[0]
+            dtype = out.dtype or ir.DataType.INT64
+            label = node.name or "range"
+            uses = list(out.uses())
+            was_output = [k for k, o in enumerate(graph.outputs) if o is out]
+            new: list[ir.Node] = []
+            off: ir.Value = offset
+            if dtype != ir.DataType.INT64:
+                c = ir.node("Cast", [offset], {"to": dtype}, name=f"{label}_offset_cast")
+                new.append(c)
+                off = c.outputs[0]
+            scaled = ir.node("Mul", [off, delta], name=f"{label}_offset_scale")
+            shifted = ir.node("Add", [out, scaled.outputs[0]], name=f"{label}_offset_add",
+                              metadata_props=dict(node.metadata_props))
+            shifted.outputs[0].name = f"{out.name}_offset"
+            shifted.outputs[0].shape = out.shape
+            shifted.outputs[0].type = out.type
+            new += [scaled, shifted]
+            graph.insert_after(node, new)
+            for user, idx in uses:
+                user.replace_input_with(idx, shifted.outputs[0])
+            if was_output:
+                name = out.name
+                out.name = f"{name}_unshifted"
+                shifted.outputs[0].name = name
+            for k in was_output:
+                graph.outputs[k] = shifted.outputs[0]
+        return self.offset_name

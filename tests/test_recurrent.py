@@ -1,0 +1,333 @@
+"""Recurrent (step) export of causal linear attention: the step model fed token by token and chunk by
+chunk reproduces the PyTorch full-sequence outputs; models without a step form are refused by name.
+
+Real torch exports (dynamo) of the samples, real ONNX Runtime; the engine test uses TensorRT-RTX
+(ahead-of-time build on the CPU) when it is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+import torch
+from onnx import TensorProto, helper
+from torch import nn
+
+import samples
+from exporter.errors import LrexportError
+from exporter.export import export_onnx
+from exporter.recurrent import (
+    check_step_parity,
+    export_step,
+    initial_states,
+    read_step_info,
+    run_stepwise,
+    step_specs,
+)
+from exporter.specs import build_specs
+from graph_passes.recurrent_state import RecurrentRefusal, RecurrentStatePass
+from samples.layers import CausalLinearAttention
+from samples.models import LanguageModel
+
+N = 100  # sequence length of the parity runs (not a multiple of 7; < 128)
+
+
+def _export(name: str, tmp: Path):
+    sample = samples.get(name)
+    model = sample.factory()
+    specs = build_specs(sample.inputs, sample.shapes)
+    path = tmp / f"{name}.onnx"
+    export_onnx(model, specs, path)
+    return model, specs, path
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("recurrent")
+
+
+@pytest.fixture(scope="module")
+def causal_lm(work):
+    model, specs, path = _export("causal_lm", work)
+    result = export_step(path, work / "causal_lm.step.onnx", specs=specs)
+    return model, specs, path, result
+
+
+@pytest.fixture(scope="module")
+def causal_block(work):
+    model, specs, path = _export("causal_block", work)
+    result = export_step(path, work / "causal_block.step.onnx", specs=specs)
+    return model, specs, path, result
+
+
+# ------------------------------------------------------------------------------------------- parity
+
+def test_causal_lm_token_and_chunk_parity(causal_lm):
+    model, specs, _, result = causal_lm
+    report = check_step_parity(model, result.onnx_path, specs, chunks=(1, 7, 64, 128), length=N)
+    report.assert_ok()
+    assert report.length == N and report.batch == 2
+    assert [c for c, _ in report.results] == [1, 7, 64, 128]
+    assert max(report.max_abs().values()) < 1e-5
+    assert "step parity: PASS" in report.format_table()
+    json.dumps(report.to_dict())
+
+
+def test_causal_block_token_and_chunk_parity(causal_block):
+    model, specs, _, result = causal_block
+    report = check_step_parity(model, result.onnx_path, specs, chunks=(1, 7, 128), length=N)
+    report.assert_ok()
+    assert max(report.max_abs().values()) < 1e-5
+
+
+def test_causal_lm_states_two_per_layer(causal_lm):
+    _, _, _, result = causal_lm
+    assert result.state_names == ["state_0", "state_1", "state_2", "state_3"]
+    assert [s.output for s in result.states] == ["new_state_0", "new_state_1", "new_state_2", "new_state_3"]
+    assert result.layers == {"blocks.0.attn": ["state_0", "state_1"], "blocks.1.attn": ["state_2", "state_3"]}
+    assert [s.role for s in result.states] == ["s", "z", "s", "z"]
+    assert result.state_shapes["state_0"] == ["batch", 4, 32, 32]
+    assert result.state_shapes["state_1"] == ["batch", 4, 32]
+    assert set(result.state_dtypes.values()) == {"float32"}
+    assert result.position_offset is None
+    assert result.inputs == ["ids"] and result.outputs == ["output"]
+    assert result.input_seq_axes == {"ids": 1} and result.output_seq_axes == {"output": 1}
+    assert result.check["max_abs"]["token"] < 1e-5
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["layers"]["blocks.1.attn"] == ["state_2", "state_3"]
+    assert data["state_bytes_per_sequence"] == 2 * (4 * 32 * 32 + 4 * 32) * 4
+
+    step = onnx.load(str(result.onnx_path))
+    onnx.checker.check_model(step)
+    ins = {v.name: v for v in step.graph.input}
+    assert list(ins) == ["ids", "state_0", "state_1", "state_2", "state_3"]
+    assert ins["state_0"].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert ins["state_0"].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert [o.name for o in step.graph.output] == ["output", "new_state_0", "new_state_1", "new_state_2",
+                                                   "new_state_3"]
+    again = read_step_info(result.onnx_path)
+    assert again.state_names == result.state_names and again.layers == result.layers
+
+
+def test_causal_block_root_module(causal_block):
+    _, _, _, result = causal_block
+    assert result.layers == {"<root>": ["state_0", "state_1"]}
+    assert result.state_shapes == {"state_0": ["batch", 8, 64, 64], "state_1": ["batch", 8, 64]}
+    assert "cumsum in the root module" in result.format_text()
+
+
+def test_stepwise_continues_a_sequence(causal_lm):
+    """Prefill 60 tokens in chunks of 16, then decode the rest one by one from the returned states."""
+    model, _, _, result = causal_lm
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 256, size=(3, 75), dtype=np.int64)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(ids)).numpy()
+    zeros = initial_states(result.onnx_path, batch=3)
+    assert {k: v.shape for k, v in zeros.items()} == {"state_0": (3, 4, 32, 32), "state_1": (3, 4, 32),
+                                                     "state_2": (3, 4, 32, 32), "state_3": (3, 4, 32)}
+    assert all(not v.any() for v in zeros.values())
+    first = run_stepwise(result.onnx_path, {"ids": ids[:, :60]}, 16)
+    states = {s.input: first[s.output] for s in result.states}
+    rest = run_stepwise(result, {"ids": ids[:, 60:]}, 1, states=states, position=60)
+    got = np.concatenate([first["output"], rest["output"]], axis=1)
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-3)
+
+
+# -------------------------------------------------------------------------------------------- refusals
+
+@pytest.mark.parametrize("name, expected", [
+    ("noncausal_encoder", ["node_einsum (Einsum)", "mixes positions along the sequence axis",
+                           "sums over the sequence axis"]),
+    ("lowrank_block", ["(MatMul)", "seq x seq", "attention over all positions"]),
+    ("linformer_encoder", ["sequence axis (axis 1) of input 'x' is static (128)", "Linformer"]),
+])
+def test_refuses_models_without_a_step_form(work, name, expected):
+    _, specs, path = _export(name, work)
+    with pytest.raises(LrexportError) as info:
+        export_step(path, work / f"{name}.step.onnx", specs=specs)
+    text = str(info.value)
+    assert text.startswith("cannot export a step model: ")
+    for piece in expected:
+        assert piece in text, text
+    assert not (work / f"{name}.step.onnx").exists()
+
+
+def _graph(nodes, inputs, outputs, inits=()):
+    g = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(inits))
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _cumsum_model(axis: int = 1, reverse: int = 0, exclusive: int = 0, dtype=TensorProto.FLOAT):
+    x = helper.make_tensor_value_info("x", dtype, ["batch", "seq", 4])
+    y = helper.make_tensor_value_info("y", dtype, ["batch", "seq", 4])
+    ax = helper.make_tensor("axis", TensorProto.INT64, [], [axis])
+    node = helper.make_node("CumSum", ["x", "axis"], ["y"], name="node_cumsum", reverse=reverse,
+                            exclusive=exclusive)
+    return _graph([node], [x], [y], [ax])
+
+
+@pytest.mark.parametrize("kw, expected", [
+    ({"reverse": 1}, "node node_cumsum (CumSum) is a reverse CumSum"),
+    ({"exclusive": 1}, "node node_cumsum (CumSum) is an exclusive CumSum"),
+])
+def test_refuses_reverse_and_exclusive_cumsum(tmp_path, kw, expected):
+    with pytest.raises(LrexportError, match=re.escape(expected)):
+        export_step(_cumsum_model(**kw), tmp_path / "s.onnx")
+
+
+def test_refuses_a_graph_without_running_sums(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 4])
+    with pytest.raises(LrexportError, match="no CumSum over the sequence axis"):
+        export_step(_graph([helper.make_node("Relu", ["x"], ["y"])], [x], [y]), tmp_path / "s.onnx")
+
+
+def test_refuses_softmax_over_the_sequence(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 4])
+    ax = helper.make_tensor("axis", TensorProto.INT64, [], [1])
+    nodes = [helper.make_node("CumSum", ["x", "axis"], ["c"], name="node_cumsum"),
+             helper.make_node("Softmax", ["c"], ["y"], name="node_softmax", axis=1)]
+    with pytest.raises(LrexportError) as info:
+        export_step(_graph(nodes, [x], [y], [ax]), tmp_path / "s.onnx")
+    assert "node node_softmax (Softmax) mixes positions along the sequence axis" in str(info.value)
+    assert "the model is not a causal running-sum model" in str(info.value)
+
+
+class _LengthScaled(nn.Module):
+    """Causal linear attention whose output is divided by the sequence length: structurally local ops only,
+    but the output depends on n, so chunked runs differ; the numeric self-check must catch it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = CausalLinearAttention(32, 2)
+
+    def forward(self, x):
+        return self.attn(x) / x.shape[1]
+
+
+def test_numeric_check_refuses_length_dependent_model(tmp_path):
+    specs = build_specs(["x:1x16x32:float32"], ["x:min=1x1x32,opt=1x16x32,max=2x64x32"])
+    export_onnx(_LengthScaled().eval(), specs, tmp_path / "m.onnx")
+    with pytest.raises(LrexportError) as info:
+        export_step(tmp_path / "m.onnx", tmp_path / "s.onnx", specs=specs)
+    assert "differs from the full model" in str(info.value)
+    assert "not a causal running sum" in str(info.value)
+
+
+def test_pass_refusal_leaves_the_model_unchanged():
+    model = ir.from_proto(_cumsum_model(reverse=1))
+    with pytest.raises(RecurrentRefusal) as info:
+        RecurrentStatePass()(model)
+    assert info.value.node == "node_cumsum" and info.value.op == "CumSum"
+    assert [v.name for v in model.graph.inputs] == ["x"] and [v.name for v in model.graph.outputs] == ["y"]
+
+
+# ------------------------------------------------------------------------------- dtypes, axes, positions
+
+def test_negative_axis_and_float16_sum_carried_in_float32(tmp_path):
+    proto = _cumsum_model(axis=-2, dtype=TensorProto.FLOAT16)
+    model = ir.from_proto(proto)
+    res = RecurrentStatePass()(model)
+    assert res.modified and len(res.states) == 1
+    st = res.states[0]
+    assert (st.axis, st.shape, st.dtype) == (1, ["batch", 4], "float32")
+    result = export_step(proto, tmp_path / "s.onnx")
+    x = np.random.default_rng(0).standard_normal((2, 11, 4)).astype(np.float16)
+    got = run_stepwise(result.onnx_path, {"x": x}, 3)
+    assert got["y"].dtype == np.float16 and got["new_state_0"].dtype == np.float32
+    np.testing.assert_allclose(got["y"].astype(np.float32), np.cumsum(x.astype(np.float32), axis=1),
+                               atol=1e-2, rtol=1e-2)
+    np.testing.assert_allclose(got["new_state_0"], x.astype(np.float32).sum(axis=1), atol=1e-2)
+
+
+class _PositionalLM(LanguageModel):
+    """causal_lm-like model with learned absolute position embeddings indexed by arange(n)."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        super().__init__(vocab=64, d_model=32, heads=2, layers=1, ff_hidden=64)
+        self.pos = nn.Embedding(256, 32)
+
+    def forward(self, ids):
+        x = self.embed(ids) + self.pos(torch.arange(ids.shape[1]))
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.norm(x))
+
+
+def test_absolute_positions_get_an_offset_input(tmp_path):
+    model = _PositionalLM().eval()
+    specs = build_specs(["ids:2x32:int64:0..63"], ["ids:min=1x1,opt=2x32,max=2x256"])
+    export_onnx(model, specs, tmp_path / "m.onnx")
+    result = export_step(tmp_path / "m.onnx", tmp_path / "s.onnx", specs=specs)
+    assert result.position_offset == "position_offset"
+    assert len(result.states) == 2
+    check_step_parity(model, result.onnx_path, specs, chunks=(1, 7), length=40).assert_ok()
+    sp = {s.name: s for s in step_specs(result, (1, 2), (1, 16))}
+    assert sp["position_offset"].opt == () and sp["position_offset"].dtype == "int64"
+
+
+# ---------------------------------------------------------------------------------------------- engine
+
+def test_step_specs(causal_lm):
+    _, _, _, result = causal_lm
+    sp = {s.name: s for s in step_specs(result, (1, 2, 4), (1, 16, 64))}
+    assert list(sp) == ["ids", "state_0", "state_1", "state_2", "state_3"]
+    assert (sp["ids"].min, sp["ids"].opt, sp["ids"].max) == ((1, 1), (2, 16), (4, 64))
+    assert (sp["ids"].low, sp["ids"].high) == (0, 255)
+    assert (sp["state_0"].min, sp["state_0"].max) == ((1, 4, 32, 32), (4, 4, 32, 32))
+    with pytest.raises(LrexportError, match="bad chunk range"):
+        step_specs(result, (1, 4), (0, 8))
+
+
+def test_step_engine_builds_with_tensorrt_rtx(causal_lm, work):
+    pytest.importorskip("tensorrt_rtx")
+    from exporter.trt_build import build_engine
+
+    _, _, _, result = causal_lm
+    engine = work / "causal_lm.step.engine"
+    built = build_engine(result.onnx_path, engine, specs=step_specs(result, (1, 4), (1, 64)), precision="fp32",
+                         backend="tensorrt-rtx", force=True)
+    assert engine.is_file() and built.engine_bytes > 0
+    meta = json.loads(built.meta_path.read_text())
+    assert meta["backend"] == "tensorrt-rtx"
+    names = {i["name"] for i in built.inputs}
+    assert names == {"ids", "state_0", "state_1", "state_2", "state_3"}
+    assert {o["name"] for o in built.outputs} >= {"output", "new_state_0", "new_state_3"}
+
+
+def test_refuses_the_chunked_model_and_says_to_use_the_exported_one(causal_lm, tmp_path):
+    from graph_passes import run_passes
+
+    _, _, path, _ = causal_lm
+    chunked, _ = run_passes(onnx.load(str(path)), ["causal-chunk"])
+    with pytest.raises(LrexportError) as info:
+        export_step(chunked, tmp_path / "s.onnx")
+    assert "mixes positions along the sequence axis" in str(info.value)
+    assert "went through the causal-chunk pass" in str(info.value)
+
+
+def test_sequence_local_passes_keep_step_parity(causal_lm, tmp_path):
+    """The low-rank and Einsum passes rewrite per-token math only: run on the step model, parity holds."""
+    from graph_passes import run_passes
+
+    model, specs, _, result = causal_lm
+    optimized, _ = run_passes(onnx.load(str(result.onnx_path)), ["cleanup", "lowrank", "einsum", "cleanup"])
+    onnx.save(optimized, str(tmp_path / "step.opt.onnx"))
+    assert not any(n.op_type == "Einsum" for n in optimized.graph.node)
+    check_step_parity(model, tmp_path / "step.opt.onnx", specs, chunks=(1, 7), length=40).assert_ok()
+
+
+def test_refuses_a_step_model_as_input(causal_block, tmp_path):
+    _, _, _, result = causal_block
+    with pytest.raises(LrexportError, match="already has an input/output named 'state_0'"):
+        export_step(result.onnx_path, tmp_path / "again.onnx")

@@ -1,0 +1,138 @@
+"""``lrexport build`` with parity on real third-party models (small configs, CPU, no downloads).
+
+- linformer-pytorch: the Linformer as it is (sequence pinned at n, batch dynamic), its ``Padder``
+  (any length 1..n) over E/F as Linear / Conv1d / fixed random with every sharing mode, and
+  ``Padder(LinformerLM)`` over token ids;
+- x-transformers: a decoder-only LM and an encoder-decoder with every nn.Linear replaced recursively
+  by Linear(a, 64) -> Linear(64, b);
+- transformers: a BertModel from a config, factorized by ``exporter.factorize`` (``lrexport factorize``).
+
+Builders: tests/third_party_models.py. Each test runs the CLI in-process and reads its --json report.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import third_party_models as tpm
+
+
+def _build(cli, tmp_path, name: str, kwargs: dict | None = None, *extra: str) -> dict:
+    inputs, shapes = tpm.SPECS[name.split(":")[0]]
+    args = ["build", "--factory", f"third_party_models:{name}", "--out", tmp_path / "out", "--json", "-q"]
+    if kwargs:
+        args += ["--factory-kwargs", json.dumps(kwargs)]
+    for i in inputs:
+        args += ["--input", i]
+    for s in shapes:
+        args += ["--shapes", s]
+    res = cli(*args, *extra)
+    assert res.code == 0, res.out[-4000:] + res.err[-4000:]
+    data = json.loads(res.out)
+    assert data["ok"], json.dumps(data["parity"], indent=1)[:4000]
+    return data
+
+
+def _max_abs(data: dict) -> float:
+    return max(o["max_abs"] for r in data["parity"]["results"] for o in r["outputs"])
+
+
+def _cases(data: dict) -> dict[str, dict[str, list[int]]]:
+    return {r["case"]: r["shapes"] for r in data["parity"]["results"]}
+
+
+def _engine_built_if_backend(data: dict) -> None:
+    """With a TensorRT backend installed the engine must have been built (it runs only on a GPU)."""
+    from exporter.pipeline import _trt_error
+
+    if _trt_error("auto") is None:
+        assert data["engine"] is not None and data["engine"]["engine_bytes"] > 0
+
+
+# ----------------------------------------------------------------------------------------- linformer-pytorch
+
+
+def test_linformer_fixed_length_pins_seq_keeps_batch(cli, tmp_path):
+    pytest.importorskip("linformer_pytorch")
+    data = _build(cli, tmp_path, "linformer_fixed")
+    spec = data["export"]["inputs"][0]
+    assert spec["dynamic_axes"] == [0] and spec["max"] == [4, 64, 64]
+    assert _max_abs(data) < 1e-4
+    _engine_built_if_backend(data)
+
+
+@pytest.mark.parametrize("method,sharing", [
+    ("learnable", "layerwise"),
+    ("learnable", "none"),
+    ("convolution", "kv"),
+    ("no_params", "headwise"),
+])
+def test_linformer_padder_any_length(cli, tmp_path, method, sharing):
+    """Padder pads inside the graph: seq stays dynamic 1..64 and parity holds below n (min=1, odd)."""
+    pytest.importorskip("linformer_pytorch")
+    data = _build(cli, tmp_path, "linformer_padder", {"method": method, "sharing": sharing})
+    spec = data["export"]["inputs"][0]
+    assert spec["dynamic_axes"] == [0, 1] and spec["min"][1] == 1 and not data["export"]["pinned_axes"]
+    cases = _cases(data)
+    assert cases["min"]["x"][1] == 1 and cases["odd"]["x"][1] < 64
+    assert _max_abs(data) < 1e-4
+    _engine_built_if_backend(data)
+
+
+def test_linformer_lm_padder_token_ids(cli, tmp_path):
+    pytest.importorskip("linformer_pytorch")
+    data = _build(cli, tmp_path, "linformer_lm_padder")
+    assert data["export"]["inputs"][0]["dynamic_axes"] == [0, 1]
+    assert _max_abs(data) < 1e-4
+
+
+# ----------------------------------------------------------------------------------------- x-transformers
+
+
+def test_x_transformers_decoder_lowrank(cli, tmp_path):
+    pytest.importorskip("x_transformers")
+    model = tpm.x_decoder_lowrank()
+    import torch.nn as nn
+
+    assert not any(isinstance(m, nn.Linear) and m.in_features > 64 and m.out_features > 64
+                   for m in model.modules())  # every Linear became a pair through width 64
+    data = _build(cli, tmp_path, "x_decoder_lowrank")
+    assert data["export"]["inputs"][0]["dynamic_axes"] == [0, 1]
+    lowrank = next(p for p in data["passes"]["report"]["passes"] if p["name"] == "lowrank")
+    assert lowrank["matches"] >= 2 * 4 + 1  # 4 pairs per layer at least, and the logits head
+    assert _max_abs(data) < 1e-4
+    _engine_built_if_backend(data)
+
+
+def test_x_transformers_encoder_decoder_lowrank(cli, tmp_path):
+    pytest.importorskip("x_transformers")
+    data = _build(cli, tmp_path, "x_encdec_lowrank")
+    src, tgt = data["export"]["inputs"]
+    assert src["dynamic_axes"] == [0, 1] and tgt["dynamic_axes"] == [0, 1]
+    cases = _cases(data)
+    assert cases["odd"]["src"][1] != cases["odd"]["tgt"][1]  # independent sequence axes
+    assert _max_abs(data) < 1e-4
+
+
+# ----------------------------------------------------------------------------------------- transformers BERT
+
+
+def test_bert_factorized(cli, tmp_path):
+    pytest.importorskip("transformers")
+    dense = tpm.bert_dense()
+    model = tpm.bert_factorized()
+    rep = model.factorize_report
+    assert len([r for r in rep.layers if r.skipped is None]) == 13  # 6 per layer x 2 + pooler
+    # fraction 0.5 of break-even m*n/(m+n): 64x64 -> 16, 256x64 / 64x256 -> 25
+    assert {r.shape: r.rank for r in rep.layers} == {(64, 64): 16, (256, 64): 25, (64, 256): 25}
+    n_dense = sum(p.numel() for p in dense.parameters())
+    n_fact = sum(p.numel() for p in model.parameters())
+    assert n_dense - n_fact == rep.params_before - rep.params_after > 0
+    data = _build(cli, tmp_path, "bert_factorized")
+    assert data["model"]["parameters"] == n_fact
+    lowrank = next(p for p in data["passes"]["report"]["passes"] if p["name"] == "lowrank")
+    assert lowrank["matches"] == 13  # every factorized pair recognized (and kept: all below break-even)
+    assert _max_abs(data) < 1e-4
+    _engine_built_if_backend(data)

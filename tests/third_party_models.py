@@ -1,0 +1,154 @@
+"""Builders for third-party models in small configurations (no weights downloaded), usable as
+``--factory third_party_models:<name>`` (tests/ is on sys.path under pytest) or from Python.
+
+Each builder seeds torch, returns an eval-mode ``nn.Module`` and imports its package lazily, so this
+module imports without the packages (tests skip with ``pytest.importorskip``). ``SPECS`` holds the
+``--input``/``--shapes`` strings each model is built with in the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# --input / --shapes for each builder (names match the models' forward parameters)
+SPECS: dict[str, tuple[list[str], list[str]]] = {
+    "linformer_fixed": (["x:2x64x64:float32"], ["x:min=1x64x64,opt=2x64x64,max=4x64x64"]),
+    "linformer_padder": (["x:2x48x64:float32"], ["x:min=1x1x64,opt=2x48x64,max=4x64x64"]),
+    "linformer_lm_padder": (["tensor:2x48:int64:0..99"], ["tensor:min=1x1,opt=2x48,max=4x64"]),
+    "x_decoder_lowrank": (["x:2x32:int64:0..255"], ["x:min=1x1,opt=2x32,max=2x128"]),
+    "x_encdec_lowrank": (["src:2x24:int64:0..255", "tgt:2x16:int64:0..255"],
+                         ["src:min=1x1,opt=2x24,max=2x64", "tgt:min=1x2,opt=2x16,max=2x48"]),
+    "bert_factorized": (["input_ids:2x32:int64:0..127", "attention_mask:2x32:int64:1..1"],
+                        ["input_ids:min=1x1,opt=2x32,max=2x128", "attention_mask:min=1x1,opt=2x32,max=2x128"]),
+}
+
+LINFORMER_LEN = 64  # linformer-pytorch input_size (the fixed sequence length)
+LOWRANK_INNER = 64  # x-transformers: every Linear(a, b) -> Linear(a, 64) -> Linear(64, b)
+
+
+# ---------------------------------------------------------------------------------------------- linformer
+
+
+def linformer(method: str = "learnable", sharing: str = "layerwise", depth: int = 2, seed: int = 0) -> nn.Module:
+    """linformer-pytorch ``Linformer`` (n=64, d=64, k=16, 2 heads): E/F as Linear(n, k) ('learnable'),
+    Conv1d kernel=stride=n/k ('convolution') or a fixed random n x k matrix ('no_params')."""
+    from linformer_pytorch import Linformer
+
+    torch.manual_seed(seed)
+    return Linformer(input_size=LINFORMER_LEN, channels=64, dim_k=16, dim_ff=128, nhead=2, depth=depth,
+                     dropout=0.0, dropout_ff=0.0, parameter_sharing=sharing, method=method).eval()
+
+
+def linformer_fixed(method: str = "learnable", sharing: str = "layerwise") -> nn.Module:
+    """The Linformer as it is: sequence fixed at 64 (lrexport pins that axis, batch stays dynamic)."""
+    return linformer(method, sharing)
+
+
+def linformer_padder(method: str = "learnable", sharing: str = "layerwise") -> nn.Module:
+    """linformer-pytorch's own ``Padder`` around the Linformer: any length 1..64."""
+    from linformer_pytorch import Padder
+
+    return Padder(linformer(method, sharing)).eval()
+
+
+def linformer_lm_padder(sharing: str = "kv", seed: int = 0) -> nn.Module:
+    """``Padder(LinformerLM)`` over token ids (vocab 100), sinusoidal positions, shared E=F ('kv')."""
+    from linformer_pytorch import LinformerLM, Padder
+
+    torch.manual_seed(seed)
+    lm = LinformerLM(num_tokens=100, input_size=LINFORMER_LEN, channels=64, dim_k=16, dim_ff=128, nhead=2,
+                     depth=1, dropout=0.0, dropout_ff=0.0, dropout_tokens=0.0, parameter_sharing=sharing)
+    return Padder(lm).eval()
+
+
+# ---------------------------------------------------------------------------------------------- x-transformers
+
+
+def lowrank_linears(module: nn.Module, inner: int = LOWRANK_INNER) -> int:
+    """Replace every nn.Linear(a, b) below ``module`` (recursively) by Sequential(Linear(a, inner),
+    Linear(inner, b)); the first factor has no bias, the second keeps the original's. Returns the count."""
+    count = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Linear):
+            pair = nn.Sequential(nn.Linear(child.in_features, inner, bias=False),
+                                 nn.Linear(inner, child.out_features, bias=child.bias is not None))
+            setattr(module, name, pair)
+            count += 1
+        else:
+            count += lowrank_linears(child, inner)
+    return count
+
+
+def x_decoder_lowrank(seed: int = 0) -> nn.Module:
+    """x-transformers decoder-only LM (vocab 256, d=128, depth 2, 4 heads, max 128), every Linear low-rank."""
+    from x_transformers import Decoder, TransformerWrapper
+
+    torch.manual_seed(seed)
+    model = TransformerWrapper(num_tokens=256, max_seq_len=128,
+                               attn_layers=Decoder(dim=128, depth=2, heads=4, attn_dim_head=32))
+    lowrank_linears(model)
+    return model.eval()
+
+
+class XEncDec(nn.Module):
+    """x-transformers encoder + cross-attending decoder returning logits (XTransformer's forward returns
+    the training loss of its AutoregressiveWrapper, so the two TransformerWrappers are composed here,
+    as XTransformer composes them)."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        from x_transformers import Decoder, Encoder, TransformerWrapper
+
+        torch.manual_seed(seed)
+        self.encoder = TransformerWrapper(num_tokens=256, max_seq_len=64, return_only_embed=True,
+                                          attn_layers=Encoder(dim=64, depth=1, heads=2, attn_dim_head=32))
+        self.decoder = TransformerWrapper(num_tokens=256, max_seq_len=48,
+                                          attn_layers=Decoder(dim=64, depth=1, heads=2, attn_dim_head=32,
+                                                              cross_attend=True))
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        return self.decoder(tgt, context=self.encoder(src, return_embeddings=True))
+
+
+def x_encdec_lowrank(seed: int = 0) -> nn.Module:
+    model = XEncDec(seed)
+    lowrank_linears(model)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------- transformers
+
+
+def bert_config():
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=256, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                      attention_probs_dropout_prob=0.0)
+
+
+def bert_dense(seed: int = 0) -> nn.Module:
+    """A BertModel from a config (random init, no download). Biases get small random values as in a
+    trained model (BERT initializes them to zero; the exporter would then share one zero initializer
+    among all biases, which a trained model never shows)."""
+    from transformers import BertModel
+
+    torch.manual_seed(seed)
+    model = BertModel(bert_config())
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, nn.Linear) and mod.bias is not None:
+                mod.bias.normal_(0.0, 0.02)
+    return model.eval()
+
+
+def bert_factorized(fraction: float = 0.5, seed: int = 0) -> nn.Module:
+    """``bert_dense`` factorized by ``exporter.factorize`` (what ``lrexport factorize`` runs) at half the
+    break-even rank of every Linear; the FactorizeReport is kept as ``model.factorize_report``."""
+    from exporter.factorize import factorize
+
+    model = bert_dense(seed)
+    report = factorize(model, fraction=fraction)
+    model.factorize_report = report  # plain attribute (not a module/parameter)
+    return model.eval()
