@@ -1,0 +1,43 @@
+"""Cleanups from onnxscript/onnx-ir: constant folding, identity/unused removal, shape inference, checker."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+from onnxscript.optimizer import fold_constants_ir
+
+from graph_passes._base import GraphPass
+
+
+class CleanupPass(GraphPass):
+    """Library passes only: leaves the graph as the rewrite rules expect it (constants visible, no dead code)."""
+
+    name = "cleanup"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        n_nodes = sum(1 for _ in model.graph)
+        n_init = len(model.graph.initializers)
+        folded = fold_constants_ir(model, onnx_shape_inference=False)
+        manager = ir.passes.PassManager(
+            [
+                common_passes.IdentityEliminationPass(),
+                common_passes.RemoveUnusedNodesPass(),
+                common_passes.RemoveUnusedFunctionsPass(),
+                common_passes.RemoveUnusedOpsetsPass(),
+                common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1024),
+                common_passes.DeduplicateInitializersPass(),
+                common_passes.CommonSubexpressionEliminationPass(),
+                common_passes.NameFixPass(),
+                common_passes.ShapeInferencePass(),
+                common_passes.CheckerPass(),
+            ],
+        )
+        result = manager(model)
+        after_nodes = sum(1 for _ in model.graph)
+        after_init = len(model.graph.initializers)
+        changed = bool(folded.modified or result.modified) and (
+            after_nodes != n_nodes or after_init != n_init or folded.modified)
+        self.details.append({"kind": "cleanup", "action": "library passes", "counts": False,
+                             "nodes_before": n_nodes, "nodes_after": after_nodes,
+                             "initializers_before": n_init, "initializers_after": after_init})
+        return ir.passes.PassResult(model, changed)

@@ -1,0 +1,195 @@
+"""Pass registry and runner: each pass runs on onnx-ir, then ONNX Runtime checks parity against the model
+before it, so a pass that changes the numbers fails loudly with its name."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from graph_passes._base import GraphPass, PassOptions
+from graph_passes._cost import count_params, default_shapes, measure
+from graph_passes.causal_chunked import CausalChunkPass
+from graph_passes.cleanup import CleanupPass
+from graph_passes.einsum_lowering import EinsumLoweringPass
+from graph_passes.lowrank_pairs import LowRankPairsPass
+from graph_passes.sibling_factors import SiblingFactorsPass
+
+_REGISTRY: dict[str, type[GraphPass]] = {
+    p.name: p for p in (LowRankPairsPass, SiblingFactorsPass, CausalChunkPass, EinsumLoweringPass, CleanupPass)
+}
+PASS_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+# sibling is measured in benchmarks/bench_passes.py and left out by default (see its module docstring)
+DEFAULT_PASSES: tuple[str, ...] = ("cleanup", "lowrank", "causal-chunk", "einsum", "cleanup")
+
+
+class PassParityError(RuntimeError):
+    """A pass changed the model's outputs beyond tolerance."""
+
+    def __init__(self, pass_name: str, output: str, max_abs_err: float, shape: tuple[int, ...],
+                 feed_shapes: dict[str, tuple[int, ...]]):
+        self.pass_name, self.output, self.max_abs_err, self.shape = pass_name, output, max_abs_err, shape
+        super().__init__(
+            f"pass '{pass_name}' broke parity on output '{output}': max abs err {max_abs_err:.3g} "
+            f"at output shape {tuple(shape)} (inputs {feed_shapes})")
+
+
+@dataclass
+class PassReport:
+    name: str
+    changed: bool
+    matches: int
+    details: list[dict[str, Any]] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    flops_before: int | None = None
+    flops_after: int | None = None
+    flops_shape: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    largest_tensor_before: int | None = None  # elements of the largest intermediate at flops_shape
+    largest_tensor_after: int | None = None
+    parity: float | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class PipelineReport:
+    passes: list[PassReport] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"passes": [asdict(p) for p in self.passes],
+             "flops_note": "FLOPs = 2*MACs of MatMul/Gemm/Conv/Einsum + 1 per output element of "
+                           "elementwise/scan ops, at the input shapes in flops_shape"}
+        return json.loads(json.dumps(d, default=_jsonable))
+
+    def format_table(self) -> str:
+        head = (f"{'pass':<14}{'changed':<9}{'matches':>8}  {'params':>21}  {'MFLOPs':>21}  "
+                f"{'largest tensor (M)':>19}  {'parity':>9}  {'s':>6}")
+        lines = [head, "-" * len(head)]
+        for p in self.passes:
+            fb = "?" if p.flops_before is None else f"{p.flops_before / 1e6:.1f}"
+            fa = "?" if p.flops_after is None else f"{p.flops_after / 1e6:.1f}"
+            par = "-" if p.parity is None else f"{p.parity:.1e}"
+            lb = "?" if p.largest_tensor_before is None else f"{p.largest_tensor_before / 1e6:.2f}"
+            la = "?" if p.largest_tensor_after is None else f"{p.largest_tensor_after / 1e6:.2f}"
+            lines.append(f"{p.name:<14}{'yes' if p.changed else 'no':<9}{p.matches:>8}  "
+                         f"{p.params_before:>9} -> {p.params_after:<9}  {fb:>9} -> {fa:<9}  "
+                         f"{lb:>8} -> {la:<8}  {par:>9}  {p.seconds:>6.2f}")
+            for d in p.details:
+                if d.get("kind") == "cleanup":
+                    continue
+                lines.append("    " + _detail_line(d))
+        if self.passes and self.passes[0].flops_shape:
+            lines.append(f"(FLOPs and largest intermediate tensor, in elements, at input shapes "
+                         f"{self.passes[0].flops_shape})")
+        return "\n".join(lines)
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, tuple):
+        return list(o)
+    return str(o)
+
+
+def _detail_line(d: dict[str, Any]) -> str:
+    keys = [k for k in d if k not in ("kind", "action", "nodes", "counts")]
+    extra = " ".join(f"{k}={d[k]}" for k in keys)
+    nodes = ",".join(d.get("nodes", [])[:4])
+    return f"{d.get('kind', '?')}: {d.get('action', '')} [{nodes}] {extra}".rstrip()
+
+
+def _session(model: onnx.ModelProto):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def run_model(model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    sess = _session(model)
+    names = [o.name for o in sess.get_outputs()]
+    return [dict(zip(names, sess.run(None, f))) for f in feeds]
+
+
+def _compare(pass_name: str, ref: list[dict[str, np.ndarray]], got: list[dict[str, np.ndarray]],
+             feeds: Sequence[dict[str, np.ndarray]], atol: float, rtol: float) -> float:
+    worst = 0.0
+    for r, g, f in zip(ref, got, feeds):
+        for name, rv in r.items():
+            gv = g.get(name)
+            shapes = {k: tuple(v.shape) for k, v in f.items()}
+            if gv is None or gv.shape != rv.shape:
+                raise PassParityError(pass_name, name, float("inf"), rv.shape, shapes)
+            if rv.dtype.kind != "f":
+                if not np.array_equal(rv, gv):
+                    raise PassParityError(pass_name, name, float("inf"), rv.shape, shapes)
+                continue
+            err = float(np.max(np.abs(rv.astype(np.float64) - gv.astype(np.float64)))) if rv.size else 0.0
+            ok = np.allclose(gv.astype(np.float64), rv.astype(np.float64), atol=atol, rtol=rtol)
+            if not ok or not np.isfinite(err):
+                raise PassParityError(pass_name, name, err, rv.shape, shapes)
+            worst = max(worst, err)
+    return worst
+
+
+def make_pass(name: str, options: PassOptions | None = None) -> GraphPass:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown pass {name!r}; choose from: {', '.join(PASS_NAMES)}")
+    return _REGISTRY[name](options)
+
+
+def run_passes(model: onnx.ModelProto, passes: Sequence[str] | None = None, *,
+               options: PassOptions | None = None,
+               feeds: Sequence[dict[str, np.ndarray]] = (),
+               progress: Callable[[str], None] | None = None,
+               ) -> tuple[onnx.ModelProto, PipelineReport]:
+    """Run the named passes in order (DEFAULT_PASSES if None); ORT-check parity after each when feeds given."""
+    names = list(DEFAULT_PASSES if passes is None else passes)
+    for n in names:
+        if n not in _REGISTRY:
+            raise ValueError(f"unknown pass {n!r}; choose from: {', '.join(PASS_NAMES)}")
+    options = options or PassOptions()
+    feeds = list(feeds)
+    report = PipelineReport()
+    ir_model = ir.serde.deserialize_model(model)
+    proto = model
+    flops_shapes = options.flops_shapes or default_shapes(model, feeds or None)
+    ref = run_model(proto, feeds) if feeds else None
+    params = count_params(proto)
+    flops, largest = measure(proto, flops_shapes)
+    for name in names:
+        if progress:
+            progress(f"pass {name} ...")
+        p = make_pass(name, options)
+        t0 = time.perf_counter()
+        result = p(ir_model)
+        ir_model = result.model
+        new_proto = ir.serde.serialize_model(ir_model)
+        seconds = time.perf_counter() - t0
+        parity = None
+        if feeds and ref is not None:
+            got = run_model(new_proto, feeds)
+            parity = _compare(name, ref, got, feeds, options.check_atol, options.check_rtol)
+            ref = got
+        new_params = count_params(new_proto)
+        new_flops, new_largest = measure(new_proto, flops_shapes) if result.modified else (flops, largest)
+        rep = PassReport(name=name, changed=bool(result.modified), matches=p.matches, details=list(p.details),
+                         params_before=params, params_after=new_params, flops_before=flops,
+                         flops_after=new_flops, flops_shape=dict(flops_shapes), parity=parity,
+                         largest_tensor_before=largest, largest_tensor_after=new_largest,
+                         seconds=round(seconds, 3))
+        report.passes.append(rep)
+        if progress:
+            progress(f"pass {name}: changed={rep.changed} matches={rep.matches} parity={parity}")
+        params, flops, largest, proto = new_params, new_flops, new_largest, new_proto
+    return proto, report

@@ -1,0 +1,265 @@
+"""causal-chunk: the n x d x e CumSum of causal linear attention becomes the chunked form."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from graph_passes import PassOptions, run_passes
+from graph_passes.causal_chunked import plan_causal
+from passes_helpers import cumsum_input_ranks, export_sample, feeds_for, make_model, max_err, op_count, run
+
+SEQS = (1, 37, 64, 100, 200)
+
+
+def _causal_reference(q, k, v):
+    s = np.cumsum(np.einsum("bhnd,bhne->bhnde", k.astype(np.float64), v.astype(np.float64)), axis=2)
+    return np.einsum("bhnd,bhnde->bhne", q.astype(np.float64), s)
+
+
+def _causal_graph(outer: str = "einsum", cast: bool = False, state_first: bool = False,
+                  eq_outer: str = "bhnd,bhne->bhnde", eq_out: str = "bhnd,bhnde->bhne", axis: int = 2,
+                  exclusive: int = 0, state_output: bool = False, dtype=TensorProto.FLOAT,
+                  contraction: str = "einsum", keepdims: int = 0, cast_before: bool = False) -> onnx.ModelProto:
+    """q, k, v [b, h, n, d] -> causal linear-attention numerator, written in one of the exported forms."""
+    dims = ["b", 4, "n", 8]
+    inputs = [helper.make_tensor_value_info(nm, dtype, dims) for nm in ("q", "k", "v")]
+    nodes = [helper.make_node("Constant", [], ["axis"], value=helper.make_tensor("a", TensorProto.INT64, [], [axis]))]
+    if outer == "einsum":
+        nodes.append(helper.make_node("Einsum", ["k", "v"], ["outer"], equation=eq_outer))
+    else:
+        nodes += [
+            helper.make_node("Constant", [], ["ax_k"], value=helper.make_tensor("x", TensorProto.INT64, [1], [-1])),
+            helper.make_node("Constant", [], ["ax_v"], value=helper.make_tensor("y", TensorProto.INT64, [1], [-2])),
+            helper.make_node("Unsqueeze", ["k", "ax_k"], ["k5"]),
+            helper.make_node("Unsqueeze", ["v", "ax_v"], ["v5"]),
+        ]
+        if outer == "mul":
+            nodes.append(helper.make_node("Mul", ["v5", "k5"], ["outer"]))  # operands swapped on purpose
+        else:
+            nodes.append(helper.make_node("MatMul", ["k5", "v5"], ["outer"]))
+    if cast_before:  # fp16 dynamo export: Einsum -> Cast(float32) -> CumSum -> Cast(float16)
+        nodes.append(helper.make_node("Cast", ["outer"], ["outer32"], to=TensorProto.FLOAT))
+    nodes.append(helper.make_node("CumSum", ["outer32" if cast_before else "outer", "axis"], ["state"],
+                                  exclusive=exclusive))
+    state = "state"
+    if cast:
+        nodes.append(helper.make_node("Cast", ["state"], ["state_c"], to=dtype))
+        state = "state_c"
+    if contraction == "einsum":
+        ins = [state, "q"] if state_first else ["q", state]
+        nodes.append(helper.make_node("Einsum", ins, ["y"], equation=eq_out))
+    else:  # (q.unsqueeze(-2) @ S).squeeze(-2)  or  (q.unsqueeze(-1) * S).sum(-2)
+        mm = contraction == "matmul"
+        nodes += [
+            helper.make_node("Constant", [], ["ax_q"], value=helper.make_tensor("q_", TensorProto.INT64, [1], [-2 if mm else -1])),
+            helper.make_node("Constant", [], ["ax_r"], value=helper.make_tensor("r_", TensorProto.INT64, [1], [-2])),
+            helper.make_node("Unsqueeze", ["q", "ax_q"], ["qu"]),
+        ]
+        if mm:
+            nodes += [helper.make_node("MatMul", ["qu", state], ["p"]), helper.make_node("Squeeze", ["p", "ax_r"], ["y"])]
+        else:
+            nodes += [helper.make_node("Mul", [state, "qu"] if state_first else ["qu", state], ["p"]),
+                      helper.make_node("ReduceSum", ["p", "ax_r"], ["y"], keepdims=keepdims)]
+    outputs = [helper.make_tensor_value_info("y", dtype, None)]
+    if state_output:
+        outputs.append(helper.make_tensor_value_info("state", dtype, None))
+    return make_model(nodes, inputs, outputs)
+
+
+def test_refuses_keys_shared_across_heads():
+    """Multi-query form: k/v with one head broadcast against 4 query heads (einsum broadcasting)."""
+    model = _causal_graph()
+    for inp in model.graph.input:
+        if inp.name in ("k", "v"):
+            inp.type.tensor_type.shape.dim[1].dim_value = 1
+    out, report = run_passes(model, ["causal-chunk"])
+    assert report.passes[0].matches == 0 and op_count(out, "CumSum") == 1
+
+
+def _qkv(n: int, seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {nm: (rng.random((2, 4, n, 8)) + 0.1).astype(dtype) for nm in ("q", "k", "v")}
+
+
+def _check_chunked(model: onnx.ModelProto, chunk: int = 16, seqs=(1, 5, 16, 37, 100)) -> onnx.ModelProto:
+    feeds = [_qkv(n, seed=n) for n in seqs]
+    out, report = run_passes(model, ["causal-chunk", "cleanup"], options=PassOptions(chunk_size=chunk), feeds=feeds)
+    assert report.passes[0].matches == 1, report.format_table()
+    assert all(r is not None and r < 5 for r in cumsum_input_ranks(out)), "n x d x e CumSum left"
+    for f, got in zip(feeds, run(out, feeds)):
+        np.testing.assert_allclose(got[0], _causal_reference(f["q"], f["k"], f["v"]), rtol=1e-4, atol=1e-4)
+    return out
+
+
+@pytest.mark.parametrize("name", ["causal_block", "causal_lm"])
+def test_samples_chunked_and_in_parity(name):
+    model = export_sample(name)
+    feeds = feeds_for(name, SEQS)
+    assert 5 in cumsum_input_ranks(model)
+    out, report = run_passes(model, ["cleanup", "causal-chunk", "cleanup"], feeds=feeds)
+    causal = report.passes[1]
+    layers = 1 if name == "causal_block" else 2
+    assert causal.changed and causal.matches == 2 * layers  # numerator and normalizer per layer
+    kinds = [(d["kind"], d["action"]) for d in causal.details]
+    assert kinds.count(("causal-numerator", "chunked")) == layers
+    assert kinds.count(("causal-normalizer", "chunked")) == layers
+    # what is left: one exclusive CumSum over chunk states [P, nc, d, e] and one over key sums per layer
+    assert op_count(out, "CumSum") == 2 * layers
+    assert all(n.attribute[0].i == 1 for n in out.graph.node if n.op_type == "CumSum")
+    # numerator and normalizer share the masked scores after CSE: one MatMul q @ k^T per layer
+    assert op_count(out, "Mul") - op_count(model, "Mul") == layers
+    assert max_err(run(model, feeds), run(out, feeds)) < 1e-4
+    assert all(p.parity is not None and p.parity < 1e-4 for p in report.passes)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 256])
+def test_chunk_sizes_any_length(chunk):
+    """n not divisible by C, n < C (one padded chunk) and C = 1 all agree with the naive form."""
+    _check_chunked(_causal_graph(), chunk=chunk, seqs=(1, 3, 37, 64, 100))
+
+
+@pytest.mark.parametrize("kw", [
+    dict(outer="mul"),
+    dict(outer="matmul"),
+    dict(cast=True),
+    dict(state_first=True, eq_out="bhnde,bhnd->bhne"),
+    dict(eq_outer="b h n d, b h n e -> b h n d e", eq_out="b h n d, b h n d e -> b h n e"),
+    dict(eq_outer="bhnd,bhne->bhnde", eq_out="bhnd,bhnde->bhen"),  # output transposed
+    dict(eq_outer="...nd,...ne->...nde", eq_out="...nd,...nde->...ne", axis=-3),
+    dict(contraction="matmul"),
+    dict(contraction="mul", outer="mul"),
+    dict(contraction="mul", state_first=True, outer="matmul", cast=True),
+], ids=["mul-unsqueeze", "matmul-unsqueeze", "cast-after-cumsum", "state-first", "spaced", "out-perm",
+        "ellipsis", "matmul-squeeze-contraction", "mul-reducesum-contraction", "all-alternatives"])
+def test_exported_forms_match(kw):
+    model = _causal_graph(**kw)
+    if kw.get("eq_out", "").endswith("bhen"):
+        feeds = [_qkv(n, seed=n) for n in (1, 37)]
+        out, report = run_passes(model, ["causal-chunk"], options=PassOptions(chunk_size=16), feeds=feeds)
+        assert report.passes[0].matches == 1
+        for f, got in zip(feeds, run(out, feeds)):
+            ref = _causal_reference(f["q"], f["k"], f["v"]).transpose(0, 1, 3, 2)
+            np.testing.assert_allclose(got[0], ref, rtol=1e-4, atol=1e-4)
+    else:
+        _check_chunked(model)
+
+
+@pytest.mark.parametrize("exported_casts", [False, True])
+def test_float16_model_sums_in_float32(exported_casts):
+    model = _causal_graph(dtype=TensorProto.FLOAT16, cast=exported_casts, cast_before=exported_casts)
+    feeds = [_qkv(n, seed=n, dtype=np.float16) for n in (5, 300)]
+    out, report = run_passes(model, ["causal-chunk"], options=PassOptions(chunk_size=64, check_atol=0.5,
+                                                                          check_rtol=2e-2), feeds=feeds)
+    assert report.passes[0].matches == 1
+    cumsums = [n for n in out.graph.node if n.op_type == "CumSum"]
+    inferred = onnx.shape_inference.infer_shapes(out)
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info}
+    assert all(types.get(n.input[0]) == TensorProto.FLOAT for n in cumsums)
+    for f, got in zip(feeds, run(out, feeds)):
+        assert got[0].dtype == np.float16
+        ref = _causal_reference(f["q"], f["k"], f["v"])
+        np.testing.assert_allclose(got[0].astype(np.float64), ref, rtol=5e-3)
+
+
+def test_float16_export_of_causal_block():
+    """Real fp16 export: both CumSums become chunked float32 sums; output stays float16 and accurate."""
+    import torch
+
+    from passes_helpers import export_half_causal_block
+    from samples import SAMPLES
+
+    model = onnx.ModelProto()
+    model.ParseFromString(export_half_causal_block())
+    rng = np.random.default_rng(0)
+    feeds = [{"x": (rng.standard_normal((2, n, 512)) * 0.5).astype(np.float16)} for n in (1, 37, 100)]
+    out, report = run_passes(model, feeds=feeds, options=PassOptions(check_atol=2e-2, check_rtol=2e-2))
+    causal = next(p for p in report.passes if p.name == "causal-chunk")
+    assert sorted(d["kind"] for d in causal.details if d["action"] == "chunked") == ["causal-normalizer",
+                                                                                     "causal-numerator"]
+    assert all(r == 4 for r in cumsum_input_ranks(out))
+    ref_model = SAMPLES["causal_block"].factory()
+    for f, got in zip(feeds, run(out, feeds)):
+        assert got[0].dtype == np.float16
+        with torch.no_grad():
+            ref = ref_model(torch.from_numpy(f["x"].astype(np.float32))).numpy()
+        np.testing.assert_allclose(got[0].astype(np.float32), ref, atol=3e-3, rtol=1e-2)
+
+
+@pytest.mark.parametrize("kw, reason", [
+    (dict(exclusive=1), "exclusive"),
+    (dict(axis=3, eq_outer="bhnd,bhne->bhnde"), "feature axis"),
+    (dict(state_output=True), None),  # state is a graph output: must stay materialized
+    (dict(eq_out="bhnd,bhnde->bhnd"), "contraction"),
+    (dict(contraction="mul", keepdims=1), None),
+], ids=["exclusive-cumsum", "cumsum-over-feature", "state-used-elsewhere", "not-a-query-contraction",
+        "reducesum-keepdims"])
+def test_refuses_unsafe(kw, reason):
+    model = _causal_graph(**kw)
+    out, report = run_passes(model, ["causal-chunk"])
+    assert report.passes[0].matches == 0 and not report.passes[0].changed
+    assert op_count(out, "CumSum") == 1
+    if reason is not None:
+        assert reason in _refusal_reason(kw)
+
+
+def _refusal_reason(kw) -> str:
+    if kw.get("exclusive"):
+        return "exclusive/reverse CumSum"
+    eq_o = kw.get("eq_outer", "bhnd,bhne->bhnde").split("->")
+    eq_c = kw.get("eq_out", "bhnd,bhnde->bhne").split("->")
+    got = plan_causal(eq_o[0].split(","), eq_o[1], kw.get("axis", 2), eq_c[0].split(","), eq_c[1], 1)
+    assert isinstance(got, str), got
+    return got
+
+
+def _normalizer_graph(cast=False, z_first=False, eq="bhnd,bhnd->bhn", axis=2):
+    dims = ["b", 4, "n", 8]
+    inputs = [helper.make_tensor_value_info(nm, TensorProto.FLOAT, dims) for nm in ("q", "k")]
+    nodes = [helper.make_node("Constant", [], ["axis"], value=helper.make_tensor("a", TensorProto.INT64, [], [axis])),
+             helper.make_node("CumSum", ["k", "axis"], ["z"])]
+    z = "z"
+    if cast:
+        nodes.append(helper.make_node("Cast", ["z"], ["zc"], to=TensorProto.FLOAT))
+        z = "zc"
+    nodes.append(helper.make_node("Einsum", [z, "q"] if z_first else ["q", z], ["y"], equation=eq))
+    return make_model(nodes, inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(cast=True), dict(z_first=True), dict(eq="b h n d, b h n d -> b n h")],
+                         ids=["plain", "cast", "z-first", "spaced-transposed"])
+@pytest.mark.parametrize("chunk", [4, 64])
+def test_normalizer_chunked(kw, chunk):
+    model = _normalizer_graph(**kw)
+    rng = np.random.default_rng(3)
+    feeds = [{nm: rng.random((2, 4, n, 8)).astype(np.float32) for nm in ("q", "k")} for n in (1, 7, 37)]
+    out, report = run_passes(model, ["causal-chunk"], options=PassOptions(chunk_size=chunk), feeds=feeds)
+    assert [d["action"] for d in report.passes[0].details if d["kind"] == "causal-normalizer"] == ["chunked"]
+    eq = kw.get("eq", "bhnd,bhnd->bhn").replace(" ", "")
+    for f, got in zip(feeds, run(out, feeds)):
+        ref = np.einsum(eq, f["q"].astype(np.float64), np.cumsum(f["k"].astype(np.float64), axis=2))
+        np.testing.assert_allclose(got[0], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_normalizer_over_feature_axis_refused():
+    model = _normalizer_graph(axis=3)
+    out, report = run_passes(model, ["causal-chunk"])
+    assert report.passes[0].matches == 0 and op_count(out, "CumSum") == 1
+
+
+def test_plan_reasons():
+    assert "sums over an axis" in plan_causal(["bhnd", "bhne"], "bhde", 2, ["bhnd", "bhde"], "bhne", 1)
+    assert "feature axis" in plan_causal(["bhnd", "bhne"], "bhnde", 3, ["bhnd", "bhnde"], "bhne", 1)
+    plan = plan_causal(["bnhd", "bnhe"], "bnhde", 1, ["bnhd", "bnhde"], "bnhe", 1)
+    assert not isinstance(plan, str) and plan.perm_q == [0, 2, 1, 3]
+
+
+def test_noncausal_encoder_left_alone_and_reported():
+    model = export_sample("noncausal_encoder")
+    out, report = run_passes(model, ["causal-chunk"])
+    p = report.passes[0]
+    assert not p.changed and p.matches == 0
+    assert sum(d["kind"] == "noncausal-linear-attention" for d in p.details) == 2
+    assert op_count(out, "Einsum") == op_count(model, "Einsum")
