@@ -168,3 +168,24 @@ def test_export_step_and_its_refusal(cli, sample_file, tmp_path):
     res = cli("export-step", sample_file("noncausal_encoder"), "--out", tmp_path / "bad.onnx", "-q")
     assert res.code == 2 and "mixes positions" in error_line(res)
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_optimize_and_pass_selection(cli, sample_file, tmp_path):
+    raw = tmp_path / "raw.onnx"
+    assert cli("export", sample_file("causal_block"), "--out", raw, "-q").code == 0
+    opt = tmp_path / "opt.onnx"
+    res = cli("optimize", raw, opt, "--json", "-q")
+    assert res.code == 0, res.err
+    data = json.loads(res.out)
+    chunk = next(p for p in data["passes"] if p["name"] == "causal-chunk")
+    assert chunk["changed"] and chunk["matches"] == 2
+    info = json.loads(cli("inspect", opt, "--json").out)
+    assert "Einsum" not in info["op_histogram"]
+    assert cli("optimize", raw, opt, "-q").code != 0  # no clobbering
+    res = cli("optimize", raw, tmp_path / "x.onnx", "--passes", "lowrank,nope")
+    assert res.code == 2 and "unknown pass 'nope'" in error_line(res)
+    res = cli("build", sample_file("causal_block"), "--out", tmp_path / "b", "--passes", "causal-chunk",
+              "--backend", "onnxruntime", "--cases", "odd", "--json", "-q")
+    report = json.loads(res.out)
+    assert res.code == 0 and [p["name"] for p in report["passes"]["report"]["passes"]] == ["causal-chunk"]
+    assert (tmp_path / "b" / "exported.onnx").is_file()
