@@ -169,6 +169,22 @@ class MatMulPairRule(_PairRule):
         return op.Add(out, bias) if bias is not None else out
 
 
+def _node_biases(check: orp.MatchResult, first: ir.Node | None, second: ir.Node
+                 ) -> tuple[np.ndarray | None, np.ndarray | None] | None:
+    """The optional third (bias) inputs of a Gemm/Conv pair; None when one is present but unusable."""
+    out: list[np.ndarray | None] = []
+    for node, what in ((first, "inner bias"), (second, "outer bias")):
+        value = node.inputs[2] if node is not None and len(node.inputs) > 2 else None
+        if value is None:
+            out.append(None)
+            continue
+        arr = _weight(value, check, what, shared_ok=True)
+        if arr is None:
+            return None
+        out.append(arr)
+    return out[0], out[1]
+
+
 def _other_input(node: ir.Node, value: ir.Value) -> ir.Value | None:
     others = [v for v in node.inputs if v is not value]
     return others[0] if len(others) == 1 else None
@@ -214,16 +230,10 @@ class GemmPairRule(_PairRule):
             wa = wa.T
         if g2.attributes.get_int("transB", 0):
             wb = wb.T
-        b1 = b2 = None
-        if self.first == "gemm" and len(g1.inputs) > 2 and g1.inputs[2] is not None:
-            b1 = _weight(g1.inputs[2], check, "inner bias", shared_ok=True)
-            if b1 is None:
-                return None
-        if len(g2.inputs) > 2 and g2.inputs[2] is not None:
-            b2 = _weight(g2.inputs[2], check, "outer bias", shared_ok=True)
-            if b2 is None:
-                return None
-        return wa, wb, b1, b2
+        biases = _node_biases(check, g1 if self.first == "gemm" else None, g2)
+        if biases is None:
+            return None
+        return wa, wb, *biases
 
     def check(self, context, x, a, b, h, y, **_):
         check = orp.MatchResult()
@@ -274,15 +284,10 @@ class ConvPairRule(_PairRule):
         if any(v != 1 for v in a2.get_ints("strides", [1]) or [1]) or any(v != 0 for v in a2.get_ints("pads", [0]) or [0]) \
                 or any(v != 1 for v in a2.get_ints("dilations", [1]) or [1]) or a2.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
             return check.fail("second conv has strides/pads/dilations")
-        b1 = b2 = None
-        if len(c1.inputs) > 2 and c1.inputs[2] is not None:
-            b1 = _weight(c1.inputs[2], check, "inner bias", shared_ok=True)
-            if b1 is None:
-                return check
-        if len(c2.inputs) > 2 and c2.inputs[2] is not None:
-            b2 = _weight(c2.inputs[2], check, "outer bias", shared_ok=True)
-            if b2 is None:
-                return check
+        biases = _node_biases(check, c1, c2)
+        if biases is None:
+            return check
+        b1, b2 = biases
         r = wa.shape[0]
         a_mat = wa.reshape(r, -1).T  # [in*k*k, r]
         b_mat = wb.reshape(wb.shape[0], r).T  # [r, out]

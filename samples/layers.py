@@ -35,13 +35,8 @@ def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
     return F.elu(x) + 1.0
 
 
-class CausalLinearAttention(nn.Module):
-    """Causal linear attention with running sums written the straightforward way.
-
-    S_i = sum_{j<=i} phi(K_j) V_j^T is an Einsum -> CumSum over the sequence -> Einsum with phi(Q),
-    Z_i = sum_{j<=i} phi(K_j) is a CumSum; this materializes an n x d x d state per head, which is
-    exactly what lrexport's chunked-causal pass removes.
-    """
+class MultiHeadProjections(nn.Module):
+    """q/k/v/out projections (optionally low-rank) and the head split shared by the attention layers."""
 
     def __init__(self, d_model: int, heads: int, rank: int | None = None, eps: float = 1e-6):
         super().__init__()
@@ -56,6 +51,15 @@ class CausalLinearAttention(nn.Module):
         b, n, _ = x.shape
         return x.reshape(b, n, self.heads, -1).transpose(1, 2)  # b h n d
 
+
+class CausalLinearAttention(MultiHeadProjections):
+    """Causal linear attention with running sums written the straightforward way.
+
+    S_i = sum_{j<=i} phi(K_j) V_j^T is an Einsum -> CumSum over the sequence -> Einsum with phi(Q),
+    Z_i = sum_{j<=i} phi(K_j) is a CumSum; this materializes an n x d x d state per head, which is
+    exactly what lrexport's chunked-causal pass removes.
+    """
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         q = elu_feature_map(self._split(self.q_proj(x)))
@@ -69,23 +73,14 @@ class CausalLinearAttention(nn.Module):
         return self.out_proj(out)
 
 
-class LinearAttention(nn.Module):
+class LinearAttention(MultiHeadProjections):
     """Non-causal linear attention: phi(Q) (phi(K)^T V) summed over the sequence first (already cheap)."""
-
-    def __init__(self, d_model: int, heads: int, rank: int | None = None, eps: float = 1e-6):
-        super().__init__()
-        self.heads = heads
-        self.eps = eps
-        self.q_proj = make_linear(d_model, d_model, rank)
-        self.k_proj = make_linear(d_model, d_model, rank)
-        self.v_proj = make_linear(d_model, d_model, rank)
-        self.out_proj = make_linear(d_model, d_model, rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        q = elu_feature_map(self.q_proj(x).reshape(b, n, self.heads, -1).transpose(1, 2))
-        k = elu_feature_map(self.k_proj(x).reshape(b, n, self.heads, -1).transpose(1, 2))
-        v = self.v_proj(x).reshape(b, n, self.heads, -1).transpose(1, 2)
+        q = elu_feature_map(self._split(self.q_proj(x)))
+        k = elu_feature_map(self._split(self.k_proj(x)))
+        v = self._split(self.v_proj(x))
         kv = torch.einsum("bhnd,bhne->bhde", k, v)
         z = k.sum(dim=2)  # b h d
         num = torch.einsum("bhnd,bhde->bhne", q, kv)
@@ -121,22 +116,14 @@ class LinformerAttention(nn.Module):
         return self.out_proj((attn @ v).transpose(1, 2).reshape(b, n, c))
 
 
-class SoftmaxAttention(nn.Module):
+class SoftmaxAttention(MultiHeadProjections):
     """Plain multi-head softmax attention with optionally factorized projections."""
-
-    def __init__(self, d_model: int, heads: int, rank: int | None = None):
-        super().__init__()
-        self.heads = heads
-        self.q_proj = make_linear(d_model, d_model, rank)
-        self.k_proj = make_linear(d_model, d_model, rank)
-        self.v_proj = make_linear(d_model, d_model, rank)
-        self.out_proj = make_linear(d_model, d_model, rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        q = self.q_proj(x).reshape(b, n, self.heads, -1).transpose(1, 2)
-        k = self.k_proj(x).reshape(b, n, self.heads, -1).transpose(1, 2)
-        v = self.v_proj(x).reshape(b, n, self.heads, -1).transpose(1, 2)
+        q = self._split(self.q_proj(x))
+        k = self._split(self.k_proj(x))
+        v = self._split(self.v_proj(x))
         attn = torch.softmax(q @ k.transpose(-1, -2) / (q.shape[-1] ** 0.5), dim=-1)
         return self.out_proj((attn @ v).transpose(1, 2).reshape(b, n, c))
 
