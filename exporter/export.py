@@ -213,7 +213,7 @@ def _static_axes(ep: Any, specs: Sequence[InputSpec], reasons: dict[str, str]) -
                 reason = reasons.get(dim, "the model's code fixes it at the example size "
                                           "(a layer sized by this axis, or control flow on it)")
                 pinned.append(PinnedAxis(spec.name, axis, (spec.min[axis], spec.max[axis]),
-                                         int(shape[axis]), reason))  # type: ignore[call-overload]
+                                         int(shape[axis]), reason))
     return pinned
 
 

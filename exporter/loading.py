@@ -160,14 +160,18 @@ def _specs_from_exported_program(ep: Any) -> list[InputSpec]:
         lo, op, hi = [], [], []
         for axis, dim in enumerate(val.shape):
             if isinstance(dim, int):
-                lo.append(dim), op.append(dim), hi.append(dim)
+                lo.append(dim)
+                op.append(dim)
+                hi.append(dim)
                 continue
             rng = ep.range_constraints.get(dim.node.expr)
             ex = examples[i].shape[axis] if examples and i < len(examples) else None
             dmin = int(rng.lower) if rng is not None else 1
             dmax = int(rng.upper) if rng is not None and rng.upper.is_finite else max(ex or 1, 1) * 8
             dmax = min(dmax, 65536)
-            lo.append(dmin), hi.append(dmax), op.append(min(max(ex or dmin, dmin), dmax))
+            lo.append(dmin)
+            hi.append(dmax)
+            op.append(min(max(ex or dmin, dmin), dmax))
         dtype = str(val.dtype).replace("torch.", "")
         low = high = None
         if not val.dtype.is_floating_point and examples and i < len(examples) and examples[i].numel():

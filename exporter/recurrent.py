@@ -266,7 +266,7 @@ def export_step(onnx_path_or_model: Any, out_path: str | Path, *, specs: Sequenc
 
 
 def _session(model: onnx.ModelProto | str | Path):
-    import onnxruntime as ort  # type: ignore[import-untyped]
+    import onnxruntime as ort
 
     from exporter.runners import ort_session_options
 

@@ -12,7 +12,7 @@ import json
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -262,7 +262,7 @@ def random_feeds(specs: Sequence[InputSpec], case: str, seed: int = 0) -> dict[s
     return {s.name: s.random(s.shape(case), rng) for s in specs}
 
 
-def specs_from_onnx(model: "onnx.ModelProto") -> list[InputSpec]:  # noqa: F821
+def specs_from_onnx(model: Any) -> list[InputSpec]:
     """Specs for a bare ONNX file: static dims as they are; symbolic dims get a modest default range
     (axis 0: 1..4, others 1..256), ints the safe value range 0..1 (any embedding accepts it)."""
     import onnx
@@ -271,14 +271,16 @@ def specs_from_onnx(model: "onnx.ModelProto") -> list[InputSpec]:  # noqa: F821
     for vi in model.graph.input:
         tt = vi.type.tensor_type
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
-        lo, op, hi = [], [], []
+        lo: list[int] = []
+        op: list[int] = []
+        hi: list[int] = []
         for axis, d in enumerate(tt.shape.dim):
             if d.HasField("dim_value"):
-                lo.append(d.dim_value), op.append(d.dim_value), hi.append(d.dim_value)
-            elif axis == 0:
-                lo.append(1), op.append(2), hi.append(4)
+                bounds = (d.dim_value, d.dim_value, d.dim_value)
             else:
-                lo.append(1), op.append(64), hi.append(256)
+                bounds = (1, 2, 4) if axis == 0 else (1, 64, 256)
+            for dims, value in zip((lo, op, hi), bounds):
+                dims.append(value)
         is_int = np.issubdtype(np.dtype(dtype), np.integer)
         specs.append(InputSpec(vi.name, dtype if dtype in DTYPES else "float32", tuple(lo), tuple(op), tuple(hi),
                                0.0 if is_int else None, 1.0 if is_int else None))

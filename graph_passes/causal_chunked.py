@@ -433,9 +433,9 @@ def make_rules(chunk_size: int, records: list) -> list:
             for contraction, orders in (("einsum", (False, True)), ("matmul", (False,)), ("mul", (False, True))):
                 for state_first in orders:
                     rules.append(CausalChunkRule.rule(outer, cast, state_first, chunk_size, records, contraction))
-    for cast in (False, True):
+    for norm_cast in (False, True):
         for state_first in (False, True):
-            rules.append(CausalNormalizerRule.rule(cast, state_first, chunk_size, records))
+            rules.append(CausalNormalizerRule.rule(norm_cast, state_first, chunk_size, records))
     return rules
 
 
