@@ -100,6 +100,9 @@ def _jsonable(o: Any) -> Any:
 
 
 def _detail_line(d: dict[str, Any]) -> str:
+    if d.get("kind") == "lowrank-pair" and {"m", "r", "n"} <= d.keys():
+        return (f"pair {d['m']}x{d['r']}x{d['n']} ({d.get('form', '')}): {d.get('action', '')}, params "
+                f"{d.get('params_before', '?')} -> {d.get('params_after', '?')} [{' -> '.join(d.get('nodes', []))}]")
     keys = [k for k in d if k not in ("kind", "action", "nodes", "counts")]
     extra = " ".join(f"{k}={d[k]}" for k in keys)
     nodes = ",".join(d.get("nodes", [])[:4])
