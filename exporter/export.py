@@ -327,6 +327,7 @@ def export_onnx(loaded: LoadedModel | nn.Module, specs: Sequence[InputSpec], pat
                                 f"{str(err).strip().splitlines()[0][:300]})",
                                 "try the default dynamo exporter") from None
         model = onnx.load_from_string(buf.getvalue())
+        pinned = _static_from_onnx(model, specs)
     exported_specs = list(specs)
     for pin in pinned:
         exported_specs = [s.with_static_axis(pin.axis, pin.size) if s.name == pin.input else s
@@ -346,20 +347,19 @@ def export_onnx(loaded: LoadedModel | nn.Module, specs: Sequence[InputSpec], pat
         warnings_out.append(f"ONNX shape inference: {str(err).splitlines()[0][:200]}")
     save_onnx(model, path)
     seconds = time.perf_counter() - start
-    if exporter == "torchscript":
-        _check_static_from_onnx(model, specs, pinned, warnings_out)
     return ExportResult(path, exporter, opset, seconds, exported_specs, out_names, pinned, warnings_out)
 
 
-def _check_static_from_onnx(model: onnx.ModelProto, specs: Sequence[InputSpec], pinned: list[PinnedAxis],
-                            warnings_out: list[str]) -> None:
+def _static_from_onnx(model: onnx.ModelProto, specs: Sequence[InputSpec]) -> list[PinnedAxis]:
+    """Requested dynamic axes that the TorchScript exporter wrote as fixed sizes."""
+    pinned = []
     for spec, vi in zip(specs, model.graph.input):
         dims = vi.type.tensor_type.shape.dim
         for axis in spec.dynamic_axes:
             if axis < len(dims) and dims[axis].HasField("dim_value"):
-                pin = PinnedAxis(spec.name, axis, (spec.min[axis], spec.max[axis]), dims[axis].dim_value,
-                                 "the TorchScript exporter traced it as a constant")
-                pinned.append(pin)
+                pinned.append(PinnedAxis(spec.name, axis, (spec.min[axis], spec.max[axis]), dims[axis].dim_value,
+                                         "the TorchScript exporter traced it as a constant"))
+    return pinned
 
 
 MODEL_FORMATS = ("pt2", "torchscript", "state-dict", "pickle")

@@ -139,6 +139,12 @@ def build(loaded: LoadedModel, specs: Sequence[InputSpec], options: BuildOptions
         raise LrexportError(f"unknown precision {options.precision!r}", f"use one of {', '.join(PRECISIONS)}")
     if options.backend not in BACKENDS:
         raise LrexportError(f"unknown backend {options.backend!r}", f"use one of {', '.join(BACKENDS)}")
+    if options.passes:
+        from graph_passes import PASS_NAMES
+
+        unknown = [p for p in options.passes if p not in PASS_NAMES]
+        if unknown:  # before the export, not after it
+            raise LrexportError(f"unknown pass {unknown[0]!r}", f"choose from {', '.join(PASS_NAMES)}")
     notes: list[str] = []
     seconds: dict[str, float] = {}
     trt_err = None if options.backend == "onnxruntime" else _trt_error(options.backend)

@@ -184,6 +184,8 @@ def test_optimize_and_pass_selection(cli, sample_file, tmp_path):
     assert cli("optimize", raw, opt, "-q").code != 0  # no clobbering
     res = cli("optimize", raw, tmp_path / "x.onnx", "--passes", "lowrank,nope")
     assert res.code == 2 and "unknown pass 'nope'" in error_line(res)
+    res = cli("build", sample_file("causal_block"), "--out", tmp_path / "b", "--passes", "chunk", "-q")
+    assert res.code == 2 and "unknown pass 'chunk'" in error_line(res) and "[export]" not in res.err
     res = cli("build", sample_file("causal_block"), "--out", tmp_path / "b", "--passes", "causal-chunk",
               "--backend", "onnxruntime", "--cases", "odd", "--json", "-q")
     report = json.loads(res.out)
