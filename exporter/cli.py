@@ -92,9 +92,12 @@ def _passes(text: str | None, no_passes: bool = False) -> tuple[str, ...] | None
     return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
+_STDOUT: list[Any] = []  # the real stdout while a --json command runs (model code may print)
+
+
 def _emit(as_json: bool, data: dict[str, Any], text: str) -> None:
     if as_json:
-        click.echo(json.dumps(data, indent=2, default=str))
+        click.echo(json.dumps(data, indent=2, default=str), file=_STDOUT[-1] if _STDOUT else None)
     else:
         click.echo(text)
 
@@ -456,6 +459,9 @@ def main(argv: list[str] | None = None) -> None:
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    if "--json" in args:  # keep stdout pure JSON: whatever the model's own code prints goes to stderr
+        _STDOUT.append(sys.stdout)
+        sys.stdout = sys.stderr
     try:
         code = cli.main(args=args, prog_name="lrexport", standalone_mode=False)
     except click.exceptions.Abort:
@@ -479,6 +485,9 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"error: internal error {type(err).__name__}: {first} (rerun with --debug for the traceback)",
                    err=True)
         sys.exit(3)
+    finally:
+        if _STDOUT:
+            sys.stdout = _STDOUT.pop()
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -191,3 +191,10 @@ def test_optimize_and_pass_selection(cli, sample_file, tmp_path):
     report = json.loads(res.out)
     assert res.code == 0 and [p["name"] for p in report["passes"]["report"]["passes"]] == ["causal-chunk"]
     assert (tmp_path / "b" / "exported.onnx").is_file()
+
+
+def test_json_stdout_stays_json_when_model_code_prints(cli, tmp_path):
+    res = cli("build", "--factory", "badmodels:noisy_mlp", "--input", "x:2x4x16", "--out", tmp_path / "o",
+              "--backend", "onnxruntime", "--cases", "opt", "--json", "-q", cwd=FIXTURES)
+    assert res.code == 0 and json.loads(res.out)["ok"] is True
+    assert "hello from the model" in res.err

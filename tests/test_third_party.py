@@ -5,7 +5,9 @@
   ``Padder(LinformerLM)`` over token ids;
 - x-transformers: a decoder-only LM and an encoder-decoder with every nn.Linear replaced recursively
   by Linear(a, 64) -> Linear(64, b);
-- transformers: a BertModel from a config, factorized by ``exporter.factorize`` (``lrexport factorize``).
+- transformers: a BertModel from a config, factorized by ``exporter.factorize`` (``lrexport factorize``);
+- linear-attention-transformer and performer-pytorch: causal linear-attention LMs as their authors wrote them
+  (bucketed sums with 3-operand einsums; a Python loop over chunks).
 
 Builders: tests/third_party_models.py. Each test runs the CLI in-process and reads its --json report.
 """
@@ -136,3 +138,34 @@ def test_bert_factorized(cli, tmp_path):
     assert lowrank["matches"] == 13  # every factorized pair recognized (and kept: all below break-even)
     assert _max_abs(data) < 1e-4
     _engine_built_if_backend(data)
+
+
+# ------------------------------------------------------------------------ third-party causal linear attention
+
+
+def _pass(data: dict, name: str) -> dict:
+    return next(p for p in data["passes"]["report"]["passes"] if p["name"] == name)
+
+
+def test_linear_attention_transformer_bucketed_causal_lm(cli, tmp_path):
+    """Already-chunked causal sums are left as they are (no n x d x d state to remove); their 3-operand
+    einsums are lowered, and parity holds at lengths that are not a multiple of the bucket."""
+    pytest.importorskip("linear_attention_transformer")
+    data = _build(cli, tmp_path, "lat_causal_lm")
+    equations = [d.get("equation") for d in _pass(data, "einsum")["details"]]
+    assert "bhund,bhude,bhun->bhune" in equations
+    assert _pass(data, "einsum")["matches"] == 6 and not _pass(data, "causal-chunk")["changed"]
+    assert _cases(data)["odd"]["ids"][1] % 64 != 0
+    assert _max_abs(data) < 1e-4
+
+
+def test_performer_causal_lm_chunk_loop(cli, tmp_path):
+    """performer-pytorch loops over chunks in Python: the export pins the sequence (said, with the reason), and the
+    unrolled per-chunk sums with '...' einsums are lowered and stay in parity."""
+    pytest.importorskip("performer_pytorch")
+    data = _build(cli, tmp_path, "performer_causal_lm")
+    (pin,) = data["export"]["pinned_axes"]
+    assert (pin["input"], pin["axis"], pin["size"]) == ("ids", 1, 32)
+    equations = {d.get("equation") for d in _pass(data, "einsum")["details"]}
+    assert "...nde,...nd,...n->...ne" in equations
+    assert _max_abs(data) < 1e-4

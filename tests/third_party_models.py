@@ -152,3 +152,28 @@ def bert_factorized(fraction: float = 0.5, seed: int = 0) -> nn.Module:
     report = factorize(model, fraction=fraction)
     model.factorize_report = report  # plain attribute (not a module/parameter)
     return model.eval()
+
+
+# ------------------------------------------------------------------------------------ causal linear attention
+SPECS["lat_causal_lm"] = (["ids:1x128:int64:0..255"], ["ids:min=1x1,opt=1x128,max=2x256"])
+SPECS["performer_causal_lm"] = (["ids:1x32:int64:0..255"], ["ids:min=1x16,opt=1x32,max=2x32"])
+
+
+def lat_causal_lm(seed: int = 0) -> nn.Module:
+    """linear-attention-transformer's causal LM (lucidrains): its causal linear attention is already bucketed
+    (ReduceSum -> CumSum over buckets, CumSum -> Pad -> Slice exclusive sums, 3-operand einsums)."""
+    from linear_attention_transformer import LinearAttentionTransformerLM
+
+    torch.manual_seed(seed)
+    return LinearAttentionTransformerLM(num_tokens=256, dim=64, heads=4, depth=2, max_seq_len=256, causal=True,
+                                        blindspot_size=1, n_local_attn_heads=0, ff_chunks=1,
+                                        reversible=False).eval()
+
+
+def performer_causal_lm(seed: int = 0) -> nn.Module:
+    """performer-pytorch's causal LM on the CPU path: a Python loop over chunks (CumSum + carried sums per chunk,
+    '...nde,...nd,...n->...ne' einsums) that fixes the sequence length at export."""
+    from performer_pytorch import PerformerLM
+
+    torch.manual_seed(seed)
+    return PerformerLM(num_tokens=256, max_seq_len=32, dim=64, depth=1, heads=4, causal=True, nb_features=16).eval()
