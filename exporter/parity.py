@@ -54,6 +54,7 @@ class ParityReport:
     seed: int
     results: list[CaseResult] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # backends not run, with the reason
+    drift: list[dict] = field(default_factory=list)  # where a failing low-precision model starts to drift
 
     @property
     def ok(self) -> bool:
@@ -64,7 +65,7 @@ class ParityReport:
 
     def to_dict(self) -> dict:
         return {"ok": self.ok, "reference": self.reference, "precision": self.precision, "seed": self.seed,
-                "results": [r.to_dict() for r in self.results], "skipped": self.skipped}
+                "results": [r.to_dict() for r in self.results], "skipped": self.skipped, "drift": self.drift}
 
     def format_table(self) -> str:
         headers = ["backend", "case", "shapes", "output", "max abs", "max rel", "rel L2", "cosine",
@@ -84,6 +85,8 @@ class ParityReport:
             lines.append(f"  {r.backend} {r.case}: output {o.output!r}{where} drifts: {what}; worst at "
                          f"{list(o.worst_index)}: got {fmt_num(o.worst_actual)}, expected "
                          f"{fmt_num(o.worst_expected)} (passes with atol >= {fmt_num(o.min_atol)})")
+        for d in self.drift:
+            lines.append(f"  {d['backend']} {d['case']}: {d['text']}")
         for s in self.skipped:
             lines.append(f"  skipped: {s}")
         lines.append(f"parity: {'PASS' if self.ok else 'FAIL'}")
@@ -122,6 +125,11 @@ def _load_graph_only(path: Path) -> onnx.ModelProto:
     return onnx.load(str(path), load_external_data=False)
 
 
+def case_feeds(specs: Sequence[InputSpec], cases: Sequence[str], seed: int) -> dict[str, dict[str, np.ndarray]]:
+    """The random inputs of each shape case (the same ones every backend of a report sees)."""
+    return {case: random_feeds(specs, case, seed + i) for i, case in enumerate(cases)}
+
+
 def run_parity(reference: TorchRunner, backends: Sequence[Runner], specs: Sequence[InputSpec], *,
                tolerances: Mapping[str, Tolerances], seed: int = 0, cases: Sequence[str] | None = None,
                modules: Mapping[str, str] | None = None, precision: str = "fp32",
@@ -130,8 +138,7 @@ def run_parity(reference: TorchRunner, backends: Sequence[Runner], specs: Sequen
     say = progress or (lambda _m: None)
     cases = list(cases or parity_cases(specs))
     report = ParityReport(reference="pytorch", precision=precision, seed=seed)
-    for i, case in enumerate(cases):
-        feeds = random_feeds(specs, case, seed + i)
+    for i, (case, feeds) in enumerate(case_feeds(specs, cases, seed).items()):
         shapes = {k: list(v.shape) for k, v in feeds.items()}
         say(f"parity {i + 1}/{len(cases)}: {case} {' '.join('x'.join(map(str, s)) for s in shapes.values())}")
         expected = reference.run(feeds)

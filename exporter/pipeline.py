@@ -19,7 +19,7 @@ from exporter.errors import LrexportError
 from exporter.export import DEFAULT_OPSET, ExportResult, export_onnx, save_onnx
 from exporter.loading import LoadedModel
 from exporter.outputs import atomic_dir
-from exporter.parity import ParityReport, Runner, output_modules, run_parity, _align
+from exporter.parity import ParityReport, Runner, _align, case_feeds, output_modules, run_parity
 from exporter.runners import OnnxRuntimeRunner, TorchRunner
 from exporter.specs import InputSpec, build_specs, parity_cases, random_feeds, read_sidecar
 
@@ -233,6 +233,8 @@ def build(loaded: LoadedModel, specs: Sequence[InputSpec], options: BuildOptions
         parity = run_parity(reference, backends, specs, tolerances=tols, seed=options.seed, cases=options.cases,
                             modules=output_modules(model), precision=options.precision,
                             progress=lambda m: say(f"[parity] {m}"))
+        if options.precision != "fp32":
+            _localize_low_precision(parity, model, ort_onnx, specs, options)
         parity.skipped.extend(skipped)
         if trt_ok and engine_runner is None:
             parity.skipped.append("tensorrt: " + notes[-1])
@@ -249,6 +251,24 @@ def build(loaded: LoadedModel, specs: Sequence[InputSpec], options: BuildOptions
             report.export.onnx_path = options.out / "exported.onnx"
         (tmp / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return report
+
+
+def _localize_low_precision(parity: ParityReport, fp32_model: onnx.ModelProto, low_path: Path,
+                            specs: Sequence[InputSpec], options: BuildOptions) -> None:
+    """For each failing case of the fp16/bf16 ONNX model, name the first node that drifts from float32."""
+    from exporter.localize import localize_drift
+
+    failing = [r for r in parity.results if r.backend.startswith("onnxruntime-") and not r.ok]
+    if not failing:
+        return
+    low = onnx.load(str(low_path))
+    cases = [r.case for r in parity.results if r.backend == "onnxruntime"]
+    feeds = case_feeds(specs, cases, options.seed)
+    for r in failing:
+        loc = localize_drift(fp32_model, low, feeds[r.case])
+        text = loc.describe() if loc else "no intermediate departs from float32 by more than 1e-2 (rel L2)"
+        parity.drift.append({"backend": r.backend, "case": r.case, "text": text,
+                             "location": loc.to_dict() if loc else None})
 
 
 class _EngineRunner:

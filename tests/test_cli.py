@@ -198,3 +198,17 @@ def test_json_stdout_stays_json_when_model_code_prints(cli, tmp_path):
               "--backend", "onnxruntime", "--cases", "opt", "--json", "-q", cwd=FIXTURES)
     assert res.code == 0 and json.loads(res.out)["ok"] is True
     assert "hello from the model" in res.err
+
+
+def test_fp16_drift_is_located_at_the_overflowing_node(cli, tmp_path):
+    res = cli("build", "--factory", "badmodels:overflow_mlp", "--input", "x:2x8x16", "--out", tmp_path / "o",
+              "--fp16", "--backend", "onnxruntime", "--no-passes", "-q", cwd=FIXTURES)
+    assert res.code == 1, res.out + res.err
+    assert "onnxruntime-fp16" in res.out and "parity: FAIL" in res.out
+    (line,) = [ln for ln in res.out.splitlines() if "first drift at node" in ln]
+    assert "module 'act'" in line and "NaN/Inf" in line and ("Pow" in line or "Mul" in line)
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    (drift,) = report["parity"]["drift"]
+    assert drift["backend"] == "onnxruntime-fp16" and drift["location"]["module"] == "act"
+    # the float32 ONNX model itself is fine
+    assert all(r["ok"] for r in report["parity"]["results"] if r["backend"] == "onnxruntime")

@@ -1,0 +1,100 @@
+"""Where a lower-precision model starts to drift: compare every intermediate value of the float32 ONNX
+model with the same value in the fp16/bf16 model (the precision cast keeps value names) and name the
+first node, and its module, whose output overflows or departs from float32.
+
+This turns "output 'logits' fails in fp16" into "node node_pow (Pow) in module 'blocks.1.act' overflows".
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import asdict, dataclass
+from typing import Mapping
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from exporter.runners import ort_session_options
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+
+
+@dataclass
+class DriftLocation:
+    value: str
+    node: str
+    op_type: str
+    module: str | None
+    rel_l2: float
+    max_abs: float
+    nonfinite: int
+    total: int
+
+    def describe(self) -> str:
+        where = f" in module {self.module!r}" if self.module else ""
+        what = (f"{self.nonfinite}/{self.total} values are NaN/Inf (overflow?)" if self.nonfinite
+                else f"rel L2 {self.rel_l2:.2e}, max abs {self.max_abs:.3g}")
+        return f"first drift at node {self.node} ({self.op_type}){where}, value {self.value!r}: {what}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _module(node: onnx.NodeProto) -> str | None:
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                parts = [p for p in ast.literal_eval(prop.value) if p]
+            except (ValueError, SyntaxError):
+                return None
+            return ".".join(parts[:-1]) or (parts[0] if parts else None)
+    return None
+
+
+def _float_values(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    infos = list(inferred.graph.value_info) + list(inferred.graph.output)
+    return {vi.name: vi for vi in infos if vi.type.tensor_type.elem_type in _FLOAT_TYPES}
+
+
+def _with_outputs(model: onnx.ModelProto, names: list[str], infos: Mapping[str, onnx.ValueInfoProto]) -> bytes:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    existing = {o.name for o in m.graph.output}
+    m.graph.output.extend(infos[n] for n in names if n not in existing)
+    return m.SerializeToString()
+
+
+def localize_drift(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Mapping[str, np.ndarray], *,
+                   rel_l2: float = 1e-2) -> DriftLocation | None:
+    """The first node (in the reference's order) whose output in ``candidate`` is non-finite where the
+    reference is finite, or departs from it by more than ``rel_l2`` (relative L2); None if none does."""
+    ref_infos, cand_infos = _float_values(reference), _float_values(candidate)
+    order = [(out, node) for node in reference.graph.node for out in node.output
+             if out in ref_infos and out in cand_infos]
+    if not order:
+        return None
+    names = [out for out, _ in order]
+    runs = []
+    for model, infos in ((reference, ref_infos), (candidate, cand_infos)):
+        sess = ort.InferenceSession(_with_outputs(model, names, infos), ort_session_options(),
+                                    providers=["CPUExecutionProvider"])
+        wanted = [o.name for o in sess.get_outputs() if o.name in set(names)]
+        runs.append(dict(zip(wanted, sess.run(wanted, dict(feeds)))))
+    ref_vals, cand_vals = runs
+    for out, node in order:
+        if out not in ref_vals or out not in cand_vals:
+            continue
+        r = np.asarray(ref_vals[out], dtype=np.float64)
+        c = np.asarray(cand_vals[out], dtype=np.float64)
+        if r.shape != c.shape or not np.isfinite(r).all():
+            continue
+        bad = int((~np.isfinite(c)).sum())
+        diff = np.abs(np.where(np.isfinite(c), c, 0.0) - r)
+        norm = float(np.linalg.norm(r))
+        rel = float(np.linalg.norm(diff) / norm) if norm > 0 else float(np.linalg.norm(diff))
+        if bad or rel > rel_l2:
+            return DriftLocation(out, node.name or node.op_type, node.op_type, _module(node), rel,
+                                 float(diff.max()) if diff.size else 0.0, bad, int(c.size))
+    return None
