@@ -65,10 +65,24 @@ def inspect_path(path: str | Path, *, factory: str | None = None, factory_kwargs
 
     side = read_sidecar(p)
     specs = build_specs(*side) if side else loaded.inferred_specs
-    modules = collections.Counter(type(m).__name__ for m in loaded.module.modules())
+    modules = _module_histogram(loaded)
     return {"kind": loaded.kind, "path": str(p), "class": type(loaded.module).__name__,
             "parameters": loaded.parameter_count, "inputs": [s.to_dict() for s in specs],
             "module_histogram": dict(modules.most_common())}
+
+
+def _module_histogram(loaded) -> collections.Counter:
+    """Module classes by count; for a torch.export archive, from the recorded module stack (its
+    unflattened module holds only generic containers)."""
+    if loaded.exported_program is None:
+        return collections.Counter(type(m).__name__ for m in loaded.module.modules())
+    classes: dict[str, str] = {}
+    for node in loaded.exported_program.graph.nodes:
+        for path, cls in (node.meta.get("nn_module_stack") or {}).values():
+            name = (cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))).rsplit(".", 1)[-1]
+            if not name.startswith("_"):  # torch.export's own bookkeeping entries
+                classes[path] = name
+    return collections.Counter(classes.values())
 
 
 def format_inspection(info: dict[str, Any]) -> str:

@@ -82,8 +82,10 @@ def test_export_check_inspect_and_optimize_stages(cli, sample_file, tmp_path):
     info = json.loads(res.out)
     assert info["dynamic_axes"] == {"x": [0, 1]} and info["parameters"] > 300_000
     assert info["op_histogram"]["MatMul"] >= 8
-    res = cli("inspect", model)
-    assert res.code == 0 and "exported-program" in res.out and "x" in res.out
+    res = cli("inspect", model, "--json")
+    info = json.loads(res.out)
+    assert res.code == 0 and info["kind"] == "exported-program" and info["inputs"][0]["name"] == "x"
+    assert info["module_histogram"]["LinearAttention"] == 2 and info["module_histogram"]["LayerNorm"] == 5
 
 
 def test_state_dict_with_factory_on_the_command_line(cli, sample_file, tmp_path):
