@@ -214,3 +214,16 @@ def test_fp16_drift_is_located_at_the_overflowing_node(cli, tmp_path):
     assert drift["backend"] == "onnxruntime-fp16" and drift["location"]["module"] == "act"
     # the float32 ONNX model itself is fine
     assert all(r["ok"] for r in report["parity"]["results"] if r["backend"] == "onnxruntime")
+
+
+def test_without_tensorrt_says_so_in_one_line_and_exits_on_parity(cli, sample_file, tmp_path, monkeypatch):
+    import exporter.trt_backend as trt_backend
+
+    monkeypatch.setattr(trt_backend, "_import", lambda name: None)  # as on a machine without TensorRT
+    res = cli("build", sample_file("lowrank_mlp"), "--out", tmp_path / "o", "--cases", "opt", "--fp16")
+    assert res.code == 0, res.err
+    (note,) = [ln for ln in res.out.splitlines() if ln.startswith("note:")]
+    assert "no TensorRT backend is installed" in note and "ONNX Runtime (CPU) is the engine" in note
+    assert not (tmp_path / "o" / "model.engine").exists()
+    res = cli("build", sample_file("lowrank_mlp"), "--out", tmp_path / "o2", "--backend", "tensorrt-rtx")
+    assert res.code == 2 and "pip install tensorrt-rtx-cu13" in error_line(res)
