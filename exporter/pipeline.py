@@ -272,12 +272,17 @@ def _localize_low_precision(parity: ParityReport, fp32_model: onnx.ModelProto, l
 
 
 class _EngineRunner:
+    """The built engine as a parity backend (deserialized once, on the first case)."""
+
     name = "tensorrt"
 
     def __init__(self, path: Path):
         self.path = path
+        self._engine: Any = None
 
     def run(self, feeds):
-        from exporter import trt_engine
+        if self._engine is None:
+            from exporter import trt_engine
 
-        return trt_engine.run_engine(self.path, feeds)
+            self._engine = trt_engine.load_engine(self.path)
+        return self._engine.run(feeds)
