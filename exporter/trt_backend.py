@@ -139,6 +139,15 @@ class Backend:
         pool: trt.MemoryPoolType = self.module.MemoryPoolType.WORKSPACE
         return int(config.get_memory_pool_limit(pool))
 
+    def disable_tf32(self, config: trt.IBuilderConfig) -> bool:
+        """Keep float32 matmuls/convolutions in true float32: TF32 (on by default) rounds their inputs to a
+        10-bit mantissa, ~1e-3 relative error, which fails fp32 parity. Returns whether the flag existed."""
+        flag = getattr(self.module.BuilderFlag, "TF32", None)
+        if flag is None:
+            return False
+        config.clear_flag(flag)
+        return True
+
     def set_opt_level(self, config: trt.IBuilderConfig, level: int) -> None:
         if not 0 <= level <= 5:
             raise LrexportError(f"builder optimization level {level} out of range", "use 0..5 (default 3)")

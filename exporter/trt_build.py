@@ -441,6 +441,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, specs: Seque
             raise LrexportError("TensorRT rejected the optimization profile", "check the --shapes ranges")
         if config.add_optimization_profile(profile) < 0:
             raise LrexportError("TensorRT rejected the optimization profile", "check the --shapes ranges")
+    if precision == "fp32":
+        be.disable_tf32(config)
     if opt_level is not None:
         be.set_opt_level(config, opt_level)
     if workspace_mb is not None:

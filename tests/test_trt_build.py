@@ -289,3 +289,13 @@ def test_mypy_trt_modules() -> None:
     finally:
         probe.unlink()
     assert bad.returncode != 0 and "set_memory_pool_limt" in bad.stdout
+
+
+def test_fp32_builds_clear_tf32() -> None:
+    """TF32 (TensorRT's default) rounds fp32 matmul inputs to 10 mantissa bits: fp32 engines must not use it."""
+    be = get_backend(BACKEND)
+    builder = trt.Builder(trt.Logger(trt.Logger.ERROR))
+    config = builder.create_builder_config()
+    config.set_flag(trt.BuilderFlag.TF32)
+    assert config.get_flag(trt.BuilderFlag.TF32)
+    assert be.disable_tf32(config) and not config.get_flag(trt.BuilderFlag.TF32)
