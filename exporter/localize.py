@@ -13,9 +13,9 @@ from typing import Mapping
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from exporter.runners import ort_session_options
+from graph_passes._util import ort_session
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 
@@ -58,12 +58,13 @@ def _float_values(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     return {vi.name: vi for vi in infos if vi.type.tensor_type.elem_type in _FLOAT_TYPES}
 
 
-def _with_outputs(model: onnx.ModelProto, names: list[str], infos: Mapping[str, onnx.ValueInfoProto]) -> bytes:
+def _with_outputs(model: onnx.ModelProto, names: list[str],
+                  infos: Mapping[str, onnx.ValueInfoProto]) -> onnx.ModelProto:
     m = onnx.ModelProto()
     m.CopyFrom(model)
     existing = {o.name for o in m.graph.output}
     m.graph.output.extend(infos[n] for n in names if n not in existing)
-    return m.SerializeToString()
+    return m
 
 
 def localize_drift(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Mapping[str, np.ndarray], *,
@@ -78,8 +79,7 @@ def localize_drift(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
     names = [out for out, _ in order]
     runs = []
     for model, infos in ((reference, ref_infos), (candidate, cand_infos)):
-        sess = ort.InferenceSession(_with_outputs(model, names, infos), ort_session_options(),
-                                    providers=["CPUExecutionProvider"])
+        sess = ort_session(_with_outputs(model, names, infos), ort_session_options())
         wanted = [o.name for o in sess.get_outputs() if o.name in set(names)]
         runs.append(dict(zip(wanted, sess.run(wanted, dict(feeds)))))
     ref_vals, cand_vals = runs

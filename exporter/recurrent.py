@@ -35,6 +35,7 @@ from exporter.compare import OutputComparison, Tolerance, Tolerances, compare_ar
 from exporter.errors import LrexportError
 from exporter.specs import InputSpec, specs_from_onnx
 from exporter.table import fmt_num, format_table
+from graph_passes._util import ort_session
 from graph_passes.recurrent_state import CarriedState, RecurrentRefusal, RecurrentStatePass
 
 META_KEY = "lrexport.recurrent"
@@ -270,8 +271,9 @@ def _session(model: onnx.ModelProto | str | Path):
 
     from exporter.runners import ort_session_options
 
-    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(data, ort_session_options(), providers=["CPUExecutionProvider"])
+    if isinstance(model, onnx.ModelProto):
+        return ort_session(model, ort_session_options())
+    return ort.InferenceSession(str(model), ort_session_options(), providers=["CPUExecutionProvider"])
 
 
 def _sequence_feeds(specs: Sequence[InputSpec], axes: Mapping[str, int], n: int, batch: int | None,

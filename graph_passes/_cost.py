@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from graph_passes._util import expand_ellipsis
+from graph_passes._util import expand_ellipsis, ort_session
 
 _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "CumSum", "ReduceSum", "Elu", "Relu", "Gelu", "Erf", "Tanh",
                 "Sigmoid", "Softmax", "Exp", "Pow", "Sqrt", "LayerNormalization", "Reciprocal"}
@@ -72,7 +72,7 @@ def _shapes_by_running(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         so.log_severity_level = 3
-        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        sess = ort_session(m, so)
         names = [o.name for o in sess.get_outputs()]
         values = sess.run(None, feeds)
     except Exception:

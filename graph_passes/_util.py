@@ -147,3 +147,34 @@ class Records:
 
     def add(self, **kw: Any) -> None:
         self.items.append(kw)
+
+
+PROTO_LIMIT = 2**31 - 64 * 2**20  # protobuf refuses to serialize 2 GB; keep a margin
+
+
+def ort_session(model: Any, options: Any = None) -> Any:
+    """An ONNX Runtime CPU session on an in-memory model of any size.
+
+    Below 2 GB the model goes over as bytes; above, it is saved (weights in one external-data file) to a
+    temporary folder that lives as long as the session.
+    """
+    import os
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    if options is None:
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.log_severity_level = 3
+    if model.ByteSize() < PROTO_LIMIT:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    tmp = tempfile.TemporaryDirectory(prefix="lrexport-ort-")
+    path = os.path.join(tmp.name, "model.onnx")
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # onnx.save with external data rewrites the proto it is given
+    onnx.save_model(copy, path, save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data")
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    session._lrexport_tmp = tmp  # removed with the session
+    return session

@@ -14,6 +14,7 @@ import onnx_ir as ir
 
 from graph_passes._base import GraphPass, PassOptions
 from graph_passes._cost import count_params, default_shapes, measure
+from graph_passes._util import ort_session
 from graph_passes.causal_chunked import CausalChunkPass
 from graph_passes.cleanup import CleanupPass
 from graph_passes.einsum_lowering import EinsumLoweringPass
@@ -110,12 +111,7 @@ def _detail_line(d: dict[str, Any]) -> str:
 
 
 def _session(model: onnx.ModelProto):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return ort_session(model)
 
 
 def run_model(model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:

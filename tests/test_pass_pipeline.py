@@ -170,3 +170,18 @@ def test_old_opset_is_skipped_with_reason():
     out, report = run_passes(model, ["einsum"])
     assert not report.passes[0].changed and op_count(out, "Einsum") == 1
     assert report.passes[0].details[0]["action"] == "opset 12 < 13"
+
+
+def test_models_past_the_protobuf_limit_go_through_a_file(monkeypatch):
+    """ONNX Runtime sessions on models over 2 GB cannot take serialized bytes: the checks save them with
+    external data instead (limit lowered here to exercise that path)."""
+    import graph_passes._util as util
+
+    monkeypatch.setattr(util, "PROTO_LIMIT", 1024)
+    model = export_sample("causal_block")
+    feeds = feeds_for("causal_block", (37,))
+    out, report = run_passes(model, ["causal-chunk"], feeds=feeds)
+    assert report.passes[0].changed and report.passes[0].parity is not None
+    session = util.ort_session(out)
+    assert session._lrexport_tmp is not None
+    assert max_err(run(model, feeds), [session.run(None, f) for f in feeds]) < 1e-4
