@@ -242,7 +242,9 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> None:
     if model.ByteSize() < TWO_GB - 64 * 2**20:
         onnx.save_model(model, str(path))
     else:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)  # saving with external data rewrites the proto: the caller keeps using its own
+        onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data.name, size_threshold=1024)
 
 

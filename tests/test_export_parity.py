@@ -103,3 +103,6 @@ def test_large_models_use_one_external_data_file(tmp_path, monkeypatch):
     assert (tmp_path / "big.onnx.data").stat().st_size > 1_000_000
     assert (tmp_path / "big.onnx").stat().st_size < 200_000
     check_parity(model, result.onnx_path, specs=specs, cases=["odd"]).assert_ok()
+    loaded = onnx.load(str(result.onnx_path))
+    export_module.save_onnx(loaded, tmp_path / "again.onnx")
+    assert all(i.data_location != onnx.TensorProto.EXTERNAL for i in loaded.graph.initializer)  # caller's copy intact
