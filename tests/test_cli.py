@@ -227,3 +227,18 @@ def test_without_tensorrt_says_so_in_one_line_and_exits_on_parity(cli, sample_fi
     assert not (tmp_path / "o" / "model.engine").exists()
     res = cli("build", sample_file("lowrank_mlp"), "--out", tmp_path / "o2", "--backend", "tensorrt-rtx")
     assert res.code == 2 and "pip install tensorrt-rtx-cu13" in error_line(res)
+
+
+def test_build_of_a_model_past_2gb(cli, sample_file, tmp_path, monkeypatch):
+    """The whole build with weights in external-data files (the 2 GB limits lowered to exercise that path)."""
+    import exporter.export as export_module
+    import graph_passes._util as util
+
+    monkeypatch.setattr(export_module, "TWO_GB", 64 * 2**20 + 1024)
+    monkeypatch.setattr(util, "PROTO_LIMIT", 1024)
+    out = tmp_path / "o"
+    res = cli("build", sample_file("causal_lm"), "--out", out, "--fp16", "--cases", "min,odd", "-q")
+    assert res.code == 0, res.out + res.err
+    assert (out / "model.onnx.data").stat().st_size > 500_000 and (out / "model.onnx").stat().st_size < 500_000
+    assert (out / "model.fp16.onnx.data").is_file()
+    assert "onnxruntime-fp16" in res.out
