@@ -125,15 +125,24 @@ def order_specs(module: nn.Module, specs: Sequence[InputSpec]) -> list[InputSpec
     return list(specs)
 
 
+def flatten_outputs(out: Any) -> list[tuple[str, torch.Tensor]]:
+    """A model's tensor outputs in the order the ONNX exporter writes them, with readable names:
+    dict keys (HF ModelOutput too), else output / output_<i>. Non-tensor leaves (None) are dropped."""
+    if isinstance(out, dict):
+        named = []
+        for key, value in out.items():
+            leaves = [t for t in torch.utils._pytree.tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
+            named += [(str(key) if len(leaves) == 1 else f"{key}_{i}", t) for i, t in enumerate(leaves)]
+        return named
+    leaves = [t for t in torch.utils._pytree.tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+    if len(leaves) == 1:
+        return [("output", leaves[0])]
+    return [(f"output_{i}", t) for i, t in enumerate(leaves)]
+
+
 def output_names_for(module: nn.Module, args: tuple) -> list[str]:
     with torch.no_grad():
-        out = module(*args)
-    if isinstance(out, dict):
-        return [str(k) for k in out]
-    leaves, _ = torch.utils._pytree.tree_flatten(out)
-    if len(leaves) == 1:
-        return ["output"]
-    return [f"output_{i}" for i in range(len(leaves))]
+        return [name for name, _ in flatten_outputs(module(*args))]
 
 
 @contextlib.contextmanager

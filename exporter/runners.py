@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from exporter.errors import LrexportError
+from exporter.export import flatten_outputs
 
 
 class TorchRunner:
@@ -42,12 +43,7 @@ class TorchRunner:
             args.append(t.double() if f64 and t.is_floating_point() else t)
         with torch.no_grad():
             out = module(*args)
-        if isinstance(out, dict):
-            leaves = list(out.values())
-        else:
-            leaves, _ = torch.utils._pytree.tree_flatten(out)
-        return [leaf.detach().cpu().numpy() if isinstance(leaf, torch.Tensor) else np.asarray(leaf)
-                for leaf in leaves]
+        return [t.detach().cpu().numpy() for _, t in flatten_outputs(out)]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outs = None

@@ -242,3 +242,13 @@ def test_build_of_a_model_past_2gb(cli, sample_file, tmp_path, monkeypatch):
     assert (out / "model.onnx.data").stat().st_size > 500_000 and (out / "model.onnx").stat().st_size < 500_000
     assert (out / "model.fp16.onnx.data").is_file()
     assert "onnxruntime-fp16" in res.out
+
+
+def test_several_outputs_with_none_in_between(cli, tmp_path):
+    res = cli("build", "--factory", "badmodels:two_heads", "--input", "x:2x4x16", "--shapes",
+              "x:min=1x1x16,opt=2x4x16,max=4x32x16", "--out", tmp_path / "o", "--backend", "onnxruntime",
+              "--json", "-q", cwd=FIXTURES)
+    assert res.code == 0, res.err
+    outputs = {o["output"]: o["shape"] for r in json.loads(res.out)["parity"]["results"] if r["case"] == "opt"
+               for o in r["outputs"]}
+    assert outputs == {"output_0": [2, 4, 8], "output_1": [2, 4, 4]}
