@@ -58,6 +58,7 @@ class ExportResult:
     output_names: list[str]
     pinned: list[PinnedAxis] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    program: Any = field(default=None, repr=False)  # the exported program translated (dynamo); not saved
 
     def to_dict(self) -> dict:
         return {"onnx": str(self.onnx_path), "exporter": self.exporter, "opset": self.opset,
@@ -283,6 +284,7 @@ def export_onnx(loaded: LoadedModel | nn.Module, specs: Sequence[InputSpec], pat
     start = time.perf_counter()
     warnings_out: list[str] = []
     pinned: list[PinnedAxis] = []
+    program = None
     if exporter == "dynamo":
         source = module
         if loaded.kind == "torchscript":
@@ -319,6 +321,7 @@ def export_onnx(loaded: LoadedModel | nn.Module, specs: Sequence[InputSpec], pat
                 f"ONNX translation failed ({type(err).__name__}: {str(err).strip().splitlines()[0][:300]})",
                 "try --exporter torchscript")) from None
         model = onnx_program.model_proto
+        program = onnx_program.exported_program
     else:
         say("TorchScript exporter (fallback)")
         names = dim_names(specs)
@@ -358,7 +361,7 @@ def export_onnx(loaded: LoadedModel | nn.Module, specs: Sequence[InputSpec], pat
         warnings_out.append(f"ONNX shape inference: {str(err).splitlines()[0][:200]}")
     save_onnx(model, path)
     seconds = time.perf_counter() - start
-    return ExportResult(path, exporter, opset, seconds, exported_specs, out_names, pinned, warnings_out)
+    return ExportResult(path, exporter, opset, seconds, exported_specs, out_names, pinned, warnings_out, program)
 
 
 def _static_from_onnx(model: onnx.ModelProto, specs: Sequence[InputSpec]) -> list[PinnedAxis]:

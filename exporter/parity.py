@@ -106,19 +106,28 @@ def output_modules(model: onnx.ModelProto) -> dict[str, str]:
         node = producers.get(out.name)
         seen = 0
         while node is not None and seen < 20:  # walk through Identity/Cast that carry no scope
-            meta = {p.key: p.value for p in node.metadata_props}
-            scopes = meta.get("pkg.torch.onnx.name_scopes")
-            if scopes:
-                try:
-                    parts = [p for p in ast.literal_eval(scopes) if p]
-                except (ValueError, SyntaxError):
-                    parts = []
-                if parts:
-                    result[out.name] = ".".join(parts[:-1]) or parts[0]
+            if any(p.key == SCOPES_KEY for p in node.metadata_props):
+                result[out.name] = module_path(node)
                 break
             node = producers.get(node.input[0]) if node.input else None
             seen += 1
     return result
+
+
+SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+
+
+def module_path(node: onnx.NodeProto) -> str:
+    """The module a node came from, from the dynamo exporter's scopes: ``['', 'ff', 'ff.fc2', 'linear_3']``
+    (cumulative module paths, then the op) -> ``'ff.fc2'``; ops in the model's own forward -> ``'<root>'``."""
+    for prop in node.metadata_props:
+        if prop.key == SCOPES_KEY:
+            try:
+                parts = [p for p in ast.literal_eval(prop.value) if p]
+            except (ValueError, SyntaxError):
+                return "<unknown>"
+            return parts[-2] if len(parts) >= 2 else "<root>"
+    return "<unknown>"
 
 
 def _load_graph_only(path: Path) -> onnx.ModelProto:

@@ -160,7 +160,7 @@ def build(loaded: LoadedModel, specs: Sequence[InputSpec], options: BuildOptions
                                opset=options.opset, progress=lambda m: say(f"[export] {m}"))
         seconds["export"] = time.perf_counter() - t
         specs = exported.specs
-        model = onnx.load(str(exported.onnx_path))
+        model = exported_model = onnx.load(str(exported.onnx_path))
         passes_info = None
         if options.passes is None or len(options.passes):
             t = time.perf_counter()
@@ -233,6 +233,8 @@ def build(loaded: LoadedModel, specs: Sequence[InputSpec], options: BuildOptions
         parity = run_parity(reference, backends, specs, tolerances=tols, seed=options.seed, cases=options.cases,
                             modules=output_modules(model), precision=options.precision,
                             progress=lambda m: say(f"[parity] {m}"))
+        if exported.program is not None:
+            _localize_against_torch(parity, exported.program, exported_model, specs, options)
         if options.precision != "fp32":
             _localize_low_precision(parity, model, ort_onnx, specs, options)
         parity.skipped.extend(skipped)
@@ -251,6 +253,26 @@ def build(loaded: LoadedModel, specs: Sequence[InputSpec], options: BuildOptions
             report.export.onnx_path = options.out / "exported.onnx"
         (tmp / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return report
+
+
+def _localize_against_torch(parity: ParityReport, program: Any, exported_model: onnx.ModelProto,
+                            specs: Sequence[InputSpec], options: BuildOptions) -> None:
+    """For the first failing case of the float32 ONNX model, name the first operation that departs from
+    PyTorch (on the model as exported: the passes were each checked against it already)."""
+    from exporter.localize import localize_against_torch
+
+    failing = [r for r in parity.results if r.backend == "onnxruntime" and not r.ok][:1]
+    if not failing:
+        return
+    cases = [r.case for r in parity.results if r.backend == "onnxruntime"]
+    r = failing[0]
+    feeds = case_feeds(specs, cases, options.seed)[r.case]
+    loc = localize_against_torch(program, exported_model, feeds, [s.name for s in specs])
+    text = (loc.describe().replace("first drift", "first drift from PyTorch") if loc else
+            "no intermediate of the exported model departs from PyTorch (float32) by more than 1e-3 (rel L2): "
+            "the difference builds up gradually (check the tolerances)")
+    parity.drift.append({"backend": r.backend, "case": r.case, "text": text,
+                         "location": loc.to_dict() if loc else None})
 
 
 def _localize_low_precision(parity: ParityReport, fp32_model: onnx.ModelProto, low_path: Path,

@@ -252,3 +252,12 @@ def test_several_outputs_with_none_in_between(cli, tmp_path):
     outputs = {o["output"]: o["shape"] for r in json.loads(res.out)["parity"]["results"] if r["case"] == "opt"
                for o in r["outputs"]}
     assert outputs == {"output_0": [2, 4, 8], "output_1": [2, 4, 4]}
+
+
+def test_fp32_failure_says_whether_an_operation_departs_from_pytorch(cli, sample_file, tmp_path):
+    res = cli("build", sample_file("lowrank_mlp"), "--out", tmp_path / "o", "--backend", "onnxruntime",
+              "--cases", "opt", "--atol", "0", "--rtol", "0", "--json", "-q")
+    assert res.code == 1
+    (drift,) = json.loads(res.out)["parity"]["drift"]
+    assert drift["backend"] == "onnxruntime" and drift["location"] is None
+    assert "no intermediate of the exported model departs from PyTorch" in drift["text"]

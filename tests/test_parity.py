@@ -116,3 +116,30 @@ def test_model_that_produces_nan_is_reported(tmp_path):
     export_onnx(loaded, specs, tmp_path / "nan.onnx")
     with pytest.raises(LrexportError, match="produces NaN/Inf in output 'output'"):
         check_parity(loaded, tmp_path / "nan.onnx", specs=specs)
+
+
+def test_drift_from_pytorch_is_located_at_the_first_wrong_operation(tmp_path):
+    """A wrong bias in the ONNX file: the first intermediate that departs from PyTorch is that Linear's."""
+    from exporter.localize import localize_against_torch
+    from exporter.specs import random_feeds
+
+    sample = samples.get("lowrank_mlp")
+    model = sample.factory()
+    specs = build_specs(sample.inputs, sample.shapes)
+    result = export_onnx(model, specs, tmp_path / "m.onnx")
+    proto = onnx.load(str(result.onnx_path))
+    feeds = random_feeds(specs, "odd", 0)
+    assert localize_against_torch(result.program, proto, feeds, ["x"]) is None  # as exported: no drift
+    (bias,) = [i for i in proto.graph.initializer if i.name == "ff.fc2.up.bias"]
+    bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + np.float32(0.05), bias.name))
+    loc = localize_against_torch(result.program, proto, feeds, ["x"])
+    assert loc is not None and loc.module == "ff.fc2.up" and loc.op_type == "Add"
+    assert loc.max_abs == pytest.approx(0.05, rel=1e-3)
+    assert "module 'ff.fc2.up'" in loc.describe()
+
+
+def test_output_module_paths_are_the_innermost_module(mlp_onnx):
+    from exporter.parity import output_modules
+
+    _, _, path = mlp_onnx
+    assert output_modules(onnx.load(str(path))) == {"output": "norm"}
