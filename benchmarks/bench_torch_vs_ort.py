@@ -26,19 +26,12 @@ CASES = [("causal_block", 1024), ("causal_block", 4096), ("causal_lm", 512), ("l
          ("lowrank_block", 512), ("noncausal_encoder", 512)]
 
 
-def _hwm_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def torch_worker(name: str, n: int, repeats: int) -> None:
     """Runs in its own process: PyTorch eager latency of sample ``name`` at batch 1, length n."""
     import torch
 
     import samples
+    from _bench_case import _hwm_mb  # peak RSS the same way as the ONNX Runtime cases
     from exporter.specs import build_specs
 
     torch.set_num_threads(2)
