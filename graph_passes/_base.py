@@ -8,6 +8,8 @@ from typing import Any
 import onnx_ir as ir
 from onnxscript.rewriter import pattern as orp
 
+from graph_passes._util import cleanup_unused
+
 
 @dataclass
 class PassOptions:
@@ -46,7 +48,11 @@ class GraphPass(ir.passes.InPlacePass):
             return True
         return False
 
-    def apply_rules(self, model: ir.Model, rules: list) -> int:
+    def apply_rules(self, model: ir.Model, rules: list, commute: bool = False) -> int:
+        """Apply a rule set; when anything matched, drop the nodes the rewrites left without users."""
         if not rules:
             return 0
-        return orp.RewriteRuleSet(rules).apply_to_model(model)
+        count = orp.RewriteRuleSet(rules, commute=commute).apply_to_model(model)
+        if count:
+            cleanup_unused(model)
+        return count

@@ -24,7 +24,6 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern as orp
 
-import onnx_ir.passes.common  # noqa: F401  (ir.passes.common)
 
 from graph_passes._base import GraphPass
 from graph_passes._util import const_array, einsum_equation, node_label, prepare, parse_einsum
@@ -485,12 +484,8 @@ class CausalChunkPass(GraphPass):
         prepare(model)
         records: list = []
         count = self.apply_rules(model, make_rules(self.options.chunk_size, records))
-        if count:
-            ir.passes.common.RemoveUnusedNodesPass()(model)
         # only what the chunked rules left: fp16 normalizers in forms they do not know
         count += self.apply_rules(model, [NormalizerFloat32Rule.rule(records)])
-        if count:
-            ir.passes.common.RemoveUnusedNodesPass()(model)
         self.details.extend(records)
         for item in survey(model):
             item["counts"] = False

@@ -15,7 +15,6 @@ inside one operand (diagonals) are refused.
 from __future__ import annotations
 
 import onnx_ir as ir
-import onnx_ir.passes.common  # noqa: F401
 from onnxscript.rewriter import pattern as orp
 
 from graph_passes._base import GraphPass
@@ -175,9 +174,7 @@ class EinsumLoweringPass(GraphPass):
         prepare(model)
         records: list = []
         rules = [EinsumLoweringRule.rule(k, records) for k in (3, 2, 1)]
-        count = orp.RewriteRuleSet(rules).apply_to_model(model)
-        if count:
-            ir.passes.common.RemoveUnusedNodesPass()(model)
+        count = self.apply_rules(model, rules)
         self.details.extend(records)
         for node in model.graph:
             if node.op_type == "Einsum":

@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common  # noqa: F401
 from onnxscript.optimizer import fold_constants_ir
 from onnxscript.rewriter import pattern as orp
 
@@ -342,9 +341,7 @@ class LowRankPairsPass(GraphPass):
         rules = [MatMulPairRule.rule(ib, ob, o, records) for ib in (True, False) for ob in (True, False)]
         rules += [GemmPairRule.rule(first, o, records) for first in ("gemm", "matmul")]
         rules.append(ConvPairRule.rule(o, records))
-        count = orp.RewriteRuleSet(rules, commute=True).apply_to_model(model)
-        if count:
-            ir.passes.common.RemoveUnusedNodesPass()(model)
+        count = self.apply_rules(model, rules, commute=True)
         self.details.extend(records.values())
         self.details.extend(survey(model))
         return ir.passes.PassResult(model, bool(count) or bool(folded.modified))
