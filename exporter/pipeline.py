@@ -236,7 +236,7 @@ def build(loaded: LoadedModel, specs: Sequence[InputSpec], options: BuildOptions
         if exported.program is not None:
             _localize_against_torch(parity, exported.program, exported_model, specs, options)
         if options.precision != "fp32":
-            _localize_low_precision(parity, model, ort_onnx, specs, options)
+            _localize_low_precision(parity, model, cast, specs, options)
         parity.skipped.extend(skipped)
         if trt_ok and engine_runner is None:
             parity.skipped.append("tensorrt: " + notes[-1])
@@ -255,42 +255,43 @@ def build(loaded: LoadedModel, specs: Sequence[InputSpec], options: BuildOptions
     return report
 
 
+def _failing_with_feeds(parity: ParityReport, specs: Sequence[InputSpec], seed: int,
+                        backend: Callable[[str], bool]) -> list[tuple[Any, dict]]:
+    """The failing results of the matching backends, each with the inputs its case ran on."""
+    failing = [r for r in parity.results if backend(r.backend) and not r.ok]
+    if not failing:
+        return []
+    feeds = case_feeds(specs, [r.case for r in parity.results if r.backend == "onnxruntime"], seed)
+    return [(r, feeds[r.case]) for r in failing]
+
+
+def _add_drift(parity: ParityReport, result: Any, loc: Any, text: str) -> None:
+    parity.drift.append({"backend": result.backend, "case": result.case, "text": text,
+                         "location": loc.to_dict() if loc else None})
+
+
 def _localize_against_torch(parity: ParityReport, program: Any, exported_model: onnx.ModelProto,
                             specs: Sequence[InputSpec], options: BuildOptions) -> None:
     """For the first failing case of the float32 ONNX model, name the first operation that departs from
     PyTorch (on the model as exported: the passes were each checked against it already)."""
     from exporter.localize import localize_against_torch
 
-    failing = [r for r in parity.results if r.backend == "onnxruntime" and not r.ok][:1]
-    if not failing:
-        return
-    cases = [r.case for r in parity.results if r.backend == "onnxruntime"]
-    r = failing[0]
-    feeds = case_feeds(specs, cases, options.seed)[r.case]
-    loc = localize_against_torch(program, exported_model, feeds, [s.name for s in specs])
-    text = (loc.describe().replace("first drift", "first drift from PyTorch") if loc else
-            "no intermediate of the exported model departs from PyTorch (float32) by more than 1e-3 (rel L2): "
-            "the difference builds up gradually (check the tolerances)")
-    parity.drift.append({"backend": r.backend, "case": r.case, "text": text,
-                         "location": loc.to_dict() if loc else None})
+    for r, feeds in _failing_with_feeds(parity, specs, options.seed, lambda b: b == "onnxruntime")[:1]:
+        loc = localize_against_torch(program, exported_model, feeds, [s.name for s in specs])
+        _add_drift(parity, r, loc, loc.describe().replace("first drift", "first drift from PyTorch") if loc else
+                   "no intermediate of the exported model departs from PyTorch (float32) by more than 1e-3 "
+                   "(rel L2): the difference builds up gradually (check the tolerances)")
 
 
-def _localize_low_precision(parity: ParityReport, fp32_model: onnx.ModelProto, low_path: Path,
+def _localize_low_precision(parity: ParityReport, fp32_model: onnx.ModelProto, low_model: onnx.ModelProto,
                             specs: Sequence[InputSpec], options: BuildOptions) -> None:
     """For each failing case of the fp16/bf16 ONNX model, name the first node that drifts from float32."""
     from exporter.localize import localize_drift
 
-    failing = [r for r in parity.results if r.backend.startswith("onnxruntime-") and not r.ok]
-    if not failing:
-        return
-    low = onnx.load(str(low_path))
-    cases = [r.case for r in parity.results if r.backend == "onnxruntime"]
-    feeds = case_feeds(specs, cases, options.seed)
-    for r in failing:
-        loc = localize_drift(fp32_model, low, feeds[r.case])
-        text = loc.describe() if loc else "no intermediate departs from float32 by more than 1e-2 (rel L2)"
-        parity.drift.append({"backend": r.backend, "case": r.case, "text": text,
-                             "location": loc.to_dict() if loc else None})
+    for r, feeds in _failing_with_feeds(parity, specs, options.seed, lambda b: b.startswith("onnxruntime-")):
+        loc = localize_drift(fp32_model, low_model, feeds)
+        _add_drift(parity, r, loc, loc.describe() if loc else
+                   "no intermediate departs from float32 by more than 1e-2 (rel L2)")
 
 
 class _EngineRunner:
