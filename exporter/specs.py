@@ -57,12 +57,25 @@ class InputSpec:
     max: tuple[int, ...]
     low: float | None = None
     high: float | None = None
+    multiple: tuple[int, ...] = ()  # per axis: sizes must be multiples of this (a dim like 16*blocks); () = all 1
 
     def __post_init__(self) -> None:
         if not (len(self.min) == len(self.opt) == len(self.max)):
             raise LrexportError(f"shape range of input {self.name!r} mixes ranks "
                                 f"{len(self.min)}/{len(self.opt)}/{len(self.max)}",
                                 "give min, opt and max with the same number of dimensions")
+        if self.multiple and len(self.multiple) != len(self.opt):
+            raise ValueError(f"multiple {self.multiple} does not match the rank of input {self.name!r}")
+        for axis, step in enumerate(self.multiple):
+            bad = [(case, d[axis]) for case, d in (("min", self.min), ("opt", self.opt), ("max", self.max))
+                   if d[axis] % step]
+            if bad:
+                case, size = bad[0]
+                near = sorted({size // step * step, -(-size // step) * step} - {0})
+                raise LrexportError(
+                    f"axis {axis} of input {self.name!r} must be a multiple of {step} (the model splits it into "
+                    f"blocks of {step}); the {case} size {size} is not",
+                    f"use {' or '.join(map(str, near))} in --shapes")
         for axis, (lo, op, hi) in enumerate(zip(self.min, self.opt, self.max)):
             if lo > hi:
                 raise LrexportError(f"shape range of input {self.name!r} has min > max on axis {axis} "
@@ -85,10 +98,20 @@ class InputSpec:
     def np_dtype(self) -> type:
         return DTYPES[self.dtype]
 
+    def step(self, axis: int) -> int:
+        """The multiple every size of ``axis`` must be (1 for a free axis)."""
+        return self.multiple[axis] if self.multiple else 1
+
+    def fit_size(self, axis: int, size: int) -> int:
+        """The largest valid size of ``axis`` that is <= ``size`` (and >= min): for shrinking a case."""
+        step = self.step(axis)
+        return max(self.min[axis], min(self.max[axis], size) // step * step)
+
     def shape(self, case: str) -> tuple[int, ...]:
         """The shape used for a parity case: min, opt, max, or odd (a size not divisible by 64)."""
         if case == "odd":
-            return tuple(odd_size(lo, hi, op) for lo, op, hi in zip(self.min, self.opt, self.max))
+            return tuple(odd_size(lo, hi, op, self.step(a))
+                         for a, (lo, op, hi) in enumerate(zip(self.min, self.opt, self.max)))
         return getattr(self, case)
 
     def export_shape(self) -> tuple[int, ...]:
@@ -98,14 +121,23 @@ class InputSpec:
 
     def with_static_axis(self, axis: int, size: int) -> "InputSpec":
         pin = lambda dims: tuple(size if a == axis else d for a, d in enumerate(dims))  # noqa: E731
-        return replace(self, min=pin(self.min), opt=pin(self.opt), max=pin(self.max))
+        multiple = tuple(1 if a == axis else m for a, m in enumerate(self.multiple))
+        return replace(self, min=pin(self.min), opt=pin(self.opt), max=pin(self.max), multiple=multiple)
+
+    def with_multiple(self, axis: int, step: int) -> "InputSpec":
+        """This spec with ``axis`` restricted to multiples of ``step`` (checked: a size that is not one
+        is a one-line error naming the sizes to use)."""
+        multiple = list(self.multiple or (1,) * self.rank)
+        multiple[axis] = step
+        return replace(self, multiple=tuple(multiple))
 
     def describe(self) -> str:
         if not self.dynamic_axes:
             dims = "x".join(map(str, self.opt))
         else:
-            dims = "x".join(str(o) if lo == hi else f"[{lo}..{hi}]"
-                            for lo, o, hi in zip(self.min, self.opt, self.max))
+            dims = "x".join(str(o) if lo == hi else f"[{lo}..{hi}" + (f" step {self.step(a)}]" if self.step(a) > 1
+                                                                          else "]")
+                            for a, (lo, o, hi) in enumerate(zip(self.min, self.opt, self.max)))
         rng = f" values {self.low:g}..{self.high:g}" if self.low is not None else ""
         return f"{self.name}: {dims} {self.dtype}{rng}"
 
@@ -122,7 +154,7 @@ class InputSpec:
     def to_dict(self) -> dict:
         return {"name": self.name, "dtype": self.dtype, "min": list(self.min), "opt": list(self.opt),
                 "max": list(self.max), "low": self.low, "high": self.high,
-                "dynamic_axes": list(self.dynamic_axes)}
+                "dynamic_axes": list(self.dynamic_axes), "multiple": [self.step(a) for a in range(self.rank)]}
 
     def random(self, shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
         """Random values of this input's dtype: ints uniform in [low, high], floats standard normal."""
@@ -139,12 +171,15 @@ class InputSpec:
         return arr.astype(dt)
 
 
-def odd_size(lo: int, hi: int, opt: int) -> int:
-    """A size inside [lo, hi] that is not a multiple of 64 or 2 where possible (catches padding bugs)."""
+def odd_size(lo: int, hi: int, opt: int, step: int = 1) -> int:
+    """A size inside [lo, hi] that is not a multiple of 64 or 2 where possible (catches padding bugs);
+    with ``step`` > 1 (an axis of blocks), a multiple of ``step`` that is an odd number of blocks."""
     if lo == hi:
         return lo
     for cand in (opt - opt // 4 - 1, opt + 37, (lo + hi) // 3 | 1, hi - 1, lo + 1):
-        if lo <= cand <= hi and cand % 64 and cand % 2 and cand != opt:
+        cand = cand // step * step if step > 1 else cand
+        odd = (cand // step) % 2 if step > 1 else cand % 2
+        if lo <= cand <= hi and cand % 64 and odd and cand != opt:
             return cand
     return hi if hi != opt else lo
 
