@@ -25,7 +25,7 @@ from torch import nn
 
 from exporter.errors import LrexportError
 from exporter.loading import LoadedModel
-from exporter.specs import InputSpec
+from exporter.specs import InputSpec, parse_dim_expr
 
 DEFAULT_OPSET = 18  # >= 17 for LayerNormalization
 _AXIS_NAMES = {0: "batch", 1: "seq"}
@@ -96,9 +96,14 @@ def torch_dynamic_shapes(specs: Sequence[InputSpec], auto: bool = False) -> tupl
     for spec in specs:
         per_axis: dict[int, Any] = {}
         for axis in spec.dynamic_axes:
-            name = names[(spec.name, axis)]
+            name, step = names[(spec.name, axis)], spec.step(axis)
             if auto:
                 per_axis[axis] = torch.export.Dim.AUTO
+            elif step > 1:  # a derived dim: step * blocks
+                blocks = f"{name}_blocks"
+                dims.setdefault(blocks, torch.export.Dim(blocks, min=spec.min[axis] // step,
+                                                         max=spec.max[axis] // step))
+                per_axis[axis] = step * dims[blocks]
             else:
                 dims.setdefault(name, torch.export.Dim(name, min=spec.min[axis], max=spec.max[axis]))
                 per_axis[axis] = dims[name]
@@ -185,29 +190,51 @@ def _unsupported_op(err: BaseException, ep: Any) -> LrexportError | None:
                          "replace it with standard torch ops, or register an ONNX translation for it")
 
 
-def _torch_export(module: nn.Module, args: tuple, specs: Sequence[InputSpec]) -> tuple[Any, dict[str, str]]:
-    """torch.export with the requested ranges; where the model forces an axis static, retry with
-    automatic dims and keep torch's explanation as the reason."""
+def _torch_export(module: nn.Module, args: tuple, specs: Sequence[InputSpec]
+                  ) -> tuple[Any, dict[str, str], list[InputSpec]]:
+    """torch.export with the requested ranges. Where torch's suggested fix makes an axis a multiple
+    (``seq = 16*_seq``: the model splits it into blocks), retry with that derived dim, so the ONNX input
+    says so and every parity size respects it; where the model forces an axis static, retry with
+    automatic dims and keep torch's explanation as the reason. Returns the specs as exported."""
     reasons: dict[str, str] = {}
-    try:
-        with _quiet():
-            return torch.export.export(module, args, dynamic_shapes=torch_dynamic_shapes(specs), strict=False), reasons
-    except Exception as err:  # constraint violations come as torch._dynamo.exc.UserError
-        text = str(err)
-        if "Constraints violated" not in text and "constraint" not in text.lower():
-            raise
-        guards = [ln.strip()[2:] for ln in text.splitlines() if ln.strip().startswith("- Not all values")]
-        if guards:
-            reasons[_GUARDS] = "; ".join(guards)
-        for line in text.splitlines():
-            m = re.search(r"marked (\w+) as dynamic but your code (specialized it to be a constant \(\d+\))", line) \
-                or re.search(r"values of (\w+) = .*?(inferred to be (?:a constant|equal to)[^.]*)", line)
-            if m:
-                reasons[m.group(1)] = (f"the model's code {m.group(2).strip()} (e.g. a layer sized by this axis, "
-                                       "or control flow on it)")
+    specs = list(specs)
+    for attempt in range(2):
+        try:
+            with _quiet():
+                ep = torch.export.export(module, args, dynamic_shapes=torch_dynamic_shapes(specs), strict=False)
+            return ep, reasons, specs
+        except Exception as err:  # constraint violations come as torch._dynamo.exc.UserError
+            text = str(err)
+            if "Constraints violated" not in text and "constraint" not in text.lower():
+                raise
+            multiples = _suggested_multiples(text, specs)
+            if attempt or not multiples:
+                break
+            for (name, axis), step in multiples.items():  # a size the model cannot take is a one-line error
+                specs = [spec.with_multiple(axis, step) if spec.name == name else spec for spec in specs]
+    guards = [ln.strip()[2:] for ln in text.splitlines() if ln.strip().startswith("- Not all values")]
+    if guards:
+        reasons[_GUARDS] = "; ".join(guards)
+    for line in text.splitlines():
+        m = re.search(r"marked (\w+) as dynamic but your code (specialized it to be a constant \(\d+\))", line) \
+            or re.search(r"values of (\w+) = .*?(inferred to be (?:a constant|equal to)[^.]*)", line)
+        if m:
+            reasons[m.group(1)] = (f"the model's code {m.group(2).strip()} (e.g. a layer sized by this axis, "
+                                   "or control flow on it)")
     with _quiet():
-        return torch.export.export(module, args, dynamic_shapes=torch_dynamic_shapes(specs, auto=True),
-                                   strict=False), reasons
+        ep = torch.export.export(module, args, dynamic_shapes=torch_dynamic_shapes(specs, auto=True), strict=False)
+    return ep, reasons, specs
+
+
+def _suggested_multiples(text: str, specs: Sequence[InputSpec]) -> dict[tuple[str, int], int]:
+    """(input, axis) -> multiple from torch's suggested fixes of the form ``seq = 16*_seq``."""
+    by_dim = {name: key for key, name in dim_names(specs).items()}
+    found = {}
+    for m in re.finditer(r"^\s*(\w+) = (\d+)\*_\w+\s*$", text.split("Suggested fixes:")[-1], re.M):
+        key = by_dim.get(m.group(1))
+        if key is not None:
+            found[key] = int(m.group(2))
+    return found
 
 
 def _static_axes(ep: Any, specs: Sequence[InputSpec], reasons: dict[str, str]) -> list[PinnedAxis]:
@@ -228,13 +255,20 @@ def _static_axes(ep: Any, specs: Sequence[InputSpec], reasons: dict[str, str]) -
 
 
 def _rename_dims(model: onnx.ModelProto, specs: Sequence[InputSpec]) -> None:
-    """Give the graph's symbolic dims the readable names lrexport uses (batch, seq, ...)."""
+    """Give the graph's symbolic dims the readable names lrexport uses (batch, seq, ...); a derived
+    dim keeps its form (``16*s11`` -> ``16*seq_blocks``)."""
     names = dim_names(specs)
     mapping: dict[str, str] = {}
     for spec, vi in zip(specs, model.graph.input):
         for axis, dim in enumerate(vi.type.tensor_type.shape.dim):
             if dim.HasField("dim_param") and (spec.name, axis) in names:
-                mapping.setdefault(dim.dim_param, names[(spec.name, axis)])
+                parsed = parse_dim_expr(dim.dim_param)
+                name = names[(spec.name, axis)]
+                if parsed and parsed[0] > 1:
+                    mapping.setdefault(parsed[1], f"{name}_blocks")
+                    mapping.setdefault(dim.dim_param, f"{parsed[0]}*{name}_blocks")
+                else:
+                    mapping.setdefault(dim.dim_param, name)
             elif dim.HasField("dim_param") and axis not in spec.dynamic_axes:
                 dim.dim_value = spec.opt[axis]  # pinned by the exporter: say so in the graph too
     for vi in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
@@ -282,7 +316,7 @@ def export_onnx(loaded: LoadedModel | nn.Module, specs: Sequence[InputSpec], pat
                             f"{str(err).strip().splitlines()[0][:300]})",
                             "check --input names, shapes and dtypes against the model's forward()") from None
     start = time.perf_counter()
-    warnings_out: list[str] = []
+    warnings_out: list[str] = list(loaded.notes)
     pinned: list[PinnedAxis] = []
     program = None
     if exporter == "dynamo":
@@ -301,7 +335,9 @@ def export_onnx(loaded: LoadedModel | nn.Module, specs: Sequence[InputSpec], pat
     if exporter == "dynamo":
         say("torch.export")
         try:
-            ep, reasons = _torch_export(source, args, specs)
+            ep, reasons, specs = _torch_export(source, args, specs)
+        except LrexportError:
+            raise
         except Exception as err:
             first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
             raise LrexportError(f"torch.export failed ({type(err).__name__}: {first})",

@@ -135,6 +135,56 @@ def _factor(module: nn.Module, kind: str, w: torch.Tensor, r: int, randomized: b
     return pair.to(w.device), err
 
 
+_CONVS: dict[str, type[nn.Module]] = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}
+
+
+def restore_layers(gm: torch.fx.GraphModule) -> int:
+    """Give an exported program's module its layers back, so the module-level factorization applies to
+    ``.pt2`` archives too: such a module keeps each layer's weights in a plain container and calls
+    ``aten.linear`` / ``aten.convNd`` on them. Each call whose weight (and bias) only it reads becomes
+    a call of an ``nn.Linear`` / ``nn.ConvNd`` holding the same parameters, at the same module path
+    (so --include/--exclude globs name layers as in the original model). Returns how many."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        op = getattr(node.target, "__name__", "").split(".")[0] if node.op == "call_function" else ""
+        if op != "linear" and op not in _CONVS:
+            continue
+        args = list(node.args) + [None] * (7 - len(node.args))
+        weight, bias = args[1], args[2]
+        used = [a for a in (weight, bias) if a is not None]
+        if node.kwargs or any(getattr(a, "op", None) != "get_attr" or len(a.users) != 1 for a in used):
+            continue
+        path = weight.target.rpartition(".")[0]
+        holder = gm.get_submodule(path) if path else None
+        params = {n for n, _ in holder.named_parameters(recurse=False)} if holder is not None else set()
+        if (holder is None or type(holder) is not nn.Module or list(holder.children())
+                or weight.target != f"{path}.weight" or params != ({"weight", "bias"} if bias is not None else {"weight"})
+                or (bias is not None and bias.target != f"{path}.bias")):
+            continue
+        w = holder.weight
+        if op == "linear":
+            layer: nn.Module = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
+        else:
+            stride, padding, dilation, groups = [a if a is not None else d for a, d in zip(args[3:7], (1, 0, 1, 1))]
+            layer = _CONVS[op](w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), stride=stride, padding=padding,
+                               dilation=dilation, groups=groups, bias=bias is not None, device="meta")
+        layer.weight = w
+        if bias is not None:
+            layer.bias = holder.bias
+        _replace(gm, path, layer.train(holder.training))
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_module(path, (node.args[0],))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        for dead in (node, *used):
+            gm.graph.erase_node(dead)
+        count += 1
+    if count:
+        gm.graph.lint()
+        gm.recompile()
+    return count
+
+
 def _selected(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
     if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
         return False
@@ -144,7 +194,8 @@ def _selected(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool
 def factorize(model: nn.Module, *, rank: int | None = None, fraction: float | None = None,
               energy: float | None = None, include: Sequence[str] = (), exclude: Sequence[str] = (),
               randomized_above: int = RANDOMIZED_ABOVE) -> FactorizeReport:
-    """Replace eligible layers of ``model`` in place; returns the per-layer report."""
+    """Replace eligible layers of ``model`` in place; returns the per-layer report. ``model`` may be an
+    exported program's module (``torch.export.load(path).module()``): its layers are restored first."""
     if sum(x is not None for x in (rank, fraction, energy)) != 1:
         raise LrexportError("give exactly one rank rule", "pass one of --rank N, --fraction F, --energy E")
     if rank is not None and rank < 1:
@@ -154,6 +205,8 @@ def factorize(model: nn.Module, *, rank: int | None = None, fraction: float | No
     if energy is not None and not 0 < energy <= 1:
         raise LrexportError(f"energy {energy} is outside (0, 1]", "e.g. --energy 0.95")
     report = FactorizeReport()
+    if isinstance(model, torch.fx.GraphModule):
+        restore_layers(model)
     targets = [(name, mod) for name, mod in model.named_modules() if name and _matrix(mod) is not None
                and _selected(name, include, exclude)]
     if not targets:

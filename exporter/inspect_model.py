@@ -68,7 +68,7 @@ def inspect_path(path: str | Path, *, factory: str | None = None, factory_kwargs
     modules = _module_histogram(loaded)
     return {"kind": loaded.kind, "path": str(p), "class": type(loaded.module).__name__,
             "parameters": loaded.parameter_count, "inputs": [s.to_dict() for s in specs],
-            "module_histogram": dict(modules.most_common())}
+            "module_histogram": dict(modules.most_common()), "notes": list(loaded.notes)}
 
 
 def _module_histogram(loaded) -> collections.Counter:
@@ -97,8 +97,10 @@ def format_inspection(info: dict[str, Any]) -> str:
     else:
         lines.append(f"class {info['class']}")
         rows = [[i["name"], i["dtype"], "x".join(map(str, i["min"])), "x".join(map(str, i["opt"])),
-                 "x".join(map(str, i["max"]))] for i in info["inputs"]]
-        lines.append(format_table(["input", "dtype", "min", "opt", "max"], rows) if rows
+                 "x".join(map(str, i["max"])), "x".join(map(str, i["multiple"])),
+                 f"{i['low']:g}..{i['high']:g}" if i["low"] is not None else "-"] for i in info["inputs"]]
+        lines.append(format_table(["input", "dtype", "min", "opt", "max", "multiple of", "values"], rows) if rows
                      else "inputs: unknown (no sidecar .inputs.json; pass --input to build)")
+        lines += [f"warning: {n}" for n in info["notes"]]
         lines.append(format_table(["module", "count"], list(info["module_histogram"].items())))
     return "\n".join(lines)

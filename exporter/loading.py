@@ -20,10 +20,7 @@ import torch
 from torch import nn
 
 from exporter.errors import LrexportError
-from exporter.specs import InputSpec
-
-KINDS = ("torchscript", "exported-program", "state-dict", "pickle", "module")
-
+from exporter.specs import InputSpec, parse_dim_expr
 
 @dataclass
 class LoadedModel:
@@ -32,6 +29,8 @@ class LoadedModel:
     source: str
     exported_program: Any = None  # torch.export.ExportedProgram when loaded from .pt2
     inferred_specs: list[InputSpec] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # defaults taken while reading the file, shown as warnings
+    limits: dict[tuple[str, int], tuple[int, int | None]] = field(default_factory=dict)  # archive's real ranges
 
     @property
     def parameter_count(self) -> int:
@@ -142,12 +141,115 @@ def _load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], factory: 
                             "check --factory and --factory-kwargs match the checkpoint")
 
 
-def _specs_from_exported_program(ep: Any) -> list[InputSpec]:
-    """Input names, dtypes and dynamic ranges recorded in a torch.export archive."""
-    from torch.utils._sympy.value_ranges import ValueRanges  # noqa: F401  (documents the type)
+UNBOUNDED_SPAN = 8  # an axis with no upper bound gets up to this many times its example size
+MAX_DEFAULT_SIZE = 65536
 
+
+def _bound(value: Any) -> int | None:
+    """An integer range bound from torch, or None for an infinite one (torch's ``int_oo`` claims
+    ``is_finite`` and fails ``int()``, so both are checked)."""
+    try:
+        out = int(value)
+    except (TypeError, ValueError, AttributeError, OverflowError):
+        return None
+    return out if abs(out) < 2**62 else None
+
+
+def _axis_range(ep: Any, expr: Any, example: int | None, what: str, notes: list[str]
+                ) -> tuple[tuple[int, int, int, int], tuple[int, int | None]]:
+    """(min, opt, max, multiple) of one symbolic axis of an archive, with a note for every default taken,
+    and the range the archive really allows (no upper bound: None).
+
+    torch's lower bound 0 (a ``Dim`` without ``min``) is a default, not a wish: such axes start at 1;
+    a bound of 2 (``Dim.AUTO``: torch specializes 0 and 1) is kept. An unbounded axis (``int_oo``) gets
+    up to ``UNBOUNDED_SPAN`` times its example size. A derived dim ``16*blocks`` keeps sizes multiples of 16."""
+    step, symbol = parse_dim_expr(str(expr)) or (1, "")
+    lower = upper = None
+    for key, rng in ep.range_constraints.items():  # the expression's range, and step x its symbol's
+        scale = 1 if key == expr else step if step > 1 and str(key) == symbol else 0
+        lo_b, hi_b = _bound(rng.lower), _bound(rng.upper)
+        if scale and lo_b is not None:
+            lower = max(lower if lower is not None else lo_b * scale, lo_b * scale)
+        if scale and hi_b is not None:
+            upper = min(upper if upper is not None else hi_b * scale, hi_b * scale)
+    lo = max(lower if lower is not None else 1, 1)
+    lo = -(-lo // step) * step
+    if lower is not None and lower < 1:
+        notes.append(f"{what}: torch's lower bound {lower} is its default, not a size the model serves; using {lo}")
+    ex = example if example else lo
+    if upper is None:
+        hi = min(max(ex * UNBOUNDED_SPAN, lo), MAX_DEFAULT_SIZE) // step * step
+        notes.append(f"{what} has no upper bound in the archive (Dim.AUTO or a Dim without max): using "
+                     f"{lo}..{hi} ({UNBOUNDED_SPAN}x the example size {ex}); choose it with --shapes")
+    else:
+        hi = min(upper, MAX_DEFAULT_SIZE) // step * step
+        if upper > MAX_DEFAULT_SIZE:
+            notes.append(f"{what} allows up to {upper}: checking up to {hi}; choose it with --shapes")
+    opt = min(max(ex // step * step, lo), hi)
+    return (lo, opt, hi, step), (lower or 0, upper)
+
+
+_INDEX_PASSTHROUGH = {"view", "reshape", "_reshape_alias", "clone", "contiguous", "_to_copy", "to", "unsqueeze",
+                      "squeeze", "flatten", "expand", "slice", "select", "permute", "transpose", "t", "alias",
+                      "lift_fresh_copy", "detach"}
+
+
+def embedding_sizes(ep: Any) -> dict[str, int]:
+    """User input name -> the smallest embedding table its values index (through view-like ops), read
+    from an exported program's graph: the valid token ids are 0..size-1."""
+    user_inputs = set(ep.graph_signature.user_inputs)
+    sizes: dict[str, int] = {}
+    for node in ep.graph.nodes:
+        if node.op != "call_function" or getattr(node.target, "__name__", "").split(".")[0] != "embedding":
+            continue
+        weight, idx = node.args[0], node.args[1]
+        while getattr(idx, "op", None) == "call_function" and \
+                getattr(idx.target, "__name__", "").split(".")[0] in _INDEX_PASSTHROUGH:
+            idx = idx.args[0]
+        val = getattr(weight, "meta", {}).get("val")
+        if getattr(idx, "op", None) == "placeholder" and idx.name in user_inputs and val is not None:
+            size = _bound(val.shape[0])
+            if size:
+                sizes[idx.name] = min(size, sizes.get(idx.name, size))
+    return sizes
+
+
+def module_embedding_sizes(module: nn.Module, specs: list[InputSpec]) -> dict[str, int]:
+    """The same for an nn.Module: run it once on all-zero inputs (a valid token id for any table) and
+    see which ``nn.Embedding`` reads each integer input (the tensor itself or a view of it)."""
+    ints = [s for s in specs if not s.dtype.startswith(("float", "bool"))]
+    tables = [m for m in module.modules() if isinstance(m, nn.Embedding)]
+    if not ints or not tables:
+        return {}
+    feeds = {s.name: torch.zeros(s.export_shape(), dtype=getattr(torch, s.dtype)) for s in specs}
+    sizes: dict[str, int] = {}
+
+    def hook(mod: nn.Module, args: tuple) -> None:
+        idx = args[0] if args else None
+        base = getattr(idx, "_base", None)
+        for s in ints:
+            if idx is feeds[s.name] or (base is not None and base is feeds[s.name]):
+                sizes[s.name] = min(mod.num_embeddings, sizes.get(s.name, mod.num_embeddings))
+
+    handles = [m.register_forward_pre_hook(hook) for m in tables]
+    try:
+        with torch.no_grad():
+            module(*[feeds[s.name] for s in specs])
+    except Exception:  # the caller's export reports a model that does not run
+        return {}
+    finally:
+        for h in handles:
+            h.remove()
+    return sizes
+
+
+def _specs_from_exported_program(ep: Any, notes: list[str],
+                                  limits: dict[tuple[str, int], tuple[int, int | None]]) -> list[InputSpec]:
+    """Input names, dtypes and dynamic ranges recorded in a torch.export archive (``limits`` gets the
+    range each axis really allows, to check --shapes against)."""
     names = list(ep.graph_signature.user_inputs)
     placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    vocab = embedding_sizes(ep)
     examples = None
     if getattr(ep, "example_inputs", None):
         args, kwargs = ep.example_inputs
@@ -157,26 +259,25 @@ def _specs_from_exported_program(ep: Any) -> list[InputSpec]:
         val = placeholders[name].meta.get("val")
         if not isinstance(val, torch.Tensor):
             continue
-        lo, op, hi = [], [], []
+        example = examples[i] if examples and i < len(examples) and isinstance(examples[i], torch.Tensor) else None
+        lo, op, hi, steps = [], [], [], []
         for axis, dim in enumerate(val.shape):
             if isinstance(dim, int):
-                lo.append(dim)
-                op.append(dim)
-                hi.append(dim)
-                continue
-            rng = ep.range_constraints.get(dim.node.expr)
-            ex = examples[i].shape[axis] if examples and i < len(examples) else None
-            dmin = int(rng.lower) if rng is not None else 1
-            dmax = int(rng.upper) if rng is not None and rng.upper.is_finite else max(ex or 1, 1) * 8
-            dmax = min(dmax, 65536)
-            lo.append(dmin)
-            hi.append(dmax)
-            op.append(min(max(ex or dmin, dmin), dmax))
+                bounds, limits[(name, axis)] = (dim, dim, dim, 1), (dim, dim)
+            else:
+                bounds, limits[(name, axis)] = _axis_range(
+                    ep, dim.node.expr, int(example.shape[axis]) if example is not None else None,
+                    f"axis {axis} of input {name!r}", notes)
+            for dims, value in zip((lo, op, hi, steps), bounds):
+                dims.append(value)
         dtype = str(val.dtype).replace("torch.", "")
         low = high = None
-        if not val.dtype.is_floating_point and examples and i < len(examples) and examples[i].numel():
-            low, high = float(examples[i].min()), float(examples[i].max())
-        specs.append(InputSpec(name, dtype, tuple(lo), tuple(op), tuple(hi), low, high))
+        if name in vocab:
+            low, high = 0.0, float(vocab[name] - 1)
+        elif not val.dtype.is_floating_point and example is not None and example.numel():
+            low, high = float(example.min()), float(example.max())
+        specs.append(InputSpec(name, dtype, tuple(lo), tuple(op), tuple(hi), low, high,
+                               tuple(steps) if any(x > 1 for x in steps) else ()))
     return specs
 
 
@@ -208,7 +309,10 @@ def load_model(path: str | Path | None, *, factory: str | None = None, factory_k
         except Exception as err:
             raise LrexportError(f"torch.export archive {p} could not be loaded ({_short(err)})",
                                 "re-save it with torch.export.save") from None
-        return LoadedModel(ep.module(), "exported-program", str(p), ep, _specs_from_exported_program(ep))
+        notes: list[str] = []
+        limits: dict[tuple[str, int], tuple[int, int | None]] = {}
+        specs = _specs_from_exported_program(ep, notes, limits)
+        return LoadedModel(ep.module(), "exported-program", str(p), ep, specs, notes, limits)
     if kind == "unknown-zip":
         raise LrexportError(f"{p} is a zip archive but not a TorchScript, torch.export or torch.save file",
                             "save the model with torch.jit.save, torch.export.save or torch.save")
@@ -257,6 +361,21 @@ def _short(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
 
 
+def is_onnx_file(p: Path) -> bool:
+    """True when the file parses as an ONNX model with a graph (read without its external data)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception:
+        return False
+    return bool(model.ir_version and (model.graph.node or model.graph.input))
+
+
 def _corrupt(p: Path, err: BaseException) -> LrexportError:
+    if is_onnx_file(p):
+        return LrexportError(f"{p} is an ONNX model; this command takes the PyTorch model it came from",
+                             f"to check it against PyTorch use `lrexport check MODEL {p}`, to run the graph passes "
+                             f"`lrexport optimize {p} OUT.onnx`, to look at it `lrexport inspect {p}`")
     return LrexportError(f"{p} is not a readable model archive ({_short(err)})",
                          "the file may be truncated or not a PyTorch file; re-save it")

@@ -187,7 +187,8 @@ def check_parity(model: nn.Module | LoadedModel, onnx_path: str | Path, *,
         raise LrexportError("check_parity needs the model's inputs", "pass specs= or inputs=/shapes= strings")
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
-        raise LrexportError(f"ONNX file {onnx_path} does not exist", "export it first (lrexport export)")
+        raise LrexportError(f"ONNX file {onnx_path} does not exist",
+                            "export it first (export_onnx / lrexport export), or use assert_parity, which does")
     ort_runner = OnnxRuntimeRunner(onnx_path)
     specs = _align(specs, ort_runner.input_names)
     reference = TorchRunner(module, ort_runner.output_names, [s.name for s in specs])
@@ -225,7 +226,15 @@ def model_specs_from_onnx(path: str | Path) -> list[dict[str, Any]]:
 
 
 def assert_parity(model: nn.Module | LoadedModel, onnx_path: str | Path, **kwargs: Any) -> ParityReport:
-    """``check_parity`` that raises AssertionError (with the table) on any drift; returns the report."""
+    """``check_parity`` that raises AssertionError (with the table) on any drift; returns the report.
+
+    Where ``onnx_path`` does not exist yet, the model is exported there first (with the same specs), so
+    a test can be the one line ``lrexport_parity(model, tmp_path / "model.onnx", shapes=[...])``."""
+    if not Path(onnx_path).exists():
+        from exporter.export import export_onnx
+
+        specs = kwargs.pop("specs", None) or build_specs(kwargs.pop("inputs", ()), kwargs.pop("shapes", ()))
+        kwargs["specs"] = export_onnx(model, specs, onnx_path).specs
     report = check_parity(model, onnx_path, **kwargs)
     report.assert_ok()
     return report

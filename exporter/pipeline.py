@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -17,11 +17,12 @@ import onnx
 from exporter.compare import Tolerance, Tolerances
 from exporter.errors import LrexportError
 from exporter.export import DEFAULT_OPSET, ExportResult, export_onnx, save_onnx
-from exporter.loading import LoadedModel
+from exporter.loading import LoadedModel, module_embedding_sizes
 from exporter.outputs import atomic_dir
 from exporter.parity import ParityReport, Runner, _align, case_feeds, output_modules, run_parity
 from exporter.runners import OnnxRuntimeRunner, TorchRunner
-from exporter.specs import InputSpec, build_specs, parity_cases, random_feeds, read_sidecar
+from exporter.specs import (InputSpec, build_specs, merge_specs, parity_cases, parse_input, random_feeds,
+                            read_sidecar)
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 BACKENDS = ("auto", "tensorrt", "tensorrt-rtx", "onnxruntime")
@@ -29,17 +30,55 @@ BACKENDS = ("auto", "tensorrt", "tensorrt-rtx", "onnxruntime")
 
 def resolve_specs(loaded: LoadedModel | None, inputs: Sequence[str] = (), shapes: Sequence[str] = (),
                   model_path: str | Path | None = None) -> list[InputSpec]:
-    """Inputs from the command line, else the sidecar ``<model>.inputs.json``, else the .pt2 archive."""
+    """Inputs from the command line (over what a .pt2 archive records: its dtypes, token-id ranges and
+    axis multiples stay), else the sidecar ``<model>.inputs.json``, else the .pt2 archive.
+
+    Integer inputs without a value range take 0..V-1 from the embedding table that reads them. A
+    warning (in ``loaded.notes``) says when the command line makes a static model."""
+    known = list(loaded.inferred_specs) if loaded is not None else []
+    side = read_sidecar(model_path) if model_path is not None and not (inputs or shapes) else None
     if inputs or shapes:
-        return build_specs(inputs, shapes)
-    if model_path is not None:
-        side = read_sidecar(model_path)
-        if side is not None:
-            return build_specs(*side)
-    if loaded is not None and loaded.inferred_specs:
-        return list(loaded.inferred_specs)
-    raise LrexportError("the model's inputs are not known",
-                        "pass --input NAME:DIMS:DTYPE (and --shapes NAME:min=..,opt=..,max=.. for dynamic axes)")
+        explicit = {parse_input(t)[0] for t in inputs if parse_input(t)[2]}
+        specs = merge_specs(build_specs(inputs, shapes), known, explicit)
+        _check_limits(specs, loaded.limits if loaded is not None else {})
+        if inputs and not shapes and not any(s.dynamic_axes for s in specs) and loaded is not None:
+            loaded.notes.append(
+                "the inputs have fixed shapes (--input without --shapes), so the ONNX model is static; for dynamic "
+                "batch and sequence add " + " ".join(f"--shapes {_dynamic_example(s)}" for s in specs if s.rank >= 2))
+    elif side is not None:
+        specs = build_specs(*side)
+    elif known:
+        specs = known
+    else:
+        raise LrexportError("the model's inputs are not known",
+                            "pass --input NAME:DIMS:DTYPE (and --shapes NAME:min=..,opt=..,max=.. for dynamic axes)")
+    if loaded is not None and loaded.exported_program is None and any(s.low is None for s in specs):
+        vocab = module_embedding_sizes(loaded.module, specs)
+        specs = [replace(s, low=0.0, high=float(vocab[s.name] - 1)) if s.name in vocab and s.low is None else s
+                 for s in specs]
+    return specs
+
+
+def _check_limits(specs: Sequence[InputSpec], limits: Mapping[tuple[str, int], tuple[int, int | None]]) -> None:
+    """A range asked for on the command line must stay inside what the archive was exported for: its
+    program refuses other sizes (a guard failure deep in the reference run otherwise)."""
+    for spec in specs:
+        for axis in range(spec.rank):
+            lo, hi = limits.get((spec.name, axis), (0, None))
+            if spec.min[axis] < lo or (hi is not None and spec.max[axis] > hi):
+                allowed = f"{lo}" if lo == hi else f"{lo}..{hi if hi is not None else 'any'}"
+                raise LrexportError(
+                    f"axis {axis} of input {spec.name!r} is {allowed} in the model archive, but the command line "
+                    f"asks for {spec.min[axis]}..{spec.max[axis]}",
+                    "stay inside the archive's range, or export the model again with a wider torch.export Dim")
+
+
+def _dynamic_example(spec: InputSpec) -> str:
+    """A --shapes string making axes 0 and 1 of a static spec dynamic (batch 1..8, sequence 1..4x)."""
+    lo, hi = list(spec.opt), list(spec.opt)
+    lo[0], lo[1] = 1, 1
+    hi[0], hi[1] = max(8, spec.opt[0]), 4 * spec.opt[1]
+    return replace(spec, min=tuple(lo), max=tuple(hi)).shapes_string()
 
 
 @dataclass
@@ -117,8 +156,8 @@ def run_passes_on(model: onnx.ModelProto, options: BuildOptions, specs: Sequence
                   progress: Callable[[str], None]) -> tuple[onnx.ModelProto, dict[str, Any]]:
     import graph_passes
 
-    feeds = [random_feeds(specs, case, options.seed + 100 + i)
-             for i, case in enumerate(c for c in parity_cases(specs) if c in ("min", "odd"))]
+    cases = [c for c in parity_cases(specs) if c in ("min", "odd")] or ["opt"]  # a static model has only opt
+    feeds = [random_feeds(specs, case, options.seed + 100 + i) for i, case in enumerate(cases)]
     opts = graph_passes.PassOptions(chunk_size=options.chunk_size, merge_threshold=options.merge_threshold)
     try:
         new_model, report = graph_passes.run_passes(model, options.passes, options=opts, feeds=feeds,

@@ -78,6 +78,14 @@ def ort_session_options(threads: int | None = None) -> ort.SessionOptions:
     return opts
 
 
+def ort_error_text(err: BaseException, limit: int = 400) -> str:
+    """ONNX Runtime's message on one line: its detail lines (``index: 1 Got: 128 Expected: 64``) kept,
+    its boilerplate advice dropped."""
+    lines = [ln.strip() for ln in str(err).strip().splitlines()]
+    text = " ".join(ln for ln in lines if ln and not ln.startswith("Please fix"))
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 class OnnxRuntimeRunner:
     """ONNX Runtime on an ONNX file (CPU by default; CUDA when onnxruntime-gpu and a GPU are present)."""
 
@@ -93,7 +101,7 @@ class OnnxRuntimeRunner:
         try:
             self.session = ort.InferenceSession(str(self.path), ort_session_options(), providers=providers)
         except Exception as err:
-            raise LrexportError(f"ONNX Runtime cannot load {self.path} ({str(err).strip().splitlines()[0][:300]})",
+            raise LrexportError(f"ONNX Runtime cannot load {self.path} ({ort_error_text(err)})",
                                 "check the file with `lrexport inspect`; re-export it if it is damaged") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -107,6 +115,6 @@ class OnnxRuntimeRunner:
             outs = self.session.run(None, {n: feeds[n] for n in self.input_names})
         except Exception as err:
             shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
-            raise LrexportError(f"ONNX Runtime failed on inputs {shapes} ({str(err).strip().splitlines()[0][:300]})",
+            raise LrexportError(f"ONNX Runtime failed on inputs {shapes} ({ort_error_text(err)})",
                                 "check the shape ranges against the model") from None
         return dict(zip(self.output_names, outs))

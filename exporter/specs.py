@@ -297,9 +297,44 @@ def random_feeds(specs: Sequence[InputSpec], case: str, seed: int = 0) -> dict[s
     return {s.name: s.random(s.shape(case), rng) for s in specs}
 
 
+_DIM_EXPR = re.compile(r"^\s*(?:(\d+)\s*\*\s*)?([A-Za-z_]\w*)(?:\s*\*\s*(\d+))?\s*$")
+
+
+def parse_dim_expr(text: str) -> tuple[int, str] | None:
+    """``16*s11`` / ``s11*16`` / ``seq`` -> (multiple, symbol); None for other expressions (``2*s0 + 1``).
+
+    torch.export writes a derived dim (``16*blocks``) this way in its range constraints, and the dynamo
+    exporter writes it into the ONNX input's dim_param, so one parser serves both."""
+    m = _DIM_EXPR.match(text)
+    if not m or (m.group(1) and m.group(3)):
+        return None
+    return int(m.group(1) or m.group(3) or 1), m.group(2)
+
+
+def merge_specs(given: Sequence[InputSpec], known: Sequence[InputSpec], explicit_dtypes: set[str]) -> list[InputSpec]:
+    """Specs from --input/--shapes over the ones a model file records: shapes from the command line;
+    dtypes, value ranges and axis multiples from the file unless the command line gave them."""
+    by_name = {s.name: s for s in known}
+    out = []
+    for spec in given:
+        base = by_name.get(spec.name)
+        if base is not None:
+            if base.rank != spec.rank:
+                raise LrexportError(f"input {spec.name!r} has {base.rank} dims in the model file but {spec.rank} "
+                                    "on the command line", "give --shapes/--input with the model's rank")
+            spec = replace(spec, dtype=spec.dtype if spec.name in explicit_dtypes else base.dtype,
+                           low=spec.low if spec.low is not None else base.low,
+                           high=spec.high if spec.high is not None else base.high,
+                           multiple=base.multiple)
+        out.append(spec)
+    named = {s.name for s in given}
+    return out + [s for s in known if s.name not in named]
+
+
 def specs_from_onnx(model: Any) -> list[InputSpec]:
     """Specs for a bare ONNX file: static dims as they are; symbolic dims get a modest default range
-    (axis 0: 1..4, others 1..256), ints the safe value range 0..1 (any embedding accepts it)."""
+    (axis 0: 1..4, others 1..256; a dim written ``16*blocks`` in multiples of 16), ints the safe value
+    range 0..1 (any embedding accepts it)."""
     import onnx
 
     specs = []
@@ -309,14 +344,20 @@ def specs_from_onnx(model: Any) -> list[InputSpec]:
         lo: list[int] = []
         op: list[int] = []
         hi: list[int] = []
+        steps: list[int] = []
         for axis, d in enumerate(tt.shape.dim):
+            step = 1
             if d.HasField("dim_value"):
                 bounds = (d.dim_value, d.dim_value, d.dim_value)
             else:
+                step = (parse_dim_expr(d.dim_param) or (1, ""))[0]
                 bounds = (1, 2, 4) if axis == 0 else (1, 64, 256)
-            for dims, value in zip((lo, op, hi), bounds):
+                bounds = (max(step, bounds[0] // step * step), -(-bounds[1] // step) * step,
+                          -(-bounds[2] // step) * step)
+            for dims, value in zip((lo, op, hi, steps), (*bounds, step)):
                 dims.append(value)
         is_int = np.issubdtype(np.dtype(dtype), np.integer)
         specs.append(InputSpec(vi.name, dtype if dtype in DTYPES else "float32", tuple(lo), tuple(op), tuple(hi),
-                               0.0 if is_int else None, 1.0 if is_int else None))
+                               0.0 if is_int else None, 1.0 if is_int else None,
+                               tuple(steps) if any(x > 1 for x in steps) else ()))
     return specs

@@ -94,7 +94,8 @@ def test_state_dict_with_factory_on_the_command_line(cli, sample_file, tmp_path)
     assert res.code == 0, res.err
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "corrupt", "pickle", "factory", "spec", "op", "nan", "range"])
+@pytest.mark.parametrize("case", ["missing", "empty", "corrupt", "pickle", "factory", "spec", "archive-range", "op",
+                                  "nan", "range"])
 def test_bad_input_gets_one_line_and_nonzero_exit(case, cli, sample_file, tmp_path):
     out = tmp_path / "out"
     common = ("--out", out, "--no-passes", "--backend", "onnxruntime")
@@ -114,8 +115,11 @@ def test_bad_input_gets_one_line_and_nonzero_exit(case, cli, sample_file, tmp_pa
         res, want = cli("build", tmp_path / "sd.pt", "--factory", "broken_import:build", "--input", "x:1x2",
                         *common, cwd=FIXTURES), "does not import"
     elif case == "spec":
-        res, want = cli("build", sample_file("lowrank_mlp"), "--input", "x:1x8x100", *common), \
+        res, want = cli("build", sample_file("lowrank_mlp", "torchscript"), "--input", "x:1x8x100", *common), \
             "does not run on the given inputs"
+    elif case == "archive-range":  # a .pt2 knows its sizes: refused before anything runs
+        res, want = cli("build", sample_file("lowrank_mlp"), "--input", "x:1x8x100", *common), \
+            "axis 2 of input 'x' is 512 in the model archive"
     elif case == "op":
         res, want = cli("build", "--factory", "badmodels:custom_op_model", "--input", "x:2x4x16", *common,
                         cwd=FIXTURES), "cannot handle op lrexport_tests.mystery in module 'odd'"
