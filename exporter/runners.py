@@ -45,9 +45,15 @@ class TorchRunner:
             out = module(*args)
         return [t.detach().cpu().numpy() for _, t in flatten_outputs(out)]
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    @property
+    def uses_float64(self) -> bool:
+        """Whether :meth:`run` computes in float64 (until a float64 run fails, it is tried)."""
+        return self._f64 is not None
+
+    def run(self, feeds: dict[str, np.ndarray], float64: bool = True) -> dict[str, np.ndarray]:
+        """Outputs for ``feeds``; ``float64=False`` runs this call in float32 (a case too large for float64)."""
         outs = None
-        if self._f64 is not None:
+        if self._f64 is not None and float64:
             try:
                 outs = self._call(self._f64, feeds, True)
                 if not any(o.dtype == np.float64 for o in outs):
@@ -67,8 +73,11 @@ class TorchRunner:
         return dict(zip(self.output_names, outs))
 
 
-def ort_session_options(threads: int | None = None) -> ort.SessionOptions:
+def ort_session_options(threads: int | None = None, arena: bool = True) -> ort.SessionOptions:
+    """``arena=False``: every run gives its memory back (the CPU arena keeps a run's peak for the
+    session's lifetime, so parity sessions run one after another at the largest shapes would add up)."""
     opts = ort.SessionOptions()
+    opts.enable_cpu_mem_arena = arena
     opts.log_severity_level = 3
     # Spin-waiting threads slow down other sessions in the same process 2-3x (measured).
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -91,7 +100,8 @@ class OnnxRuntimeRunner:
             raise LrexportError(f"ONNX Runtime provider {missing[0]} is not available here",
                                 f"install onnxruntime-gpu for CUDA, or use one of {', '.join(available)}")
         try:
-            self.session = ort.InferenceSession(str(self.path), ort_session_options(), providers=providers)
+            self.session = ort.InferenceSession(str(self.path), ort_session_options(arena=False),
+                                                providers=providers)
         except Exception as err:
             raise LrexportError(f"ONNX Runtime cannot load {self.path} ({str(err).strip().splitlines()[0][:300]})",
                                 "check the file with `lrexport inspect`; re-export it if it is damaged") from None

@@ -89,11 +89,12 @@ def _shapes_by_running(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]
     return info
 
 
-def bind_shapes(model: onnx.ModelProto | str | Path, shapes: dict[str, tuple[int, ...]]
-                ) -> tuple[ir.Model, dict[str, ir.Value]] | None:
+def bind_shapes(model: onnx.ModelProto | str | Path, shapes: dict[str, tuple[int, ...]],
+                base_dir: str | Path | None = None) -> tuple[ir.Model, dict[str, ir.Value]] | None:
     """An onnx-ir copy of ``model`` with the input dims bound to ``shapes`` and every value's shape inferred,
     without running it (a path loads lazily: external weights stay on disk), plus every value of the
-    original graph by name (those folded into constants keep their inferred shape).
+    original graph by name (those folded into constants keep their inferred shape). ``base_dir``: where
+    the external weights of a ``model`` loaded without them lie.
 
     onnxscript's constant folding, with ONNX shape inference per node, evaluates the shape arithmetic, so
     dynamic padding (Shape->Mod->Pad) resolves too, where plain ``onnx.shape_inference`` stops.
@@ -103,6 +104,8 @@ def bind_shapes(model: onnx.ModelProto | str | Path, shapes: dict[str, tuple[int
 
     try:
         m = ir.load(str(model)) if isinstance(model, (str, Path)) else ir.serde.deserialize_model(model)
+        if base_dir is not None:
+            ir.external_data.set_base_dir(m.graph, base_dir)
         values: dict[str, ir.Value] = {v.name: v for v in [*m.graph.inputs, *m.graph.initializers.values()]
                                        if v.name}
         for v in m.graph.inputs:
@@ -144,6 +147,7 @@ class MemoryEstimate:
     PyTorch's eager frees both come close to this (measured: benchmarks/bench_memory_estimate.py).
     ``largest``: the largest single intermediate. ``all_values``: every intermediate at once (a run that
     exposes all of them, as drift localization does). ``unknown``: values of unknown shape (counted as 0).
+    ``outputs``: each graph output's shape (None where unknown); ``output_bytes``: their total size.
     """
 
     peak: int
@@ -151,6 +155,7 @@ class MemoryEstimate:
     all_values: int
     unknown: int
     outputs: dict[str, tuple[int, ...] | None]
+    output_bytes: int
 
 
 def _nbytes(value: ir.Value, float_bytes: float | None) -> int | None:
@@ -163,11 +168,12 @@ def _nbytes(value: ir.Value, float_bytes: float | None) -> int | None:
 
 
 def estimate_memory(model: onnx.ModelProto | str | Path, shapes: dict[str, tuple[int, ...]], *,
-                    float_bytes: float | None = None, ort_scratch: bool = False) -> MemoryEstimate | None:
+                    float_bytes: float | None = None, ort_scratch: bool = False,
+                    base_dir: str | Path | None = None) -> MemoryEstimate | None:
     """The :class:`MemoryEstimate` of ``model`` at input ``shapes``. ``float_bytes=8`` prices every float
     tensor as float64 (a PyTorch reference run in double of a float32 graph); ``ort_scratch`` adds ONNX
     Runtime's kernel scratch space. None when the shapes cannot be inferred."""
-    bound = bind_shapes(model, shapes)
+    bound = bind_shapes(model, shapes, base_dir)
     if bound is None:
         return None
     graph = bound[0].graph
@@ -215,7 +221,8 @@ def estimate_memory(model: onnx.ModelProto | str | Path, shapes: dict[str, tuple
     outs = {v.name or "": (tuple(v.shape) if v.shape is not None and all(isinstance(d, int) for d in v.shape)
                            else None) for v in graph.outputs}
     return MemoryEstimate(peak=int(peak), largest=max(inter, default=0), all_values=int(sum(inter)),
-                          unknown=unknown, outputs=outs)  # type: ignore[arg-type]
+                          unknown=unknown, outputs=outs,  # type: ignore[arg-type]
+                          output_bytes=sum(_nbytes(v, float_bytes) or 0 for v in graph.outputs))
 
 
 def count_flops(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> int | None:
