@@ -73,11 +73,8 @@ class TorchRunner:
         return dict(zip(self.output_names, outs))
 
 
-def ort_session_options(threads: int | None = None, arena: bool = True) -> ort.SessionOptions:
-    """``arena=False``: every run gives its memory back (the CPU arena keeps a run's peak for the
-    session's lifetime, so parity sessions run one after another at the largest shapes would add up)."""
+def ort_session_options(threads: int | None = None) -> ort.SessionOptions:
     opts = ort.SessionOptions()
-    opts.enable_cpu_mem_arena = arena
     opts.log_severity_level = 3
     # Spin-waiting threads slow down other sessions in the same process 2-3x (measured).
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -100,13 +97,17 @@ class OnnxRuntimeRunner:
             raise LrexportError(f"ONNX Runtime provider {missing[0]} is not available here",
                                 f"install onnxruntime-gpu for CUDA, or use one of {', '.join(available)}")
         try:
-            self.session = ort.InferenceSession(str(self.path), ort_session_options(arena=False),
-                                                providers=providers)
+            self.session = ort.InferenceSession(str(self.path), ort_session_options(), providers=providers)
         except Exception as err:
             raise LrexportError(f"ONNX Runtime cannot load {self.path} ({str(err).strip().splitlines()[0][:300]})",
                                 "check the file with `lrexport inspect`; re-export it if it is damaged") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # Give the CPU arena back after each run: it otherwise keeps a run's peak for the session's
+        # lifetime, and parity runs several sessions and the reference one after another at the largest
+        # shapes (measured: the arena reuses buffers better than malloc within a run, so keep it on).
+        self.run_options = ort.RunOptions()
+        self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [n for n in self.input_names if n not in feeds]
@@ -114,7 +115,7 @@ class OnnxRuntimeRunner:
             raise LrexportError(f"the ONNX model needs input {missing[0]!r}, which the input spec lacks",
                                 f"name the inputs {', '.join(self.input_names)} in --input/--shapes")
         try:
-            outs = self.session.run(None, {n: feeds[n] for n in self.input_names})
+            outs = self.session.run(None, {n: feeds[n] for n in self.input_names}, self.run_options)
         except Exception as err:
             shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
             raise LrexportError(f"ONNX Runtime failed on inputs {shapes} ({str(err).strip().splitlines()[0][:300]})",

@@ -143,7 +143,7 @@ class MemoryEstimate:
     ``peak``: the largest sum of live tensors over a walk of the nodes in graph order: a tensor is live
     from the node that makes it to its last reader (inputs and outputs for the whole run; an aliasing op
     such as Reshape shares its input's buffer), and a node's inputs and outputs are live together, plus
-    the kernel's scratch space with ``ort_scratch``. ONNX Runtime's memory planner (arena off) and
+    the kernel's scratch space with ``ort_scratch``. ONNX Runtime's memory planner (in its arena) and
     PyTorch's eager frees both come close to this (measured: benchmarks/bench_memory_estimate.py).
     ``largest``: the largest single intermediate. ``all_values``: every intermediate at once (a run that
     exposes all of them, as drift localization does). ``unknown``: values of unknown shape (counted as 0).
