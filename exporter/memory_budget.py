@@ -222,32 +222,24 @@ class MemoryPlanner:
         return {k: ((chunk, *v[1:]) if chunk else tuple(v)) for k, v in shapes.items()}
 
     def estimate(self, shapes: Shapes, chunk: int | None = None, reference_float32: bool = False) -> int | None:
-        """Bytes of the largest single run of a case, plus what stays in memory across its runs (the
-        inputs, the reference's outputs, and with ``chunk`` the outputs gathered from the slices)."""
+        """Bytes of the largest run of a case with what stays in memory meanwhile: a backend runs while the
+        reference's outputs are kept; with ``chunk``, the whole inputs stay too, and each run's slice
+        outputs are gathered, then concatenated (twice the case's outputs)."""
         run = self._run_shapes(shapes, chunk)
-        peaks, full_out = [], 0
-        for cost in self.backends:
-            e = cost.estimate(run)
-            if e is None:
-                return None
-            peaks.append(e.peak)
-            if chunk:
-                full = cost.estimate(shapes)
-                if full is None:
-                    return None
-                full_out = max(full_out, 2 * full.output_bytes)  # the slices' outputs, then concatenated
         ref_bytes = 4.0 if reference_float32 or not self.reference_float64 else 8.0
-        ref_out = 0
-        if self.reference is not None:
-            e = self.reference.estimate(run, ref_bytes)
-            full = self.reference.estimate(shapes, ref_bytes)
+        totals, kept = [], 0
+        for cost, float_bytes in [*((c, None) for c in self.backends), (self.reference, ref_bytes)]:
+            if cost is None:
+                continue
+            e, full = cost.estimate(run, float_bytes), cost.estimate(shapes, float_bytes)
             if e is None or full is None:
                 return None
-            peaks.append(e.peak + (2 * full.output_bytes if chunk else 0))
-            ref_out = full.output_bytes
-        inputs = sum(int(np.prod(v)) * np.dtype(s.np_dtype).itemsize for s in self.specs
-                     for k, v in shapes.items() if k == s.name)
-        return max(peaks, default=0) + inputs + ref_out + full_out
+            totals.append((e.peak + (2 * full.output_bytes if chunk else 0), cost is self.reference))
+            if cost is self.reference:
+                kept = full.output_bytes
+        inputs = sum(int(np.prod(shapes[s.name])) * np.dtype(s.np_dtype).itemsize for s in self.specs
+                     if s.name in shapes) if chunk else 0
+        return max((t + (0 if is_ref else kept) for t, is_ref in totals), default=0) + inputs
 
     def _outputs(self, shapes: Shapes) -> dict[str, tuple[int, ...] | None] | None:
         cost = self.reference or (self.backends[0] if self.backends else None)
