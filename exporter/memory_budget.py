@@ -269,15 +269,15 @@ class MemoryPlanner:
         return chunk, None
 
     def _shrink(self, shapes: Shapes, div: int) -> dict[str, tuple[int, ...]]:
-        out = {}
+        out: dict[str, tuple[int, ...]] = {}
         for spec in self.specs:
             dims = list(shapes[spec.name])
             for axis in range(1, len(dims)):
                 if spec.min[axis] != spec.max[axis]:
                     dims[axis] = spec.fit_size(axis, max(1, dims[axis] // div))
             out[spec.name] = tuple(dims)
-        for name, dims in shapes.items():
-            out.setdefault(name, tuple(dims))
+        for name, given in shapes.items():
+            out.setdefault(name, tuple(given))
         return out
 
     @staticmethod

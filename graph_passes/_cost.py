@@ -221,7 +221,7 @@ def estimate_memory(model: onnx.ModelProto | str | Path, shapes: dict[str, tuple
     outs = {v.name or "": (tuple(v.shape) if v.shape is not None and all(isinstance(d, int) for d in v.shape)
                            else None) for v in graph.outputs}
     return MemoryEstimate(peak=int(peak), largest=max(inter, default=0), all_values=int(sum(inter)),
-                          unknown=unknown, outputs=outs,  # type: ignore[arg-type]
+                          unknown=unknown, outputs=outs,
                           output_bytes=sum(_nbytes(v, float_bytes) or 0 for v in graph.outputs))
 
 
@@ -242,7 +242,7 @@ def _shapes_by_inference(model: onnx.ModelProto, shapes: dict[str, tuple[int, ..
     for name, v in bound[1].items():
         if v.shape is None or not all(isinstance(d, int) for d in v.shape):
             return None
-        info[name] = list(v.shape)  # type: ignore[arg-type]
+        info[name] = list(v.shape)
     return info
 
 
