@@ -335,6 +335,8 @@ class MemoryPlanner:
                 plan.shapes, total = smaller, est
             else:
                 at = f" even at {_dims(smaller)}" if change else ""
+                if plan.batch_chunk:
+                    at += " one item at a time" if plan.batch_chunk == 1 else f" {plan.batch_chunk} items at a time"
                 plan.steps.append(f"not run: {over(est)}{at}; give parity more memory with --memory-budget "
                                   f"or {BUDGET_ENV} if the machine has it")
                 plan.skip = True

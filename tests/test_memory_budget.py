@@ -94,8 +94,18 @@ def test_a_case_that_cannot_fit_is_not_run_and_says_so(causal_blocks):
     report = check_parity(model, path, specs=[spec], cases=["min", "max"], memory_budget="10kB")
     assert report.results == [] and not report.ok
     assert [s.split(":")[0] for s in report.skipped] == ["min", "max"]
-    assert "not run: estimated " in report.skipped[1] and "even at 2x16x512" in report.skipped[1]
+    assert "not run: estimated " in report.skipped[1] and "even at 2x16x512 one item at a time" in report.skipped[1]
     assert "--memory-budget" in report.skipped[1] and BUDGET_ENV in report.skipped[1]
+
+
+def test_check_command_takes_the_budget(cli, sample_file, tmp_path):
+    onnx_file = tmp_path / "naive.onnx"
+    assert cli("export", sample_file("causal_block"), "--out", onnx_file, "-q").code == 0
+    res = cli("check", sample_file("causal_block"), onnx_file, "--cases", "max", "--memory-budget", "300MB")
+    assert res.code == 0, res.err
+    lines = [ln.strip() for ln in res.out.splitlines() if ln.strip().startswith("memory: max:")]
+    assert lines[0].startswith("memory: max: batch of 2 run one item at a time (estimated ")
+    assert lines[-1].startswith("memory: max: ") and "> 300 MB memory budget" in lines[-1]
 
 
 class _SeqFirst(nn.Module):
