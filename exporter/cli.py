@@ -56,7 +56,23 @@ parity_options = _compose(
                  help="Tolerance for one output (glob). Repeatable."),
     click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random inputs."),
     click.option("--cases", metavar="LIST", help="Shape cases to check: comma list of min,opt,max,odd."),
+    click.option("--memory-budget", metavar="SIZE", expose_value=False, callback=lambda ctx, _p, v: _memory_budget(ctx, v),
+                 help="Memory one parity run may use, e.g. 8GB (default: $LREXPORT_MEMORY_BUDGET, else 70% of "
+                      "the memory available). Larger cases run in batch slices, a float32 reference, or a "
+                      "smaller sequence, as the report says."),
 )
+
+
+def _memory_budget(ctx: click.Context, value: str | None) -> None:
+    """--memory-budget: checked at once (a bad size is a one-line error), kept for the command to read."""
+    if value is not None:
+        from exporter.memory_budget import parse_size
+
+        ctx.meta["lrexport.memory_budget"] = parse_size(value)
+
+
+def _given_memory_budget() -> int | None:
+    return click.get_current_context().meta.get("lrexport.memory_budget")
 common_options = _compose(
     click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout."),
     click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr."),
@@ -181,6 +197,7 @@ def build(model, out, force, precision, no_passes, pad_to_length, passes, chunk_
                            per_output=_tolerances(tols), seed=seed, cases=_cases(cases),
                            timing_cache=Path(timing_cache) if timing_cache else None, opt_level=opt_level,
                            workspace_mb=workspace_mb, chunk_size=chunk_size, merge_threshold=merge_threshold)
+    options.memory_budget = _given_memory_budget()
     report = run_build(loaded, specs, options, progress=say)
     _emit(as_json, report.to_dict(), report.format_text())
     return 0 if report.ok else 1
@@ -244,7 +261,7 @@ def check(model, onnx_file, precision, report_path, factory, factory_kwargs, tru
     specs = resolve_specs(loaded, inputs, shapes, None if model == "-" else model)
     report = check_parity(loaded, onnx_file, specs=specs, precision=precision, atol=atol, rtol=rtol,
                           per_output=_tolerances(tols), seed=seed, cases=_cases(cases),
-                          progress=lambda m: say(f"[parity] {m}"))
+                          progress=lambda m: say(f"[parity] {m}"), memory_budget=_given_memory_budget())
     if report_path:
         atomic_write_file(report_path, json.dumps(report.to_dict(), indent=2) + "\n", force=True)
     _emit(as_json, report.to_dict(), report.format_table())

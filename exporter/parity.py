@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from torch import nn
 from exporter.compare import OutputComparison, Tolerance, Tolerances, compare_outputs
 from exporter.errors import LrexportError
 from exporter.loading import LoadedModel
+from exporter.memory_budget import MemoryBudget, MemoryPlanner, plan_feeds, planner_for_runners, run_planned
 from exporter.runners import OnnxRuntimeRunner, TorchRunner
 from exporter.specs import InputSpec, build_specs, parity_cases, random_feeds
 from exporter.table import fmt_num, format_table
@@ -37,6 +39,7 @@ class CaseResult:
     shapes: dict[str, list[int]]
     outputs: list[OutputComparison]
     seconds: float
+    memory: list[str] = field(default_factory=list)  # how this case was scaled down to fit in memory, and why
 
     @property
     def ok(self) -> bool:
@@ -44,7 +47,8 @@ class CaseResult:
 
     def to_dict(self) -> dict:
         return {"backend": self.backend, "case": self.case, "shapes": self.shapes, "ok": self.ok,
-                "seconds": round(self.seconds, 4), "outputs": [o.to_dict() for o in self.outputs]}
+                "seconds": round(self.seconds, 4), "outputs": [o.to_dict() for o in self.outputs],
+                "memory": list(self.memory)}
 
 
 @dataclass
@@ -55,6 +59,12 @@ class ParityReport:
     results: list[CaseResult] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # backends not run, with the reason
     drift: list[dict] = field(default_factory=list)  # where a failing low-precision model starts to drift
+    plans: dict[str, Any] = field(default_factory=dict, repr=False)  # case -> memory_budget.CasePlan
+
+    @property
+    def memory_notes(self) -> list[str]:
+        """Each step a case was scaled down by to fit in memory, with why: ``"max: seq 16384 -> 4096 (...)"``."""
+        return [f"{case}: {step}" for case, plan in self.plans.items() for step in plan.steps]
 
     @property
     def ok(self) -> bool:
@@ -65,7 +75,8 @@ class ParityReport:
 
     def to_dict(self) -> dict:
         return {"ok": self.ok, "reference": self.reference, "precision": self.precision, "seed": self.seed,
-                "results": [r.to_dict() for r in self.results], "skipped": self.skipped, "drift": self.drift}
+                "results": [r.to_dict() for r in self.results], "skipped": self.skipped, "drift": self.drift,
+                "memory": [p.to_dict() for p in self.plans.values() if p.scaled]}
 
     def format_table(self) -> str:
         headers = ["backend", "case", "shapes", "output", "max abs", "max rel", "rel L2", "cosine",
@@ -87,6 +98,7 @@ class ParityReport:
                          f"{fmt_num(o.worst_expected)} (passes with atol >= {fmt_num(o.min_atol)})")
         for d in self.drift:
             lines.append(f"  {d['backend']} {d['case']}: {d['text']}")
+        lines += [f"  memory: {note}" for note in self.memory_notes]
         for s in self.skipped:
             lines.append(f"  skipped: {s}")
         lines.append(f"parity: {'PASS' if self.ok else 'FAIL'}")
@@ -142,15 +154,30 @@ def case_feeds(specs: Sequence[InputSpec], cases: Sequence[str], seed: int) -> d
 def run_parity(reference: TorchRunner, backends: Sequence[Runner], specs: Sequence[InputSpec], *,
                tolerances: Mapping[str, Tolerances], seed: int = 0, cases: Sequence[str] | None = None,
                modules: Mapping[str, str] | None = None, precision: str = "fp32",
-               progress: Callable[[str], None] | None = None) -> ParityReport:
-    """Run the reference and each backend at every shape case, compare, and collect a report."""
+               progress: Callable[[str], None] | None = None, memory: MemoryPlanner | None = None,
+               memory_budget: str | int | MemoryBudget | None = None) -> ParityReport:
+    """Run the reference and each backend at every shape case, compare, and collect a report.
+
+    Each case is first planned against the memory budget (exporter/memory_budget.py): run as asked, or
+    scaled down (batch slices, float32 reference, smaller sequence) or left out, as the report says.
+    ``memory`` prices the runs on given graphs; by default on the ONNX Runtime backends' files.
+    """
     say = progress or (lambda _m: None)
     cases = list(cases or parity_cases(specs))
     report = ParityReport(reference="pytorch", precision=precision, seed=seed)
-    for i, (case, feeds) in enumerate(case_feeds(specs, cases, seed).items()):
+    planner = memory or planner_for_runners(reference, backends, specs, MemoryBudget.resolve(memory_budget))
+    for i, case in enumerate(cases):
+        plan = report.plans[case] = planner.plan(case, {s.name: s.shape(case) for s in specs})
+        plan.seed = seed + i
+        for step in plan.steps:
+            say(f"parity {case}: {step}")
+        if plan.skip:
+            report.skipped.append(f"{case}: {plan.steps[-1]}")
+            continue
+        feeds = plan_feeds(specs, plan, plan.seed)
         shapes = {k: list(v.shape) for k, v in feeds.items()}
         say(f"parity {i + 1}/{len(cases)}: {case} {' '.join('x'.join(map(str, s)) for s in shapes.values())}")
-        expected = reference.run(feeds)
+        expected = run_planned(functools.partial(reference.run, float64=not plan.reference_float32), feeds, plan)
         for name, arr in expected.items():
             if arr.dtype.kind == "f" and not np.isfinite(arr).all():
                 raise LrexportError(f"the PyTorch model itself produces NaN/Inf in output {name!r} at shape "
@@ -158,12 +185,12 @@ def run_parity(reference: TorchRunner, backends: Sequence[Runner], specs: Sequen
                                     "check the weights and the --input value ranges; parity needs finite outputs")
         for backend in backends:
             start = time.perf_counter()
-            actual = backend.run(feeds)
+            actual = run_planned(backend.run, feeds, plan)
             seconds = time.perf_counter() - start
             comps = compare_outputs(actual, expected, tolerances[backend.name])
             for c in comps:
                 c.module = (modules or {}).get(c.output)
-            report.results.append(CaseResult(backend.name, case, shapes, comps, seconds))
+            report.results.append(CaseResult(backend.name, case, shapes, comps, seconds, list(plan.steps)))
     report.reference = f"pytorch {reference.precision}"
     return report
 
@@ -174,11 +201,15 @@ def check_parity(model: nn.Module | LoadedModel, onnx_path: str | Path, *,
                  rtol: float | None = None, per_output: Mapping[str, Tolerance] | None = None,
                  seed: int = 0, cases: Sequence[str] | None = None,
                  extra_backends: Sequence[tuple[Runner, str]] = (),
-                 progress: Callable[[str], None] | None = None) -> ParityReport:
+                 progress: Callable[[str], None] | None = None,
+                 memory_budget: str | int | MemoryBudget | None = None) -> ParityReport:
     """Compare an ONNX file (ONNX Runtime CPU) with the PyTorch model at min/opt/max/odd shapes.
 
     ``specs`` or ``inputs``/``shapes`` strings (``"x:min=1x16x512,opt=1x128x512,max=8x512x512"``)
     describe the inputs. ``extra_backends`` adds (runner, precision) pairs, e.g. a TensorRT engine.
+    ``memory_budget`` (bytes or ``"8GB"``; default ``LREXPORT_MEMORY_BUDGET``, else 70% of the memory
+    available) bounds each run: larger cases are scaled down as the report says. The PyTorch reference
+    is priced on this ONNX file's graph (an optimized file underprices a naive model's reference).
     """
     module = model.module if isinstance(model, LoadedModel) else model
     if specs is None:
@@ -200,7 +231,7 @@ def check_parity(model: nn.Module | LoadedModel, onnx_path: str | Path, *,
         backends.append(runner)
     return run_parity(reference, backends, specs, tolerances=tols, seed=seed, cases=cases,
                       modules=output_modules(_load_graph_only(onnx_path)), precision=precision,
-                      progress=progress)
+                      progress=progress, memory_budget=memory_budget)
 
 
 def _align(specs: Sequence[InputSpec], onnx_inputs: Sequence[str]) -> list[InputSpec]:

@@ -19,10 +19,11 @@ from exporter.errors import LrexportError
 from exporter.export import DEFAULT_OPSET, ExportResult, export_onnx, save_onnx
 from exporter.loading import LoadedModel, module_embedding_sizes
 from exporter.outputs import atomic_dir
-from exporter.parity import ParityReport, Runner, _align, case_feeds, output_modules, run_parity
+from exporter.memory_budget import (GraphCost, MemoryBudget, MemoryPlanner, batch_slices, localization_fits,
+                                    plan_feeds, planner_for_runners)
+from exporter.parity import ParityReport, Runner, _align, output_modules, run_parity
 from exporter.runners import OnnxRuntimeRunner, TorchRunner
-from exporter.specs import (InputSpec, build_specs, merge_specs, parity_cases, parse_input, random_feeds,
-                            read_sidecar)
+from exporter.specs import InputSpec, build_specs, merge_specs, parity_cases, parse_input, read_sidecar
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 BACKENDS = ("auto", "tensorrt", "tensorrt-rtx", "onnxruntime")
@@ -100,6 +101,7 @@ class BuildOptions:
     workspace_mb: int | None = None
     chunk_size: int = 64
     merge_threshold: float = 1.0
+    memory_budget: str | int | None = None  # bytes or "8GB" per parity run; None: LREXPORT_MEMORY_BUDGET or detected
 
 
 @dataclass
@@ -153,11 +155,11 @@ def _trt_error(backend: str) -> LrexportError | None:
 
 
 def run_passes_on(model: onnx.ModelProto, options: BuildOptions, specs: Sequence[InputSpec],
-                  progress: Callable[[str], None]) -> tuple[onnx.ModelProto, dict[str, Any]]:
+                  progress: Callable[[str], None], budget: MemoryBudget | None = None
+                  ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     import graph_passes
 
-    cases = [c for c in parity_cases(specs) if c in ("min", "odd")] or ["opt"]  # a static model has only opt
-    feeds = [random_feeds(specs, case, options.seed + 100 + i) for i, case in enumerate(cases)]
+    feeds, memory = pass_check_feeds(model, options, specs, budget)
     opts = graph_passes.PassOptions(chunk_size=options.chunk_size, merge_threshold=options.merge_threshold)
     try:
         new_model, report = graph_passes.run_passes(model, options.passes, options=opts, feeds=feeds,
@@ -167,7 +169,23 @@ def run_passes_on(model: onnx.ModelProto, options: BuildOptions, specs: Sequence
                             "rerun with --no-passes (or leave that pass out with --passes) and report the bug") from None
     except ValueError as err:
         raise LrexportError(str(err), "see `lrexport optimize --help` for the pass names") from None
-    return new_model, {"report": report.to_dict(), "table": report.format_table()}
+    return new_model, {"report": report.to_dict(), "table": report.format_table(), "memory": memory}
+
+
+def pass_check_feeds(model: onnx.ModelProto, options: BuildOptions, specs: Sequence[InputSpec],
+                     budget: MemoryBudget | None) -> tuple[list[dict], list[str]]:
+    """The inputs each pass is checked on (min and odd shapes), planned against the memory budget like
+    parity cases (batch slices become separate feeds; no float64 here); plus the steps taken."""
+    planner = MemoryPlanner(budget, specs, [GraphCost("onnxruntime", model)])
+    feeds: list[dict] = []
+    memory: list[str] = []
+    cases = [c for c in parity_cases(specs) if c in ("min", "odd")] or ["opt"]  # a static model has only opt
+    for i, case in enumerate(cases):
+        plan = planner.plan(case, {s.name: s.shape(case) for s in specs}, allow_float32=False)
+        memory += [f"{case}: {step}" for step in plan.steps]
+        if not plan.skip:
+            feeds += batch_slices(plan_feeds(specs, plan, options.seed + 100 + i), plan.batch_chunk)
+    return feeds, memory
 
 
 def build(loaded: LoadedModel, specs: Sequence[InputSpec], options: BuildOptions,
@@ -186,6 +204,7 @@ def build(loaded: LoadedModel, specs: Sequence[InputSpec], options: BuildOptions
             raise LrexportError(f"unknown pass {unknown[0]!r}", f"choose from {', '.join(PASS_NAMES)}")
     notes: list[str] = []
     seconds: dict[str, float] = {}
+    budget = MemoryBudget.resolve(options.memory_budget)  # read once; a bad value fails before any work
     trt_err = None if options.backend == "onnxruntime" else _trt_error(options.backend)
     if trt_err is not None and options.backend in ("tensorrt", "tensorrt-rtx"):
         raise trt_err
@@ -204,7 +223,8 @@ def build(loaded: LoadedModel, specs: Sequence[InputSpec], options: BuildOptions
         if options.passes is None or len(options.passes):
             t = time.perf_counter()
             say("[passes] running graph passes")
-            model, passes_info = run_passes_on(model, options, specs, lambda m: say(f"[passes] {m}"))
+            model, passes_info = run_passes_on(model, options, specs, lambda m: say(f"[passes] {m}"), budget)
+            notes += [f"pass checks {m}" for m in passes_info["memory"]]
             seconds["passes"] = time.perf_counter() - t
         final = tmp / "model.onnx"
         save_onnx(model, final)
@@ -269,13 +289,14 @@ def build(loaded: LoadedModel, specs: Sequence[InputSpec], options: BuildOptions
             tols[engine_runner.name] = Tolerances.for_precision(options.precision, options.atol, options.rtol,
                                                                 options.per_output)
             backends.append(engine_runner)
+        planner = planner_for_runners(reference, backends, specs, budget, reference_graph=exported_model)
         parity = run_parity(reference, backends, specs, tolerances=tols, seed=options.seed, cases=options.cases,
                             modules=output_modules(model), precision=options.precision,
-                            progress=lambda m: say(f"[parity] {m}"))
+                            progress=lambda m: say(f"[parity] {m}"), memory=planner)
         if exported.program is not None:
-            _localize_against_torch(parity, exported.program, exported_model, specs, options)
+            _localize_against_torch(parity, exported.program, exported_model, specs, options, budget)
         if options.precision != "fp32":
-            _localize_low_precision(parity, model, cast, specs, options)
+            _localize_low_precision(parity, model, cast, specs, options, budget)
         parity.skipped.extend(skipped)
         if trt_ok and engine_runner is None:
             parity.skipped.append("tensorrt: " + notes[-1])
@@ -295,13 +316,23 @@ def build(loaded: LoadedModel, specs: Sequence[InputSpec], options: BuildOptions
 
 
 def _failing_with_feeds(parity: ParityReport, specs: Sequence[InputSpec], seed: int,
-                        backend: Callable[[str], bool]) -> list[tuple[Any, dict]]:
-    """The failing results of the matching backends, each with the inputs its case ran on."""
+                        backend: Callable[[str], bool], models: Sequence[onnx.ModelProto] = (),
+                        budget: MemoryBudget | None = None) -> list[tuple[Any, dict]]:
+    """The failing results of the matching backends, each with the inputs its case ran on (the first
+    batch slice of a case run in slices). Where keeping every intermediate of ``models`` at once does not
+    fit in the memory budget, the result gets a drift note instead."""
     failing = [r for r in parity.results if backend(r.backend) and not r.ok]
-    if not failing:
-        return []
-    feeds = case_feeds(specs, [r.case for r in parity.results if r.backend == "onnxruntime"], seed)
-    return [(r, feeds[r.case]) for r in failing]
+    out = []
+    for r in failing:
+        plan = parity.plans[r.case]
+        feeds = batch_slices(plan_feeds(specs, plan, plan.seed), plan.batch_chunk)[0]
+        why = localization_fits([GraphCost("onnxruntime", m) for m in models],
+                                {k: v.shape for k, v in feeds.items()}, budget)
+        if why:
+            _add_drift(parity, r, None, why)
+        else:
+            out.append((r, feeds))
+    return out
 
 
 def _add_drift(parity: ParityReport, result: Any, loc: Any, text: str) -> None:
@@ -310,12 +341,14 @@ def _add_drift(parity: ParityReport, result: Any, loc: Any, text: str) -> None:
 
 
 def _localize_against_torch(parity: ParityReport, program: Any, exported_model: onnx.ModelProto,
-                            specs: Sequence[InputSpec], options: BuildOptions) -> None:
+                            specs: Sequence[InputSpec], options: BuildOptions,
+                            budget: MemoryBudget | None = None) -> None:
     """For the first failing case of the float32 ONNX model, name the first operation that departs from
     PyTorch (on the model as exported: the passes were each checked against it already)."""
     from exporter.localize import localize_against_torch
 
-    for r, feeds in _failing_with_feeds(parity, specs, options.seed, lambda b: b == "onnxruntime")[:1]:
+    for r, feeds in _failing_with_feeds(parity, specs, options.seed, lambda b: b == "onnxruntime",
+                                        [exported_model, exported_model], budget)[:1]:
         loc = localize_against_torch(program, exported_model, feeds, [s.name for s in specs])
         _add_drift(parity, r, loc, loc.describe().replace("first drift", "first drift from PyTorch") if loc else
                    "no intermediate of the exported model departs from PyTorch (float32) by more than 1e-3 "
@@ -323,11 +356,13 @@ def _localize_against_torch(parity: ParityReport, program: Any, exported_model: 
 
 
 def _localize_low_precision(parity: ParityReport, fp32_model: onnx.ModelProto, low_model: onnx.ModelProto,
-                            specs: Sequence[InputSpec], options: BuildOptions) -> None:
+                            specs: Sequence[InputSpec], options: BuildOptions,
+                            budget: MemoryBudget | None = None) -> None:
     """For each failing case of the fp16/bf16 ONNX model, name the first node that drifts from float32."""
     from exporter.localize import localize_drift
 
-    for r, feeds in _failing_with_feeds(parity, specs, options.seed, lambda b: b.startswith("onnxruntime-")):
+    for r, feeds in _failing_with_feeds(parity, specs, options.seed, lambda b: b.startswith("onnxruntime-"),
+                                        [fp32_model, low_model], budget):
         loc = localize_drift(fp32_model, low_model, feeds)
         _add_drift(parity, r, loc, loc.describe() if loc else
                    "no intermediate departs from float32 by more than 1e-2 (rel L2)")

@@ -45,9 +45,15 @@ class TorchRunner:
             out = module(*args)
         return [t.detach().cpu().numpy() for _, t in flatten_outputs(out)]
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    @property
+    def uses_float64(self) -> bool:
+        """Whether :meth:`run` computes in float64 (until a float64 run fails, it is tried)."""
+        return self._f64 is not None
+
+    def run(self, feeds: dict[str, np.ndarray], float64: bool = True) -> dict[str, np.ndarray]:
+        """Outputs for ``feeds``; ``float64=False`` runs this call in float32 (a case too large for float64)."""
         outs = None
-        if self._f64 is not None:
+        if self._f64 is not None and float64:
             try:
                 outs = self._call(self._f64, feeds, True)
                 if not any(o.dtype == np.float64 for o in outs):
@@ -105,6 +111,11 @@ class OnnxRuntimeRunner:
                                 "check the file with `lrexport inspect`; re-export it if it is damaged") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # Give the CPU arena back after each run: it otherwise keeps a run's peak for the session's
+        # lifetime, and parity runs several sessions and the reference one after another at the largest
+        # shapes (measured: the arena reuses buffers better than malloc within a run, so keep it on).
+        self.run_options = ort.RunOptions()
+        self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [n for n in self.input_names if n not in feeds]
@@ -112,7 +123,7 @@ class OnnxRuntimeRunner:
             raise LrexportError(f"the ONNX model needs input {missing[0]!r}, which the input spec lacks",
                                 f"name the inputs {', '.join(self.input_names)} in --input/--shapes")
         try:
-            outs = self.session.run(None, {n: feeds[n] for n in self.input_names})
+            outs = self.session.run(None, {n: feeds[n] for n in self.input_names}, self.run_options)
         except Exception as err:
             shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
             raise LrexportError(f"ONNX Runtime failed on inputs {shapes} ({ort_error_text(err)})",
