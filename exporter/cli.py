@@ -550,8 +550,8 @@ def _run(args: list[str]) -> int:
             traceback.print_exc()
         if err.errno not in _USER_ERRNOS:
             return _internal_error(err, debug)
-        where = f" {err.filename}" if err.filename else ""
-        click.echo(f"error: cannot use{where}: {err.strerror}: free disk space, or choose a path you can write",
+        where = f" ({err.filename})" if err.filename else ""
+        click.echo(f"error: {err.strerror}{where}: free disk space or fix the permissions, or choose another path",
                    err=True)
         return 2
     except Exception as err:  # a bug, not bad input: say so on one line

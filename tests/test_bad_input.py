@@ -126,6 +126,8 @@ CASES = [
     ("build-out-under-proc", ("build", "model.pt2", "--out", "/proc/lrexport-out"), "/proc"),
     ("build-out-is-file", ("build", "model.pt2", "--out", "afile"), "afile"),
     ("build-out-not-empty", ("build", "model.pt2", "--out", "prev"), "--force"),
+    ("build-out-new-folders", ("build", "model.pt2", "--out", "new/deeper/o", "--input", "x:1x8x100",
+                               "--backend", "onnxruntime"), "does not run"),  # fails inside the export
     ("build-timing-cache-dir", (*BUILD, "--timing-cache", "prev"), "prev"),
     # ----------------------------------------------------------------- export
     ("export-no-out", ("export", "model.pt2"), "--out"),
@@ -242,3 +244,23 @@ def test_ctrl_c_during_a_build_leaves_nothing_half_written(force, template, tmp_
     assert res.returncode == 130, res.stderr
     assert "interrupted" in _progress_then_one_error(res.stderr) and "Traceback" not in res.stderr
     assert _snapshot(user) == before  # no --out, no temp folder; the earlier build as it was
+
+
+def test_disk_full_is_the_users_to_fix_not_a_bug(cli, template, tmp_path, monkeypatch):
+    """An OSError of the machine (no space, read-only, forbidden) is exit 2 with one line, not an internal error."""
+    import errno
+
+    import exporter.pipeline
+
+    def full(_model, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(exporter.pipeline, "save_onnx", full)
+    user = tmp_path / "user"
+    shutil.copytree(template, user)
+    before = _snapshot(user)
+    res = cli("build", "model.pt2", "--out", "new/o", "--backend", "onnxruntime", "--no-passes", cwd=user)
+    assert res.code == 2, res.err
+    line = _progress_then_one_error(res.err)
+    assert "No space left on device" in line and "model.onnx" in line
+    assert _snapshot(user) == before
