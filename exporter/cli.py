@@ -482,6 +482,7 @@ def run(engine, inputs, shapes, repeats, seed, as_json, quiet, debug):
     """Run a TensorRT ENGINE once on random inputs and time it (needs a CUDA GPU)."""
     from exporter import trt_engine
     from exporter.specs import build_specs, random_feeds
+    from exporter.table import fmt_shape
 
     meta = trt_engine.check_engine(Path(engine))  # refuses corrupted / foreign engines before the GPU check
     specs = build_specs(inputs, shapes) or trt_engine.specs_from_meta(meta.meta)
@@ -494,7 +495,7 @@ def run(engine, inputs, shapes, repeats, seed, as_json, quiet, debug):
     data = {"engine": engine, "median_ms": median_ms, "repeats": repeats,
             "inputs": {k: list(v.shape) for k, v in feeds.items()},
             "outputs": {k: list(v.shape) for k, v in outputs.items()}}
-    text = "\n".join([f"{k}: {list(v.shape)} {v.dtype}" for k, v in outputs.items()]
+    text = "\n".join([f"{k}: {fmt_shape(v.shape)} {v.dtype}" for k, v in outputs.items()]
                      + [f"median latency {median_ms:.3f} ms over {repeats} runs"])
     _emit(as_json, data, text)
     return 0

@@ -101,7 +101,8 @@ def _module_histogram(loaded) -> collections.Counter:
 def format_inspection(info: dict[str, Any]) -> str:
     lines = [f"{info['path']}: {info['kind']}, {info['parameters']:,} parameters"]
     if info["kind"] == "onnx":
-        lines.append(f"opset {info['opset']}, IR {info['ir_version']}, {info['nodes']} nodes"
+        opsets = ", ".join(f"{domain} {version}" for domain, version in info["opset"].items())
+        lines.append(f"opset {opsets or '-'}, IR {info['ir_version']}, {info['nodes']} nodes"
                      + (", external data" if info["external_data"] else ""))
         rows = [["input", i["name"], i["dtype"], "x".join(map(str, i["dims"]))] for i in info["inputs"]]
         rows += [["output", o["name"], o["dtype"], "x".join(map(str, o["dims"]))] for o in info["outputs"]]
