@@ -189,7 +189,7 @@ def test_bad_input(argv, word, cli, template, tmp_path):
     lines = res.err.strip().splitlines()
     assert "Traceback" not in res.err and lines and lines[-1].startswith("error: "), res.err
     assert all(PROGRESS.match(ln) for ln in lines[:-1]), res.err  # only progress lines before it
-    assert word in lines[-1], lines[-1]
+    assert word in lines[-1] and "{'" not in lines[-1], lines[-1]
     assert _snapshot(user) == before
 
 

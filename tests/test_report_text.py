@@ -109,3 +109,15 @@ def test_printing_api_reports_shows_the_tables(sample_file, tmp_path, capsys):
     assert printed.startswith("parity vs pytorch") and printed.rstrip().endswith("parity: PASS")
     assert printed.rstrip() == report.parity.format_table() and "ParityReport(" not in printed
     assert str(report) == report.format_text() and "BuildReport(" not in str(report)
+
+
+def test_export_step_json_names_the_engine_files_where_they_end_up(cli, sample_file, tmp_path):
+    pytest.importorskip("tensorrt_rtx")
+    res = cli("export-step", sample_file("causal_lm"), "--out", tmp_path / "step.onnx", "--engine", "--length", "20",
+              "--chunk-max", "8", "--json", "-q")
+    assert res.code == 0, res.err
+    engine = json.loads(res.out)["engine"]
+    assert {Path(engine[k]) for k in ("engine_path", "meta_path", "network_onnx")} == {
+        tmp_path / "step.engine", tmp_path / "step.engine.json", tmp_path / "step.onnx"}
+    assert all(Path(engine[k]).is_file() for k in ("engine_path", "meta_path", "network_onnx"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step.engine", "step.engine.json", "step.onnx"]
