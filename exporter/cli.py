@@ -1,7 +1,8 @@
 """The ``lrexport`` command line: build, export, check, optimize, inspect, run.
 
 Option groups are shared across commands (as polygraphy shares argument groups across its tools).
-Every user error prints one line and exits non-zero; --debug shows the traceback.
+Every user error prints one ``error:`` line and exits 2 (see ``_run`` for all exit codes); --debug adds the
+traceback and keeps the exit code.
 """
 
 from __future__ import annotations
@@ -322,8 +323,6 @@ def inspect(path, factory, factory_kwargs, trust_pickle, as_json, quiet, debug):
 def optimize(in_onnx, out_onnx, force, passes, chunk_size, merge_threshold, inputs, shapes, seed, as_json, quiet,
              debug):
     """Run the graph passes on IN_ONNX and write OUT_ONNX (each pass checked numerically)."""
-    import onnx
-
     from exporter.export import save_onnx
     from exporter.inspect_model import read_onnx
     from exporter.outputs import atomic_files, check_writable
@@ -506,8 +505,6 @@ def run(engine, inputs, shapes, repeats, seed, as_json, quiet, debug):
 EXIT_INTERNAL, EXIT_INTERRUPTED = 3, 130
 # Errors of the machine the user controls (disk full, read-only or forbidden path), not bugs of lrexport.
 _USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
-
-
 _NoArgsIsHelp = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
 
 

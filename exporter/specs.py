@@ -171,9 +171,11 @@ def parse_input(text: str) -> tuple[str, tuple[int, ...], str | None, float | No
     low = high = None
     if len(parts) == 4:
         m = re.fullmatch(r"\s*(-?[\d.eE+-]+)\s*\.\.\s*(-?[\d.eE+-]+)\s*", parts[3])
+        if not m:
+            raise LrexportError(f"bad value range {parts[3]!r} in {what}", "write it as LO..HI, e.g. 0..255")
         try:
-            low, high = float(m.group(1)), float(m.group(2))  # type: ignore[union-attr]
-        except (AttributeError, ValueError):  # no match, or a number-like word such as "1e"
+            low, high = float(m.group(1)), float(m.group(2))
+        except ValueError:  # number-like but not a number, e.g. "1e"
             raise LrexportError(f"bad value range {parts[3]!r} in {what}", "write it as LO..HI, e.g. 0..255") from None
         if low > high:
             raise LrexportError(f"value range {parts[3]!r} in {what} has low > high", "write it as LO..HI")
