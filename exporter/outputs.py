@@ -80,8 +80,8 @@ def _interrupts_deferred() -> Iterator[None]:
     previous = signal.signal(signal.SIGINT, lambda signum, _frame: pending.append(signum))
     try:
         yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    finally:  # None: the handler was not set from Python; put back Python's own
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
     if pending:
         raise KeyboardInterrupt
 

@@ -264,3 +264,31 @@ def test_disk_full_is_the_users_to_fix_not_a_bug(cli, template, tmp_path, monkey
     line = _progress_then_one_error(res.err)
     assert "No space left on device" in line and "model.onnx" in line
     assert _snapshot(user) == before
+
+
+def test_ctrl_c_while_the_output_is_swapped_in_waits_for_the_swap(tmp_path, monkeypatch):
+    """Between moving the earlier --out aside and the new one in, Ctrl-C would leave neither in place:
+    it is held until both moves are done, then delivered."""
+    import exporter.outputs as outputs
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "old.txt").write_text("earlier build")
+    real_replace = os.replace
+    calls = []
+
+    def replace_then_interrupt(src, dst):
+        calls.append(dst)
+        if len(calls) == 1:  # the earlier --out has just been moved aside: Ctrl-C now
+            real_replace(src, dst)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            return
+        real_replace(src, dst)
+
+    monkeypatch.setattr(outputs.os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        with outputs.atomic_dir(out, force=True) as tmp:
+            (tmp / "new.txt").write_text("this build")
+    assert len(calls) == 2 and sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no temp folder left
