@@ -1,15 +1,18 @@
 """The ``lrexport`` command line: build, export, check, optimize, inspect, run.
 
 Option groups are shared across commands (as polygraphy shares argument groups across its tools).
-Every user error prints one line and exits non-zero; --debug shows the traceback.
+Every user error prints one ``error:`` line and exits 2 (see ``_run`` for all exit codes); --debug adds the
+traceback and keeps the exit code.
 """
 
 from __future__ import annotations
 
-import functools
+import errno
 import json
+import math
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -37,6 +40,40 @@ def _compose(*decorators: Callable) -> Callable:
     return apply
 
 
+class _NonNegative(click.ParamType):
+    """A finite number >= 0 (tolerances, thresholds): click's FloatRange lets NaN and inf through."""
+
+    name = "number"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number) or number < 0:
+            self.fail(f"{value!r} must be a finite number >= 0", param, ctx)
+        return number
+
+
+NON_NEGATIVE = _NonNegative()
+SEED = click.IntRange(min=0)
+
+
+def _one_precision(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> str:
+    """--fp16/--bf16/--fp32 share one value; click would silently keep the last of two, so refuse two."""
+    chosen = list(dict.fromkeys(value))
+    if len(chosen) > 1:
+        raise LrexportError(f"{' and '.join('--' + p for p in chosen)} were both given",
+                            "pick one precision (fp16 for float16, bf16 for bfloat16)")
+    return chosen[0] if chosen else "fp32"
+
+
+def _precision_options(verb: str) -> Callable:
+    return _compose(*(click.option(f"--{p}", "precision", flag_value=p, multiple=True, callback=_one_precision,
+                                   help=f"{verb} {name}{' (default)' if p == 'fp32' else ''}.")
+                      for p, name in (("fp16", "float16"), ("bf16", "bfloat16"), ("fp32", "float32"))))
+
+
 model_options = _compose(
     click.option("--factory", metavar="PKG.MODULE:FN", help="Builds the model for a state-dict file."),
     click.option("--factory-kwargs", metavar="JSON", help="Keyword arguments for --factory, as a JSON object."),
@@ -50,11 +87,11 @@ input_options = _compose(
                  help="Dynamic range of an input; drives export axes, parity shapes and engine profiles."),
 )
 parity_options = _compose(
-    click.option("--atol", type=float, help="Absolute tolerance (default per precision)."),
-    click.option("--rtol", type=float, help="Relative tolerance (default per precision)."),
+    click.option("--atol", type=NON_NEGATIVE, help="Absolute tolerance (default per precision)."),
+    click.option("--rtol", type=NON_NEGATIVE, help="Relative tolerance (default per precision)."),
     click.option("--tol", "tols", multiple=True, metavar="OUTPUT:atol=A,rtol=R",
                  help="Tolerance for one output (glob). Repeatable."),
-    click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random inputs."),
+    click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for the random inputs."),
     click.option("--cases", metavar="LIST", help="Shape cases to check: comma list of min,opt,max,odd."),
     click.option("--memory-budget", metavar="SIZE", expose_value=False, callback=lambda ctx, _p, v: _memory_budget(ctx, v),
                  help="Memory one parity run may use, e.g. 8GB (default: $LREXPORT_MEMORY_BUDGET, else 70% of "
@@ -80,8 +117,9 @@ common_options = _compose(
 )
 pass_options = _compose(
     click.option("--passes", metavar="LIST", help="Comma list of graph passes to run (default: the standard set)."),
-    click.option("--chunk-size", type=int, default=64, show_default=True, help="Chunk size of the causal rewrite."),
-    click.option("--merge-threshold", type=float, default=1.0, show_default=True,
+    click.option("--chunk-size", type=click.IntRange(min=1), default=64, show_default=True,
+                 help="Chunk size of the causal rewrite."),
+    click.option("--merge-threshold", type=NON_NEGATIVE, default=1.0, show_default=True,
                  help="Merge a low-rank pair when r*(m+n) >= threshold*m*n."),
 )
 
@@ -101,11 +139,18 @@ def _cases(text: str | None) -> list[str] | None:
 
 
 def _passes(text: str | None, no_passes: bool = False) -> tuple[str, ...] | None:
+    """The --passes list, checked against the pass names before anything slow runs."""
     if no_passes:
         return ()
     if text is None:
         return None
-    return tuple(p.strip() for p in text.split(",") if p.strip())
+    from graph_passes import PASS_NAMES
+
+    passes = tuple(p.strip() for p in text.split(",") if p.strip())
+    unknown = [p for p in passes if p not in PASS_NAMES]
+    if unknown:
+        raise LrexportError(f"unknown pass {unknown[0]!r}", f"choose from {', '.join(PASS_NAMES)}")
+    return passes
 
 
 _STDOUT: list[Any] = []  # the real stdout while a --json command runs (model code may print)
@@ -160,9 +205,7 @@ def cli() -> None:
 @click.argument("model", type=click.Path(dir_okay=False), required=False)
 @click.option("--out", "-o", type=click.Path(file_okay=False), help="Output folder (default: <model>.lrexport).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
-@click.option("--fp16", "precision", flag_value="fp16", help="Build in float16.")
-@click.option("--bf16", "precision", flag_value="bf16", help="Build in bfloat16.")
-@click.option("--fp32", "precision", flag_value="fp32", default=True, help="Build in float32 (default).")
+@_precision_options("Build in")
 @click.option("--no-passes", is_flag=True, help="Skip the graph passes.")
 @click.option("--pad-to-length", type=click.IntRange(min=1), metavar="N",
               help="Fixed-length model (Linformer): pad axis 1 up to N inside the graph and slice the outputs "
@@ -174,7 +217,7 @@ def cli() -> None:
               default="auto", show_default=True, help="Engine backend; auto picks TensorRT, then TensorRT-RTX.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="TensorRT timing cache to reuse and update.")
 @click.option("--opt-level", type=click.IntRange(0, 5), help="TensorRT builder optimization level.")
-@click.option("--workspace", "workspace_mb", type=int, help="TensorRT workspace limit in MiB.")
+@click.option("--workspace", "workspace_mb", type=click.IntRange(min=1), help="TensorRT workspace limit in MiB.")
 @model_options
 @input_options
 @parity_options
@@ -187,14 +230,18 @@ def build(model, out, force, precision, no_passes, pad_to_length, passes, chunk_
     MODEL is a TorchScript archive, a torch.export .pt2 archive, a state dict (with --factory) or a
     pickled module (with --trust-pickle); leave it out to build the model from --factory alone.
     """
-    from exporter.pipeline import BuildOptions, build as run_build, resolve_specs
+    from exporter.outputs import check_target, check_writable
+    from exporter.pipeline import BuildOptions, build as run_build
 
     say = _progress(quiet)
-    loaded, specs = _load_with_specs(model, factory, factory_kwargs, trust_pickle, inputs, shapes, pad_to_length, say)
     out_dir = Path(out) if out else Path(f"{_model_name(model, factory)}.lrexport")
-    options = BuildOptions(out=out_dir, precision=precision, passes=_passes(passes, no_passes), exporter=exporter,
+    check_target(out_dir, force)
+    check_writable(out_dir)
+    pass_list, per_output, case_list = _passes(passes, no_passes), _tolerances(tols), _cases(cases)
+    loaded, specs = _load_with_specs(model, factory, factory_kwargs, trust_pickle, inputs, shapes, pad_to_length, say)
+    options = BuildOptions(out=out_dir, precision=precision, passes=pass_list, exporter=exporter,
                            opset=opset, backend=backend, force=force, atol=atol, rtol=rtol,
-                           per_output=_tolerances(tols), seed=seed, cases=_cases(cases),
+                           per_output=per_output, seed=seed, cases=case_list,
                            timing_cache=Path(timing_cache) if timing_cache else None, opt_level=opt_level,
                            workspace_mb=workspace_mb, chunk_size=chunk_size, merge_threshold=merge_threshold)
     options.memory_budget = _given_memory_budget()
@@ -219,13 +266,13 @@ def export(model, out, force, exporter, opset, pad_to_length, factory, factory_k
            quiet, debug):
     """Export MODEL to an ONNX file with dynamic axes (no passes, no parity)."""
     from exporter.export import export_onnx
-    from exporter.outputs import atomic_files
-    from exporter.pipeline import resolve_specs
+    from exporter.outputs import atomic_files, check_writable
 
     say = _progress(quiet)
     out_path = Path(out)
     if out_path.exists() and not force:
         raise LrexportError(f"{out_path} already exists", "pass --force to overwrite it")
+    check_writable(out_path)
     loaded, specs = _load_with_specs(model, factory, factory_kwargs, trust_pickle, inputs, shapes, pad_to_length, say)
     with atomic_files(out_path, force) as tmp:
         result = export_onnx(loaded, specs, tmp / out_path.name, exporter=exporter, opset=opset,
@@ -241,9 +288,7 @@ def export(model, out, force, exporter, opset, pad_to_length, factory, factory_k
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("onnx_file", type=click.Path(dir_okay=False))
-@click.option("--fp16", "precision", flag_value="fp16", help="Use float16 tolerances.")
-@click.option("--bf16", "precision", flag_value="bf16", help="Use bfloat16 tolerances.")
-@click.option("--fp32", "precision", flag_value="fp32", default=True, help="Use float32 tolerances (default).")
+@_precision_options("Use the tolerances of")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the report as JSON here.")
 @model_options
 @input_options
@@ -252,15 +297,18 @@ def export(model, out, force, exporter, opset, pad_to_length, factory, factory_k
 def check(model, onnx_file, precision, report_path, factory, factory_kwargs, trust_pickle, inputs, shapes, atol,
           rtol, tols, seed, cases, as_json, quiet, debug):
     """Check parity of an existing ONNX_FILE (ONNX Runtime) against MODEL (PyTorch; '-' with --factory)."""
-    from exporter.outputs import atomic_write_file
+    from exporter.outputs import atomic_write_file, check_writable
     from exporter.parity import check_parity
     from exporter.pipeline import resolve_specs
 
     say = _progress(quiet)
+    if report_path:
+        check_writable(report_path)
+    per_output, case_list = _tolerances(tols), _cases(cases)
     loaded = _load(model, factory, factory_kwargs, trust_pickle, say)
     specs = resolve_specs(loaded, inputs, shapes, None if model == "-" else model)
     report = check_parity(loaded, onnx_file, specs=specs, precision=precision, atol=atol, rtol=rtol,
-                          per_output=_tolerances(tols), seed=seed, cases=_cases(cases),
+                          per_output=per_output, seed=seed, cases=case_list,
                           progress=lambda m: say(f"[parity] {m}"), memory_budget=_given_memory_budget())
     if report_path:
         atomic_write_file(report_path, json.dumps(report.to_dict(), indent=2) + "\n", force=True)
@@ -287,30 +335,26 @@ def inspect(path, factory, factory_kwargs, trust_pickle, as_json, quiet, debug):
 @click.option("--force", is_flag=True, help="Overwrite an existing OUT_ONNX.")
 @pass_options
 @input_options
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @common_options
 def optimize(in_onnx, out_onnx, force, passes, chunk_size, merge_threshold, inputs, shapes, seed, as_json, quiet,
              debug):
     """Run the graph passes on IN_ONNX and write OUT_ONNX (each pass checked numerically)."""
-    import onnx
-
     from exporter.export import save_onnx
-    from exporter.outputs import atomic_files
+    from exporter.inspect_model import read_onnx
+    from exporter.outputs import atomic_files, check_writable
     from exporter.pipeline import BuildOptions, run_passes_on
     from exporter.specs import build_specs, specs_from_onnx
 
     say = _progress(quiet)
     src, dst = Path(in_onnx), Path(out_onnx)
-    if not src.is_file():
-        raise LrexportError(f"ONNX file {src} does not exist", "check the path")
     if dst.exists() and not force:
         raise LrexportError(f"{dst} already exists", "pass --force to overwrite it")
-    try:
-        model = onnx.load(str(src))
-    except Exception as err:
-        raise LrexportError(f"{src} is not a readable ONNX file ({type(err).__name__})", "re-export it") from None
+    check_writable(dst)
+    pass_list = _passes(passes)
+    model = read_onnx(src)
     specs = build_specs(inputs, shapes) if (inputs or shapes) else specs_from_onnx(model)
-    options = BuildOptions(out=dst, passes=_passes(passes), seed=seed, chunk_size=chunk_size,
+    options = BuildOptions(out=dst, passes=pass_list, seed=seed, chunk_size=chunk_size,
                            merge_threshold=merge_threshold)
     new_model, info = run_passes_on(model, options, specs, lambda m: say(f"[passes] {m}"))
     with atomic_files(dst, force) as tmp:
@@ -332,7 +376,7 @@ def optimize(in_onnx, out_onnx, force, passes, chunk_size, merge_threshold, inpu
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave layers whose module name matches. Repeatable.")
 @model_options
 @input_options
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @common_options
 def factorize(model, out, fmt, force, rank, fraction, energy, include, exclude, factory, factory_kwargs,
               trust_pickle, inputs, shapes, seed, as_json, quiet, debug):
@@ -343,7 +387,7 @@ def factorize(model, out, fmt, force, rank, fraction, energy, include, exclude, 
 
     from exporter.export import order_specs, save_model
     from exporter.factorize import factorize as run_factorize, output_error
-    from exporter.outputs import atomic_files
+    from exporter.outputs import atomic_files, check_writable
     from exporter.pipeline import resolve_specs
     from exporter.specs import random_feeds
 
@@ -351,6 +395,7 @@ def factorize(model, out, fmt, force, rank, fraction, energy, include, exclude, 
     out_path = Path(out)
     if out_path.exists() and not force:
         raise LrexportError(f"{out_path} already exists", "pass --force to overwrite it")
+    check_writable(out_path)
     loaded = _load(model, factory, factory_kwargs, trust_pickle, say)
     specs = order_specs(loaded.module, resolve_specs(loaded, inputs, shapes, None if model == "-" else model))
     original = copy.deepcopy(loaded.module)
@@ -382,7 +427,7 @@ def factorize(model, out, fmt, force, rank, fraction, energy, include, exclude, 
 @click.option("--opset", type=int, default=18, show_default=True)
 @model_options
 @input_options
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random inputs.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for the random inputs.")
 @common_options
 def export_step_cmd(model, out, force, chunk_max, with_engine, backend, length, opset, factory, factory_kwargs,
                     trust_pickle, inputs, shapes, seed, as_json, quiet, debug):
@@ -393,10 +438,10 @@ def export_step_cmd(model, out, force, chunk_max, with_engine, backend, length, 
     position_offset. Parity: the step model fed token by token and chunk by chunk is compared with
     the PyTorch model on the full sequence.
     """
-    import tempfile
+    import shutil
 
     from exporter.export import export_onnx
-    from exporter.outputs import atomic_files
+    from exporter.outputs import atomic_files, check_writable, relocated
     from exporter.recurrent import check_step_parity, export_step, step_specs
 
     say = _progress(quiet)
@@ -406,31 +451,32 @@ def export_step_cmd(model, out, force, chunk_max, with_engine, backend, length, 
     engine_path = out_path.with_suffix(".engine")
     if out_path.exists() and not force:
         raise LrexportError(f"{out_path} already exists", "pass --force to overwrite it")
+    check_writable(out_path)
     loaded, specs = _load_with_specs(model, factory, factory_kwargs, trust_pickle, inputs, shapes, None, say)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".lrexport-step-", dir=out_path.parent) as full_dir:
-        exported = export_onnx(loaded, specs, Path(full_dir) / "full.onnx", opset=opset,
+    with atomic_files(out_path, force=True) as tmp:
+        full_dir = tmp / ".full"  # the whole model's export: an intermediate, removed before the move
+        full_dir.mkdir()
+        exported = export_onnx(loaded, specs, full_dir / "full.onnx", opset=opset,
                                progress=lambda m: say(f"[export] {m}"))
-        with atomic_files(out_path, force=True) as tmp:
-            result = export_step(exported.onnx_path, tmp / out_path.name, specs=exported.specs, seed=seed,
-                                 progress=lambda m: say(f"[step] {m}"))
-            say("[parity] step model token by token and chunk by chunk vs PyTorch")
-            report = check_step_parity(loaded, result.onnx_path, exported.specs, chunks=sorted({1, 7, chunk_max}),
-                                       length=length, seed=seed)
-            engine = None
-            if with_engine:
-                from exporter.trt_build import build_engine
+        result = export_step(exported.onnx_path, tmp / out_path.name, specs=exported.specs, seed=seed,
+                             progress=lambda m: say(f"[step] {m}"))
+        shutil.rmtree(full_dir)
+        say("[parity] step model token by token and chunk by chunk vs PyTorch")
+        report = check_step_parity(loaded, result.onnx_path, exported.specs, chunks=sorted({1, 7, chunk_max}),
+                                   length=length, seed=seed)
+        engine = None
+        if with_engine:
+            from exporter.trt_build import build_engine
 
-                batch = next((s for s in exported.specs if s.name in result.inputs), None)
-                b_range = (batch.min[0], batch.opt[0], batch.max[0]) if batch is not None and batch.rank else (1, 1, 1)
-                c_opt = min(chunk_max, max(1, chunk_max // 2))
-                engine = build_engine(result.onnx_path, tmp / engine_path.name,
-                                      specs=step_specs(result, b_range, (1, c_opt, chunk_max)), backend=backend,
-                                      force=True, progress=lambda m: say(f"[engine] {m}"))
+            batch = next((s for s in exported.specs if s.name in result.inputs), None)
+            b_range = (batch.min[0], batch.opt[0], batch.max[0]) if batch is not None and batch.rank else (1, 1, 1)
+            c_opt = min(chunk_max, max(1, chunk_max // 2))
+            engine = build_engine(result.onnx_path, tmp / engine_path.name,
+                                  specs=step_specs(result, b_range, (1, c_opt, chunk_max)), backend=backend,
+                                  force=True, progress=lambda m: say(f"[engine] {m}"))
     result.onnx_path = out_path
     data = {"step": result.to_dict(), "parity": report.to_dict(),
-            "engine": None if engine is None else {**engine.to_dict(), "engine_path": str(engine_path),
-                                                    "meta_path": str(engine_path) + ".json"},
+            "engine": None if engine is None else relocated(engine.to_dict(), tmp, out_path.parent),
             "warnings": exported.warnings}
     lines = [result.format_text(), report.format_table()]
     if engine is not None:
@@ -444,13 +490,15 @@ def export_step_cmd(model, out, force, chunk_max, with_engine, backend, length, 
 @cli.command()
 @click.argument("engine", type=click.Path(dir_okay=False))
 @input_options
-@click.option("--repeats", type=int, default=50, show_default=True, help="Timed runs (median reported).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Timed runs (median reported).")
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @common_options
 def run(engine, inputs, shapes, repeats, seed, as_json, quiet, debug):
     """Run a TensorRT ENGINE once on random inputs and time it (needs a CUDA GPU)."""
     from exporter import trt_engine
     from exporter.specs import build_specs, random_feeds
+    from exporter.table import fmt_shape
 
     meta = trt_engine.check_engine(Path(engine))  # refuses corrupted / foreign engines before the GPU check
     specs = build_specs(inputs, shapes) or trt_engine.specs_from_meta(meta.meta)
@@ -463,16 +511,80 @@ def run(engine, inputs, shapes, repeats, seed, as_json, quiet, debug):
     data = {"engine": engine, "median_ms": median_ms, "repeats": repeats,
             "inputs": {k: list(v.shape) for k, v in feeds.items()},
             "outputs": {k: list(v.shape) for k, v in outputs.items()}}
-    text = "\n".join([f"{k}: {list(v.shape)} {v.dtype}" for k, v in outputs.items()]
+    text = "\n".join([f"{k}: {fmt_shape(v.shape)} {v.dtype}" for k, v in outputs.items()]
                      + [f"median latency {median_ms:.3f} ms over {repeats} runs"])
     _emit(as_json, data, text)
     return 0
 
 
+# Exit codes: 0 parity holds, 1 an output drifts, 2 bad input (one `error:` line saying what to do),
+# 3 an internal error (a bug), 130 interrupted (Ctrl-C; the shell's 128 + SIGINT).
+EXIT_INTERNAL, EXIT_INTERRUPTED = 3, 130
+# Errors of the machine the user controls (disk full, read-only or forbidden path), not bugs of lrexport.
+_USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+_NoArgsIsHelp = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
+
+def _usage_error_line(err: click.ClickException) -> str:
+    """click's usage error (several lines: usage, hint, message) as one line naming the command's help."""
+    message = " ".join(err.format_message().split()).rstrip(".")
+    message = message[:1].lower() + message[1:]
+    ctx = getattr(err, "ctx", None)
+    command = ctx.command_path if ctx is not None else "lrexport"
+    return f"error: {message}: see `{command} --help`"
+
+
+def _run(args: list[str]) -> int:
+    """The command's exit code; every failure is turned into one stderr line here."""
+    debug = "--debug" in args
+    try:
+        with cli.make_context("lrexport", args) as ctx:
+            code = cli.invoke(ctx)
+        return code if isinstance(code, int) else 0
+    except click.exceptions.Exit as done:  # --help, --version
+        return done.exit_code
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        if sys.stderr.isatty():
+            click.echo(err=True)  # past the terminal's ^C echo
+        click.echo("error: interrupted: no half-written output was left; run the command again to finish",
+                   err=True)
+        return EXIT_INTERRUPTED
+    except _NoArgsIsHelp as err:  # plain `lrexport`: the help, as click shows it
+        err.show()
+        return err.exit_code
+    except click.ClickException as err:
+        click.echo(_usage_error_line(err), err=True)
+        return 2
+    except LrexportError as err:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {err}", err=True)
+        return err.exit_code
+    except OSError as err:
+        if debug:
+            traceback.print_exc()
+        if err.errno not in _USER_ERRNOS:
+            return _internal_error(err, debug)
+        where = f" ({err.filename})" if err.filename else ""
+        click.echo(f"error: {err.strerror}{where}: free disk space or fix the permissions, or choose another path",
+                   err=True)
+        return 2
+    except Exception as err:  # a bug, not bad input: say so on one line
+        if debug:
+            traceback.print_exc()
+        return _internal_error(err, debug)
+
+
+def _internal_error(err: BaseException, debug: bool) -> int:
+    first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+    then = "please report it with the traceback above" if debug else "rerun with --debug for the traceback"
+    click.echo(f"error: internal error {type(err).__name__}: {first} ({then})", err=True)
+    return EXIT_INTERNAL
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args
-    if not debug:  # torch's deprecation chatter is not the user's problem
+    if "--debug" not in args:  # torch's deprecation chatter is not the user's problem
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module="torch")
@@ -480,32 +592,11 @@ def main(argv: list[str] | None = None) -> None:
         _STDOUT.append(sys.stdout)
         sys.stdout = sys.stderr
     try:
-        code = cli.main(args=args, prog_name="lrexport", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as err:
-        err.show()
-        sys.exit(err.exit_code)
-    except LrexportError as err:
-        if debug:
-            raise
-        click.echo(f"error: {err}", err=True)
-        sys.exit(err.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
-    except Exception as err:  # a bug, not bad input: say so on one line
-        if debug:
-            raise
-        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
-        click.echo(f"error: internal error {type(err).__name__}: {first} (rerun with --debug for the traceback)",
-                   err=True)
-        sys.exit(3)
+        code = _run(args)
     finally:
         if _STDOUT:
             sys.stdout = _STDOUT.pop()
-    sys.exit(code if isinstance(code, int) else 0)
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -61,11 +61,14 @@ def parse_output_tolerance(text: str) -> tuple[str, Tolerance]:
             if key.strip() not in ("atol", "rtol") or not eq:
                 raise ValueError
             values[key.strip()] = float(val)
+            if not np.isfinite(values[key.strip()]) or values[key.strip()] < 0:
+                raise ValueError
         except ValueError:
             values = {}
             break
     if not name or not values:
-        raise LrexportError(f"bad output tolerance {text!r}", "write NAME:atol=1e-3,rtol=1e-2")
+        raise LrexportError(f"bad output tolerance {text!r}",
+                            "write NAME:atol=1e-3,rtol=1e-2 with finite numbers >= 0")
     base = DEFAULT_TOLERANCES["fp32"]
     return name, Tolerance(values.get("atol", base.atol), values.get("rtol", base.rtol))
 

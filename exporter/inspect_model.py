@@ -25,12 +25,25 @@ def _is_onnx(path: Path) -> bool:
         return False
 
 
-def inspect_onnx(path: Path) -> dict[str, Any]:
+def read_onnx(path: str | Path, load_external_data: bool = True) -> onnx.ModelProto:
+    """Load an ONNX file, or say in one line why it is not one (missing, empty, damaged, no graph)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LrexportError(f"ONNX file {path} does not exist", "check the path")
+    if path.stat().st_size == 0:
+        raise LrexportError(f"ONNX file {path} is empty", "re-export it (lrexport export)")
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        model = onnx.load(str(path), load_external_data=load_external_data)
     except Exception as err:
         raise LrexportError(f"{path} is not a readable ONNX file ({type(err).__name__})",
-                            "check the path, or re-export it") from None
+                            "check the path, or re-export it (a truncated copy?)") from None
+    if not model.HasField("graph"):
+        raise LrexportError(f"{path} holds no ONNX graph", "check the path, or re-export it")
+    return model
+
+
+def inspect_onnx(path: Path) -> dict[str, Any]:
+    model = read_onnx(path, load_external_data=False)
     params = 0
     for init in model.graph.initializer:
         n = 1
@@ -88,7 +101,8 @@ def _module_histogram(loaded) -> collections.Counter:
 def format_inspection(info: dict[str, Any]) -> str:
     lines = [f"{info['path']}: {info['kind']}, {info['parameters']:,} parameters"]
     if info["kind"] == "onnx":
-        lines.append(f"opset {info['opset']}, IR {info['ir_version']}, {info['nodes']} nodes"
+        opsets = ", ".join(f"{domain} {version}" for domain, version in info["opset"].items())
+        lines.append(f"opset {opsets or '-'}, IR {info['ir_version']}, {info['nodes']} nodes"
                      + (", external data" if info["external_data"] else ""))
         rows = [["input", i["name"], i["dtype"], "x".join(map(str, i["dims"]))] for i in info["inputs"]]
         rows += [["output", o["name"], o["dtype"], "x".join(map(str, o["dims"]))] for o in info["outputs"]]

@@ -23,7 +23,7 @@ from exporter.loading import LoadedModel
 from exporter.memory_budget import MemoryBudget, MemoryPlanner, plan_feeds, planner_for_runners, run_planned
 from exporter.runners import OnnxRuntimeRunner, TorchRunner
 from exporter.specs import InputSpec, build_specs, parity_cases, random_feeds
-from exporter.table import fmt_num, format_table
+from exporter.table import fmt_num, fmt_shapes, format_table
 
 
 class Runner(Protocol):
@@ -78,15 +78,26 @@ class ParityReport:
                 "results": [r.to_dict() for r in self.results], "skipped": self.skipped, "drift": self.drift,
                 "memory": [p.to_dict() for p in self.plans.values() if p.scaled]}
 
+    def __str__(self) -> str:
+        return self.format_table()
+
     def format_table(self) -> str:
-        headers = ["backend", "case", "shapes", "output", "max abs", "max rel", "rel L2", "cosine",
-                   "fail/total", "min atol", "atol/rtol", "status"]
+        """One row per backend, case and output. ``min atol`` / ``min rtol``: the smallest atol that passes at
+        this rtol, and the smallest rtol that passes at this atol (each alone would fix a failing row).
+
+        The plain max relative error is left to the JSON (``max_rel``): where the reference is near zero it
+        is huge on rows that pass (|a - r| is inside atol there), e.g. 157.6 on a passing fp16 row. ``min
+        rtol`` is the relative error over the elements that atol does not cover, so it is never above the
+        rtol of a passing row and says how far a failing row is off.
+        """
+        headers = ["backend", "case", "shapes", "output", "max abs", "rel L2", "cosine",
+                   "fail/total", "min atol", "min rtol", "atol/rtol", "status"]
         rows = []
         for r in self.results:
             shapes = " ".join("x".join(map(str, s)) for s in r.shapes.values())
             for o in r.outputs:
-                rows.append([r.backend, r.case, shapes, o.output, o.max_abs, o.max_rel, o.rel_l2,
-                             f"{o.cosine:.6f}", f"{o.mismatches + o.nonfinite}/{o.total}", o.min_atol,
+                rows.append([r.backend, r.case, shapes, o.output, o.max_abs, o.rel_l2,
+                             f"{o.cosine:.6f}", f"{o.mismatches + o.nonfinite}/{o.total}", o.min_atol, o.min_rtol,
                              f"{fmt_num(o.atol)}/{fmt_num(o.rtol)}", "ok" if o.ok else "FAIL"])
         lines = [format_table(headers, rows, title=f"parity vs {self.reference} (seed {self.seed})")]
         for r, o in self.failures():
@@ -181,7 +192,7 @@ def run_parity(reference: TorchRunner, backends: Sequence[Runner], specs: Sequen
         for name, arr in expected.items():
             if arr.dtype.kind == "f" and not np.isfinite(arr).all():
                 raise LrexportError(f"the PyTorch model itself produces NaN/Inf in output {name!r} at shape "
-                                    f"case {case} ({shapes})",
+                                    f"case {case} ({fmt_shapes(shapes)})",
                                     "check the weights and the --input value ranges; parity needs finite outputs")
         for backend in backends:
             start = time.perf_counter()

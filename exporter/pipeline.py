@@ -18,9 +18,9 @@ from exporter.compare import Tolerance, Tolerances
 from exporter.errors import LrexportError
 from exporter.export import DEFAULT_OPSET, ExportResult, export_onnx, save_onnx
 from exporter.loading import LoadedModel, module_embedding_sizes
-from exporter.outputs import atomic_dir
 from exporter.memory_budget import (GraphCost, MemoryBudget, MemoryPlanner, batch_slices, localization_fits,
                                     plan_feeds, planner_for_runners)
+from exporter.outputs import atomic_dir, relocated
 from exporter.parity import ParityReport, Runner, _align, output_modules, run_parity
 from exporter.runners import OnnxRuntimeRunner, TorchRunner
 from exporter.specs import InputSpec, build_specs, merge_specs, parity_cases, parse_input, read_sidecar
@@ -115,6 +115,7 @@ class BuildReport:
     parity: ParityReport
     notes: list[str]
     seconds: dict[str, float]
+    files: list[Path] = field(default_factory=list)  # what the build wrote, where it ends up (under out)
 
     @property
     def ok(self) -> bool:
@@ -124,7 +125,11 @@ class BuildReport:
         return {"ok": self.ok, "out": str(self.out), "model": self.model, "export": self.export.to_dict(),
                 "passes": self.passes, "precision": self.precision, "engine": self.engine,
                 "parity": self.parity.to_dict(), "notes": self.notes,
-                "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
+                "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+                "files": [str(f) for f in self.files]}
+
+    def __str__(self) -> str:
+        return self.format_text()
 
     def format_text(self) -> str:
         lines = [f"model: {self.model['source']} ({self.model['kind']}, {self.model['parameters']:,} parameters)",
@@ -139,8 +144,19 @@ class BuildReport:
             lines.append(f"engine: {self.engine.get('summary', '')}")
         lines.append(self.parity.format_table())
         lines += [f"note: {n}" for n in self.notes]
-        lines.append(f"wrote {self.out}")
+        lines.append(f"wrote {len(self.files)} files to {self.out}:" if self.files else f"wrote {self.out}")
+        width = max((len(str(f)) for f in self.files), default=0)
+        lines += [f"  {str(f):<{width}}  {_size(f)}".rstrip() for f in self.files]
         return "\n".join(lines)
+
+
+def _size(path: Path) -> str:
+    """A file's size for the files-written list ('' once it is gone: the text may be printed later)."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return ""
+    return f"{size / 1e6:.1f} MB" if size >= 100_000 else f"{size / 1e3:.1f} kB"
 
 
 def _trt_error(backend: str) -> LrexportError | None:
@@ -245,6 +261,7 @@ def build(loaded: LoadedModel, specs: Sequence[InputSpec], options: BuildOptions
             seconds["precision"] = time.perf_counter() - t
         engine_info = None
         engine_runner: Runner | None = None
+        engine_skip = ""
         if trt_ok:
             t = time.perf_counter()
             say(f"[engine] building a TensorRT engine ({options.precision})")
@@ -255,7 +272,7 @@ def build(loaded: LoadedModel, specs: Sequence[InputSpec], options: BuildOptions
                 precision=options.precision, backend=options.backend, timing_cache=options.timing_cache,
                 opt_level=options.opt_level, workspace_mb=options.workspace_mb, force=True,
                 progress=lambda m: say(f"[engine] {m}"))
-            engine_info = result.to_dict()
+            engine_info = relocated(result.to_dict(), tmp, options.out)  # name the files where they end up
             engine_info["summary"] = (f"{result.backend} {result.backend_version}, {result.precision}, "
                                       f"{result.engine_bytes / 1e6:.1f} MB, built in {result.build_seconds:.1f} s")
             seconds["engine"] = time.perf_counter() - t
@@ -263,7 +280,7 @@ def build(loaded: LoadedModel, specs: Sequence[InputSpec], options: BuildOptions
             if has_gpu:
                 engine_runner = _EngineRunner(tmp / "model.engine")
             else:
-                notes.append(f"engine built but not executed: {why}")
+                engine_skip = f"tensorrt: engine built but not run, so not checked: {why}"
         t = time.perf_counter()
         say("[parity] comparing with PyTorch")
         ort_runner = OnnxRuntimeRunner(final)
@@ -298,8 +315,8 @@ def build(loaded: LoadedModel, specs: Sequence[InputSpec], options: BuildOptions
         if options.precision != "fp32":
             _localize_low_precision(parity, model, cast, specs, options, budget)
         parity.skipped.extend(skipped)
-        if trt_ok and engine_runner is None:
-            parity.skipped.append("tensorrt: " + notes[-1])
+        if engine_skip:  # said once, where the backends are: in the parity report
+            parity.skipped.append(engine_skip)
         seconds["parity"] = time.perf_counter() - t
         report = BuildReport(
             out=options.out,
@@ -311,6 +328,8 @@ def build(loaded: LoadedModel, specs: Sequence[InputSpec], options: BuildOptions
             report.export.onnx_path = options.out / "model.onnx"
         else:
             report.export.onnx_path = options.out / "exported.onnx"
+        report.files = [options.out / name for name in sorted(p.name for p in tmp.iterdir())] + [
+            options.out / "report.json"]
         (tmp / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return report
 

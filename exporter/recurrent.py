@@ -416,13 +416,16 @@ class StepParityReport:
                 "results": [{"chunk": chunk, "outputs": [c.to_dict() for c in comps]}
                             for chunk, comps in self.results]}
 
+    def __str__(self) -> str:
+        return self.format_table()
+
     def format_table(self) -> str:
-        headers = ["chunk", "steps", "output", "max abs", "max rel", "rel L2", "cosine", "fail/total", "status"]
+        headers = ["chunk", "steps", "output", "max abs", "min rtol", "rel L2", "cosine", "fail/total", "status"]
         rows = []
         for chunk, comps in self.results:
             steps = -(-self.length // chunk)
-            for c in comps:
-                rows.append([chunk, steps, c.output, c.max_abs, c.max_rel, c.rel_l2, f"{c.cosine:.6f}",
+            for c in comps:  # min rtol, not max rel: see ParityReport.format_table
+                rows.append([chunk, steps, c.output, c.max_abs, c.min_rtol, c.rel_l2, f"{c.cosine:.6f}",
                              f"{c.mismatches + c.nonfinite}/{c.total}", "ok" if c.ok else "FAIL"])
         title = f"step parity vs {self.reference} (sequence of {self.length}, batch {self.batch})"
         return format_table(headers, rows, title=title) + f"\nstep parity: {'PASS' if self.ok else 'FAIL'}"

@@ -34,8 +34,9 @@ def _dims(text: str, what: str) -> tuple[int, ...]:
     except ValueError:
         raise LrexportError(f"bad dimensions {text!r} in {what}",
                             "write them as integers joined by 'x', e.g. 1x128x512") from None
-    if any(d < 0 for d in dims):
-        raise LrexportError(f"negative dimension in {what}", "dimensions must be >= 0")
+    if any(d < 1 for d in dims):
+        raise LrexportError(f"dimension {min(dims)} in {what}",
+                            "every dimension must be >= 1 (a zero-size input has nothing to compare)")
     return dims
 
 
@@ -207,7 +208,10 @@ def parse_input(text: str) -> tuple[str, tuple[int, ...], str | None, float | No
         m = re.fullmatch(r"\s*(-?[\d.eE+-]+)\s*\.\.\s*(-?[\d.eE+-]+)\s*", parts[3])
         if not m:
             raise LrexportError(f"bad value range {parts[3]!r} in {what}", "write it as LO..HI, e.g. 0..255")
-        low, high = float(m.group(1)), float(m.group(2))
+        try:
+            low, high = float(m.group(1)), float(m.group(2))
+        except ValueError:  # number-like but not a number, e.g. "1e"
+            raise LrexportError(f"bad value range {parts[3]!r} in {what}", "write it as LO..HI, e.g. 0..255") from None
         if low > high:
             raise LrexportError(f"value range {parts[3]!r} in {what} has low > high", "write it as LO..HI")
     return parts[0], dims, dtype, low, high

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 
 def fmt_num(value: Any) -> str:
@@ -17,6 +17,16 @@ def fmt_num(value: Any) -> str:
             return f"{value:.2e}"
         return f"{value:.4g}"
     return str(value)
+
+
+def fmt_shape(dims: Sequence[Any]) -> str:
+    """``(1, 95, 512)`` -> ``1x95x512`` (a scalar: ``scalar``)."""
+    return "x".join(map(str, dims)) if len(dims) else "scalar"
+
+
+def fmt_shapes(shapes: Mapping[str, Sequence[Any]]) -> str:
+    """``{'x': (1, 95, 512), 'ids': (1, 95)}`` -> ``x 1x95x512, ids 1x95`` (no Python reprs in text output)."""
+    return ", ".join(f"{name} {fmt_shape(dims)}" for name, dims in shapes.items())
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> str:

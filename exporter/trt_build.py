@@ -323,13 +323,18 @@ def _raise_unparsed(onnx_path: Path, nodes: list[UnsupportedNode], logger_errors
 # --------------------------------------------------------------------------------------------- build
 
 def _cast_for_precision(onnx_path: Path, engine_path: Path, precision: str, model: Any,
-                        warnings: list[str]) -> tuple[Path, dict | None]:
+                        warnings: list[str], say: Callable[[str], None]) -> tuple[Path, dict | None]:
+    """The ONNX file to parse for ``precision``: a cast copy, unless the model is float32-only or already cast
+    (progress says which, so a build that cast the model before does not announce a second cast)."""
     if precision == "fp32":
+        say("fp32: no precision cast")
         return onnx_path, None
     low_types = {10, 16}
     if any(init.data_type in low_types for init in model.graph.initializer):
+        say(f"{onnx_path.name} already holds fp16/bf16 weights: parsed as is")
         warnings.append(f"{onnx_path.name} already holds fp16/bf16 weights: parsed as is (no precision cast)")
         return onnx_path, None
+    say(f"casting to {precision}")
     from graph_passes.precision_cast import cast_precision_file
 
     stem = engine_path.stem if engine_path.stem.endswith(f".{precision}") else f"{engine_path.stem}.{precision}"
@@ -391,8 +396,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, specs: Seque
     warnings: list[str] = []
 
     t0 = time.perf_counter()
-    say(f"casting to {precision}" if precision != "fp32" else "fp32: no precision cast")
-    network_onnx, cast_report = _cast_for_precision(onnx_path, engine_path, precision, model, warnings)
+    network_onnx, cast_report = _cast_for_precision(onnx_path, engine_path, precision, model, warnings, say)
     net_model = model if network_onnx == onnx_path else onnx.load(str(network_onnx), load_external_data=False)
 
     logger = be.logger()

@@ -19,6 +19,7 @@ import numpy as np
 
 from exporter.errors import LrexportError
 from exporter.specs import InputSpec
+from exporter.table import fmt_shape
 from exporter.trt_backend import Backend, dims_list, get_backend
 from exporter.trt_build import META_FORMAT, gpu_info, meta_path_for
 
@@ -28,16 +29,25 @@ if TYPE_CHECKING:
 _REBUILD = "rebuild it with `lrexport build ... --force`"
 
 
+def _nvidia_device_present() -> bool:
+    """Whether the NVIDIA driver shows any GPU on this machine (without asking torch)."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return (gpus.is_dir() and any(gpus.iterdir())) or any(Path("/dev").glob("nvidia[0-9]*"))
+
+
 def gpu_available() -> tuple[bool, str]:
-    """(True, device description) or (False, why not)."""
+    """(True, device description) or (False, why not), naming the first missing piece: the GPU itself,
+    then a CUDA build of torch (engine buffers are torch CUDA tensors), then the driver."""
     try:
         import torch
     except ImportError:
         return False, "torch is not installed"
     if not torch.cuda.is_available():
-        built = getattr(torch.version, "cuda", None)
-        why = "torch was built without CUDA" if not built else "no CUDA device or driver visible to torch"
-        return False, why
+        if not _nvidia_device_present():
+            return False, "no CUDA GPU on this machine"
+        if not getattr(torch.version, "cuda", None):
+            return False, "this torch build has no CUDA support (install a CUDA build of torch)"
+        return False, "the CUDA GPU is not usable by torch (check the NVIDIA driver and CUDA_VISIBLE_DEVICES)"
     info = gpu_info() or {}
     return True, f"{info.get('name', 'CUDA GPU')} (sm {info.get('compute_capability', '?')})"
 
@@ -207,8 +217,8 @@ class LoadedEngine:
                 t = torch.from_numpy(np.ascontiguousarray(arr)).to(device)
             if not self.context.set_input_shape(name, tuple(arr.shape)):
                 prof = self.engine.get_tensor_profile_shape(name, 0)
-                raise LrexportError(f"input {name!r} shape {tuple(arr.shape)} is outside the engine's profile "
-                                    f"(min {tuple(dims_list(prof[0]))}, max {tuple(dims_list(prof[2]))})",
+                raise LrexportError(f"input {name!r} shape {fmt_shape(arr.shape)} is outside the engine's profile "
+                                    f"(min {fmt_shape(dims_list(prof[0]))}, max {fmt_shape(dims_list(prof[2]))})",
                                     "rebuild with a wider --shapes range")
             ins[name] = t
             self.context.set_tensor_address(name, t.data_ptr() if t.numel() else _scratch(device).data_ptr())
@@ -216,7 +226,7 @@ class LoadedEngine:
         for name in self.output_names:
             shape = tuple(dims_list(self.context.get_tensor_shape(name)))
             if any(d < 0 for d in shape):
-                raise LrexportError(f"output {name!r} has a data-dependent shape {shape}",
+                raise LrexportError(f"output {name!r} has a data-dependent shape {fmt_shape(shape)}",
                                     "lrexport runs engines with shapes known from the inputs only")
             want = self._np_dtype(name)
             tdt = torch.bfloat16 if want == "bfloat16" else torch.from_numpy(np.empty(0, dtype=want)).dtype

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from exporter.table import fmt_shape, fmt_shapes
 from graph_passes._base import GraphPass, PassOptions
 from graph_passes._cost import count_params, default_shapes, measure
 from graph_passes._util import ort_session
@@ -37,7 +38,7 @@ class PassParityError(RuntimeError):
         self.pass_name, self.output, self.max_abs_err, self.shape = pass_name, output, max_abs_err, shape
         super().__init__(
             f"pass '{pass_name}' broke parity on output '{output}': max abs err {max_abs_err:.3g} "
-            f"at output shape {tuple(shape)} (inputs {feed_shapes})")
+            f"at output shape {fmt_shape(shape)} (inputs {fmt_shapes(feed_shapes)})")
 
 
 @dataclass
@@ -86,7 +87,7 @@ class PipelineReport:
                 lines.append("    " + _detail_line(d))
         if self.passes and self.passes[0].flops_shape:
             lines.append(f"(FLOPs and largest intermediate tensor, in elements, at input shapes "
-                         f"{self.passes[0].flops_shape})")
+                         f"{fmt_shapes(self.passes[0].flops_shape)})")
         return "\n".join(lines)
 
 

@@ -134,11 +134,6 @@ def test_bad_input_gets_one_line_and_nonzero_exit(case, cli, sample_file, tmp_pa
     assert not out.exists()
 
 
-def test_debug_shows_the_traceback(cli, tmp_path):
-    with pytest.raises(Exception, match="does not exist"):
-        cli("build", tmp_path / "nope.pt2", "--debug")
-
-
 def test_console_script_end_to_end(sample_file, tmp_path):
     """The installed entry point, as a user runs it (exit code and stderr of a real process)."""
     res = subprocess.run([sys.executable, "-m", "exporter.cli", "build", str(tmp_path / "missing.pt2")],
