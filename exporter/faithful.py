@@ -95,7 +95,7 @@ class FaithfulRunner:
         self.input_names = list(self._session.input_names)
         self.output_names = list(self._session.output_names)
 
-    def _evaluate(self, feeds: Mapping[str, np.ndarray], intermediate: bool) -> dict[str, Any]:
+    def _evaluate(self, feeds: Mapping[str, np.ndarray], intermediate: bool, widen: bool = True) -> dict[str, Any]:
         with warnings.catch_warnings(), np.errstate(over="ignore", invalid="ignore", divide="ignore",
                                                     under="ignore"):
             warnings.simplefilter("ignore", RuntimeWarning)  # overflow to Inf is the point
@@ -106,14 +106,15 @@ class FaithfulRunner:
                                     f"({type(err).__name__}: {str(err).strip().splitlines()[0][:300]})",
                                     "rerun without --fp16/--bf16 or report the op it names") from None
         values = outs if isinstance(outs, dict) else dict(zip(self.output_names, outs))
-        return {n: _wide(v) for n, v in values.items() if v is not None}
+        return {n: _wide(v) if widen else v for n, v in values.items() if v is not None}
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self._evaluate(feeds, intermediate=False)
 
-    def intermediates(self, feeds: Mapping[str, np.ndarray]) -> dict[str, Any]:
-        """Every value of the graph by name (low-precision ones as float32), for drift localization."""
-        return self._evaluate(feeds, intermediate=True)
+    def intermediates(self, feeds: Mapping[str, np.ndarray], widen: bool = True) -> dict[str, Any]:
+        """Every value of the graph by name, for drift localization (low-precision ones as float32 unless
+        ``widen=False``)."""
+        return self._evaluate(feeds, intermediate=True, widen=widen)
 
 
 def _wide(value: Any) -> Any:
