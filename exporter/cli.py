@@ -206,6 +206,11 @@ def cli() -> None:
 @click.option("--out", "-o", type=click.Path(file_okay=False), help="Output folder (default: <model>.lrexport).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
 @_precision_options("Build in")
+@click.option("--fp16-keep", "fp16_keep", multiple=True, metavar="MODULE_GLOB",
+              help="Keep the nodes of matching modules (and their submodules) in float32 with --fp16/--bf16. "
+                   "Repeatable.")
+@click.option("--fp16-force", is_flag=True,
+              help="No automatic float32 keep-list: cast even the values the range analysis finds out of range.")
 @click.option("--no-passes", is_flag=True, help="Skip the graph passes.")
 @click.option("--pad-to-length", type=click.IntRange(min=1), metavar="N",
               help="Fixed-length model (Linformer): pad axis 1 up to N inside the graph and slice the outputs "
@@ -222,7 +227,7 @@ def cli() -> None:
 @input_options
 @parity_options
 @common_options
-def build(model, out, force, precision, no_passes, pad_to_length, passes, chunk_size, merge_threshold, exporter, opset, backend,
+def build(model, out, force, precision, fp16_keep, fp16_force, no_passes, pad_to_length, passes, chunk_size, merge_threshold, exporter, opset, backend,
           timing_cache, opt_level, workspace_mb, factory, factory_kwargs, trust_pickle, inputs, shapes, atol, rtol,
           tols, seed, cases, as_json, quiet, debug):
     """Load MODEL, export to ONNX, run graph passes, build an engine and check parity against PyTorch.
@@ -243,7 +248,8 @@ def build(model, out, force, precision, no_passes, pad_to_length, passes, chunk_
                            opset=opset, backend=backend, force=force, atol=atol, rtol=rtol,
                            per_output=per_output, seed=seed, cases=case_list,
                            timing_cache=Path(timing_cache) if timing_cache else None, opt_level=opt_level,
-                           workspace_mb=workspace_mb, chunk_size=chunk_size, merge_threshold=merge_threshold)
+                           workspace_mb=workspace_mb, chunk_size=chunk_size, merge_threshold=merge_threshold,
+                           fp16_keep=fp16_keep, fp16_force=fp16_force)
     options.memory_budget = _given_memory_budget()
     report = run_build(loaded, specs, options, progress=say)
     _emit(as_json, report.to_dict(), report.format_text())

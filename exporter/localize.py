@@ -10,7 +10,7 @@ This turns "output 'logits' fails in fp16" into "node node_pow (Pow) in module '
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -64,9 +64,14 @@ def _with_outputs(model: onnx.ModelProto, names: list[str],
 
 
 def localize_drift(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Mapping[str, np.ndarray], *,
-                   rel_l2: float = 1e-2) -> DriftLocation | None:
+                   rel_l2: float = 1e-2,
+                   run_candidate: Callable[[Mapping[str, np.ndarray]], Mapping[str, Any]] | None = None
+                   ) -> DriftLocation | None:
     """The first node (in the reference's order) whose output in ``candidate`` is non-finite where the
-    reference is finite, or departs from it by more than ``rel_l2`` (relative L2); None if none does."""
+    reference is finite, or departs from it by more than ``rel_l2`` (relative L2); None if none does.
+
+    ``run_candidate(feeds)`` returns the candidate's intermediate values by name when it should not run
+    in ONNX Runtime (the faithful fp16 evaluator)."""
     ref_infos, cand_infos = _float_values(reference), _float_values(candidate)
     order = [(out, node) for node in reference.graph.node for out in node.output
              if out in ref_infos and out in cand_infos]
@@ -75,6 +80,9 @@ def localize_drift(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
     names = [out for out, _ in order]
     runs = []
     for model, infos in ((reference, ref_infos), (candidate, cand_infos)):
+        if run_candidate is not None and model is candidate:
+            runs.append(dict(run_candidate(feeds)))
+            continue
         sess = ort_session(_with_outputs(model, names, infos), ort_session_options())
         wanted = [o.name for o in sess.get_outputs() if o.name in set(names)]
         runs.append(dict(zip(wanted, sess.run(wanted, dict(feeds)))))

@@ -102,6 +102,8 @@ class BuildOptions:
     chunk_size: int = 64
     merge_threshold: float = 1.0
     memory_budget: str | int | None = None  # bytes or "8GB" per parity run; None: LREXPORT_MEMORY_BUDGET or detected
+    fp16_keep: Sequence[str] = ()  # module globs kept in float32 by the precision cast
+    fp16_force: bool = False  # no automatic (range-analysis) float32 keep-list
 
 
 @dataclass
@@ -248,14 +250,14 @@ def build(loaded: LoadedModel, specs: Sequence[InputSpec], options: BuildOptions
         precision_info = None
         if options.precision != "fp32":
             t = time.perf_counter()
-            say(f"[precision] casting to {options.precision}")
-            from graph_passes.precision_cast import cast_precision
+            say(f"[precision] measuring value ranges, casting to {options.precision}")
+            from exporter.fp16_range import cast_with_range_analysis
 
-            cast, precision_info = cast_precision(model, options.precision)
-            kept = ", ".join(f"{op} {n}" for op, n in precision_info.get("kept_fp32_by_op", {}).items())
-            precision_info["summary"] = (f"{options.precision}: {precision_info.get('tensors_cast', 0)} tensors cast, "
-                                         f"{precision_info.get('casts_inserted', 0)} Casts inserted; "
-                                         f"kept in float32: {kept or 'nothing'}")
+            range_specs = _align(specs, [i.name for i in model.graph.input])
+            range_feeds = case_feeds(range_specs, parity_cases(range_specs), options.seed).values()
+            cast, precision_info = cast_with_range_analysis(model, options.precision, list(range_feeds),
+                                                            keep_modules=options.fp16_keep,
+                                                            force=options.fp16_force)
             ort_onnx = tmp / f"model.{options.precision}.onnx"
             save_onnx(cast, ort_onnx)
             seconds["precision"] = time.perf_counter() - t
@@ -289,19 +291,33 @@ def build(loaded: LoadedModel, specs: Sequence[InputSpec], options: BuildOptions
         tols = {ort_runner.name: Tolerances.for_precision("fp32", options.atol, options.rtol, options.per_output)}
         backends: list[Runner] = [ort_runner]
         skipped: list[str] = []
+        unchecked: list[str] = []  # why each low-precision backend did not run
         if options.precision != "fp32":
             name = f"onnxruntime-{options.precision}"
             try:
                 low = OnnxRuntimeRunner(ort_onnx, name=name)
             except LrexportError as err:  # ORT's CPU kernels mostly lack bfloat16
                 op = re.search(r"of operator \((\w+)\)", err.problem)
-                skipped.append(f"{name}: ONNX Runtime cannot run the {options.precision} model (no "
-                               f"{options.precision} kernel{' for ' + op.group(1) if op else ''}); "
+                kernel = f"no {options.precision} kernel{' for ' + op.group(1) if op else ''}"
+                skipped.append(f"{name}: ONNX Runtime cannot run the {options.precision} model ({kernel}); "
                                "the TensorRT engine carries its parity where a GPU runs it")
+                unchecked.append(f"ONNX Runtime has {kernel}")
             else:
                 tols[low.name] = Tolerances.for_precision(options.precision, options.atol, options.rtol,
                                                           options.per_output)
                 backends.append(low)
+            from exporter.faithful import faithful_runner
+
+            run_cases = list(options.cases or parity_cases(specs))
+            faithful, faithful_skip = faithful_runner(cast, options.precision, run_cases,
+                                            case_feeds(specs, run_cases, options.seed)[run_cases[0]])
+            if faithful is None:
+                skipped.append(f"{options.precision} faithful: {faithful_skip}")
+                unchecked.append(str(faithful_skip))
+            else:
+                tols[faithful.name] = Tolerances.for_precision(options.precision, options.atol, options.rtol,
+                                                               options.per_output)
+                backends.append(faithful)
         if engine_runner is not None:
             tols[engine_runner.name] = Tolerances.for_precision(options.precision, options.atol, options.rtol,
                                                                 options.per_output)
@@ -313,10 +329,13 @@ def build(loaded: LoadedModel, specs: Sequence[InputSpec], options: BuildOptions
         if exported.program is not None:
             _localize_against_torch(parity, exported.program, exported_model, specs, options, budget)
         if options.precision != "fp32":
-            _localize_low_precision(parity, model, cast, specs, options, budget)
+            _localize_low_precision(parity, model, cast, specs, options, backends, budget)
         parity.skipped.extend(skipped)
         if engine_skip:  # said once, where the backends are: in the parity report
             parity.skipped.append(engine_skip)
+        low_rows = [r for r in parity.results if r.backend != ort_runner.name]
+        if options.precision != "fp32" and not low_rows:  # a skipped precision never reads as PASS
+            parity.unchecked[options.precision] = "; ".join(unchecked + ["no GPU ran an engine"])
         seconds["parity"] = time.perf_counter() - t
         report = BuildReport(
             out=options.out,
@@ -375,14 +394,18 @@ def _localize_against_torch(parity: ParityReport, program: Any, exported_model: 
 
 
 def _localize_low_precision(parity: ParityReport, fp32_model: onnx.ModelProto, low_model: onnx.ModelProto,
-                            specs: Sequence[InputSpec], options: BuildOptions,
+                            specs: Sequence[InputSpec], options: BuildOptions, backends: Sequence[Runner],
                             budget: MemoryBudget | None = None) -> None:
-    """For each failing case of the fp16/bf16 ONNX model, name the first node that drifts from float32."""
+    """For each failing case of the fp16/bf16 ONNX model (in ONNX Runtime or the faithful evaluator),
+    name the first node that drifts from float32."""
     from exporter.localize import localize_drift
 
-    for r, feeds in _failing_with_feeds(parity, specs, options.seed, lambda b: b.startswith("onnxruntime-"),
+    faithful = {b.name: b for b in backends if hasattr(b, "intermediates")}
+    for r, feeds in _failing_with_feeds(parity, specs, options.seed,
+                                        lambda b: b.startswith("onnxruntime-") or b in faithful,
                                         [fp32_model, low_model], budget):
-        loc = localize_drift(fp32_model, low_model, feeds)
+        run = getattr(faithful.get(r.backend), "intermediates", None)
+        loc = localize_drift(fp32_model, low_model, feeds, run_candidate=run)
         _add_drift(parity, r, loc, loc.describe() if loc else
                    "no intermediate departs from float32 by more than 1e-2 (rel L2)")
 

@@ -7,7 +7,11 @@ Everything float32 becomes the low type except what must stay float32:
 * normalizer and running-state sums: ``CumSum`` / ``ReduceSum`` and the ops reading them, up to and
   including the ``Div`` / ``Reciprocal`` that normalizes (linear attention's S_i and Z_i grow with n),
 * ``Softmax`` and the constant scaling right before it (its logits),
-* model inputs and outputs keep their type (Casts at the boundary) unless ``keep_io_types=False``.
+* model inputs and outputs keep their type (Casts at the boundary) unless ``keep_io_types=False``,
+* on request, named nodes (``keep_nodes``: a user's module choice) and named values (``keep_values``: what
+  the range analysis, ``exporter/fp16_range.py``, measured past fp16's range). A kept value keeps its
+  producer *and every reader* in float32: a reader in fp16 would get it through a Cast, which is where
+  it would overflow. Readers compute in fp32 and hand a result in range to the fp16 region.
 
 Casts are inserted wherever a value crosses between the fp32 and low-precision regions; initializers
 read by both get a low-precision copy. Implemented on onnx-ir, so external data and >2 GB models work
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import numpy as np
 import onnx
@@ -81,7 +85,34 @@ def _const_tensor(value: ir.Value) -> bool:
     return prod is not None and prod.op_type == "Constant" and prod.domain in ("", "ai.onnx")
 
 
-def _keep_set(graph: ir.Graph, keep_ops: frozenset[str]) -> set[ir.Node]:
+def _keep_set(graph: ir.Graph, keep_ops: frozenset[str], keep_nodes: Collection[str] = (),
+              keep_values: Collection[str] = ()) -> tuple[set[ir.Node], set[ir.Node]]:
+    """The nodes that stay float32: (all of them, those kept only because ``keep_nodes``/``keep_values``
+    asked)."""
+    keep = _structural_keep_set(graph, keep_ops)
+    requested: set[ir.Node] = set()
+    nodes_by_name = {n.name: n for n in graph if n.name}
+    missing = [n for n in keep_nodes if n not in nodes_by_name]
+    if missing:
+        raise LrexportError(f"cannot keep node {missing[0]!r} in float32: the model has no node of that name",
+                            "name nodes of the model being cast")
+    requested.update(nodes_by_name[n] for n in keep_nodes)
+    values = {v.name: v for node in graph for v in (*node.inputs, *node.outputs) if v is not None and v.name}
+    values.update({v.name: v for v in graph.inputs if v.name})
+    missing = [v for v in keep_values if v not in values]
+    if missing:
+        raise LrexportError(f"cannot keep value {missing[0]!r} in float32: the model has no value of that name",
+                            "name values of the model being cast")
+    for name in keep_values:
+        value = values[name]
+        prod = value.producer()
+        if prod is not None and prod.op_type not in _SHAPE_ONLY:
+            requested.add(prod)
+        requested.update(u for u in value.consumers() if u.op_type not in _SHAPE_ONLY)
+    return keep | requested, requested - keep
+
+
+def _structural_keep_set(graph: ir.Graph, keep_ops: frozenset[str]) -> set[ir.Node]:
     keep: set[ir.Node] = set()
     for node in graph:
         if node.domain not in ("", "ai.onnx"):
@@ -132,7 +163,8 @@ def _infer_types(model: ir.Model) -> None:
         pass
 
 
-def _cast_ir(model: ir.Model, precision: str, keep_io_types: bool, keep_fp32_ops: Sequence[str]) -> dict:
+def _cast_ir(model: ir.Model, precision: str, keep_io_types: bool, keep_fp32_ops: Sequence[str],
+             keep_nodes: Collection[str] = (), keep_values: Collection[str] = ()) -> dict:
     low = PRECISIONS[normalize_precision(precision)]
     graph = model.graph
     for node in graph:
@@ -140,7 +172,7 @@ def _cast_ir(model: ir.Model, precision: str, keep_io_types: bool, keep_fp32_ops
             raise LrexportError(f"precision cast does not handle control flow (node {node.name!r}, {node.op_type})",
                                 "build in fp32, or inline/unroll the If/Loop/Scan before casting")
     _infer_types(model)
-    keep = _keep_set(graph, frozenset(keep_fp32_ops))
+    keep, requested = _keep_set(graph, frozenset(keep_fp32_ops), keep_nodes, keep_values)
 
     def region(node: ir.Node) -> str:
         if node.op_type in _SHAPE_ONLY:
@@ -172,7 +204,9 @@ def _cast_ir(model: ir.Model, precision: str, keep_io_types: bool, keep_fp32_ops
 
     report: dict[str, Any] = {"precision": normalize_precision(precision), "keep_io_types": keep_io_types,
                               "tensors_cast": 0, "initializers_cast": 0, "constants_cast": 0,
-                              "casts_inserted": 0, "kept_fp32_nodes": [], "kept_fp32_by_op": {}}
+                              "casts_inserted": 0, "kept_fp32_nodes": [], "kept_fp32_by_op": {},
+                              "kept_on_request": sorted(n.name or f"<{n.op_type}>" for n in requested),
+                              "compute_nodes": 0, "low_nodes": 0}
     if not keep_io_types:
         for v in graph.inputs:
             if v in float_values:
@@ -232,6 +266,9 @@ def _cast_ir(model: ir.Model, precision: str, keep_io_types: bool, keep_fp32_ops
         reg = region(node)
         if reg == "fp32" and node.op_type not in ("Constant",):
             report["kept_fp32_nodes"].append(node.name or f"<{node.op_type}>")
+        if reg != "any" and node.op_type != "Constant" and any(o in float_values for o in node.outputs):
+            report["compute_nodes"] += 1  # nodes computing a float value: the ones a precision applies to
+            report["low_nodes"] += reg == "low"
         # Inputs: route each float input from the region it lives in.
         if reg != "any":
             for i, v in enumerate(node.inputs):
@@ -292,7 +329,16 @@ def _cast_ir(model: ir.Model, precision: str, keep_io_types: bool, keep_fp32_ops
         report["casts_inserted"] += 1
 
     report["kept_fp32_by_op"] = dict(Counter(n.op_type for n in keep if n.op_type != "Constant"))
+    report["low_fraction"] = report["low_nodes"] / report["compute_nodes"] if report["compute_nodes"] else 1.0
     return report
+
+
+def fp32_node_names(model: onnx.ModelProto, keep_fp32_ops: Sequence[str] = DEFAULT_KEEP_FP32_OPS) -> set[str]:
+    """Names of the nodes the structural rules keep in float32 (before any range-based keep-list): the
+    range analysis needs them to know which values the cast would turn fp16/bf16."""
+    ir_model = ir.from_proto(model)
+    _infer_types(ir_model)
+    return {n.name for n in _structural_keep_set(ir_model.graph, frozenset(keep_fp32_ops)) if n.name}
 
 
 def _needs_fp32_input(node: ir.Node, value: ir.Value, index: int | None = None) -> bool:
@@ -311,28 +357,33 @@ def _check_inline(model: onnx.ModelProto) -> None:
 
 
 def cast_precision(model: onnx.ModelProto, precision: str, *, keep_io_types: bool = True,
-                   keep_fp32_ops: Sequence[str] = DEFAULT_KEEP_FP32_OPS) -> tuple[onnx.ModelProto, dict]:
-    """Cast a float32 ONNX model to fp16/bf16 with LayerNorm, running sums and Softmax kept in fp32.
+                   keep_fp32_ops: Sequence[str] = DEFAULT_KEEP_FP32_OPS, keep_nodes: Collection[str] = (),
+                   keep_values: Collection[str] = ()) -> tuple[onnx.ModelProto, dict]:
+    """Cast a float32 ONNX model to fp16/bf16 with LayerNorm, running sums and Softmax kept in fp32, and
+    the nodes named in ``keep_nodes`` and the values named in ``keep_values`` (with their readers).
 
-    Returns the new model and a report: tensors/initializers/constants cast, Casts inserted, and which
-    nodes were kept in fp32 (by name and by op type). The input proto is not modified.
+    Returns the new model and a report: tensors/initializers/constants cast, Casts inserted, which
+    nodes were kept in fp32 (by name and by op type; ``kept_on_request``: those kept only because of
+    ``keep_nodes``/``keep_values``) and ``low_fraction``, the share of float-computing nodes left in the
+    low precision. The input proto is not modified.
     """
     normalize_precision(precision)
     _check_inline(model)
     ir_model = ir.from_proto(model)
-    report = _cast_ir(ir_model, precision, keep_io_types, keep_fp32_ops)
+    report = _cast_ir(ir_model, precision, keep_io_types, keep_fp32_ops, keep_nodes, keep_values)
     return ir.to_proto(ir_model), report
 
 
 def cast_precision_file(src: str | Path, dst: str | Path, precision: str, *, keep_io_types: bool = True,
-                        keep_fp32_ops: Sequence[str] = DEFAULT_KEEP_FP32_OPS) -> dict:
+                        keep_fp32_ops: Sequence[str] = DEFAULT_KEEP_FP32_OPS, keep_nodes: Collection[str] = (),
+                        keep_values: Collection[str] = ()) -> dict:
     """File-to-file variant: reads external data lazily and writes ``dst`` + ``dst.data`` (any size)."""
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise LrexportError(f"ONNX file {src} does not exist", "check the path")
     normalize_precision(precision)
     ir_model = ir.load(src)
-    report = _cast_ir(ir_model, precision, keep_io_types, keep_fp32_ops)
+    report = _cast_ir(ir_model, precision, keep_io_types, keep_fp32_ops, keep_nodes, keep_values)
     dst.parent.mkdir(parents=True, exist_ok=True)
     data = dst.with_name(dst.name + ".data")
     if data.exists():

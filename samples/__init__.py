@@ -50,6 +50,9 @@ SAMPLES: dict[str, Sample] = {
         Sample("linformer_encoder", models.linformer_encoder, ("x:2x128x128:float32",),
                ("x:min=1x128x128,opt=2x128x128,max=8x128x128",),
                "Linformer encoder (sequence fixed at 128, batch dynamic)"),
+        Sample("gain_square", models.gain_square, ("x:2x32x64:float32",),
+               ("x:min=1x1x64,opt=2x32x64,max=4x256x64",),
+               "gain-then-square feature whose intermediate overflows fp16 (keeps it float32)"),
     )
 }
 

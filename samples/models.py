@@ -114,3 +114,26 @@ def linformer_encoder(d_model: int = 128, heads: int = 4, layers: int = 2, seq_l
     blocks = [Block(d_model, LinformerAttention(d_model, heads, seq_len, k), ff_hidden)
               for _ in range(layers)]
     return Encoder(blocks, d_model).eval()
+
+
+class GainSquare(nn.Module):
+    """A gain-then-square feature: ``h = Linear(x) * 400; e = h * h; out = Linear(e / 160000)``.
+
+    Fine in float32; ``e`` reaches ~1e6, far past fp16's 65504, while everything around it is small.
+    """
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Linear(d_model, hidden)
+        self.out = nn.Linear(hidden, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x) * 400.0
+        e = h * h
+        return self.out(e / 160000.0)
+
+
+def gain_square(d_model: int = 64, hidden: int = 128, seed: int = 0) -> nn.Module:
+    """The gain-then-square model: overflows fp16 in one place (``e = h * h``) unless kept float32."""
+    _seeded(seed)
+    return GainSquare(d_model, hidden).eval()

@@ -202,15 +202,20 @@ def test_json_stdout_stays_json_when_model_code_prints(cli, tmp_path):
 
 
 def test_fp16_drift_is_located_at_the_overflowing_node(cli, tmp_path):
+    """With the keep-list off (--fp16-force), both low-precision rows fail and name the overflowing node."""
     res = cli("build", "--factory", "badmodels:overflow_mlp", "--input", "x:2x8x16", "--out", tmp_path / "o",
-              "--fp16", "--backend", "onnxruntime", "--no-passes", "-q", cwd=FIXTURES)
+              "--fp16", "--fp16-force", "--backend", "onnxruntime", "--no-passes", "-q", cwd=FIXTURES)
     assert res.code == 1, res.out + res.err
     assert "onnxruntime-fp16" in res.out and "parity: FAIL" in res.out
-    (line,) = [ln for ln in res.out.splitlines() if "first drift at node" in ln]
-    assert "module 'act'" in line and "NaN/Inf" in line and ("Pow" in line or "Mul" in line)
+    assert "warning: left in fp16 (--fp16-force): node_pow_1 (Pow) in module 'act'" in res.out
+    lines = [ln for ln in res.out.splitlines() if "first drift at node" in ln]
+    assert [ln.split()[0] for ln in lines] == ["onnxruntime-fp16", "fp16"]  # ORT, then the faithful row
+    for line in lines:
+        assert "module 'act'" in line and "NaN/Inf" in line and ("Pow" in line or "Mul" in line)
     report = json.loads((tmp_path / "o" / "report.json").read_text())
-    (drift,) = report["parity"]["drift"]
-    assert drift["backend"] == "onnxruntime-fp16" and drift["location"]["module"] == "act"
+    drifts = report["parity"]["drift"]
+    assert [d["backend"] for d in drifts] == ["onnxruntime-fp16", "fp16 faithful"]
+    assert all(d["location"]["module"] == "act" for d in drifts)
     # the float32 ONNX model itself is fine
     assert all(r["ok"] for r in report["parity"]["results"] if r["backend"] == "onnxruntime")
 

@@ -1,0 +1,275 @@
+"""Range analysis for the precision cast: which values would overflow, or lose most of their precision,
+once the cast makes them fp16 (or bf16), and so must stay float32.
+
+The float32 model runs in ONNX Runtime on the parity feeds (every shape case) with every intermediate
+exposed as an output (as drift localization does, ``exporter/localize.py``). For each value the cast
+would turn low precision (produced or read by a node outside the structural float32 set of
+``graph_passes/precision_cast.py``), it records the largest |x| and the share of its nonzero elements
+below the low type's smallest normal number. Initializers and constants are measured too: a constant
+past 65504 is clipped by the cast (``x / 160000`` would silently become ``x / 65504``).
+
+Overflow margin: a value is flagged when max |x| > 65504 / 16 = 4094 (fp16). The parity feeds are a
+few thousand standard-normal draws; a real input 2x larger (an input 4 sigma out, or data simply
+scaled differently) grows a value that is quadratic in the input (x*x, x^T x, a variance) 4x, and
+one more 2x covers sums whose length grows past the largest parity shape and fp16's own rounding of
+the inputs. Values of fp16-safe models stay far below that bound (activations, logits and weights of
+the samples reach at most a few tens), so the margin costs them nothing. Constants are exact, so
+they get no margin. bf16 has float32's exponent range: it overflows only past 3.4e38 / 16.
+
+Precision loss: a value is flagged when more than half of its nonzero elements fall below the smallest
+normal number (fp16: 6.1e-5), where fp16 keeps fewer than 10 significant bits and flushes to zero
+below 6e-8: most of the value's information would be gone.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Collection, Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from exporter.errors import LrexportError
+from exporter.localize import _float_values, _module, _with_outputs
+from exporter.parity import module_path
+from exporter.runners import ort_session_options
+from graph_passes._util import ort_session
+
+MARGIN = 16.0
+SUBNORMAL_SHARE = 0.5
+LIMITS = {  # largest finite value, smallest normal value
+    "fp16": (65504.0, 2.0 ** -14),
+    "bf16": (float(np.finfo(np.float32).max), float(np.finfo(np.float32).tiny)),
+}
+_SHAPE_ONLY = ("Shape", "Size")
+
+
+@dataclass
+class ValueRange:
+    """One value's measured range over all the feeds, and what the cast would make of it."""
+
+    value: str
+    node: str  # producer node name, or '<initializer>' / '<input>'
+    op_type: str
+    module: str | None
+    max_abs: float
+    subnormal_share: float  # of the nonzero elements, the share below the smallest normal
+    elements: int
+    problem: str | None = None  # 'overflow' / 'precision' / None
+
+    def describe(self) -> str:
+        where = f" in module {self.module!r}" if self.module else ""
+        what = (f"max |x| {self.max_abs:.3g}" if self.problem != "precision"
+                else f"{self.subnormal_share:.0%} of nonzero values below the smallest normal")
+        return f"{self.node} ({self.op_type}){where}, value {self.value!r}: {what}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RangeReport:
+    precision: str
+    overflow_limit: float  # the low type's largest value / MARGIN
+    cases: int
+    seconds: float
+    values: dict[str, ValueRange] = field(default_factory=dict)  # every value the cast would make low
+
+    @property
+    def flagged(self) -> list[ValueRange]:
+        return [v for v in self.values.values() if v.problem]
+
+    def keep_values(self) -> list[str]:
+        """Values to keep in float32 (the cast keeps their producers and readers)."""
+        return [v.value for v in self.flagged]
+
+    def to_dict(self) -> dict:
+        return {"precision": self.precision, "overflow_limit": self.overflow_limit, "margin": MARGIN,
+                "subnormal_share": SUBNORMAL_SHARE, "cases": self.cases, "seconds": round(self.seconds, 3),
+                "values_measured": len(self.values), "flagged": [v.to_dict() for v in self.flagged]}
+
+
+def _low_values(model: onnx.ModelProto, fp32_nodes: Collection[str]) -> set[str]:
+    """Values produced or read (not only for their shape) by a node the cast puts in low precision."""
+    low: set[str] = set()
+    for node in model.graph.node:
+        if node.op_type in _SHAPE_ONLY or node.name in fp32_nodes:
+            continue
+        if node.op_type == "Constant":
+            continue  # a constant lives in the region of its readers
+        low.update(v for v in (*node.input, *node.output) if v)
+    return low
+
+
+def analyze_ranges(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]], precision: str = "fp16",
+                   fp32_nodes: Collection[str] | None = None) -> RangeReport:
+    """Measure every value the cast would make ``precision`` on ``feeds`` (the float32 ``model`` in ONNX
+    Runtime) and flag those that overflow or lose most of their precision (see the module doc).
+
+    ``fp32_nodes``: the nodes the cast keeps in float32 anyway (default: its structural rules).
+    """
+    from graph_passes.precision_cast import fp32_node_names, normalize_precision
+
+    start = time.perf_counter()
+    precision = normalize_precision(precision)
+    largest, smallest_normal = LIMITS[precision]
+    limit = largest / MARGIN
+    if fp32_nodes is None:
+        fp32_nodes = fp32_node_names(model)
+    low = _low_values(model, fp32_nodes)
+    infos = _float_values(model)
+    producers = {out: node for node in model.graph.node for out in node.output}
+    readers: dict[str, onnx.NodeProto] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, node)
+    stats: dict[str, list[float]] = {}  # name -> [max_abs, nonzero, subnormal, elements]
+
+    def record(name: str, array: np.ndarray) -> None:
+        a = np.abs(np.asarray(array, dtype=np.float32))
+        finite = a[np.isfinite(a)]
+        nonzero = finite[finite > 0]
+        s = stats.setdefault(name, [0.0, 0, 0, 0])
+        s[0] = max(s[0], float(finite.max()) if finite.size else 0.0)
+        s[1] += int(nonzero.size)
+        s[2] += int((nonzero < smallest_normal).sum())
+        s[3] += int(a.size)
+
+    inputs = {i.name for i in model.graph.input}
+    for init in model.graph.initializer:
+        if init.name in low and init.data_type == onnx.TensorProto.FLOAT:
+            record(init.name, numpy_helper.to_array(init))
+    constants = set()
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output[0] in low:
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None and value.data_type == onnx.TensorProto.FLOAT:
+                record(node.output[0], numpy_helper.to_array(value))
+                constants.add(node.output[0])
+    names = [out for node in model.graph.node for out in node.output
+             if out in low and out in infos and out not in constants
+             and infos[out].type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
+    names += [i.name for i in model.graph.input
+              if i.name in low and i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
+    if names and feeds:
+        session = ort_session(_with_outputs(model, [n for n in names if n not in inputs], infos),
+                              ort_session_options())
+        wanted = [o.name for o in session.get_outputs() if o.name in set(names)]
+        for feed in feeds:
+            for name, array in zip(wanted, session.run(wanted, dict(feed))):
+                record(name, array)
+            for name in names:
+                if name in inputs and name in feed:
+                    record(name, feed[name])
+    report = RangeReport(precision, limit, len(feeds), 0.0)
+    constant_names = constants | {i.name for i in model.graph.initializer}
+    for name, (max_abs, nonzero, subnormal, elements) in stats.items():
+        share = subnormal / nonzero if nonzero else 0.0
+        node = producers.get(name)
+        if node is not None:
+            where = (node.name or node.op_type, node.op_type, _module(node))
+        else:  # an initializer or model input: named after its first reader
+            reader = readers.get(name)
+            where = ("<initializer>" if name in constant_names else "<input>", "Constant" if name in constant_names
+                     else "Input", _module(reader) if reader is not None else None)
+        bound = largest if name in constant_names else limit
+        problem = "overflow" if max_abs > bound else ("precision" if share > SUBNORMAL_SHARE else None)
+        report.values[name] = ValueRange(name, *where, max_abs, share, int(elements), problem)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def nodes_in_modules(model: onnx.ModelProto, globs: Sequence[str]) -> list[str]:
+    """Names of the nodes whose module, or one of its parent modules, matches one of the globs
+    (``--fp16-keep 'blocks.1.*'``, ``--fp16-keep ff``). A glob that matches no module is an error."""
+    by_module: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        path = module_path(node)
+        if path in ("<unknown>",) or not node.name:
+            continue
+        parts = path.split(".")
+        for i in range(1, len(parts) + 1):
+            by_module.setdefault(".".join(parts[:i]), []).append(node.name)
+    chosen: list[str] = []
+    for glob in globs:
+        matched = [m for m in by_module if fnmatch.fnmatchcase(m, glob)]
+        if not matched:
+            known = sorted(m for m in by_module if m != "<root>")
+            raise LrexportError(f"--fp16-keep {glob!r} matches no module of the model",
+                                f"modules: {', '.join(known[:12])}{' ...' if len(known) > 12 else ''}")
+        for m in matched:
+            chosen.extend(n for n in by_module[m] if n not in chosen)
+    return chosen
+
+
+def kept_nodes_table(model: onnx.ModelProto, report: RangeReport | None, kept: Collection[str],
+                     by_module: Collection[str] = ()) -> list[dict]:
+    """One row per node kept on request: its module, why (the out-of-range value it produces or reads,
+    or the ``--fp16-keep`` module) and the measured max |x| behind that."""
+    flagged = {v.value: v for v in report.flagged} if report else {}
+    measured = report.values if report else {}
+    rows = []
+    for node in model.graph.node:
+        if node.name not in kept:
+            continue
+        row: dict[str, Any] = {"node": node.name, "op_type": node.op_type, "module": _module(node)}
+        out = next((o for o in node.output if o in flagged), None)
+        read = next((i for i in node.input if i in flagged), None)
+        if node.name in by_module:
+            row["reason"] = "--fp16-keep"
+            value = measured.get(node.output[0]) if node.output else None
+        elif out is not None:
+            value = flagged[out]
+            row["reason"] = f"produces {out!r}"
+        elif read is not None:
+            value = flagged[read]
+            row["reason"] = f"reads {read!r}"
+        else:
+            value = None
+            row["reason"] = "requested"
+        row["value"] = value.value if value else None
+        row["max_abs"] = value.max_abs if value else None
+        row["problem"] = value.problem if value else None
+        if value is not None and value.problem == "precision":
+            row["reason"] += f" ({value.subnormal_share:.0%} below the smallest normal)"
+        rows.append(row)
+    return rows
+
+
+def cast_with_range_analysis(model: onnx.ModelProto, precision: str, feeds: Sequence[Mapping[str, np.ndarray]], *,
+                             keep_modules: Sequence[str] = (), force: bool = False
+                             ) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """The precision cast with its automatic keep-list: measure ranges on ``feeds``, keep what would
+    overflow or underflow (unless ``force``), plus the nodes of ``keep_modules`` (globs).
+
+    Returns the cast model and the cast report extended with ``range`` (the analysis), ``kept_for_range``
+    (one row per node kept on request, with its module and measured range), ``unsafe`` (flagged values
+    left in low precision under ``force``) and a readable ``summary``.
+    """
+    from graph_passes.precision_cast import cast_precision
+
+    by_module = nodes_in_modules(model, keep_modules) if keep_modules else []
+    ranges = analyze_ranges(model, feeds, precision)
+    keep_values = [] if force else ranges.keep_values()
+    cast, info = cast_precision(model, precision, keep_nodes=by_module, keep_values=keep_values)
+    info["range"] = ranges.to_dict()
+    info["kept_for_range"] = kept_nodes_table(model, ranges, info["kept_on_request"], by_module)
+    info["unsafe"] = [v.to_dict() for v in ranges.flagged] if force else []
+    kept = ", ".join(f"{op} {n}" for op, n in info.get("kept_fp32_by_op", {}).items())
+    lines = [f"{precision}: {info['tensors_cast']} tensors cast, {info['casts_inserted']} Casts inserted; "
+             f"kept in float32: {kept or 'nothing'}; {info['low_fraction']:.0%} of compute nodes in {precision}"]
+    bound = f"{ranges.overflow_limit:.4g} (= {LIMITS[ranges.precision][0]:.4g} / {MARGIN:g})"
+    for row in info["kept_for_range"]:
+        where = f" in module {row['module']!r}" if row["module"] else ""
+        size = f", max |x| {row['max_abs']:.3g}" if row["max_abs"] is not None else ""
+        lines.append(f"  kept in float32: {row['node']} ({row['op_type']}){where}: {row['reason']}{size}")
+    for v in ranges.flagged if force else []:
+        lines.append(f"  warning: left in {precision} (--fp16-force): {v.describe()}")
+    lines.append(f"  range analysis: {len(ranges.values)} values on {ranges.cases} shape cases in "
+                 f"{ranges.seconds:.2f} s; overflow bound {bound}"
+                 + ("; keep-list off (--fp16-force)" if force else ""))
+    info["summary"] = "\n".join(lines)
+    return cast, info
