@@ -260,7 +260,10 @@ def _specs_from_exported_program(ep: Any, notes: list[str],
         if not isinstance(val, torch.Tensor):
             continue
         example = examples[i] if examples and i < len(examples) and isinstance(examples[i], torch.Tensor) else None
-        lo, op, hi, steps = [], [], [], []
+        lo: list[int] = []
+        op: list[int] = []
+        hi: list[int] = []
+        steps: list[int] = []
         for axis, dim in enumerate(val.shape):
             if isinstance(dim, int):
                 bounds, limits[(name, axis)] = (dim, dim, dim, 1), (dim, dim)

@@ -21,7 +21,7 @@ from exporter.loading import LoadedModel, module_embedding_sizes
 from exporter.memory_budget import (GraphCost, MemoryBudget, MemoryPlanner, batch_slices, localization_fits,
                                     plan_feeds, planner_for_runners)
 from exporter.outputs import atomic_dir, relocated
-from exporter.parity import ParityReport, Runner, _align, output_modules, run_parity
+from exporter.parity import ParityReport, Runner, _align, case_feeds, output_modules, run_parity
 from exporter.runners import OnnxRuntimeRunner, TorchRunner
 from exporter.specs import InputSpec, build_specs, merge_specs, parity_cases, parse_input, read_sidecar
 
