@@ -214,6 +214,9 @@ def build(loaded: LoadedModel, specs: Sequence[InputSpec], options: BuildOptions
         raise LrexportError(f"unknown precision {options.precision!r}", f"use one of {', '.join(PRECISIONS)}")
     if options.backend not in BACKENDS:
         raise LrexportError(f"unknown backend {options.backend!r}", f"use one of {', '.join(BACKENDS)}")
+    if (options.fp16_keep or options.fp16_force) and options.precision == "fp32":
+        raise LrexportError("--fp16-keep / --fp16-force choose what the precision cast keeps in float32, "
+                            "and this build is float32", "add --fp16 (or --bf16), or leave them out")
     if options.passes:
         from graph_passes import PASS_NAMES
 
@@ -309,8 +312,9 @@ def build(loaded: LoadedModel, specs: Sequence[InputSpec], options: BuildOptions
             from exporter.faithful import faithful_runner
 
             run_cases = list(options.cases or parity_cases(specs))
-            faithful, faithful_skip = faithful_runner(cast, options.precision, run_cases,
-                                            case_feeds(specs, run_cases, options.seed)[run_cases[0]])
+            say(f"[parity] {options.precision} arithmetic (faithful evaluator)")
+            faithful, faithful_skip = faithful_runner(cast, options.precision,
+                                                      case_feeds(specs, run_cases, options.seed))
             if faithful is None:
                 skipped.append(f"{options.precision} faithful: {faithful_skip}")
                 unchecked.append(str(faithful_skip))

@@ -93,6 +93,9 @@ def test_fp16_keep_module_glob(cli, sample_file, tmp_path):
     assert res.code == 2
     line = error_line(res)
     assert "--fp16-keep 'nope*' matches no module" in line and "proj" in line and "out" in line
+    res = cli("build", sample_file("gain_square"), "--out", tmp_path / "f32", "--fp16-force", "-q")
+    assert res.code == 2 and "add --fp16 (or --bf16)" in error_line(res)
+    assert not (tmp_path / "f32").exists()
 
 
 @pytest.mark.parametrize("name", list(SAMPLES))
@@ -239,3 +242,34 @@ def test_readme_fp16_example_runs(cli, tmp_path):
             assert line in res.out.splitlines()
         elif line.startswith("fp16 faithful"):
             assert any(ln.split()[:3] == line.split()[:3] and ln.endswith("ok") for ln in res.out.splitlines())
+
+
+def test_faithful_gather_elements_past_32_rows():
+    """The stock reference GatherElements (np.choose) breaks past 32 choices; BERT gathers its token
+    type ids by position that way."""
+    graph = helper.make_graph([helper.make_node("GatherElements", ["x", "i"], ["y"], axis=1)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.INT64, [1, 128]),
+                               helper.make_tensor_value_info("i", TensorProto.INT64, [1, 23])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT64, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    x = np.arange(128, dtype=np.int64)[None] * 3
+    idx = np.array([list(range(22)) + [-1]], dtype=np.int64)
+    got = FaithfulRunner(model, "fp16").run({"x": x, "i": idx})["y"]
+    assert got.tolist() == [[3 * i for i in range(22)] + [381]]
+
+
+def test_bert_fp16_build_runs_the_faithful_row(cli, tmp_path):
+    pytest.importorskip("transformers")
+    import third_party_models as tpm
+
+    inputs, shapes = tpm.SPECS["bert_factorized"]
+    args = [a for i in inputs for a in ("--input", i)] + [a for s in shapes for a in ("--shapes", s)]
+    res = cli("build", "--factory", "third_party_models:bert_factorized", *args, "--out", tmp_path / "o", "--fp16",
+              "--backend", "onnxruntime", "--json", "-q")
+    assert res.code == 0, res.out[-3000:] + res.err[-3000:]
+    report = json.loads(res.out)
+    rows = _rows(report, "fp16 faithful")
+    assert [r["case"] for r in rows] == ["min", "odd"] and all(r["ok"] for r in rows)
+    # the additive attention mask (float32's lowest value) is the one value kept for range
+    (row,) = report["precision"]["kept_for_range"]
+    assert row["op_type"] == "Where" and row["max_abs"] > 1e38
