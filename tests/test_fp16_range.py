@@ -52,7 +52,7 @@ def _rows(report: dict, backend: str) -> list[dict]:
 def test_gain_square_builds_in_fp16_with_its_overflowing_nodes_kept(cli, sample_file, tmp_path):
     res, report = _build(cli, sample_file, tmp_path, "gain_square", "--fp16")
     assert res.code == 0, res.out + res.err
-    assert res.out.rstrip().splitlines()[-2] == "parity: PASS"
+    assert "parity: PASS" in res.out.splitlines()  # a line of its own, before the files written
     ort_rows, faithful_rows = _rows(report, "onnxruntime-fp16"), _rows(report, "fp16 faithful")
     assert [r["case"] for r in faithful_rows] == ["min", "odd"] and len(ort_rows) == 4
     assert all(r["ok"] for r in ort_rows + faithful_rows)
