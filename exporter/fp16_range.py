@@ -196,7 +196,7 @@ def nodes_in_modules(model: onnx.ModelProto, globs: Sequence[str]) -> list[str]:
         parts = path.split(".")
         for i in range(1, len(parts) + 1):
             by_module.setdefault(".".join(parts[:i]), []).append(node.name)
-    chosen: list[str] = []
+    chosen: dict[str, None] = {}  # ordered set
     for glob in globs:
         matched = [m for m in by_module if fnmatch.fnmatchcase(m, glob)]
         if not matched:
@@ -204,8 +204,8 @@ def nodes_in_modules(model: onnx.ModelProto, globs: Sequence[str]) -> list[str]:
             raise LrexportError(f"--fp16-keep {glob!r} matches no module of the model",
                                 f"modules: {', '.join(known[:12])}{' ...' if len(known) > 12 else ''}")
         for m in matched:
-            chosen.extend(n for n in by_module[m] if n not in chosen)
-    return chosen
+            chosen.update(dict.fromkeys(by_module[m]))
+    return list(chosen)
 
 
 def kept_nodes_table(model: onnx.ModelProto, report: RangeReport | None, kept: Collection[str],
@@ -214,6 +214,7 @@ def kept_nodes_table(model: onnx.ModelProto, report: RangeReport | None, kept: C
     or the ``--fp16-keep`` module) and the measured max |x| behind that."""
     flagged = {v.value: v for v in report.flagged} if report else {}
     measured = report.values if report else {}
+    kept, by_module = set(kept), set(by_module)
     rows = []
     for node in model.graph.node:
         if node.name not in kept:
