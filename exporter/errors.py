@@ -1,17 +1,13 @@
-"""One exception type for every user-facing failure, so the CLI can print one line and exit non-zero."""
+"""One exception type for every user-facing failure, so the CLI can print one line and exit non-zero.
+
+:class:`LrexportError` lives in :mod:`graph_passes.errors` (the passes raise it too and must not import
+``exporter``); it is re-exported here so exporter code keeps one import."""
 
 from __future__ import annotations
 
+from graph_passes.errors import LrexportError
 
-class LrexportError(Exception):
-    """A problem the user can fix: ``str(err)`` is one line naming it and what to do."""
-
-    exit_code = 2
-
-    def __init__(self, problem: str, hint: str | None = None):
-        self.problem = problem
-        self.hint = hint
-        super().__init__(f"{problem}: {hint}" if hint else problem)
+__all__ = ["LrexportError", "ParityFailure"]
 
 
 class ParityFailure(LrexportError):

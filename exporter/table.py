@@ -1,32 +1,15 @@
-"""Plain-text tables for the terminal (the same data goes to --json)."""
+"""Plain-text tables for the terminal (the same data goes to --json).
+
+Number and shape formatting lives in :mod:`graph_passes.formatting` (the pass reports use it too) and is
+re-exported here."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
+from graph_passes.formatting import fmt_num, fmt_shape, fmt_shapes
 
-def fmt_num(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")):
-            return str(value)
-        if value == 0:
-            return "0"
-        if abs(value) >= 1e4 or abs(value) < 1e-3:
-            return f"{value:.2e}"
-        return f"{value:.4g}"
-    return str(value)
-
-
-def fmt_shape(dims: Sequence[Any]) -> str:
-    """``(1, 95, 512)`` -> ``1x95x512`` (a scalar: ``scalar``)."""
-    return "x".join(map(str, dims)) if len(dims) else "scalar"
-
-
-def fmt_shapes(shapes: Mapping[str, Sequence[Any]]) -> str:
-    """``{'x': (1, 95, 512), 'ids': (1, 95)}`` -> ``x 1x95x512, ids 1x95`` (no Python reprs in text output)."""
-    return ", ".join(f"{name} {fmt_shape(dims)}" for name, dims in shapes.items())
+__all__ = ["fmt_num", "fmt_shape", "fmt_shapes", "format_table"]
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> str:

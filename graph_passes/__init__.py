@@ -5,7 +5,7 @@ Each rule is an onnxscript pattern rewrite (pattern / check / rewrite) wrapped i
 """
 
 from graph_passes._base import GraphPass, PassOptions
-from graph_passes.pipeline import (
+from graph_passes.pass_manager import (
     DEFAULT_PASSES,
     PASS_NAMES,
     PassParityError,

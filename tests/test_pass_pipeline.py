@@ -10,7 +10,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-import graph_passes.pipeline as pipeline
+import graph_passes.pass_manager as pass_manager
 from graph_passes import (
     DEFAULT_PASSES,
     PASS_NAMES,
@@ -129,7 +129,7 @@ class _BrokenPass(GraphPass):
 
 
 def test_parity_failure_names_the_pass(monkeypatch):
-    monkeypatch.setitem(pipeline._REGISTRY, "broken", _BrokenPass)
+    monkeypatch.setitem(pass_manager._REGISTRY, "broken", _BrokenPass)
     model = export_sample("causal_block")
     feeds = feeds_for("causal_block", (3, 5))
     with pytest.raises(PassParityError) as err:

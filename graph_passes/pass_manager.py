@@ -12,13 +12,13 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from exporter.table import fmt_shape, fmt_shapes
 from graph_passes._base import GraphPass, PassOptions
 from graph_passes._cost import count_params, default_shapes, measure
 from graph_passes._util import ort_session
 from graph_passes.causal_chunked import CausalChunkPass
 from graph_passes.cleanup import CleanupPass
 from graph_passes.einsum_lowering import EinsumLoweringPass
+from graph_passes.formatting import fmt_shape, fmt_shapes
 from graph_passes.lowrank_pairs import LowRankPairsPass
 from graph_passes.sibling_factors import SiblingFactorsPass
 
