@@ -6,15 +6,18 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from onnxscript.optimizer import fold_constants_ir
 
-from graph_passes._base import GraphPass
+from graph_passes._base import GraphPass, Match, record
 
 
 class CleanupPass(GraphPass):
-    """Library passes only: leaves the graph as the rewrite rules expect it (constants visible, no dead code)."""
+    """Library passes only: leaves the graph as the rewrite rules expect it (constants visible, no dead code).
+
+    It matches nothing (it has no sites); one record gives the node and initializer counts."""
 
     name = "cleanup"
+    min_opset = 0  # library passes only
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def run(self, model: ir.Model) -> bool:
         n_nodes = sum(1 for _ in model.graph)
         n_init = len(model.graph.initializers)
         folded = fold_constants_ir(model, onnx_shape_inference=False)
@@ -35,9 +38,8 @@ class CleanupPass(GraphPass):
         result = manager(model)
         after_nodes = sum(1 for _ in model.graph)
         after_init = len(model.graph.initializers)
-        changed = bool(folded.modified or result.modified) and (
+        record(Match("cleanup", "library passes", matched=False,
+                     info={"nodes_before": n_nodes, "nodes_after": after_nodes,
+                           "initializers_before": n_init, "initializers_after": after_init}))
+        return bool(folded.modified or result.modified) and (
             after_nodes != n_nodes or after_init != n_init or folded.modified)
-        self.details.append({"kind": "cleanup", "action": "library passes", "counts": False,
-                             "nodes_before": n_nodes, "nodes_after": after_nodes,
-                             "initializers_before": n_init, "initializers_after": after_init})
-        return ir.passes.PassResult(model, changed)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnxscript.rewriter import pattern as orp
 
-from graph_passes._base import GraphPass
+from graph_passes._base import GraphPass, Match, record
 from graph_passes._util import einsum_equation, node_label, prepare
 
 
@@ -120,11 +120,30 @@ def split_order(ins: list[str], out: str) -> list[tuple[str, str, str]]:
     return steps
 
 
+def _plan(node: ir.Node) -> tuple[list[str], str] | str:
+    """The equation as (operand letters, output letters), or why the Einsum cannot be lowered."""
+    eq = einsum_equation(node)
+    if eq is None:
+        return "equation not understood (implicit output, diagonal, or '...' with unknown ranks)"
+    ins, out = eq
+    if len(ins) > 3:
+        return f"{len(ins)} operands (the rules lower up to 3)"
+    for v, letters in zip(node.inputs, ins):
+        if v is not None and v.shape is not None and len(v.shape) != len(letters):
+            return "operand rank differs from the equation"
+        if v is not None and v.dtype is not None and not v.dtype.is_floating_point():
+            return "integer einsum left to the runtime"
+    if any(ch not in "".join(ins) for ch in out):
+        return "output letter missing from the operands"
+    return eq
+
+
 class EinsumLoweringRule(orp.RewriteRuleClassBase):
-    def __init__(self, arity: int, records: list):
+    """Einsum with ``arity`` operands whose equation and ranks are understood -> MatMul/Mul/ReduceSum."""
+
+    def __init__(self, arity: int):
         super().__init__(name=f"EinsumLowering[{arity}]")
         self.arity = arity
-        self.records = records
         self._eq: tuple[list[str], str] | None = None
 
     def pattern(self, op, a, b, c):
@@ -133,19 +152,10 @@ class EinsumLoweringRule(orp.RewriteRuleClassBase):
 
     def check(self, context, y, **_):
         check = orp.MatchResult()
-        node = y.producer()
-        eq = einsum_equation(node)
-        if eq is None:
-            return check.fail("equation not understood (implicit output, diagonal, or '...' with unknown ranks)", node)
-        ins, out = eq
-        for v, letters in zip(node.inputs, ins):
-            if v.shape is not None and len(v.shape) != len(letters):
-                return check.fail("operand rank differs from the equation", v)
-            if v.dtype is not None and not v.dtype.is_floating_point():
-                return check.fail("integer einsum left to the runtime", v)
-        if any(ch not in "".join(ins) for ch in out):
-            return check.fail("output letter missing from the operands", node)
-        self._eq = eq
+        plan = _plan(y.producer())
+        if isinstance(plan, str):
+            return check.fail(plan, y.producer())
+        self._eq = plan
         return check
 
     def rewrite(self, op, y, **kw):
@@ -153,8 +163,8 @@ class EinsumLoweringRule(orp.RewriteRuleClassBase):
         ins, out = self._eq
         node = y.producer()
         vals = list(node.inputs)
-        self.records.append({"kind": "einsum", "action": f"lowered ({len(ins)} operands)",
-                             "nodes": [node_label(node)], "equation": node.attributes["equation"].as_string()})
+        record(Match("einsum", f"lowered ({len(ins)} operands)", [node_label(node)], rewritten=True,
+                     info={"equation": node.attributes["equation"].as_string()}))
         if len(ins) == 1:
             return lower_single(op, vals[0], ins[0], out)
         cur = vals[0]
@@ -163,21 +173,21 @@ class EinsumLoweringRule(orp.RewriteRuleClassBase):
         return cur
 
 
+EINSUM_RULES = orp.RewriteRuleSet([EinsumLoweringRule.rule(k) for k in (3, 2, 1)])
+
+
 class EinsumLoweringPass(GraphPass):
     """Lower every Einsum the rules understand; list the ones left with the reason."""
 
     name = "einsum"
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if self.opset_too_old(model):
-            return ir.passes.PassResult(model, False)
+    def run(self, model: ir.Model) -> bool:
         prepare(model)
-        records: list = []
-        rules = [EinsumLoweringRule.rule(k, records) for k in (3, 2, 1)]
-        count = self.apply_rules(model, rules)
-        self.details.extend(records)
+        count = self.apply_rules(model, EINSUM_RULES)
         for node in model.graph:
             if node.op_type == "Einsum":
-                self.details.append({"kind": "einsum", "action": "left", "nodes": [node_label(node)],
-                                     "counts": False, "equation": node.attributes["equation"].as_string()})
-        return ir.passes.PassResult(model, bool(count))
+                plan = _plan(node)
+                why = plan if isinstance(plan, str) else "no lowering rule matched"
+                record(Match("einsum", "left", [node_label(node)], why, matched=False,
+                             info={"equation": node.attributes["equation"].as_string()}))
+        return bool(count)

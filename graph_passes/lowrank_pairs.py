@@ -13,6 +13,8 @@ Conv(k x k, in->r) -> Conv(1 x 1, r->out). Refused: weights that are graph input
 that are not per-feature, Gemm with alpha/beta/transA, strided/grouped/padded 1x1 convs. A sequence
 projection (Linformer: MatMul(W) -> Transpose -> MatMul(E)) never matches, since the Transpose sits
 between the factors; it is listed in the report as refused.
+
+``LOWRANK_RULES`` works with a stock ``onnxscript.rewriter.rewrite`` too (default options, no records).
 """
 
 from __future__ import annotations
@@ -22,13 +24,11 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 from onnxscript.optimizer import fold_constants_ir
+from onnxscript.rewriter import RULE_NAME_TAG
 from onnxscript.rewriter import pattern as orp
 
-from graph_passes._base import GraphPass
+from graph_passes._base import GraphPass, Match, record, rule_options
 from graph_passes._util import const_array, node_label, prepare
-
-
-_RULE_TAG = "pkg.onnxscript.rewriter.rule_name"
 
 
 def pair_decision(m: int, r: int, n: int, threshold: float) -> str:
@@ -63,16 +63,15 @@ def _weight(value: ir.Value | None, check: orp.MatchResult, what: str, shared_ok
 class _PairRule(orp.RewriteRuleClassBase):
     """Shared check/record logic; subclasses extract (A, B, b1, b2) in the MatMul layout."""
 
-    def __init__(self, name: str, options, records: dict[str, dict[str, Any]]):
+    def __init__(self, name: str):
         super().__init__(name=name)
-        self.options = options
-        self.records = records
         self._plan: dict[str, Any] | None = None
+        self._eff: tuple[np.ndarray, np.ndarray] | None = None  # the weights rewrite() builds from
 
     def _decide(self, check: orp.MatchResult, a: np.ndarray, b: np.ndarray, b1: np.ndarray | None,
                 b2: np.ndarray | None, nodes: list[ir.Node], form: str, *, m_cost: int | None = None
                 ) -> orp.MatchResult:
-        if any(_RULE_TAG in nd.metadata_props and "LowRank" in nd.metadata_props[_RULE_TAG] for nd in nodes):
+        if any("LowRank" in nd.metadata_props.get(RULE_NAME_TAG, "") for nd in nodes):
             return check.fail("already rewritten by this pass")
         m, r = a.shape
         r2, n = b.shape
@@ -81,16 +80,17 @@ class _PairRule(orp.RewriteRuleClassBase):
         if not _per_feature(b1, r) or not _per_feature(b2, n):
             return check.fail("bias is not a per-feature vector")
         mc = m if m_cost is None else m_cost
-        action = pair_decision(mc, r, n, self.options.merge_threshold)
+        options = rule_options()
+        action = pair_decision(mc, r, n, options.merge_threshold)
         before = a.size + b.size + (b1.size if b1 is not None else 0) + (b2.size if b2 is not None else 0)
-        key = node_label(nodes[-1]) + "|" + node_label(nodes[0])
-        rec = {"kind": "lowrank-pair", "nodes": [node_label(x) for x in nodes], "form": form,
-               "m": int(mc), "r": int(r), "n": int(n), "params_before": int(before),
-               "macs_per_row_pair": int(r * (mc + n)), "macs_per_row_dense": int(mc * n)}
-        if action == "keep" and (b1 is None or not self.options.fold_inner_bias):
-            rec.update(action="kept", params_after=int(before))
-            self.records[key] = rec
-            return check.fail("kept: the factorization saves work and there is no inner bias to fold")
+        key = (nodes[-1], nodes[0])
+        info = {"form": form, "m": int(mc), "r": int(r), "n": int(n), "params_before": int(before),
+                "macs_per_row_pair": int(r * (mc + n)), "macs_per_row_dense": int(mc * n)}
+        labels = [node_label(x) for x in nodes]
+        if action == "keep" and (b1 is None or not options.fold_inner_bias):
+            why = "the factorization saves work and there is no inner bias to fold"
+            record(Match("lowrank-pair", "kept", labels, why, info={**info, "params_after": int(before)}), key)
+            return check.fail(f"kept: {why}")
         bias = None
         if b1 is not None or b2 is not None:
             bias = np.zeros((n,), dtype=b.dtype)
@@ -100,8 +100,9 @@ class _PairRule(orp.RewriteRuleClassBase):
                 bias = bias + b2.reshape(-1)
             bias = bias.astype(b.dtype)
         after = (m * n if action == "merge" else a.size + b.size) + (n if bias is not None else 0)
-        rec.update(action="merged" if action == "merge" else "bias-folded", params_after=int(after))
-        self._plan = {"action": action, "bias": bias, "record": rec, "key": key}
+        match = Match("lowrank-pair", "merged" if action == "merge" else "bias-folded", labels, rewritten=True,
+                      info={**info, "params_after": int(after)})
+        self._plan = {"action": action, "bias": bias, "match": match, "key": key}
         return check
 
     def _bias_value(self, op, bias: np.ndarray | None, like: str):
@@ -109,18 +110,17 @@ class _PairRule(orp.RewriteRuleClassBase):
             return None
         return op.initializer(ir.tensor(bias), name=f"{like}_lrbias")
 
-    def _commit(self):
+    def _commit(self) -> dict[str, Any]:
         assert self._plan is not None
-        self.records[self._plan["key"]] = self._plan["record"]
+        record(self._plan["match"], self._plan["key"])
         return self._plan
 
 
 class MatMulPairRule(_PairRule):
     """MatMul(x, A) [+ b1] -> MatMul(., B) [+ b2]."""
 
-    def __init__(self, inner_bias: bool, outer_bias: bool, options, records):
-        super().__init__(f"LowRankMatMul[{'b1' if inner_bias else '-'},{'b2' if outer_bias else '-'}]",
-                         options, records)
+    def __init__(self, inner_bias: bool, outer_bias: bool):
+        super().__init__(f"LowRankMatMul[{'b1' if inner_bias else '-'},{'b2' if outer_bias else '-'}]")
         self.inner_bias, self.outer_bias = inner_bias, outer_bias
 
     def pattern(self, op, x, a, b, b1, b2):
@@ -200,8 +200,8 @@ def _gemm_ok(node: ir.Node) -> str | None:
 class GemmPairRule(_PairRule):
     """Gemm(Gemm(x, A, b1), B, b2) and MatMul(x, A) -> Gemm(., B, b2), transB on either."""
 
-    def __init__(self, first: str, options, records):
-        super().__init__(f"LowRankGemm[{first}]", options, records)
+    def __init__(self, first: str):
+        super().__init__(f"LowRankGemm[{first}]")
         self.first = first
 
     def pattern(self, op, x, a, b):
@@ -246,6 +246,7 @@ class GemmPairRule(_PairRule):
 
     def rewrite(self, op, x, a, b, h, y, **_):
         plan = self._commit()
+        assert self._eff is not None
         wa, wb = self._eff
         bias = self._bias_value(op, plan["bias"], b.name)
         extra = [bias] if bias is not None else []
@@ -260,8 +261,8 @@ class GemmPairRule(_PairRule):
 class ConvPairRule(_PairRule):
     """Conv(x, A[r, in, k, k], b1) -> Conv(., B[out, r, 1, 1], b2): a low-rank conv (CED-style)."""
 
-    def __init__(self, options, records):
-        super().__init__("LowRankConv", options, records)
+    def __init__(self) -> None:
+        super().__init__("LowRankConv")
 
     def pattern(self, op, x, a, b):
         h = op.Conv(x, a, _allow_other_inputs=True, _outputs=["h"])
@@ -295,6 +296,7 @@ class ConvPairRule(_PairRule):
 
     def rewrite(self, op, x, a, b, h, y, **_):
         plan = self._commit()
+        assert self._eff is not None
         wa, wb = self._eff
         c1 = h.producer()
         attrs = {k: v for k, v in c1.attributes.items()}
@@ -309,7 +311,7 @@ class ConvPairRule(_PairRule):
         return op.Conv(inner, b, *extra)
 
 
-def survey(model: ir.Model) -> list[dict[str, Any]]:
+def survey(model: ir.Model) -> list[Match]:
     """Constant-weight MatMuls that read a transposed projection: sequence-axis (Linformer) projections."""
     found = []
     for node in model.graph:
@@ -322,26 +324,28 @@ def survey(model: ir.Model) -> list[dict[str, Any]]:
         while src is not None and src.op_type == "Add":
             src = next((v.producer() for v in src.inputs if v is not None and v.producer() is not None), None)
         if src is not None and src.op_type in ("MatMul", "Gemm") and const_array(src.inputs[1]) is not None:
-            found.append({"kind": "sequence-projection", "action": "refused",
-                          "reason": "a Transpose between the factors: the second one contracts the sequence axis",
-                          "nodes": [node_label(src), node_label(t), node_label(node)], "counts": False})
+            found.append(Match("sequence-projection", "refused", [node_label(src), node_label(t), node_label(node)],
+                               "a Transpose between the factors: the second one contracts the sequence axis",
+                               matched=False))
     return found
+
+
+LOWRANK_RULES = orp.RewriteRuleSet(
+    [MatMulPairRule.rule(ib, ob) for ib in (True, False) for ob in (True, False)]
+    + [GemmPairRule.rule(first) for first in ("gemm", "matmul")] + [ConvPairRule.rule()],
+    commute=True)
 
 
 class LowRankPairsPass(GraphPass):
     """Merge pairs that do not save work, fold inner biases of the others; report every pair seen."""
 
     name = "lowrank"
+    min_opset = 0  # emits MatMul/Gemm/Conv/Add with the inputs it found
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def run(self, model: ir.Model) -> bool:
         folded = fold_constants_ir(model, onnx_shape_inference=False)  # Transpose(W) -> constant W^T
         prepare(model)
-        records: dict[str, dict[str, Any]] = {}
-        o = self.options
-        rules = [MatMulPairRule.rule(ib, ob, o, records) for ib in (True, False) for ob in (True, False)]
-        rules += [GemmPairRule.rule(first, o, records) for first in ("gemm", "matmul")]
-        rules.append(ConvPairRule.rule(o, records))
-        count = self.apply_rules(model, rules, commute=True)
-        self.details.extend(records.values())
-        self.details.extend(survey(model))
-        return ir.passes.PassResult(model, bool(count) or bool(folded.modified))
+        count = self.apply_rules(model, LOWRANK_RULES)
+        for match in survey(model):
+            record(match)
+        return bool(count) or bool(folded.modified)

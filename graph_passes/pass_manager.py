@@ -45,8 +45,8 @@ class PassParityError(RuntimeError):
 class PassReport:
     name: str
     changed: bool
-    matches: int
-    details: list[dict[str, Any]] = field(default_factory=list)
+    matches: int  # records the pass's rules accepted (see graph_passes._base for the definition)
+    details: list[dict[str, Any]] = field(default_factory=list)  # Match.to_dict() of every record
     params_before: int = 0
     params_after: int = 0
     flops_before: int | None = None
@@ -105,7 +105,7 @@ def _detail_line(d: dict[str, Any]) -> str:
     if d.get("kind") == "lowrank-pair" and {"m", "r", "n"} <= d.keys():
         return (f"pair {d['m']}x{d['r']}x{d['n']} ({d.get('form', '')}): {d.get('action', '')}, params "
                 f"{d.get('params_before', '?')} -> {d.get('params_after', '?')} [{' -> '.join(d.get('nodes', []))}]")
-    keys = [k for k in d if k not in ("kind", "action", "nodes", "counts")]
+    keys = [k for k in d if k not in ("kind", "action", "nodes", "matched", "rewritten") and d[k] is not None]
     extra = " ".join(f"{k}={d[k]}" for k in keys)
     nodes = ",".join(d.get("nodes", [])[:4])
     return f"{d.get('kind', '?')}: {d.get('action', '')} [{nodes}] {extra}".rstrip()
@@ -183,7 +183,8 @@ def run_passes(model: onnx.ModelProto, passes: Sequence[str] | None = None, *,
             ref = got
         new_params = count_params(new_proto)
         new_flops, new_largest = measure(new_proto, flops_shapes) if result.modified else (flops, largest)
-        rep = PassReport(name=name, changed=bool(result.modified), matches=p.matches, details=list(p.details),
+        rep = PassReport(name=name, changed=bool(result.modified), matches=p.matches,
+                         details=[m.to_dict() for m in p.records],
                          params_before=params, params_after=new_params, flops_before=flops,
                          flops_after=new_flops, flops_shape=dict(flops_shapes), parity=parity,
                          largest_tensor_before=largest, largest_tensor_after=new_largest,

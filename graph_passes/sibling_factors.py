@@ -4,45 +4,38 @@ become one MatMul(x, [A_1 .. A_k]) and a Split (q/k/v projections: one GEMM of w
 Not a pattern-rewriter rule: the onnxscript matcher roots a pattern at one node and cannot express
 "k consumers of one value", so this is an onnx-ir pass with the same check discipline (constant,
 unshared 2-D weights; only first factors of low-rank pairs, i.e. outputs feeding a constant-weight
-MatMul directly or through a bias Add).
+MatMul directly or through a bias Add). Only groups are recorded: a lone factor is no site for this pass.
 
 Measured with benchmarks/bench_passes.py (see the report): not in DEFAULT_PASSES.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes._base import GraphPass
+from graph_passes._base import GraphPass, Match, record
 from graph_passes._util import const_array, node_label, prepare
 
 
-def _first_factor_reason(node: ir.Node) -> str | None:
-    """None if node is MatMul(x, A) with constant unshared 2-D A feeding a second constant factor."""
-    if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
-        return "not a MatMul"
+def _is_first_factor(node: ir.Node) -> bool:
+    """MatMul(x, A) with a constant, unshared, 2-D float A whose output feeds (through at most a bias Add)
+    a MatMul with a constant second factor: the first factor of a low-rank pair."""
+    if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or node.inputs[0] is None:
+        return False
     w = const_array(node.inputs[1])
-    if w is None:
-        return "weight is not a constant initializer"
-    if w.ndim != 2 or w.dtype.kind != "f":
-        return "weight is not a 2-D float matrix"
-    if len(node.inputs[1].uses()) != 1:
-        return "weight is shared"
+    if w is None or w.ndim != 2 or w.dtype.kind != "f" or len(node.inputs[1].uses()) != 1:
+        return False
     out = node.outputs[0]
     if out.is_graph_output() or len(out.uses()) != 1:
-        return "factor output used elsewhere"
+        return False
     nxt = out.uses()[0].node
     if nxt.op_type == "Add":
         other = [v for v in nxt.inputs if v is not out]
         if len(other) != 1 or const_array(other[0]) is None or len(nxt.outputs[0].uses()) != 1:
-            return "Add after the factor is not a bias"
+            return False
         nxt = nxt.outputs[0].uses()[0].node
-    if nxt.op_type != "MatMul" or const_array(nxt.inputs[1]) is None:
-        return "not followed by a constant second factor (not a low-rank pair)"
-    return None
+    return nxt.op_type == "MatMul" and const_array(nxt.inputs[1]) is not None
 
 
 class SiblingFactorsPass(GraphPass):
@@ -50,38 +43,27 @@ class SiblingFactorsPass(GraphPass):
 
     name = "sibling"
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if self.opset_too_old(model):
-            return ir.passes.PassResult(model, False)
+    def run(self, model: ir.Model) -> bool:
         prepare(model)
-        graph = model.graph
         groups: dict[ir.Value, list[ir.Node]] = {}
-        order: list[ir.Value] = []
-        for node in graph:
-            if node.op_type != "MatMul" or node.inputs[0] is None:
-                continue
-            why = _first_factor_reason(node)
-            if why is not None:
-                continue
-            x = node.inputs[0]
-            if x not in groups:
-                groups[x] = []
-                order.append(x)
-            groups[x].append(node)
+        for node in model.graph:
+            if _is_first_factor(node):
+                groups.setdefault(node.inputs[0], []).append(node)
         changed = False
-        for x in order:
-            nodes = groups[x]
+        for x, nodes in groups.items():
             if len(nodes) < self.options.sibling_min_group:
                 continue
             ws = [w for w in (const_array(n.inputs[1]) for n in nodes) if w is not None]
+            labels = [node_label(n) for n in nodes]
             if len({w.shape[0] for w in ws}) != 1 or len({w.dtype for w in ws}) != 1:
-                self.details.append({"kind": "sibling-group", "action": "refused", "counts": False,
-                                     "reason": "factors differ in input size or dtype",
-                                     "nodes": [node_label(n) for n in nodes]})
+                record(Match("sibling-group", "refused", labels, "factors differ in input size or dtype",
+                             matched=False))
                 continue
-            self._fuse(graph, x, nodes, ws)
+            self._fuse(model.graph, x, nodes, ws)
+            record(Match("sibling-group", "concatenated", labels, rewritten=True,
+                         info={"ranks": [int(w.shape[1]) for w in ws], "m": int(ws[0].shape[0])}))
             changed = True
-        return ir.passes.PassResult(model, changed)
+        return changed
 
     def _fuse(self, graph: ir.Graph, x: ir.Value, nodes: list[ir.Node], ws: list[np.ndarray]) -> None:
         ranks = [int(w.shape[1]) for w in ws]
@@ -111,7 +93,3 @@ class SiblingFactorsPass(GraphPass):
         for w in old_weights:
             if not w.uses() and w.name in graph.initializers and not w.is_graph_input():
                 del graph.initializers[w.name]
-        rec: dict[str, Any] = {"kind": "sibling-group", "action": "concatenated",
-                               "nodes": [node_label(n) for n in nodes], "ranks": ranks,
-                               "m": int(ws[0].shape[0])}
-        self.details.append(rec)

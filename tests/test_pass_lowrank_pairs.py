@@ -157,12 +157,11 @@ def _refusal_reason(nodes, inits, inputs) -> str | None:
     import onnx_ir as ir
     from onnxscript.rewriter import pattern as orp
 
-    from graph_passes.lowrank_pairs import MatMulPairRule
+    from graph_passes.lowrank_pairs import LOWRANK_RULES
 
     model = ir.serde.deserialize_model(make_model(nodes, inputs, [_y()], inits))
-    rules = [MatMulPairRule.rule(ib, ob, PassOptions(), {}) for ib in (True, False) for ob in (True, False)]
     tracer = orp.MatchingTracer()
-    orp.RewriteRuleSet(rules).apply_to_model(model, tracer=tracer)
+    LOWRANK_RULES.apply_to_model(model, tracer=tracer)
     reasons = [info.match_result.reason for infos in tracer.best_matches_map.values() for info in infos
                if info.status == orp.MatchStatus.CONDITION_FAILED]
     return " | ".join(reasons)
