@@ -153,13 +153,14 @@ class GraphPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if self.opset_too_old(model):
-            return self.result(model, False)
+            return self.pass_result(model, False)
         with collecting(self.options) as found:
             changed = self.run(model)
         self.details.extend(found)
-        return self.result(model, changed)
+        return self.pass_result(model, changed)
 
-    def result(self, model: ir.Model, modified: bool) -> GraphPassResult:
+    def pass_result(self, model: ir.Model, modified: bool) -> GraphPassResult:
+        """What ``call`` returns (a pass with more to say returns a subclass)."""
         return GraphPassResult(model, modified, matches=self.records)
 
     def opset_too_old(self, model: ir.Model) -> bool:

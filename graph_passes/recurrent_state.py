@@ -28,6 +28,8 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from graph_passes._base import GraphPass, GraphPassResult, Match, record
+
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
 
@@ -78,7 +80,7 @@ class CarriedState:
 
 
 @dataclass
-class RecurrentStateResult(ir.passes.PassResult):
+class RecurrentStateResult(GraphPassResult):
     states: list[CarriedState] = field(default_factory=list)
     seq_dim: str | None = None
     position_offset: str | None = None  # the input's name when the model uses absolute positions
@@ -326,14 +328,16 @@ def _is_outer_product(node: ir.Node | None) -> bool:
     return False
 
 
-class RecurrentStatePass(ir.passes.InPlacePass):
+class RecurrentStatePass(GraphPass):
     """Carry every CumSum over the sequence axis as a state; refuse graphs that mix positions otherwise.
 
-    ``seq_axis`` is the sequence axis of the graph inputs (lrexport names axis 1 ``seq``).
-    After the call: ``self.result`` (also returned) lists the carried states.
+    ``seq_axis`` is the sequence axis of the graph inputs (lrexport names axis 1 ``seq``). The call returns
+    a :class:`RecurrentStateResult` listing the carried states; each carried CumSum and each shifted Range
+    is a match (a refusal raises :class:`RecurrentRefusal`: there is no partial step model).
     """
 
     name = "recurrent-state"
+    min_opset = 13  # emits Unsqueeze with axes as an input
 
     def __init__(self, seq_axis: int = 1, state_dtype: ir.DataType = ir.DataType.FLOAT,
                  state_prefix: str = "state_", output_prefix: str = "new_state_",
@@ -344,10 +348,20 @@ class RecurrentStatePass(ir.passes.InPlacePass):
         self.state_prefix = state_prefix
         self.output_prefix = output_prefix
         self.offset_name = offset_name
-        self.result: RecurrentStateResult | None = None
+        self._found: dict[str, Any] = {}
+
+    def opset_too_old(self, model: ir.Model) -> bool:
+        version = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+        if version < self.min_opset:
+            raise RecurrentRefusal(f"the model's opset {version} predates {self.min_opset}, which the step form "
+                                   "needs (Unsqueeze with axes as an input)", hint="export with opset 13 or newer")
+        return False
+
+    def pass_result(self, model: ir.Model, modified: bool) -> RecurrentStateResult:
+        return RecurrentStateResult(model, modified, matches=self.records, **self._found)
 
     # ----------------------------------------------------------------------------------------- analysis
-    def call(self, model: ir.Model) -> RecurrentStateResult:
+    def run(self, model: ir.Model) -> bool:
         graph = model.graph
         taken = [v.name for v in graph.inputs] + [v.name for v in graph.outputs]
         ours = re.compile(rf"^({re.escape(self.state_prefix)}|{re.escape(self.output_prefix)})\d+$")
@@ -385,10 +399,14 @@ class RecurrentStatePass(ir.passes.InPlacePass):
         # ------------------------------------------------------------------------------------- rewrite
         states = [self._carry(graph, i, node, axis) for i, (node, axis) in enumerate(sums)]
         offset_name = self._add_offset(graph, ranges) if ranges else None
-        result = RecurrentStateResult(model, True, states=states, seq_dim=seq, position_offset=offset_name,
-                                      ranges=[r.name or "<unnamed>" for r in ranges])
-        self.result = result
-        return result
+        range_names = [r.name or "<unnamed>" for r in ranges]
+        for s in states:
+            record(Match("running-sum", "carried", [s.node], rewritten=True,
+                         info={"state": s.input, "new_state": s.output, "axis": s.axis, "role": s.role}))
+        for name in range_names:
+            record(Match("position-range", "offset added", [name], rewritten=True, info={"offset": offset_name}))
+        self._found = {"states": states, "seq_dim": seq, "position_offset": offset_name, "ranges": range_names}
+        return True
 
     def _cumsum_axis(self, node: ir.Node, seq: str) -> int | None:
         """The sequence axis a CumSum sums along, or None if it sums along another axis; refuse bad ones."""
