@@ -12,7 +12,9 @@ counts) is a record with ``matched=False`` and, for refusals, a ``reason``; it d
 ``onnxscript.rewriter.rewrite(model, pattern_rewrite_rules=RULES)``. A rule reports a site with
 :func:`record` and reads its options with :func:`rule_options`; both go through the collector that
 :func:`collecting` installs (``GraphPass.call`` installs one around ``run``). Without a collector, records
-are dropped and the options are the defaults, so a stock rewrite needs nothing threaded through.
+are dropped and the options are the defaults, so a stock rewrite needs nothing threaded through. A rule
+may carry its plan from ``check`` to ``rewrite`` on the instance (onnxscript calls ``rewrite`` right after
+a successful ``check``): one rule set runs on one thread at a time.
 
 **Migrating a pass** that still overrides ``call`` and appends dicts to ``self.details`` (it keeps working:
 a dict is read as a record, ``"counts": False`` meaning not matched, the keys beyond kind/action/nodes/
@@ -27,6 +29,8 @@ reason going to ``info``):
 3. A survey of what is left returns ``Match(kind, "left", nodes, reason=..., matched=False)``; ``run``
    calls ``record(m)`` for each (the collector is active for all of ``run``, so records keep their order).
 4. A pass with no rewriter (an onnx-ir walk) calls ``record(Match(...))`` from ``run`` directly.
+5. Name what no rule accepted ``left`` (not ``kept``: "kept" is a decision on a match), e.g. causal_chunked's
+   survey of large CumSums and normalizers the chunked rules did not take.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ class Match:
     kind: str  # what was found: "lowrank-pair", "einsum", "sequence-projection", ...
     action: str  # what the pass did: "merged", "kept", "lowered (2 operands)", "refused", "left", ...
     nodes: list[str] = field(default_factory=list)  # node labels, in graph order
-    reason: str | None = None  # why the site was refused or left (None for a match)
+    reason: str | None = None  # why the pass refused, left or kept the site (None when it rewrote it)
     rewritten: bool = False  # the graph changed at this site
     matched: bool = True  # the rules accepted the site: counts in GraphPass.matches
     info: dict[str, Any] = field(default_factory=dict)  # kind-specific numbers (m, r, n, equation, ...)
