@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from exporter.errors import LrexportError
+from graph_passes.errors import LrexportError
 
 PRECISIONS = {"fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16}
 _ALIASES = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16"}

@@ -166,9 +166,6 @@ def test_recurrent_state_pass_refuses_an_old_opset():
 
 # precision_cast.py (another helper's file) still imports exporter.errors: its one import line changes to
 # graph_passes.errors at merge, and this entry goes with it
-_PENDING_UPWARD = {"precision_cast.py"}
-
-
 def test_graph_passes_imports_nothing_from_exporter():
     offenders = set()
     for path in sorted((ROOT / "graph_passes").glob("*.py")):
@@ -177,7 +174,7 @@ def test_graph_passes_imports_nothing_from_exporter():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             if any(n == "exporter" or n.startswith("exporter.") for n in names):
                 offenders.add(path.name)
-    assert offenders <= _PENDING_UPWARD
+    assert not offenders
 
 
 def test_exporter_sees_the_same_error_and_formatting():
