@@ -28,10 +28,11 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from onnxscript.optimizer import fold_constants_ir
 from onnxscript.rewriter import pattern as orp
 
 from graph_passes._base import GraphPass
-from graph_passes._util import einsum_equation, node_label, prepare, parse_einsum
+from graph_passes._util import const_array, einsum_equation, node_label, prepare, parse_einsum
 from graph_passes.causal_canon import PrefixSum, canonical_rule_sets, prefix_sum, single_axis
 from graph_passes.causal_plan import CausalPlan, broadcast_reason, bucket_size, plan_causal, plan_normalizer
 
@@ -334,6 +335,19 @@ __all__ = ["CausalChunkPass", "StateContractionRule", "NormalizerFloat32Rule", "
            "chunked_causal", "chunked_normalizer", "plan_causal", "plan_normalizer", "survey", "parse_einsum"]
 
 
+def fold_small_shape_constants(model: ir.Model) -> None:
+    """The TorchScript exporter writes F.pad's pads as a computation over ConstantOfShape, which onnxscript's
+    constant folder leaves alone by default; fold it where it makes a small vector, so the shift is readable."""
+
+    def should_fold(node: ir.Node) -> bool | None:
+        if node.op_type == "ConstantOfShape":
+            shape = const_array(node.inputs[0])
+            return True if shape is not None and int(np.prod(shape)) <= 64 else None
+        return None
+
+    fold_constants_ir(model, should_fold=should_fold)
+
+
 class CausalChunkPass(GraphPass):
     """Canonicalize, rewrite every causal state contraction to the chunked form; report what stays (and why)."""
 
@@ -342,6 +356,7 @@ class CausalChunkPass(GraphPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if self.opset_too_old(model):
             return ir.passes.PassResult(model, False)
+        fold_small_shape_constants(model)
         prepare(model)
         canonical = sum(self.apply_rules(model, rules) for rules in canonical_rule_sets())
         if canonical:
