@@ -160,6 +160,7 @@ SPECS["performer_causal_lm"] = (["ids:1x32:int64:0..255"], ["ids:min=1x16,opt=1x
 
 
 SPECS["lat_bucketed_lm"] = (["ids:1x128:int64:0..255"], ["ids:min=1x4,opt=1x128,max=2x256"])
+SPECS["lat_causal_lm_1024"] = (["ids:1x64:int64:0..255"], ["ids:min=1x16,opt=1x64,max=1x1024"])
 
 
 def lat_causal_lm(seed: int = 0, blindspot_size: int = 1, max_seq_len: int = 256, depth: int = 2,
