@@ -54,7 +54,7 @@ def _strip_cast(value: ir.Value, inner: list[ir.Value]) -> ir.Value:
     if node is not None and node.op_type == "Cast" and node.domain == "" and _is_float(node.inputs[0]) \
             and _is_float(value):
         inner.append(value)
-        return node.inputs[0]  # type: ignore[return-value]
+        return node.inputs[0]
     return value
 
 
@@ -73,7 +73,7 @@ def prefix_sum(value: ir.Value | None) -> PrefixSum | str:
     axis = single_axis(node.inputs[1])
     if axis is None:
         return "CumSum axis is not a constant"
-    x = _strip_cast(node.inputs[0], inner)  # type: ignore[arg-type]
+    x = _strip_cast(node.inputs[0], inner)
     if x.shape is None:
         return "prefix-sum input of unknown rank"
     rank = len(x.shape)
