@@ -424,3 +424,40 @@ def test_per_position_scale_split(eq, factor_shape, to_out):
     for f, got in zip(feeds, run(out, feeds)):
         ref = _causal_reference(f["q"], f["k"], f["v"]) * to_out(f["s"].astype(np.float64))
         np.testing.assert_allclose(got[0], ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("build", [
+    lambda: _bucketed_graph(4, "pad"),
+    lambda: _causal_graph(outer="mul", contraction="mul"),
+    lambda: _causal_graph(outer="matmul", contraction="matmul", cast=True),
+], ids=["bucketed-pad-slice", "mul-reducesum", "matmul-squeeze-cast"])
+def test_canonical_form_alone_is_exact(build):
+    """The canonicalization rules on their own: every surface form becomes Einsums around an (exclusive) CumSum,
+    and the outputs agree with the graph before on random inputs."""
+    import onnx_ir as ir
+    from onnxscript.rewriter import pattern as orp
+
+    from graph_passes._util import cleanup_unused, prepare
+    from graph_passes.causal_canon import canonical_rule_sets
+
+    model = build()
+    m = ir.serde.deserialize_model(model)
+    prepare(m)
+    count = 0
+    for rules in canonical_rule_sets():
+        count += orp.RewriteRuleSet(rules).apply_to_model(m)
+        cleanup_unused(m)
+        prepare(m)
+    canon = ir.serde.serialize_model(m)
+    assert count >= 2
+    assert op_count(canon, "Pad") == op_count(canon, "Squeeze") == op_count(canon, "MatMul") == 0
+    assert all(len(n.input) == 2 for n in canon.graph.node if n.op_type == "Einsum")  # the factor is a Mul now
+    readers = {i: n.op_type for n in canon.graph.node for i in n.input}
+    for n in canon.graph.node:
+        if n.op_type == "CumSum":
+            out = n.output[0]
+            if readers.get(out) == "Cast":
+                out = next(c.output[0] for c in canon.graph.node if c.op_type == "Cast" and c.input[0] == out)
+            assert readers.get(out) == "Einsum"
+    feeds = [_qkv(n, seed=n) for n in (4, 36)]
+    assert max_err(run(model, feeds), run(canon, feeds)) < 1e-5
