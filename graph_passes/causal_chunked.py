@@ -17,6 +17,11 @@ same masked scores plus q . keys of earlier chunks; its prologue is the numerato
 cleanup pass's CSE computes the scores once). What is not causal linear attention is refused; the reason
 lands in the pass details next to the CumSum it leaves.
 
+The pass runs before the einsum pass (DEFAULT_PASSES): the canonical form is made of Einsums, and lowering them
+first would turn the increment into Transpose + MatMul and the 3-operand einsum into MatMul + Mul chains that
+hide which axis is summed where. The TorchScript exporter's computed F.pad pads are folded first (see
+:func:`fold_small_shape_constants`).
+
 The sequence is padded inside the graph to a multiple of C (zero keys/values add nothing to the state) and
 sliced back, so any length works, including n < C. Sums run in float32 whatever the model dtype. A
 normalizer in another form is left as its n x d CumSum (linear size), run in float32 when the model is not.
