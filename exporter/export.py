@@ -237,6 +237,20 @@ def _suggested_multiples(text: str, specs: Sequence[InputSpec]) -> dict[tuple[st
     return found
 
 
+def _learn_multiples(module: nn.Module, args: tuple, specs: list[InputSpec]) -> list[InputSpec]:
+    """The TorchScript trace never says that an axis must be a multiple (a model that splits the sequence into
+    blocks); torch.export's suggested fixes do, so ask it (best effort: a model it cannot trace keeps its specs)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return specs
+    try:
+        with _quiet():
+            torch.export.export(module, args, dynamic_shapes=torch_dynamic_shapes(specs), strict=False)
+    except Exception as err:  # a size the model cannot take is a one-line error (InputSpec.with_multiple)
+        for (name, axis), step in _suggested_multiples(str(err), specs).items():
+            specs = [spec.with_multiple(axis, step) if spec.name == name else spec for spec in specs]
+    return specs
+
+
 def _static_axes(ep: Any, specs: Sequence[InputSpec], reasons: dict[str, str]) -> list[PinnedAxis]:
     placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"
                     and n.name in ep.graph_signature.user_inputs]
@@ -360,6 +374,7 @@ def export_onnx(loaded: LoadedModel | nn.Module, specs: Sequence[InputSpec], pat
         program = onnx_program.exported_program
     else:
         say("TorchScript exporter (fallback)")
+        specs = _learn_multiples(module, args, specs)
         names = dim_names(specs)
         dynamic_axes = {s.name: {a: names[(s.name, a)] for a in s.dynamic_axes} for s in specs}
         buf = io.BytesIO()

@@ -191,6 +191,18 @@ def _from_causal_chunk(model: ir.Model, node_name: str | None) -> bool:
     return False
 
 
+def _refuse_blocked_sequence(specs: Sequence[InputSpec]) -> None:
+    """A sequence taken in multiples of B (the model sums per block of B tokens) has no token-by-token form."""
+    for s in specs:
+        if s.rank > SEQ_AXIS and s.step(SEQ_AXIS) > 1:
+            b = s.step(SEQ_AXIS)
+            raise LrexportError(f"cannot export a step model: input {s.name!r} takes the sequence in multiples of {b} "
+                                f"(the model splits it into blocks of {b} and its running sums advance a block at a "
+                                "time), so it cannot be fed one token at a time",
+                                "export the full-sequence model (lrexport build); a step model needs running sums "
+                                "that advance one token at a time")
+
+
 def export_step(onnx_path_or_model: Any, out_path: str | Path, *, specs: Sequence[InputSpec] | None = None,
                 check: bool = True, check_length: int = 13, check_chunk: int = 5, seed: int = 0,
                 progress: Callable[[str], None] | None = None) -> StepExportResult:
@@ -210,6 +222,7 @@ def export_step(onnx_path_or_model: Any, out_path: str | Path, *, specs: Sequenc
     original = ir.to_proto(model)
     token_inputs = [v.name or "" for v in model.graph.inputs]
     token_outputs = [v.name or "" for v in model.graph.outputs]
+    _refuse_blocked_sequence(specs if specs is not None else specs_from_onnx(original))
     say("carrying the running sums as states")
     try:
         res = RecurrentStatePass(seq_axis=SEQ_AXIS)(model)

@@ -188,31 +188,52 @@ def test_float16_export_of_causal_block():
         np.testing.assert_allclose(got[0].astype(np.float32), ref, atol=3e-3, rtol=1e-2)
 
 
+def test_exclusive_cumsum_chunked():
+    """CumSum(exclusive=1): query i sees keys before it only (a strictly lower-triangular chunk mask)."""
+    model = _causal_graph(exclusive=1)
+    feeds = [_qkv(n, seed=n) for n in (1, 5, 16, 37)]
+    out, report = run_passes(model, ["causal-chunk"], options=PassOptions(chunk_size=16), feeds=feeds)
+    (rec,) = [d for d in report.passes[0].details if d["action"] == "chunked"]
+    assert rec["prefix"] == "exclusive" and all(r is not None and r < 5 for r in cumsum_input_ranks(out))
+    for f, got in zip(feeds, run(out, feeds)):
+        ref = _causal_reference(f["q"], f["k"], f["v"]) - np.einsum(
+            "bhnd,bhnd,bhne->bhne", *(f[x].astype(np.float64) for x in "qkv"))  # minus the diagonal term
+        np.testing.assert_allclose(got[0], ref, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("kw, reason", [
-    (dict(exclusive=1), "exclusive"),
     (dict(axis=3, eq_outer="bhnd,bhne->bhnde"), "feature axis"),
-    (dict(state_output=True), None),  # state is a graph output: must stay materialized
+    (dict(state_output=True), "used elsewhere"),  # state is a graph output: must stay materialized
     (dict(eq_out="bhnd,bhnde->bhnd"), "contraction"),
-    (dict(contraction="mul", keepdims=1), None),
-], ids=["exclusive-cumsum", "cumsum-over-feature", "state-used-elsewhere", "not-a-query-contraction",
-        "reducesum-keepdims"])
+    (dict(contraction="mul", keepdims=1), "ReduceSum keeps the contracted axis"),
+], ids=["cumsum-over-feature", "state-used-elsewhere", "not-a-query-contraction", "reducesum-keepdims"])
 def test_refuses_unsafe(kw, reason):
     model = _causal_graph(**kw)
     out, report = run_passes(model, ["causal-chunk"])
-    assert report.passes[0].matches == 0 and not report.passes[0].changed
-    assert op_count(out, "CumSum") == 1
-    if reason is not None:
-        assert reason in _refusal_reason(kw)
+    assert report.passes[0].matches == 0
+    assert op_count(out, "CumSum") == 1 and cumsum_input_ranks(out) == [5]
+    assert reason in _refusal_reasons(model)
 
 
-def _refusal_reason(kw) -> str:
-    if kw.get("exclusive"):
-        return "exclusive/reverse CumSum"
-    eq_o = kw.get("eq_outer", "bhnd,bhne->bhnde").split("->")
-    eq_c = kw.get("eq_out", "bhnd,bhnde->bhne").split("->")
-    got = plan_causal(eq_o[0].split(","), eq_o[1], kw.get("axis", 2), eq_c[0].split(","), eq_c[1], 1)
-    assert isinstance(got, str), got
-    return got
+def _refusal_reasons(model: onnx.ModelProto) -> str:
+    """Why the pass's rules refused: their own reasons, read with onnxscript's MatchingTracer."""
+    import onnx_ir as ir
+    from onnxscript.rewriter import pattern as orp
+
+    from graph_passes._util import prepare
+    from graph_passes.causal_canon import canonical_rule_sets
+    from graph_passes.causal_chunked import StateContractionRule
+
+    m = ir.serde.deserialize_model(model)
+    prepare(m)
+    reasons = []
+    for rules in [*canonical_rule_sets(), [StateContractionRule.rule(64, [], {})]]:
+        tracer = orp.MatchingTracer()
+        orp.RewriteRuleSet(rules).apply_to_model(m, tracer=tracer)
+        prepare(m)
+        reasons += [info.match_result.reason for infos in tracer.best_matches_map.values() for info in infos
+                    if info.status == orp.MatchStatus.CONDITION_FAILED]
+    return " | ".join(reasons)
 
 
 def _normalizer_graph(cast=False, z_first=False, eq="bhnd,bhnd->bhn", axis=2):
@@ -250,10 +271,13 @@ def test_normalizer_over_feature_axis_refused():
 
 
 def test_plan_reasons():
-    assert "sums over an axis" in plan_causal(["bhnd", "bhne"], "bhde", 2, ["bhnd", "bhde"], "bhne", 1)
+    assert "other than one shared" in plan_causal(["bhnd", "bhne"], "bhe", 2, ["bhnd", "bhde"], "bhne", 1)
     assert "feature axis" in plan_causal(["bhnd", "bhne"], "bhnde", 3, ["bhnd", "bhnde"], "bhne", 1)
+    assert "within-bucket" in plan_causal(["bhund", "bhune"], "bhude", 2, ["bhud", "bhude"], "bhue", 1)
     plan = plan_causal(["bnhd", "bnhe"], "bnhde", 1, ["bnhd", "bnhde"], "bnhe", 1)
-    assert not isinstance(plan, str) and plan.perm_q == [0, 2, 1, 3]
+    assert not isinstance(plan, str) and plan.perm_q == [0, 2, 1, 3] and not plan.bucketed
+    plan = plan_causal(["bhund", "bhune"], "bhude", 2, ["bhund", "bhude"], "bhune", 1)
+    assert not isinstance(plan, str) and plan.bucketed and plan.perm_q == [0, 1, 2, 3, 4] and plan.k_bucket_axis == 3
 
 
 def test_noncausal_encoder_left_alone_and_reported():
@@ -263,3 +287,177 @@ def test_noncausal_encoder_left_alone_and_reported():
     assert not p.changed and p.matches == 0
     assert sum(d["kind"] == "noncausal-linear-attention" for d in p.details) == 2
     assert op_count(out, "Einsum") == op_count(model, "Einsum")
+
+
+# ------------------------------------------------------------------ bucketed sums (linear-attention-transformer's form)
+
+
+def _const(name: str, values, dtype=TensorProto.INT64, dims=None):
+    vals = list(np.asarray(values).reshape(-1))
+    return helper.make_node("Constant", [], [name], value=helper.make_tensor(
+        name + "_t", dtype, [len(vals)] if dims is None else dims, vals))
+
+
+def _shifted(nodes: list, x: str, rank: int, shift: str) -> str:
+    """CumSum(x) over axis 2, inclusive or made exclusive by Pad + Slice / the exclusive attribute."""
+    nodes.append(helper.make_node("CumSum", [x, "ax2"], [f"{x}_cum"], exclusive=int(shift in ("attr", "both"))))
+    if shift not in ("pad", "both"):
+        return f"{x}_cum"
+    pads = [0] * (2 * rank)
+    pads[2] = 1
+    nodes += [_const(f"{x}_pads", pads), helper.make_node("Pad", [f"{x}_cum", f"{x}_pads", "zero"], [f"{x}_pad"]),
+              helper.make_node("Slice", [f"{x}_pad", "s0", "sm1", "s2", "s1"], [f"{x}_sh"])]
+    return f"{x}_sh"
+
+
+def _bucketed_graph(bucket: int, shift: str = "none", target_input: bool = False, d: int = 8) -> onnx.ModelProto:
+    """causal_linear_attn of linear-attention-transformer 0.19.1, op for op as torch.export writes it: q, k, v
+    [b, 4, n, d] in buckets of ``bucket``, per-bucket k v^T summed in the bucket, CumSum over buckets (shifted
+    by one bucket with Pad + Slice when ``shift='pad'``), the normalizer through Clip + Reciprocal, and the
+    3-operand einsum 'bhund,bhude,bhun->bhune'."""
+    inputs = [helper.make_tensor_value_info(nm, TensorProto.FLOAT, ["b", 4, "n", d]) for nm in ("q", "k", "v")]
+    nodes = [_const("ax2", [2], dims=[]), _const("ax3", [3]), _const("s0", [0]), _const("sm1", [-1]),
+             _const("s2", [2]), _const("s1", [1]), _const("zero", [0.0], TensorProto.FLOAT, dims=[]),
+             _const("eps", [1e-3], TensorProto.FLOAT, dims=[]), _const("back", [0, 4, -1, d])]
+    if target_input:
+        inputs.append(helper.make_tensor_value_info("target", TensorProto.INT64, [5]))
+    else:
+        nodes.append(_const("target", [0, 4, -1, bucket, d]))
+    nodes += [helper.make_node("Reshape", [x, "target"], [f"{x}b"]) for x in ("q", "k", "v")]
+    nodes += [helper.make_node("ReduceSum", ["kb", "ax3"], ["ksum"], keepdims=0),
+              helper.make_node("Einsum", ["kb", "vb"], ["ctx"], equation="bhund,bhune->bhude")]
+    kcum, ctx = _shifted(nodes, "ksum", 4, shift), _shifted(nodes, "ctx", 5, shift)
+    nodes += [helper.make_node("Einsum", [kcum, "qb"], ["den"], equation="bhud,bhund->bhun"),
+              helper.make_node("Clip", ["den", "eps"], ["den_c"]),
+              helper.make_node("Reciprocal", ["den_c"], ["dinv"]),
+              helper.make_node("Einsum", ["qb", ctx, "dinv"], ["attn"], equation="bhund,bhude,bhun->bhune"),
+              helper.make_node("Reshape", ["attn", "back"], ["y"])]
+    return make_model(nodes, inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+
+
+def _bucketed_reference(q, k, v, bucket: int, exclusive: bool) -> np.ndarray:
+    b, h, n, d = q.shape
+    qb, kb, vb = (x.astype(np.float64).reshape(b, h, n // bucket, bucket, d) for x in (q, k, v))
+    ctx = np.cumsum(np.einsum("bhund,bhune->bhude", kb, vb), axis=2)
+    kcum = np.cumsum(kb.sum(axis=3), axis=2)
+    if exclusive:
+        ctx = np.concatenate([np.zeros_like(ctx[:, :, :1]), ctx[:, :, :-1]], axis=2)
+        kcum = np.concatenate([np.zeros_like(kcum[:, :, :1]), kcum[:, :, :-1]], axis=2)
+    dinv = 1.0 / np.clip(np.einsum("bhud,bhund->bhun", kcum, qb), 1e-3, None)
+    return np.einsum("bhund,bhude,bhun->bhune", qb, ctx, dinv).reshape(b, h, n, d)
+
+
+@pytest.mark.parametrize("bucket, shift, chunk", [
+    (1, "none", 16), (1, "pad", 16), (4, "none", 16), (4, "pad", 16), (4, "attr", 6), (16, "pad", 64), (3, "pad", 8),
+], ids=["b1", "b1-pad-slice", "b4", "b4-pad-slice", "b4-exclusive-attr-chunk6", "b16-pad-slice", "b3-chunk8"])
+def test_bucketed_sums_chunked(bucket, shift, chunk):
+    """Numerator and normalizer of the bucketed form are both chunked (chunks a multiple of the bucket); the
+    3-operand einsum is split into the contraction and the per-position reciprocal; parity at lengths that are
+    one bucket, several chunks and not a multiple of the chunk."""
+    model = _bucketed_graph(bucket, shift)
+    exclusive = shift != "none"
+    seqs = [bucket, bucket * 9, bucket * 25]
+    feeds = [_qkv(n, seed=n) for n in seqs]
+    out, report = run_passes(model, ["causal-chunk", "cleanup"], options=PassOptions(chunk_size=chunk), feeds=feeds)
+    recs = [d for d in report.passes[0].details if d["action"] == "chunked"]
+    assert sorted(d["kind"] for d in recs) == ["causal-normalizer", "causal-numerator"]
+    want_chunk = -(-chunk // bucket) * bucket
+    assert all(d["bucket"] == bucket and d["chunk"] == want_chunk for d in recs)
+    assert all((d.get("prefix") == "exclusive") == exclusive for d in recs)
+    assert op_count(out, "Pad") == 3  # the shifts are gone; the chunk padding of q, k, v is left
+    assert all(r is not None and r == 4 for r in cumsum_input_ranks(out)), "bucket-state CumSum left"
+    assert op_count(out, "MatMul") - op_count(model, "MatMul") == 5  # scores shared by numerator and normalizer
+    for f, got in zip(feeds, run(out, feeds)):
+        ref = _bucketed_reference(f["q"], f["k"], f["v"], bucket, exclusive)
+        np.testing.assert_allclose(got[0], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_bucketed_sums_shrink_largest_tensor():
+    """At n=1024 (bucket 4) the per-bucket d x e states are gone: the largest intermediate drops >= 4x."""
+    model = _bucketed_graph(4, "pad", d=64)
+    out, report = run_passes(model, ["causal-chunk", "cleanup"], options=PassOptions(
+        chunk_size=64, flops_shapes={x: (1, 4, 1024, 64) for x in "qkv"}))
+    p = report.passes[0]
+    assert p.largest_tensor_before is not None and p.largest_tensor_after is not None
+    assert p.largest_tensor_before >= 4 * 256 * 64 * 64  # [b, h, u(+1 padded), d, e]
+    assert p.largest_tensor_after * 4 <= p.largest_tensor_before
+
+
+@pytest.mark.parametrize("kw, reason", [
+    (dict(bucket=4, shift="both"), "shift by two"),
+    (dict(bucket=4, target_input=True), "static size"),
+], ids=["exclusive-and-shifted", "bucket-size-unknown"])
+def test_bucketed_refusals(kw, reason):
+    model = _bucketed_graph(**kw)
+    out, report = run_passes(model, ["causal-chunk"])
+    assert report.passes[0].matches == 0 and 5 in cumsum_input_ranks(out)
+    assert reason in _refusal_reasons(model)
+    if reason == "static size":  # the refusal is also in the pass details, next to the CumSum it leaves
+        left = [d for d in report.passes[0].details if d["kind"] == "large-cumsum-left"]
+        assert left and reason in left[0]["reason"]
+
+
+@pytest.mark.parametrize("eq, factor_shape, to_out", [
+    ("bhnd,bhnde,bhn->bhne", ("b", 4, "n"), lambda s: s[..., None]),
+    ("bnh,bhnd,bhnde->bhne", ("b", "n", 4), lambda s: s.transpose(0, 2, 1)[..., None]),
+], ids=["factor-last", "factor-first-transposed"])
+def test_per_position_scale_split(eq, factor_shape, to_out):
+    """A 3-operand einsum with a per-position factor: the contraction is chunked and the factor multiplies it."""
+    dims = ["b", 4, "n", 8]
+    inputs = [helper.make_tensor_value_info(nm, TensorProto.FLOAT, dims) for nm in ("q", "k", "v")]
+    inputs.append(helper.make_tensor_value_info("s", TensorProto.FLOAT, list(factor_shape)))
+    ins = eq.split("->")[0].split(",")
+    names = {"bhnd": "q", "bhnde": "state"}
+    nodes = [_const("ax2", [2], dims=[]), helper.make_node("Einsum", ["k", "v"], ["outer"], equation="bhnd,bhne->bhnde"),
+             helper.make_node("CumSum", ["outer", "ax2"], ["state"]),
+             helper.make_node("Einsum", [names.get(t, "s") for t in ins], ["y"], equation=eq)]
+    model = make_model(nodes, inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    rng = np.random.default_rng(5)
+    feeds = []
+    for n in (3, 37):
+        f = _qkv(n, seed=n)
+        shape = [2 if d == "b" else n if d == "n" else d for d in factor_shape]
+        f["s"] = rng.random(shape).astype(np.float32)
+        feeds.append(f)
+    out, report = run_passes(model, ["causal-chunk"], options=PassOptions(chunk_size=16), feeds=feeds)
+    assert report.passes[0].matches == 1 and cumsum_input_ranks(out) == [4]
+    for f, got in zip(feeds, run(out, feeds)):
+        ref = _causal_reference(f["q"], f["k"], f["v"]) * to_out(f["s"].astype(np.float64))
+        np.testing.assert_allclose(got[0], ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("build", [
+    lambda: _bucketed_graph(4, "pad"),
+    lambda: _causal_graph(outer="mul", contraction="mul"),
+    lambda: _causal_graph(outer="matmul", contraction="matmul", cast=True),
+], ids=["bucketed-pad-slice", "mul-reducesum", "matmul-squeeze-cast"])
+def test_canonical_form_alone_is_exact(build):
+    """The canonicalization rules on their own: every surface form becomes Einsums around an (exclusive) CumSum,
+    and the outputs agree with the graph before on random inputs."""
+    import onnx_ir as ir
+    from onnxscript.rewriter import pattern as orp
+
+    from graph_passes._util import cleanup_unused, prepare
+    from graph_passes.causal_canon import canonical_rule_sets
+
+    model = build()
+    m = ir.serde.deserialize_model(model)
+    prepare(m)
+    count = 0
+    for rules in canonical_rule_sets():
+        count += orp.RewriteRuleSet(rules).apply_to_model(m)
+        cleanup_unused(m)
+        prepare(m)
+    canon = ir.serde.serialize_model(m)
+    assert count >= 2
+    assert op_count(canon, "Pad") == op_count(canon, "Squeeze") == op_count(canon, "MatMul") == 0
+    assert all(len(n.input) == 2 for n in canon.graph.node if n.op_type == "Einsum")  # the factor is a Mul now
+    readers = {i: n.op_type for n in canon.graph.node for i in n.input}
+    for n in canon.graph.node:
+        if n.op_type == "CumSum":
+            out = n.output[0]
+            if readers.get(out) == "Cast":
+                out = next(c.output[0] for c in canon.graph.node if c.op_type == "Cast" and c.input[0] == out)
+            assert readers.get(out) == "Einsum"
+    feeds = [_qkv(n, seed=n) for n in (4, 36)]
+    assert max_err(run(model, feeds), run(canon, feeds)) < 1e-5

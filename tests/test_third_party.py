@@ -147,15 +147,25 @@ def _pass(data: dict, name: str) -> dict:
     return next(p for p in data["passes"]["report"]["passes"] if p["name"] == name)
 
 
-def test_linear_attention_transformer_bucketed_causal_lm(cli, tmp_path):
-    """Already-chunked causal sums are left as they are (no n x d x d state to remove); their 3-operand
-    einsums are lowered, and parity holds at lengths that are not a multiple of the bucket."""
+@pytest.mark.parametrize("name, bucket", [("lat_causal_lm", 1), ("lat_bucketed_lm", 4)], ids=["plain", "bucketed-4"])
+def test_linear_attention_transformer_causal_lm_chunked(cli, tmp_path, name, bucket):
+    """linear-attention-transformer's causal LM as its author wrote it (per-bucket sums 'bhund,bhune->bhude',
+    CumSum over buckets, 3-operand einsum with the normalizer's reciprocal; with B > 1 the sums shifted by one
+    bucket with F.pad + slice): the causal-chunk pass chunks the numerator and the normalizer of both layers
+    (chunks a multiple of B), the sequence stays dynamic (a multiple of B) and parity holds at min/opt/max/odd."""
     pytest.importorskip("linear_attention_transformer")
-    data = _build(cli, tmp_path, "lat_causal_lm")
-    equations = [d.get("equation") for d in _pass(data, "einsum")["details"]]
-    assert "bhund,bhude,bhun->bhune" in equations
-    assert _pass(data, "einsum")["matches"] == 6 and not _pass(data, "causal-chunk")["changed"]
-    assert _cases(data)["odd"]["ids"][1] % 64 != 0
+    data = _build(cli, tmp_path, name)
+    spec = data["export"]["inputs"][0]
+    assert spec["dynamic_axes"] == [0, 1] and spec["multiple"] == [1, bucket] and not data["export"]["pinned_axes"]
+    causal = _pass(data, "causal-chunk")
+    chunked = [d for d in causal["details"] if d["action"] == "chunked"]
+    assert sorted(d["kind"] for d in chunked) == ["causal-normalizer"] * 2 + ["causal-numerator"] * 2
+    assert all(d["bucket"] == bucket and d["chunk"] % bucket == 0 for d in chunked)
+    assert all((d.get("prefix") == "exclusive") == (bucket > 1) for d in chunked)
+    assert not any(d["kind"] == "large-cumsum-left" for d in causal["details"])
+    assert causal["largest_tensor_after"] < causal["largest_tensor_before"]
+    odd = _cases(data)["odd"]["ids"][1]
+    assert odd % bucket == 0 and odd % 64 != 0 and _cases(data)["min"]["ids"][1] == bucket
     assert _max_abs(data) < 1e-4
 
 

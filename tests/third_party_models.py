@@ -159,15 +159,29 @@ SPECS["lat_causal_lm"] = (["ids:1x128:int64:0..255"], ["ids:min=1x1,opt=1x128,ma
 SPECS["performer_causal_lm"] = (["ids:1x32:int64:0..255"], ["ids:min=1x16,opt=1x32,max=2x32"])
 
 
-def lat_causal_lm(seed: int = 0) -> nn.Module:
-    """linear-attention-transformer's causal LM (lucidrains): its causal linear attention is already bucketed
-    (ReduceSum -> CumSum over buckets, CumSum -> Pad -> Slice exclusive sums, 3-operand einsums)."""
+SPECS["lat_bucketed_lm"] = (["ids:1x128:int64:0..255"], ["ids:min=1x4,opt=1x128,max=2x256"])
+SPECS["lat_causal_lm_1024"] = (["ids:1x64:int64:0..255"], ["ids:min=1x16,opt=1x64,max=1x1024"])
+
+
+def lat_causal_lm(seed: int = 0, blindspot_size: int = 1, max_seq_len: int = 256, depth: int = 2,
+                  use_axial_pos_emb: bool = True) -> nn.Module:
+    """linear-attention-transformer's causal LM (lucidrains). Its causal linear attention splits the sequence into
+    buckets of ``blindspot_size`` (B): per-bucket sums of k v^T ('bhund,bhune->bhude'), CumSum over buckets, a
+    3-operand einsum with the normalizer's reciprocal. B = 1 is exact causal linear attention; with B > 1 the sums
+    are shifted by one bucket (F.pad + slice: query i sees only buckets before its own) and the sequence must be a
+    multiple of B. Its default axial position embedding slices a table (``pos_emb[:, :n]``);
+    ``use_axial_pos_emb=False`` takes ``nn.Embedding(arange(n))`` instead."""
     from linear_attention_transformer import LinearAttentionTransformerLM
 
     torch.manual_seed(seed)
-    return LinearAttentionTransformerLM(num_tokens=256, dim=64, heads=4, depth=2, max_seq_len=256, causal=True,
-                                        blindspot_size=1, n_local_attn_heads=0, ff_chunks=1,
-                                        reversible=False).eval()
+    return LinearAttentionTransformerLM(num_tokens=256, dim=64, heads=4, depth=depth, max_seq_len=max_seq_len,
+                                        causal=True, blindspot_size=blindspot_size, n_local_attn_heads=0,
+                                        ff_chunks=1, reversible=False, use_axial_pos_emb=use_axial_pos_emb).eval()
+
+
+def lat_bucketed_lm(seed: int = 0, blindspot_size: int = 4) -> nn.Module:
+    """``lat_causal_lm`` with buckets of 4: an exclusive prefix over buckets, sequence a multiple of 4."""
+    return lat_causal_lm(seed, blindspot_size)
 
 
 def performer_causal_lm(seed: int = 0) -> nn.Module:

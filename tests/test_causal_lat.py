@@ -1,0 +1,94 @@
+"""linear-attention-transformer (lucidrains, 0.19.1) causal LMs through lrexport: the causal-chunk rewrite at
+n=1024, the step export (token by token and in chunks) and its refusals, and the TorchScript exporter learning
+the bucket multiple. Small configs, CPU, no downloads; builders in tests/third_party_models.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("linear_attention_transformer")
+
+import third_party_models as tpm  # noqa: E402
+
+
+def _error_line(res) -> str:
+    lines = [ln for ln in (res.err + res.out).splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, res.err[-2000:]
+    return lines[0]
+
+
+def _factory_args(name: str, kwargs: dict) -> list[str]:
+    inputs, shapes = tpm.SPECS[name]
+    args = ["--factory", "third_party_models:lat_causal_lm", "--factory-kwargs", json.dumps(kwargs)]
+    for i in inputs:
+        args += ["--input", i]
+    for s in shapes:
+        args += ["--shapes", s]
+    return args
+
+
+@pytest.mark.parametrize("bucket", [1, 4, 16])
+def test_largest_tensor_at_1024_drops(cli, tmp_path, bucket):
+    """`lrexport export` (sequence 16..1024) then `lrexport optimize` at n=1024: the pass chunks both sums, keeps
+    parity there (each pass is checked on that input), and the largest intermediate shrinks at least 4x."""
+    raw = tmp_path / "raw.onnx"
+    kwargs = {"blindspot_size": bucket, "max_seq_len": 1024, "depth": 1}
+    res = cli("export", *_factory_args("lat_causal_lm_1024", kwargs), "--out", raw, "-q")
+    assert res.code == 0, res.err[-3000:]
+    res = cli("optimize", raw, tmp_path / "opt.onnx", "--input", "ids:1x1024:int64:0..255",
+              "--shapes", "ids:min=1x1024,opt=1x1024,max=1x1024", "--json", "-q")
+    assert res.code == 0, res.err[-3000:]
+    causal = next(p for p in json.loads(res.out)["passes"] if p["name"] == "causal-chunk")
+    assert causal["flops_shape"] == {"ids": [1, 1024]}
+    assert sorted(d["kind"] for d in causal["details"] if d["action"] == "chunked") == [
+        "causal-normalizer", "causal-numerator"]
+    assert causal["parity"] is not None and causal["parity"] < 1e-4
+    before, after = causal["largest_tensor_before"], causal["largest_tensor_after"]
+    assert before >= 4 * (1024 // bucket) * 64 * 64  # the [b, h, buckets, d, e] running sums
+    assert after * 4 <= before, (before, after)
+
+
+def test_step_export_token_by_token_and_chunks(cli, tmp_path):
+    """Bucket 1 with positions from nn.Embedding(arange(n)): each layer carries its two running sums (d x e and
+    d) as states, and the step model fed 1, 7 and 16 tokens at a time matches PyTorch on the full sequence."""
+    res = cli("export-step", *_factory_args("lat_causal_lm", {"use_axial_pos_emb": False}), "--out",
+              tmp_path / "step.onnx", "--length", "40", "--chunk-max", "16", "--json", "-q")
+    assert res.code == 0, res.err[-3000:]
+    data = json.loads(res.out)
+    shapes = sorted(len(s["shape"]) for s in data["step"]["states"])
+    assert shapes == [3, 3, 4, 4] and data["step"]["position_offset"] == "position_offset"
+    assert data["parity"]["ok"] is True and [r["chunk"] for r in data["parity"]["results"]] == [1, 7, 16]
+    assert all(o["max_abs"] < 1e-4 for r in data["parity"]["results"] for o in r["outputs"])
+
+
+def test_step_export_refusals(cli, tmp_path):
+    """Bucketed sums advance a bucket at a time (no per-token step: refused up front, naming the multiple); the
+    default axial position embedding slices a position table by length, which the step model cannot offset
+    (refused by the step model's numeric self-check). Both are one error line, exit 2, and no file."""
+    res = cli("export-step", *_factory_args("lat_bucketed_lm", {"blindspot_size": 4}), "--out",
+              tmp_path / "b.onnx", "-q")
+    assert res.code == 2 and "multiples of 4" in _error_line(res) and not (tmp_path / "b.onnx").exists()
+    res = cli("export-step", *_factory_args("lat_causal_lm", {}), "--out", tmp_path / "a.onnx", "-q")
+    assert res.code == 2 and "differs from the full model" in _error_line(res)
+    assert not (tmp_path / "a.onnx").exists()
+
+
+def test_torchscript_exporter_learns_the_bucket_multiple(cli, tmp_path):
+    """The TorchScript trace says nothing about multiples; lrexport asks torch.export's suggested fixes, so the
+    parity lengths are multiples of the bucket (before: exit 3 in a Reshape at the odd length), and the causal
+    rewrite reads TorchScript's computed F.pad pads and the Casts around its CumSums."""
+    args = _factory_args("lat_bucketed_lm", {"blindspot_size": 4, "depth": 1})
+    args[args.index("ids:min=1x4,opt=1x128,max=2x256")] = "ids:min=1x16,opt=1x128,max=2x256"
+    res = cli("build", *args, "--exporter", "torchscript", "--out", tmp_path / "out", "--json", "-q")
+    assert res.code == 0, res.err[-3000:]
+    data = json.loads(res.out)
+    assert data["export"]["exporter"] == "torchscript" and data["export"]["inputs"][0]["multiple"] == [1, 4]
+    assert data["ok"] and all(r["shapes"]["ids"][1] % 4 == 0 for r in data["parity"]["results"])
+    causal = next(p for p in data["passes"]["report"]["passes"] if p["name"] == "causal-chunk")
+    assert sorted(d["kind"] for d in causal["details"] if d["action"] == "chunked") == [
+        "causal-normalizer", "causal-numerator"]
+    args[args.index("ids:min=1x16,opt=1x128,max=2x256")] = "ids:min=1x1,opt=1x128,max=2x256"
+    res = cli("build", *args, "--exporter", "torchscript", "--out", tmp_path / "bad", "-q")
+    assert res.code == 2 and "must be a multiple of 4" in _error_line(res)
