@@ -8,7 +8,6 @@ Buffers are torch CUDA tensors; ``execute_async_v3`` runs on a torch stream.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import statistics
 from dataclasses import dataclass, field
@@ -20,8 +19,8 @@ import numpy as np
 from exporter.errors import LrexportError
 from exporter.specs import InputSpec
 from exporter.table import fmt_shape
-from exporter.trt_backend import Backend, dims_list, get_backend
-from exporter.trt_build import META_FORMAT, gpu_info, meta_path_for
+from exporter.trt_backend import Backend, dims_list, engine_profiles, get_backend
+from exporter.trt_build import META_FORMAT, gpu_info, meta_path_for, sha256_file
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -116,11 +115,7 @@ def check_engine(engine_path: str | Path, backend: str = "auto") -> EngineMeta:
     if size != meta.get("engine_bytes"):
         raise LrexportError(f"engine {engine_path.name} is corrupted: {size} bytes, metadata says "
                             f"{meta.get('engine_bytes')}", _REBUILD)
-    h = hashlib.sha256()
-    with open(engine_path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    if h.hexdigest() != meta.get("engine_sha256"):
+    if sha256_file(engine_path) != meta.get("engine_sha256"):
         raise LrexportError(f"engine {engine_path.name} is corrupted (sha256 differs from its metadata)", _REBUILD)
     built_with = str(meta.get("backend"))
     try:
@@ -178,14 +173,7 @@ class LoadedEngine:
 
     def profiles(self) -> list[dict]:
         """Profile shapes read back from the engine."""
-        out = []
-        for p in range(self.engine.num_optimization_profiles):
-            entries = []
-            for name in self.input_names:
-                mn, op, mx = self.engine.get_tensor_profile_shape(name, p)
-                entries.append({"name": name, "min": dims_list(mn), "opt": dims_list(op), "max": dims_list(mx)})
-            out.append({"index": p, "inputs": entries})
-        return out
+        return engine_profiles(self.engine, self.input_names)
 
     def _np_dtype(self, name: str) -> Any:
         dt = self.engine.get_tensor_dtype(name)
