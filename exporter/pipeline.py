@@ -184,6 +184,9 @@ def _write_report(report: BuildReport, tmp: Path) -> None:
         report.export.onnx_path = report.out / "model.onnx"
     else:
         report.export.onnx_path = report.out / "exported.onnx"
+    for stage in (report.precision, report.engine):
+        if stage is not None:
+            stage.relocate(tmp, report.out)
     report.files = [report.out / name for name in sorted(p.name for p in tmp.iterdir())] + [
         report.out / "report.json"]
     (tmp / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")

@@ -185,6 +185,10 @@ class CastStage:
     def text_lines(self) -> list[str]:
         return [f"precision: {self.info.get('summary', '')}"]
 
+    def relocate(self, tmp: Path, out: Path) -> None:
+        """Name the cast model where it ends up once the build's folder has moved."""
+        self.onnx_path = relocated(self.onnx_path, tmp, out)
+
 
 def cast_stage(model: onnx.ModelProto, specs: Sequence[InputSpec], options: BuildOptions, tmp: Path,
                say: Say) -> CastStage | None:
@@ -238,6 +242,12 @@ class EngineStage:
 
     def text_lines(self) -> list[str]:
         return [f"engine: {self.info.get('summary', '')}"]
+
+    def relocate(self, tmp: Path, out: Path) -> None:
+        """Name the engine's files where they end up once the build's folder has moved."""
+        r = self.result
+        r.engine_path, r.meta_path = relocated(r.engine_path, tmp, out), relocated(r.meta_path, tmp, out)
+        r.network_onnx = relocated(r.network_onnx, tmp, out)
 
 
 def engine_stage(onnx_path: Path, specs: Sequence[InputSpec], options: BuildOptions, tmp: Path,

@@ -30,12 +30,12 @@ from exporter.errors import LrexportError
 from exporter.outputs import atomic_files, atomic_write_file
 from exporter.specs import InputSpec
 from exporter.trt_backend import Backend, dims_list, engine_profiles, get_backend, profile_entry
-from graph_passes.precisions import PRECISIONS, float_type_counts, model_precision, normalize_precision
+from graph_passes.precisions import float_type_counts, model_precision, normalize_precision
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
-__all__ = ["PRECISIONS", "EngineBuildResult", "EnginePlan", "build_engine", "build_planned", "plan_engine"]
+__all__ = ["EngineBuildResult", "EnginePlan", "build_engine", "build_planned", "plan_engine"]
 
 META_FORMAT = 1
 _TWO_GB = 2**31 - 1
