@@ -273,19 +273,13 @@ def build(model, out, force, precision, fp16_keep, fp16_force, no_passes, pad_to
 def export(model, out, force, exporter, opset, pad_to_length, factory, factory_kwargs, trust_pickle, inputs, shapes, as_json,
            quiet, debug):
     """Export MODEL to an ONNX file with dynamic axes (no passes, no parity)."""
-    from exporter.export import export_onnx
-    from exporter.outputs import atomic_files, check_writable
+    from exporter.file_stages import export_onnx_file
+    from exporter.outputs import check_new_file
 
     say = _progress(quiet)
-    out_path = Path(out)
-    if out_path.exists() and not force:
-        raise LrexportError(f"{out_path} already exists", "pass --force to overwrite it")
-    check_writable(out_path)
+    out_path = check_new_file(out, force)
     loaded, specs = _load_with_specs(model, factory, factory_kwargs, trust_pickle, inputs, shapes, pad_to_length, say)
-    with atomic_files(out_path, force) as tmp:
-        result = export_onnx(loaded, specs, tmp / out_path.name, exporter=exporter, opset=opset,
-                             progress=lambda m: say(f"[export] {m}"))
-    result.onnx_path = out_path
+    result = export_onnx_file(loaded, specs, out_path, exporter=exporter, opset=opset, force=force, progress=say)
     text = "\n".join([f"wrote {out_path} ({result.exporter}, opset {result.opset}, {result.seconds:.1f} s)",
                       *(f"input {s.describe()}" for s in result.specs),
                       *(f"warning: {w}" for w in result.warnings)])
@@ -348,25 +342,15 @@ def inspect(path, factory, factory_kwargs, trust_pickle, as_json, quiet, debug):
 def optimize(in_onnx, out_onnx, force, passes, chunk_size, merge_threshold, inputs, shapes, seed, as_json, quiet,
              debug):
     """Run the graph passes on IN_ONNX and write OUT_ONNX (each pass checked numerically)."""
-    from exporter.export import save_onnx
-    from exporter.inspect_model import read_onnx
-    from exporter.outputs import atomic_files, check_writable
-    from exporter.pipeline import BuildOptions, run_passes_on
-    from exporter.specs import build_specs, specs_from_onnx
+    from exporter.file_stages import optimize_onnx
+    from exporter.outputs import check_new_file
+    from exporter.specs import build_specs
 
     say = _progress(quiet)
-    src, dst = Path(in_onnx), Path(out_onnx)
-    if dst.exists() and not force:
-        raise LrexportError(f"{dst} already exists", "pass --force to overwrite it")
-    check_writable(dst)
-    pass_list = _passes(passes)
-    model = read_onnx(src)
-    specs = build_specs(inputs, shapes) if (inputs or shapes) else specs_from_onnx(model)
-    options = BuildOptions(out=dst, passes=pass_list, seed=seed, chunk_size=chunk_size,
-                           merge_threshold=merge_threshold)
-    passes = run_passes_on(model, options, specs, lambda m: say(f"[passes] {m}"))
-    with atomic_files(dst, force) as tmp:
-        save_onnx(passes.model, tmp / dst.name)
+    src, dst = Path(in_onnx), check_new_file(out_onnx, force)
+    passes = optimize_onnx(src, dst, passes=_passes(passes), specs=build_specs(inputs, shapes) or None,
+                           chunk_size=chunk_size, merge_threshold=merge_threshold, seed=seed, force=force,
+                           progress=say)
     _emit(as_json, {"in": str(src), "out": str(dst), **passes.report.to_dict()},
           passes.report.format_table() + f"\nwrote {dst}")
     return 0
@@ -390,11 +374,12 @@ def optimize(in_onnx, out_onnx, force, passes, chunk_size, merge_threshold, inpu
 def factorize(model, out, fmt, force, rank, fraction, energy, include, exclude, factory, factory_kwargs,
               trust_pickle, inputs, shapes, seed, as_json, quiet, debug):
     """Replace Linear / Conv1D / ConvNd layers of a dense MODEL by SVD-initialized low-rank pairs."""
-    from exporter.factorize_model import check_model_output, factorize_model
+    from exporter.factorize_model import factorize_model
+    from exporter.outputs import check_new_file
     from exporter.pipeline import resolve_specs
 
     say = _progress(quiet)
-    out_path = check_model_output(out, force)
+    out_path = check_new_file(out, force)
     loaded = _load(model, factory, factory_kwargs, trust_pickle, say)
     specs = resolve_specs(loaded, inputs, shapes, None if model == "-" else model)
     report = factorize_model(loaded, specs, out_path, rank=rank, fraction=fraction, energy=energy, include=include,
@@ -449,24 +434,11 @@ def export_step_cmd(model, out, force, chunk_max, with_engine, backend, length, 
 @common_options
 def run(engine, inputs, shapes, repeats, seed, as_json, quiet, debug):
     """Run a TensorRT ENGINE once on random inputs and time it (needs a CUDA GPU)."""
-    from exporter import trt_engine
-    from exporter.specs import build_specs, random_feeds
-    from exporter.table import fmt_shape
+    from exporter.specs import build_specs
+    from exporter.trt_engine import run_and_time
 
-    meta = trt_engine.check_engine(Path(engine))  # refuses corrupted / foreign engines before the GPU check
-    specs = build_specs(inputs, shapes) or trt_engine.specs_from_meta(meta.meta)
-    feeds = random_feeds(specs, "opt", seed)
-    ok, why = trt_engine.gpu_available()
-    if not ok:
-        raise LrexportError(f"cannot run {engine}: {why}", "run it on a machine with a CUDA GPU")
-    outputs = trt_engine.run_engine(Path(engine), feeds)
-    median_ms = trt_engine.time_engine(Path(engine), feeds, repeats)
-    data = {"engine": engine, "median_ms": median_ms, "repeats": repeats,
-            "inputs": {k: list(v.shape) for k, v in feeds.items()},
-            "outputs": {k: list(v.shape) for k, v in outputs.items()}}
-    text = "\n".join([f"{k}: {fmt_shape(v.shape)} {v.dtype}" for k, v in outputs.items()]
-                     + [f"median latency {median_ms:.3f} ms over {repeats} runs"])
-    _emit(as_json, data, text)
+    timing = run_and_time(engine, build_specs(inputs, shapes), repeats=repeats, seed=seed)
+    _emit(as_json, timing.to_dict(), timing.format_text())
     return 0
 
 

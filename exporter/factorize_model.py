@@ -10,20 +10,10 @@ import copy
 from pathlib import Path
 from typing import Callable, Sequence
 
-from exporter.errors import LrexportError
 from exporter.factorize import FactorizeReport, factorize, output_error
 from exporter.loading import LoadedModel
-from exporter.outputs import atomic_files, check_writable
+from exporter.outputs import atomic_files, check_new_file
 from exporter.specs import InputSpec, random_feeds
-
-
-def check_model_output(out: str | Path, force: bool) -> Path:
-    """Refuse, before any slow work, an output that exists without ``force`` or cannot be written."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise LrexportError(f"{out} already exists", "pass --force to overwrite it")
-    check_writable(out)
-    return out
 
 
 def factorize_model(loaded: LoadedModel, specs: Sequence[InputSpec], out: str | Path, *, rank: int | None = None,
@@ -37,7 +27,7 @@ def factorize_model(loaded: LoadedModel, specs: Sequence[InputSpec], out: str | 
     from exporter.export import order_specs, save_model
 
     say = progress or (lambda _m: None)
-    out = check_model_output(out, force)
+    out = check_new_file(out, force)
     specs = order_specs(loaded.module, specs)
     original = copy.deepcopy(loaded.module)
     say("[factorize] truncated SVD per layer")

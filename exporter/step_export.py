@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from exporter.errors import LrexportError
 from exporter.export import DEFAULT_OPSET, export_onnx
 from exporter.loading import LoadedModel
-from exporter.outputs import atomic_files, check_writable, relocated
+from exporter.outputs import atomic_files, check_new_file, relocated
 from exporter.recurrent import StepExportResult, StepParityReport, check_step_parity, export_step, step_specs
 from exporter.specs import InputSpec
 
@@ -58,10 +58,7 @@ def check_step_output(out: str | Path, force: bool) -> Path:
     out = Path(out)
     if out.suffix != ".onnx":
         raise LrexportError(f"--out {out} should end in .onnx", "e.g. --out step.onnx")
-    if out.exists() and not force:
-        raise LrexportError(f"{out} already exists", "pass --force to overwrite it")
-    check_writable(out)
-    return out
+    return check_new_file(out, force)
 
 
 def step_engine_specs(step: StepExportResult, specs: Sequence[InputSpec], chunk_max: int) -> list[InputSpec]:
