@@ -21,6 +21,7 @@ import click
 
 from exporter.compare import parse_output_tolerance
 from exporter.errors import LrexportError
+from exporter.trt_backend import BACKEND_CHOICES
 
 _T0 = time.perf_counter()
 
@@ -220,7 +221,7 @@ def cli() -> None:
 @pass_options
 @click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True)
 @click.option("--opset", type=int, default=18, show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "tensorrt", "tensorrt-rtx", "onnxruntime"]),
+@click.option("--backend", type=click.Choice([*BACKEND_CHOICES, "onnxruntime"]),
               default="auto", show_default=True, help="Engine backend; auto picks TensorRT, then TensorRT-RTX.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="TensorRT timing cache to reuse and update.")
 @click.option("--opt-level", type=click.IntRange(0, 5), help="TensorRT builder optimization level.")
@@ -396,7 +397,7 @@ def factorize(model, out, fmt, force, rank, fraction, energy, include, exclude, 
               help="Most tokens per step call (the engine profile's sequence range is 1..N).")
 @click.option("--engine", "with_engine", is_flag=True,
               help="Also build a TensorRT engine of the step model (<out stem>.engine).")
-@click.option("--backend", type=click.Choice(["auto", "tensorrt", "tensorrt-rtx"]), default="auto",
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto",
               show_default=True, help="Engine backend for --engine.")
 @click.option("--length", type=click.IntRange(1), default=100, show_default=True,
               help="Sequence length of the step-parity check.")

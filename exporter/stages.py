@@ -26,13 +26,14 @@ from exporter.outputs import relocated
 from exporter.parity import ParityReport, Runner, _align, case_feeds, output_modules, run_parity
 from exporter.runners import OnnxRuntimeRunner, TorchRunner
 from exporter.specs import InputSpec, parity_cases
-from graph_passes.precisions import PRECISIONS
+from exporter.trt_backend import BACKEND_CHOICES
+from graph_passes.precisions import normalize_precision
 
 if TYPE_CHECKING:
     from exporter.trt_build import EngineBuildResult
     from graph_passes import PipelineReport
 
-BACKENDS = ("auto", "tensorrt", "tensorrt-rtx", "onnxruntime")
+BACKENDS = (*BACKEND_CHOICES, "onnxruntime")
 Say = Callable[[str], None]
 
 
@@ -64,9 +65,8 @@ class BuildOptions:
 
 
 def check_options(options: BuildOptions) -> None:
-    """Refuse bad options before anything slow runs."""
-    if options.precision not in PRECISIONS:
-        raise LrexportError(f"unknown precision {options.precision!r}", f"use one of {', '.join(PRECISIONS)}")
+    """Refuse bad options before anything slow runs (a precision alias such as "half" becomes its name)."""
+    options.precision = normalize_precision(options.precision)
     if options.backend not in BACKENDS:
         raise LrexportError(f"unknown backend {options.backend!r}", f"use one of {', '.join(BACKENDS)}")
     if (options.fp16_keep or options.fp16_force) and options.precision == "fp32":

@@ -24,6 +24,9 @@ def test_one_precision_table() -> None:
     assert [normalize_precision(p) for p in ("FP32", "float", " half ", "float16", "bfloat16")] == [
         "fp32", "fp32", "fp16", "fp16", "bf16"]
     assert normalize_low_precision("half") == "fp16" and normalize_low_precision("bfloat16") == "bf16"
+    options = BuildOptions(out=".", precision="half")
+    check_options(options)
+    assert options.precision == "fp16"
     with pytest.raises(LrexportError, match="cannot cast to precision 'fp32'.*fp32 needs no cast"):
         normalize_low_precision("fp32")
     for refuse in (lambda: normalize_precision("int8"), lambda: check_options(BuildOptions(out=".", precision="int8")),
