@@ -21,6 +21,7 @@ import click
 
 from exporter.compare import parse_output_tolerance
 from exporter.errors import LrexportError
+from exporter.trt_backend import BACKEND_CHOICES
 
 _T0 = time.perf_counter()
 
@@ -69,9 +70,11 @@ def _one_precision(ctx: click.Context, param: click.Parameter, value: tuple[str,
 
 
 def _precision_options(verb: str) -> Callable:
+    from graph_passes.precisions import DTYPE_NAMES, LOW_PRECISIONS
+
     return _compose(*(click.option(f"--{p}", "precision", flag_value=p, multiple=True, callback=_one_precision,
-                                   help=f"{verb} {name}{' (default)' if p == 'fp32' else ''}.")
-                      for p, name in (("fp16", "float16"), ("bf16", "bfloat16"), ("fp32", "float32"))))
+                                   help=f"{verb} {DTYPE_NAMES[p]}{' (default)' if p == 'fp32' else ''}.")
+                      for p in (*LOW_PRECISIONS, "fp32")))
 
 
 model_options = _compose(
@@ -218,7 +221,7 @@ def cli() -> None:
 @pass_options
 @click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True)
 @click.option("--opset", type=int, default=18, show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "tensorrt", "tensorrt-rtx", "onnxruntime"]),
+@click.option("--backend", type=click.Choice([*BACKEND_CHOICES, "onnxruntime"]),
               default="auto", show_default=True, help="Engine backend; auto picks TensorRT, then TensorRT-RTX.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="TensorRT timing cache to reuse and update.")
 @click.option("--opt-level", type=click.IntRange(0, 5), help="TensorRT builder optimization level.")
@@ -271,19 +274,13 @@ def build(model, out, force, precision, fp16_keep, fp16_force, no_passes, pad_to
 def export(model, out, force, exporter, opset, pad_to_length, factory, factory_kwargs, trust_pickle, inputs, shapes, as_json,
            quiet, debug):
     """Export MODEL to an ONNX file with dynamic axes (no passes, no parity)."""
-    from exporter.export import export_onnx
-    from exporter.outputs import atomic_files, check_writable
+    from exporter.file_stages import export_onnx_file
+    from exporter.outputs import check_new_file
 
     say = _progress(quiet)
-    out_path = Path(out)
-    if out_path.exists() and not force:
-        raise LrexportError(f"{out_path} already exists", "pass --force to overwrite it")
-    check_writable(out_path)
+    out_path = check_new_file(out, force)
     loaded, specs = _load_with_specs(model, factory, factory_kwargs, trust_pickle, inputs, shapes, pad_to_length, say)
-    with atomic_files(out_path, force) as tmp:
-        result = export_onnx(loaded, specs, tmp / out_path.name, exporter=exporter, opset=opset,
-                             progress=lambda m: say(f"[export] {m}"))
-    result.onnx_path = out_path
+    result = export_onnx_file(loaded, specs, out_path, exporter=exporter, opset=opset, force=force, progress=say)
     text = "\n".join([f"wrote {out_path} ({result.exporter}, opset {result.opset}, {result.seconds:.1f} s)",
                       *(f"input {s.describe()}" for s in result.specs),
                       *(f"warning: {w}" for w in result.warnings)])
@@ -346,26 +343,17 @@ def inspect(path, factory, factory_kwargs, trust_pickle, as_json, quiet, debug):
 def optimize(in_onnx, out_onnx, force, passes, chunk_size, merge_threshold, inputs, shapes, seed, as_json, quiet,
              debug):
     """Run the graph passes on IN_ONNX and write OUT_ONNX (each pass checked numerically)."""
-    from exporter.export import save_onnx
-    from exporter.inspect_model import read_onnx
-    from exporter.outputs import atomic_files, check_writable
-    from exporter.pipeline import BuildOptions, run_passes_on
-    from exporter.specs import build_specs, specs_from_onnx
+    from exporter.file_stages import optimize_onnx
+    from exporter.outputs import check_new_file
+    from exporter.specs import build_specs
 
     say = _progress(quiet)
-    src, dst = Path(in_onnx), Path(out_onnx)
-    if dst.exists() and not force:
-        raise LrexportError(f"{dst} already exists", "pass --force to overwrite it")
-    check_writable(dst)
-    pass_list = _passes(passes)
-    model = read_onnx(src)
-    specs = build_specs(inputs, shapes) if (inputs or shapes) else specs_from_onnx(model)
-    options = BuildOptions(out=dst, passes=pass_list, seed=seed, chunk_size=chunk_size,
-                           merge_threshold=merge_threshold)
-    new_model, info = run_passes_on(model, options, specs, lambda m: say(f"[passes] {m}"))
-    with atomic_files(dst, force) as tmp:
-        save_onnx(new_model, tmp / dst.name)
-    _emit(as_json, {"in": str(src), "out": str(dst), **info["report"]}, info["table"] + f"\nwrote {dst}")
+    src, dst = Path(in_onnx), check_new_file(out_onnx, force)
+    passes = optimize_onnx(src, dst, passes=_passes(passes), specs=build_specs(inputs, shapes) or None,
+                           chunk_size=chunk_size, merge_threshold=merge_threshold, seed=seed, force=force,
+                           progress=say)
+    _emit(as_json, {"in": str(src), "out": str(dst), **passes.report.to_dict()},
+          passes.report.format_table() + f"\nwrote {dst}")
     return 0
 
 
@@ -387,33 +375,16 @@ def optimize(in_onnx, out_onnx, force, passes, chunk_size, merge_threshold, inpu
 def factorize(model, out, fmt, force, rank, fraction, energy, include, exclude, factory, factory_kwargs,
               trust_pickle, inputs, shapes, seed, as_json, quiet, debug):
     """Replace Linear / Conv1D / ConvNd layers of a dense MODEL by SVD-initialized low-rank pairs."""
-    import copy
-
-    import torch
-
-    from exporter.export import order_specs, save_model
-    from exporter.factorize import factorize as run_factorize, output_error
-    from exporter.outputs import atomic_files, check_writable
+    from exporter.factorize_model import factorize_model
+    from exporter.outputs import check_new_file
     from exporter.pipeline import resolve_specs
-    from exporter.specs import random_feeds
 
     say = _progress(quiet)
-    out_path = Path(out)
-    if out_path.exists() and not force:
-        raise LrexportError(f"{out_path} already exists", "pass --force to overwrite it")
-    check_writable(out_path)
+    out_path = check_new_file(out, force)
     loaded = _load(model, factory, factory_kwargs, trust_pickle, say)
-    specs = order_specs(loaded.module, resolve_specs(loaded, inputs, shapes, None if model == "-" else model))
-    original = copy.deepcopy(loaded.module)
-    say("[factorize] truncated SVD per layer")
-    report = run_factorize(loaded.module, rank=rank, fraction=fraction, energy=energy, include=include,
-                           exclude=exclude)
-    feeds = random_feeds(specs, "opt", seed)
-    args = [torch.from_numpy(feeds[s.name]) for s in specs]
-    report.output_rel_error = output_error(original, loaded.module, args)
-    say(f"[factorize] saving {out_path}")
-    with atomic_files(out_path, force) as tmp:
-        save_model(loaded.module, specs, tmp / out_path.name, fmt)
+    specs = resolve_specs(loaded, inputs, shapes, None if model == "-" else model)
+    report = factorize_model(loaded, specs, out_path, rank=rank, fraction=fraction, energy=energy, include=include,
+                             exclude=exclude, fmt=fmt, seed=seed, force=force, progress=say)
     _emit(as_json, {"out": str(out_path), **report.to_dict()}, report.format_table() + f"\nwrote {out_path}")
     return 0
 
@@ -426,7 +397,7 @@ def factorize(model, out, fmt, force, rank, fraction, energy, include, exclude, 
               help="Most tokens per step call (the engine profile's sequence range is 1..N).")
 @click.option("--engine", "with_engine", is_flag=True,
               help="Also build a TensorRT engine of the step model (<out stem>.engine).")
-@click.option("--backend", type=click.Choice(["auto", "tensorrt", "tensorrt-rtx"]), default="auto",
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto",
               show_default=True, help="Engine backend for --engine.")
 @click.option("--length", type=click.IntRange(1), default=100, show_default=True,
               help="Sequence length of the step-parity check.")
@@ -444,53 +415,15 @@ def export_step_cmd(model, out, force, chunk_max, with_engine, backend, length, 
     position_offset. Parity: the step model fed token by token and chunk by chunk is compared with
     the PyTorch model on the full sequence.
     """
-    import shutil
-
-    from exporter.export import export_onnx
-    from exporter.outputs import atomic_files, check_writable, relocated
-    from exporter.recurrent import check_step_parity, export_step, step_specs
+    from exporter.step_export import check_step_output, export_step_model
 
     say = _progress(quiet)
-    out_path = Path(out)
-    if out_path.suffix != ".onnx":
-        raise LrexportError(f"--out {out_path} should end in .onnx", "e.g. --out step.onnx")
-    engine_path = out_path.with_suffix(".engine")
-    if out_path.exists() and not force:
-        raise LrexportError(f"{out_path} already exists", "pass --force to overwrite it")
-    check_writable(out_path)
+    out_path = check_step_output(out, force)
     loaded, specs = _load_with_specs(model, factory, factory_kwargs, trust_pickle, inputs, shapes, None, say)
-    with atomic_files(out_path, force=True) as tmp:
-        full_dir = tmp / ".full"  # the whole model's export: an intermediate, removed before the move
-        full_dir.mkdir()
-        exported = export_onnx(loaded, specs, full_dir / "full.onnx", opset=opset,
-                               progress=lambda m: say(f"[export] {m}"))
-        result = export_step(exported.onnx_path, tmp / out_path.name, specs=exported.specs, seed=seed,
-                             progress=lambda m: say(f"[step] {m}"))
-        shutil.rmtree(full_dir)
-        say("[parity] step model token by token and chunk by chunk vs PyTorch")
-        report = check_step_parity(loaded, result.onnx_path, exported.specs, chunks=sorted({1, 7, chunk_max}),
-                                   length=length, seed=seed)
-        engine = None
-        if with_engine:
-            from exporter.trt_build import build_engine
-
-            batch = next((s for s in exported.specs if s.name in result.inputs), None)
-            b_range = (batch.min[0], batch.opt[0], batch.max[0]) if batch is not None and batch.rank else (1, 1, 1)
-            c_opt = min(chunk_max, max(1, chunk_max // 2))
-            engine = build_engine(result.onnx_path, tmp / engine_path.name,
-                                  specs=step_specs(result, b_range, (1, c_opt, chunk_max)), backend=backend,
-                                  force=True, progress=lambda m: say(f"[engine] {m}"))
-    result.onnx_path = out_path
-    data = {"step": result.to_dict(), "parity": report.to_dict(),
-            "engine": None if engine is None else relocated(engine.to_dict(), tmp, out_path.parent),
-            "warnings": exported.warnings}
-    lines = [result.format_text(), report.format_table()]
-    if engine is not None:
-        lines.append(f"wrote {engine_path} ({engine.backend} {engine.precision}, {engine.engine_bytes / 2**20:.1f} "
-                     f"MiB, built in {engine.build_seconds:.1f} s; chunk 1..{chunk_max})")
-    lines += [f"warning: {w}" for w in exported.warnings]
-    _emit(as_json, data, "\n".join(lines))
-    return 0 if report.ok else 1
+    result = export_step_model(loaded, specs, out_path, chunk_max=chunk_max, engine=with_engine, backend=backend,
+                               length=length, opset=opset, seed=seed, force=force, progress=say)
+    _emit(as_json, result.to_dict(), result.format_text())
+    return 0 if result.ok else 1
 
 
 @cli.command()
@@ -502,24 +435,11 @@ def export_step_cmd(model, out, force, chunk_max, with_engine, backend, length, 
 @common_options
 def run(engine, inputs, shapes, repeats, seed, as_json, quiet, debug):
     """Run a TensorRT ENGINE once on random inputs and time it (needs a CUDA GPU)."""
-    from exporter import trt_engine
-    from exporter.specs import build_specs, random_feeds
-    from exporter.table import fmt_shape
+    from exporter.specs import build_specs
+    from exporter.trt_engine import run_and_time
 
-    meta = trt_engine.check_engine(Path(engine))  # refuses corrupted / foreign engines before the GPU check
-    specs = build_specs(inputs, shapes) or trt_engine.specs_from_meta(meta.meta)
-    feeds = random_feeds(specs, "opt", seed)
-    ok, why = trt_engine.gpu_available()
-    if not ok:
-        raise LrexportError(f"cannot run {engine}: {why}", "run it on a machine with a CUDA GPU")
-    outputs = trt_engine.run_engine(Path(engine), feeds)
-    median_ms = trt_engine.time_engine(Path(engine), feeds, repeats)
-    data = {"engine": engine, "median_ms": median_ms, "repeats": repeats,
-            "inputs": {k: list(v.shape) for k, v in feeds.items()},
-            "outputs": {k: list(v.shape) for k, v in outputs.items()}}
-    text = "\n".join([f"{k}: {fmt_shape(v.shape)} {v.dtype}" for k, v in outputs.items()]
-                     + [f"median latency {median_ms:.3f} ms over {repeats} runs"])
-    _emit(as_json, data, text)
+    timing = run_and_time(engine, build_specs(inputs, shapes), repeats=repeats, seed=seed)
+    _emit(as_json, timing.to_dict(), timing.format_text())
     return 0
 
 

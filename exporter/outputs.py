@@ -39,6 +39,15 @@ def check_writable(path: str | Path) -> None:
             return
 
 
+def check_new_file(path: str | Path, force: bool) -> Path:
+    """Refuse, before any slow work, an output file that exists without ``force`` or cannot be written."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise LrexportError(f"{path} already exists", "pass --force to overwrite it")
+    check_writable(path)
+    return path
+
+
 def _make_parents(path: Path) -> list[Path]:
     """Create ``path``'s missing parent folders; return those created (innermost first) to undo on failure."""
     check_writable(path)

@@ -196,6 +196,18 @@ def dims_list(dims: trt.Dims | Sequence[int]) -> list[int]:
     return [int(dims[i]) for i in range(len(dims))]
 
 
+def profile_entry(name: str, shapes: Sequence[trt.Dims | Sequence[int]]) -> dict:
+    """One input's (min, opt, max) profile shapes as report data."""
+    mn, op, mx = shapes
+    return {"name": name, "min": dims_list(mn), "opt": dims_list(op), "max": dims_list(mx)}
+
+
+def engine_profiles(engine: trt.ICudaEngine, names: Sequence[str]) -> list[dict]:
+    """Every optimization profile of a deserialized engine, read back from the engine itself."""
+    return [{"index": p, "inputs": [profile_entry(name, engine.get_tensor_profile_shape(name, p)) for name in names]}
+            for p in range(engine.num_optimization_profiles)]
+
+
 def get_backend(name: str = "auto") -> Backend:
     """Load a backend: ``tensorrt``, ``tensorrt-rtx``, or ``auto`` (full TensorRT where importable, else RTX)."""
     key = normalize_backend(name)

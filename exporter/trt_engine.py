@@ -8,20 +8,19 @@ Buffers are torch CUDA tensors; ``execute_async_v3`` runs on a torch stream.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from exporter.errors import LrexportError
-from exporter.specs import InputSpec
+from exporter.specs import InputSpec, random_feeds
 from exporter.table import fmt_shape
-from exporter.trt_backend import Backend, dims_list, get_backend
-from exporter.trt_build import META_FORMAT, gpu_info, meta_path_for
+from exporter.trt_backend import Backend, dims_list, engine_profiles, get_backend
+from exporter.trt_build import META_FORMAT, gpu_info, meta_path_for, sha256_file
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -116,11 +115,7 @@ def check_engine(engine_path: str | Path, backend: str = "auto") -> EngineMeta:
     if size != meta.get("engine_bytes"):
         raise LrexportError(f"engine {engine_path.name} is corrupted: {size} bytes, metadata says "
                             f"{meta.get('engine_bytes')}", _REBUILD)
-    h = hashlib.sha256()
-    with open(engine_path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    if h.hexdigest() != meta.get("engine_sha256"):
+    if sha256_file(engine_path) != meta.get("engine_sha256"):
         raise LrexportError(f"engine {engine_path.name} is corrupted (sha256 differs from its metadata)", _REBUILD)
     built_with = str(meta.get("backend"))
     try:
@@ -178,14 +173,7 @@ class LoadedEngine:
 
     def profiles(self) -> list[dict]:
         """Profile shapes read back from the engine."""
-        out = []
-        for p in range(self.engine.num_optimization_profiles):
-            entries = []
-            for name in self.input_names:
-                mn, op, mx = self.engine.get_tensor_profile_shape(name, p)
-                entries.append({"name": name, "min": dims_list(mn), "opt": dims_list(op), "max": dims_list(mx)})
-            out.append({"index": p, "inputs": entries})
-        return out
+        return engine_profiles(self.engine, self.input_names)
 
     def _np_dtype(self, name: str) -> Any:
         dt = self.engine.get_tensor_dtype(name)
@@ -301,3 +289,37 @@ def time_engine(engine_path: str | Path, feeds: dict[str, np.ndarray], repeats: 
     """Median GPU time of one execution in milliseconds (CUDA events around execute_async_v3)."""
     _require_gpu()
     return LoadedEngine(check_engine(engine_path, backend)).time(feeds, repeats)
+
+
+@dataclass
+class EngineTiming:
+    """One run of an engine on random inputs (output shapes and dtypes) and its median latency."""
+
+    engine: str
+    feeds: dict[str, np.ndarray] = field(repr=False)
+    outputs: dict[str, np.ndarray] = field(repr=False)
+    median_ms: float
+    repeats: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"engine": self.engine, "median_ms": self.median_ms, "repeats": self.repeats,
+                "inputs": {k: list(v.shape) for k, v in self.feeds.items()},
+                "outputs": {k: list(v.shape) for k, v in self.outputs.items()}}
+
+    def format_text(self) -> str:
+        return "\n".join([f"{k}: {fmt_shape(v.shape)} {v.dtype}" for k, v in self.outputs.items()]
+                         + [f"median latency {self.median_ms:.3f} ms over {self.repeats} runs"])
+
+
+def run_and_time(engine_path: str | Path, specs: Sequence[InputSpec] = (), *, repeats: int = 50, seed: int = 0,
+                 backend: str = "auto") -> EngineTiming:
+    """``lrexport run``: check the engine (no GPU needed: a corrupted or foreign engine is refused first),
+    then, on a GPU, run it once on random inputs at the opt shapes (``specs``, else its profile) and time it."""
+    info = check_engine(engine_path, backend)
+    feeds = random_feeds(list(specs) or specs_from_meta(info.meta), "opt", seed)
+    ok, why = gpu_available()
+    if not ok:
+        raise LrexportError(f"cannot run {engine_path}: {why}", "run it on a machine with a CUDA GPU")
+    engine = LoadedEngine(info)
+    outputs = engine.run(feeds)
+    return EngineTiming(str(engine_path), feeds, outputs, engine.time(feeds, repeats), repeats)

@@ -29,9 +29,7 @@ import onnx
 import onnx_ir as ir
 
 from graph_passes.errors import LrexportError
-
-PRECISIONS = {"fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16}
-_ALIASES = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
+from graph_passes.precisions import LOW_PRECISIONS as PRECISIONS, normalize_low_precision as normalize_precision
 
 DEFAULT_KEEP_FP32_OPS: tuple[str, ...] = ("LayerNormalization", "CumSum", "ReduceSum", "Softmax")
 
@@ -52,13 +50,6 @@ _FP32_INPUTS: dict[str, tuple[int, ...]] = {"Resize": (1, 2)}
 _DTYPE_ATTR = {"Cast": "to", "EyeLike": "dtype", "RandomNormal": "dtype", "RandomUniform": "dtype",
                "RandomNormalLike": "dtype", "RandomUniformLike": "dtype", "Multinomial": "dtype"}
 _FLOAT = ir.DataType.FLOAT
-
-
-def normalize_precision(precision: str) -> str:
-    key = _ALIASES.get(precision.lower(), precision.lower())
-    if key not in PRECISIONS:
-        raise LrexportError(f"cannot cast to precision {precision!r}", "use fp16 or bf16 (fp32 needs no cast)")
-    return key
 
 
 def _np_low(array: np.ndarray, dtype: ir.DataType) -> np.ndarray:

@@ -64,9 +64,14 @@ def test_the_engine_not_run_reason_appears_once_and_names_the_cause(fp16_build):
 
 
 def test_progress_announces_the_fp16_cast_once(fp16_build):
-    _out, _text, err, _report = fp16_build
-    assert err.count("casting to fp16") == 1, err
-    assert "[engine] model.fp16.onnx already holds fp16/bf16 weights: parsed as is" in err
+    """The build casts once; the engine builder parses the cast model as given and says what it holds."""
+    out, _text, err, report = fp16_build
+    assert err.count("casting to fp16") == 1 and "already holds" not in err, err
+    assert "[engine] parsing model.fp16.onnx (fp16) with tensorrt-rtx" in err
+    meta = json.loads((out / "model.engine.json").read_text())
+    assert meta["precision"] == report["engine"]["precision"] == "fp16" and meta["float_types"]["fp16"] > 0
+    assert not any("parsed as is" in w for w in meta["warnings"])
+    assert Path(report["engine"]["network_onnx"]).name == "model.fp16.onnx"
 
 
 def test_min_rtol_instead_of_max_rel_on_passing_rows(fp16_build):

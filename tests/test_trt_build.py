@@ -17,6 +17,7 @@ import pytest
 from trt_helpers import (
     BUILD_SAMPLES,
     ROOT,
+    cast_copy,
     exported_chunked,
     exported_sample,
     sample_specs,
@@ -33,6 +34,7 @@ from exporter.trt_build import (
     build_engine,
     meta_path_for,
     pass_hint,
+    plan_engine,
 )
 
 trt = pytest.importorskip("tensorrt_rtx")
@@ -71,6 +73,9 @@ def _half_layers(onnx_path: Path) -> tuple[int, int, list[str]]:
 @pytest.mark.parametrize("sample", BUILD_SAMPLES)
 def test_build_sample(sample: str, precision: str, tmp_path: Path) -> None:
     onnx_path = exported_sample(sample)
+    cast_report = None
+    if precision != "fp32":  # the builder takes the model as given: cast first, as `lrexport build` does
+        onnx_path, cast_report = cast_copy(onnx_path, precision)
     specs = sample_specs(sample)
     engine = tmp_path / f"{sample}.{precision}.engine"
     messages: list[str] = []
@@ -102,21 +107,42 @@ def test_build_sample(sample: str, precision: str, tmp_path: Path) -> None:
     ins, outs = _onnx_io(onnx_path)
     assert {i["name"]: i["dtype"] for i in meta["inputs"]} == {k: _ONNX_TO_NAME[v] for k, v in ins.items()}
     assert {o["name"]: o["dtype"] for o in meta["outputs"]} == {k: _ONNX_TO_NAME[v] for k, v in outs.items()}
+    assert res.network_onnx == onnx_path  # parsed as given, no second cast
+    assert not any("casting" in m for m in messages) and f"({precision})" in " ".join(messages)
     if precision == "fp16":
-        assert res.network_onnx is not None and res.network_onnx.is_file() and res.network_onnx != onnx_path
-        half, total, norms = _half_layers(res.network_onnx)
+        half, total, norms = _half_layers(onnx_path)
         assert half > total // 4, f"only {half}/{total} layers run in fp16"
         assert all("FLOAT" in t and "HALF" not in t for t in norms)  # LayerNorm kept in fp32
-        assert res.cast_report and res.cast_report["initializers_cast"] > 0
+        assert cast_report and meta["float_types"]["fp16"] >= cast_report["initializers_cast"] > 0
     else:
-        assert res.network_onnx == onnx_path and res.cast_report is None
+        assert set(meta["float_types"]) == {"fp32"}
     json.dumps(res.to_dict())  # serializable
+
+
+def test_builder_takes_the_model_as_given(tmp_path: Path) -> None:
+    """One owner for the precision cast: the builder never casts. Asked for a precision the model does not
+    hold, it refuses before building (a silent second cast before); planning reads the precision from the
+    tensor types and writes nothing."""
+    onnx_path, specs = exported_sample("lowrank_mlp"), sample_specs("lowrank_mlp")
+    engine = tmp_path / "e.engine"
+    with pytest.raises(LrexportError, match="holds fp32 tensors, not fp16.*cast it first"):
+        build_engine(onnx_path, engine, specs=specs, precision="half", backend=BACKEND)
+    fp16_path, _ = cast_copy(onnx_path, "fp16")
+    with pytest.raises(LrexportError, match="holds fp16 tensors, not fp32"):
+        build_engine(fp16_path, engine, specs=specs, precision="fp32", backend=BACKEND)
+    plan = plan_engine(fp16_path, engine, specs=specs, backend=BACKEND)
+    assert plan.precision == "fp16" and plan.float_types["fp16"] > 0
+    assert plan.float_types["fp32"] > 0  # the float32 input and output and the Casts at the boundary
+    assert [s.name for s in plan.specs] == ["x"] and plan.digest["onnx_sha256"]
+    assert plan_engine(onnx_path, engine, specs=specs, backend=BACKEND).precision == "fp32"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_fp16_engine_smaller_than_fp32(tmp_path: Path) -> None:
     onnx_path, specs = exported_sample("lowrank_mlp"), sample_specs("lowrank_mlp")
-    sizes = {p: build_engine(onnx_path, tmp_path / f"{p}.engine", specs=specs, precision=p,
-                             backend=BACKEND).engine_bytes for p in ("fp32", "fp16", "bf16")}
+    sources = {"fp32": onnx_path, "fp16": cast_copy(onnx_path, "fp16")[0], "bf16": cast_copy(onnx_path, "bf16")[0]}
+    sizes = {p: build_engine(src, tmp_path / f"{p}.engine", specs=specs, precision=p,
+                             backend=BACKEND).engine_bytes for p, src in sources.items()}
     assert sizes["fp16"] < 0.8 * sizes["fp32"] and sizes["bf16"] < 0.8 * sizes["fp32"]
 
 
@@ -128,14 +154,14 @@ def test_chunked_causal_builds_across_range(tmp_path: Path) -> None:
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     for n in (1, 17, 300):  # the ONNX itself handles n not divisible by the chunk
         assert sess.run(None, {"x": np.ones((1, n, 64), np.float32)})[0].shape == (1, n, 64)
-    for precision in ("fp32", "fp16"):
-        res = build_engine(onnx_path, tmp_path / f"chunked.{precision}.engine", specs=specs, precision=precision,
+    fp16_path, cast_report = cast_copy(onnx_path, "fp16")
+    assert {"CumSum", "Div"} <= set(cast_report["kept_fp32_by_op"])
+    for precision, source in (("fp32", onnx_path), ("fp16", fp16_path)):
+        res = build_engine(source, tmp_path / f"chunked.{precision}.engine", specs=specs, precision=precision,
                            backend=BACKEND)
-        assert res.engine_bytes > 0
+        assert res.engine_bytes > 0 and res.precision == precision
         assert res.profiles[0]["inputs"][0]["min"] == [1, 1, 64]
         assert res.profiles[0]["inputs"][0]["max"] == [3, 300, 64]
-        if precision == "fp16":
-            assert {"CumSum", "Div"} <= set(res.cast_report["kept_fp32_by_op"])
 
 
 def test_parse_from_bytes_with_external_data(tmp_path: Path) -> None:
@@ -258,6 +284,11 @@ def test_build_after_graph_passes(sample: str, precision: str, tmp_path: Path) -
     assert any(p.changed for p in report.passes) == (sample != "linformer_encoder")
     path = tmp_path / "model.onnx"
     onnx.save(optimized, str(path))
+    if precision != "fp32":
+        from graph_passes.precision_cast import cast_precision_file
+
+        cast_precision_file(path, tmp_path / f"model.{precision}.onnx", precision)
+        path = tmp_path / f"model.{precision}.onnx"
     res = build_engine(path, tmp_path / "model.engine", specs=specs, precision=precision, backend=BACKEND)
     assert res.unsupported_nodes == [] and res.engine_bytes > 100_000
     got = {e["name"]: (e["min"], e["max"]) for e in res.profiles[0]["inputs"]}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from trt_helpers import exported_sample, sample_specs
+from trt_helpers import cast_copy, exported_sample, sample_specs
 
 from exporter import trt_engine
 from exporter.errors import LrexportError
@@ -38,8 +38,9 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("engines")
     engines = {}
     for sample, precision in (("lowrank_mlp", "fp32"), ("lowrank_mlp", "fp16"), ("causal_lm", "fp32")):
+        source = exported_sample(sample) if precision == "fp32" else cast_copy(exported_sample(sample), precision)[0]
         engines[f"{sample}.{precision}"] = build_engine(
-            exported_sample(sample), out / f"{sample}.{precision}.engine", specs=sample_specs(sample),
+            source, out / f"{sample}.{precision}.engine", specs=sample_specs(sample),
             precision=precision, backend=BACKEND).engine_path
     return engines
 

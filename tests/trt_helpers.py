@@ -138,6 +138,21 @@ def exported_sample(name: str) -> Path:
     return _EXPORTED[name]
 
 
+def cast_copy(onnx_path: Path, precision: str) -> tuple[Path, dict]:
+    """``onnx_path`` cast to fp16/bf16 by the precision cast (once per test process): the engine builder
+    takes models as they are, so low-precision engines are built from a cast copy, as `lrexport build` does."""
+    from graph_passes.precision_cast import cast_precision_file
+
+    key = f"{onnx_path.stem}.{precision}"
+    if key not in _CAST:
+        target = export_dir() / f"{key}.onnx"
+        _CAST[key] = (target, cast_precision_file(onnx_path, target, precision))
+    return _CAST[key]
+
+
+_CAST: dict[str, tuple[Path, dict]] = {}
+
+
 def chunked_causal_model(d: int = 64, heads: int = 2, chunk: int = 16):
     """Chunked causal linear attention: pads n up to a multiple of ``chunk`` inside the graph, reshapes to
     (b, n/chunk, chunk, ...), masked attention within chunks plus an exclusive CumSum of chunk states."""

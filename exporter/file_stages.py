@@ -1,0 +1,49 @@
+"""One build stage from file to file: ``lrexport export`` and ``lrexport optimize`` as Python functions,
+each writing its output atomically (the file, and its .data, appear only when the stage ran).
+
+    export_onnx_file(loaded, specs, "model.onnx")
+    optimize_onnx("model.onnx", "fused.onnx").report.format_table()
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+from exporter.export import DEFAULT_OPSET, ExportResult, export_onnx, save_onnx
+from exporter.loading import LoadedModel
+from exporter.outputs import atomic_files, check_new_file
+from exporter.specs import InputSpec
+from exporter.stages import BuildOptions, PassesStage, run_passes_on
+
+
+def export_onnx_file(loaded: LoadedModel, specs: Sequence[InputSpec], out: str | Path, *, exporter: str = "dynamo",
+                     opset: int = DEFAULT_OPSET, force: bool = False,
+                     progress: Callable[[str], None] | None = None) -> ExportResult:
+    """Export ``loaded`` to ``out`` with dynamic axes from ``specs`` (no passes, no parity)."""
+    say = progress or (lambda _m: None)
+    out = check_new_file(out, force)
+    with atomic_files(out, force) as tmp:
+        result = export_onnx(loaded, specs, tmp / out.name, exporter=exporter, opset=opset,
+                             progress=lambda m: say(f"[export] {m}"))
+    result.onnx_path = out
+    return result
+
+
+def optimize_onnx(src: str | Path, dst: str | Path, *, passes: Sequence[str] | None = None,
+                  specs: Sequence[InputSpec] | None = None, chunk_size: int = 64, merge_threshold: float = 1.0,
+                  seed: int = 0, force: bool = False, progress: Callable[[str], None] | None = None) -> PassesStage:
+    """Run the graph passes (None: the default set) on ``src``, each checked numerically on inputs from
+    ``specs`` (default: the ONNX inputs' own shapes), and write ``dst``."""
+    from exporter.inspect_model import read_onnx
+    from exporter.specs import specs_from_onnx
+
+    say = progress or (lambda _m: None)
+    dst = check_new_file(dst, force)
+    model = read_onnx(Path(src))
+    options = BuildOptions(out=dst, passes=passes, seed=seed, chunk_size=chunk_size, merge_threshold=merge_threshold)
+    stage = run_passes_on(model, options, list(specs) if specs else specs_from_onnx(model),
+                          lambda m: say(f"[passes] {m}"))
+    with atomic_files(dst, force) as tmp:
+        save_onnx(stage.model, tmp / dst.name)
+    return stage
