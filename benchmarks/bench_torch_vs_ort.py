@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * len(head))
     for name, n, pt, raw, opt, err in rows:
         print(f"{name:<18}{n:>6} | {pt['median_ms']:>7.1f} {pt['peak_rss_mb']:>7.0f}  | "
-              f"{raw['median_ms']:>8.1f} {raw['peak_rss_mb']:>8.0f}  | {opt['median_ms']:>8.1f} {opt['peak_rss_mb']:>8.0f}  | "
+              f"{raw['median_ms']:>8.1f} {raw['peak_rss_mb']:>8.0f}  | "
+              f"{opt['median_ms']:>8.1f} {opt['peak_rss_mb']:>8.0f}  | "
               f"{pt['median_ms'] / raw['median_ms']:>8.2f}x {pt['median_ms'] / opt['median_ms']:>8.2f}x | {err:>8.1e}")
     print("batch 1, CPU, 2 threads; each cell its own process (median of repeats, peak RSS); ratio > 1: ORT faster;\n"
           "max abs: largest |ORT - PyTorch| over both ONNX models, on the same seeded input")

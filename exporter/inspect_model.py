@@ -11,18 +11,8 @@ import onnx
 import onnx_ir as ir
 
 from exporter.errors import LrexportError
-from exporter.loading import load_model
+from exporter.loading import is_onnx_file, load_model
 from exporter.table import format_table
-
-
-def _is_onnx(path: Path) -> bool:
-    if path.suffix == ".onnx":
-        return True
-    try:
-        onnx.load(str(path), load_external_data=False)
-        return True
-    except Exception:
-        return False
 
 
 def read_onnx(path: str | Path, load_external_data: bool = True) -> onnx.ModelProto:
@@ -54,7 +44,8 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
     inputs = [_describe(v) for v in graph.inputs]
     return {"kind": "onnx", "path": str(path),
             "opset": {domain or "ai.onnx": version for domain, version in model.opset_imports.items()},
-            "ir_version": model.ir_version, "producer": f"{model.producer_name or ''} {model.producer_version or ''}".strip(),
+            "ir_version": model.ir_version,
+            "producer": f"{model.producer_name or ''} {model.producer_version or ''}".strip(),
             "inputs": inputs, "outputs": [_describe(v) for v in graph.outputs],
             "dynamic_axes": {i["name"]: [a for a, d in enumerate(i["dims"]) if isinstance(d, str)] for i in inputs},
             "parameters": sum(math.prod(tuple(v.shape or ())) for v in graph.initializers.values()),
@@ -67,7 +58,7 @@ def inspect_path(path: str | Path, *, factory: str | None = None, factory_kwargs
     p = Path(path)
     if not p.exists():
         raise LrexportError(f"{p} does not exist", "check the path")
-    if _is_onnx(p):
+    if p.suffix == ".onnx" or is_onnx_file(p):
         return inspect_onnx(p)
     loaded = load_model(p, factory=factory, factory_kwargs=factory_kwargs, trust_pickle=trust_pickle)
     from exporter.specs import read_sidecar, build_specs

@@ -146,10 +146,10 @@ def read_step_info(step_model: "str | Path | onnx.ModelProto | StepExportResult"
         path = Path(step_model)
         if not path.is_file():
             raise LrexportError(f"step model {path} does not exist", "write it with export_step / lrexport export-step")
-        model = onnx.load(str(path), load_external_data=False)
+        model = ir.load(str(path))  # weights stay on disk
     else:
-        model = step_model
-    meta = {p.key: p.value for p in model.metadata_props}.get(META_KEY)
+        model = ir.from_proto(step_model)
+    meta = model.metadata_props.get(META_KEY)
     if not meta:
         raise LrexportError(f"{path} is not an lrexport step model (no {META_KEY!r} metadata)",
                             "export it with export_step / lrexport export-step")

@@ -36,7 +36,8 @@ def default_shapes(model: onnx.ModelProto | ir.Model,
         big = max(feeds, key=lambda f: sum(v.size for v in f.values()))
         return {k: tuple(v.shape) for k, v in big.items()}
     graph = _ir(model).graph
-    return {v.name or "": tuple(d if isinstance(d, int) else (1 if i == 0 else 128) for i, d in enumerate(v.shape or ()))
+    return {v.name or "": tuple(d if isinstance(d, int) else (1 if i == 0 else 128)
+                                for i, d in enumerate(v.shape or ()))
             for v in graph.inputs if v.name not in graph.initializers}
 
 
