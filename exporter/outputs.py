@@ -123,8 +123,9 @@ def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
         raise
 
 
-def atomic_write_file(path: str | Path, data: bytes | str, force: bool = False) -> None:
-    """Write a file via a temp file + rename; refuse to replace an existing file without force."""
+def atomic_write_file(path: str | Path, data: bytes | memoryview | str, force: bool = False) -> None:
+    """Write a file via a temp file + rename; refuse to replace an existing file without force. The data
+    is on disk (fsync) before the rename, so a crash leaves the old file or the new one, never a torn one."""
     path = Path(path)
     created = _file_target(path, force)
     try:
@@ -136,6 +137,8 @@ def atomic_write_file(path: str | Path, data: bytes | str, force: bool = False) 
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data.encode() if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
