@@ -1,7 +1,10 @@
 """One benchmark case in its own process: ORT CPU median latency and peak RSS of one model at one shape.
 
     python benchmarks/_bench_case.py MODEL.onnx --shape x=1x4096x512 [--repeats 10] [--threads 2]
+                                     [--outputs OUT.npz]
 
+The inputs are :func:`make_feeds`'s, seeded, so every process of a benchmark (PyTorch ones too) sees the
+same; ``--outputs`` saves the model's outputs for the caller to check that the processes agree.
 Prints one JSON line: median_ms, min_ms, peak_rss_mb (whole process: VmHWM of /proc/self/status),
 rusage_maxrss_mb (getrusage; on Linux it carries the parent's peak over fork+exec, so it over-reads
 when the parent is large: the runner reports VmHWM), base_rss_mb (after imports, before the session),
@@ -34,6 +37,24 @@ def _hwm_mb() -> float:
     return float("nan")
 
 
+def make_feeds(shapes: list[str]) -> dict:
+    """Inputs for ``name=AxBxC[:int64]`` specs, from one seeded generator: floats standard normal, ints
+    in 0..255 (a token id every sample's embedding accepts)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for spec in shapes:
+        name, rest = spec.split("=")
+        dims, _, dtype = rest.partition(":")
+        shape = tuple(int(d) for d in dims.split("x"))
+        if dtype == "int64":
+            feeds[name] = rng.integers(0, 256, size=shape).astype(np.int64)
+        else:
+            feeds[name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -41,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--outputs", help="save the outputs of one run to this .npz")
     args = ap.parse_args(argv)
 
     import numpy as np
@@ -54,16 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     so.log_severity_level = 3
     sess = ort.InferenceSession(args.model, so, providers=["CPUExecutionProvider"])
     session_rss = _rss_mb()
-    rng = np.random.default_rng(0)
-    feeds = {}
-    for spec in args.shape:
-        name, rest = spec.split("=")
-        dims, _, dtype = rest.partition(":")
-        shape = tuple(int(d) for d in dims.split("x"))
-        if dtype == "int64":
-            feeds[name] = rng.integers(0, 256, size=shape).astype(np.int64)
-        else:
-            feeds[name] = rng.standard_normal(shape).astype(np.float32)
+    feeds = make_feeds(args.shape)
     for _ in range(args.warmup):
         sess.run(None, feeds)
     times = []
@@ -71,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         sess.run(None, feeds)
         times.append((time.perf_counter() - t0) * 1e3)
+    if args.outputs:
+        np.savez(args.outputs, *sess.run(None, feeds))
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({
         "median_ms": statistics.median(times), "min_ms": min(times),

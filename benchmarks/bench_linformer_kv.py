@@ -15,7 +15,9 @@ static shapes) from the same weights, outputs (E·K, E·V):
 Each (shape, variant) runs in its own process (benchmarks/_bench_case.py: ORT CPU, 2 intra-op threads,
 session.intra_op.allow_spinning=0, median of --repeats after a warm-up); the processes of all variants
 are interleaved over --rounds rounds and the median of the per-process medians is reported, with the
-ratio to 'separate'. Numerics are checked once in this process (the variants agree to 1e-4).
+ratio to 'separate'. Numerics are checked once per shape in this process, on the seeded input the
+timed processes get: every variant's ONNX outputs must match PyTorch's 'separate' module within lrexport's
+fp32 parity tolerance, or the benchmark stops naming the variant.
 """
 
 from __future__ import annotations
@@ -76,14 +78,25 @@ def export(n: int, c: int, k: int, variant: str, path: Path) -> Path:
     return path
 
 
-def check_numerics(paths: dict[str, Path], n: int, c: int) -> float:
-    import onnxruntime as ort
+def check_numerics(paths: dict[str, Path], n: int, c: int, k: int) -> float:
+    """The largest |difference| of any variant's outputs from PyTorch's; SystemExit past the tolerance."""
+    from _bench_case import make_feeds
 
-    x = np.random.default_rng(0).standard_normal((1, n, c)).astype(np.float32)
-    outs = {v: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})
-            for v, p in paths.items()}
-    ref = outs["separate"]
-    return max(float(np.abs(a - b).max()) for v in outs for a, b in zip(outs[v], ref))
+    from exporter.compare import DEFAULT_TOLERANCES
+    from graph_passes.ort_session import ort_session
+    from graph_passes.tolerance import within
+
+    x = make_feeds([f"x=1x{n}x{c}"])["x"]  # what the timed processes run on
+    with torch.no_grad():
+        ref = [t.numpy() for t in KV(n, c, k, "separate").eval()(torch.from_numpy(x))]
+    worst = 0.0
+    for variant, path in paths.items():
+        for name, got, want in zip(("ek", "ev"), ort_session(path).run(None, {"x": x}), ref, strict=True):
+            if not within(got, want, DEFAULT_TOLERANCES["fp32"]):
+                raise SystemExit(f"error: n={n} c={c} k={k}: variant {variant} output {name} disagrees with "
+                                 f"PyTorch (max abs {np.abs(got - want).max():.3g})")
+            worst = max(worst, float(np.abs(got - want).max()))
+    return worst
 
 
 def run_case(path: Path, n: int, c: int, repeats: int) -> dict:
@@ -106,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for n, c, k in (QUICK if args.quick else SHAPES):
             paths = {v: export(n, c, k, v, Path(tmp) / f"{v}_{n}_{c}_{k}.onnx") for v in VARIANTS}
-            err = check_numerics(paths, n, c)
+            err = check_numerics(paths, n, c, k)
             times: dict[str, list[float]] = {v: [] for v in VARIANTS}
             for _ in range(args.rounds):
                 for v in VARIANTS:

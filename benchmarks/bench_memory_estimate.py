@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_memory_estimate.py [--sizes 1024,4096]
 
 For the causal_block sample (naive Einsum->CumSum->Einsum, d=512, 8 heads) at batch 1 and each length:
-the estimate (graph_passes._cost.estimate_memory, priced as parity prices it) next to the measured
+the estimate (graph_passes.cost.estimate_memory, priced as parity prices it) next to the measured
 growth of peak RSS over one run, each run in its own process (peak reset through /proc/self/clear_refs
 after a warm-up run, then VmHWM after the run minus VmRSS before it), for the PyTorch reference in
 float64 and float32 (priced on the naive export), ONNX Runtime on the naive export and on the model

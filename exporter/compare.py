@@ -1,7 +1,7 @@
 """Compare a backend's outputs with the reference, per output: the numbers a user needs to decide.
 
-An element fails only if |a - r| > atol AND |a - r| > rtol * |r| (polygraphy's elementwise rule);
-any NaN/Inf in either output fails.
+The rule (an element fails only past atol AND rtol * |r|; any NaN/Inf fails) is
+:mod:`graph_passes.tolerance`'s, shared with the per-pass check.
 """
 
 from __future__ import annotations
@@ -13,13 +13,7 @@ from typing import Mapping
 import numpy as np
 
 from exporter.errors import LrexportError
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    atol: float
-    rtol: float
-
+from graph_passes.tolerance import Tolerance, errors, failing
 
 DEFAULT_TOLERANCES = {
     "fp32": Tolerance(atol=1e-4, rtol=1e-3),
@@ -111,13 +105,9 @@ def compare_arrays(name: str, actual: np.ndarray, expected: np.ndarray, tol: Tol
                             f"{list(expected.shape)}", "the ONNX model does not match the PyTorch model")
     a = actual.astype(np.float64, copy=False)
     r = expected.astype(np.float64, copy=False)
-    finite = np.isfinite(a) & np.isfinite(r)
+    diff, rel, finite = errors(a, r)
     nonfinite = int(a.size - finite.sum())
-    diff = np.where(finite, np.abs(a - r), np.inf)
-    absr = np.abs(np.where(finite, r, 0.0))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.where(absr > 0, diff / absr, np.where(diff > 0, np.inf, 0.0))
-    failing = (diff > tol.atol) & (rel > tol.rtol)
+    bad = failing(diff, rel, tol)
     if a.size:
         worst = np.unravel_index(int(np.argmax(diff)), a.shape)
         max_abs = float(diff.max())
@@ -136,7 +126,7 @@ def compare_arrays(name: str, actual: np.ndarray, expected: np.ndarray, tol: Tol
             (), 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0)
     return OutputComparison(
         output=name, shape=tuple(a.shape), atol=tol.atol, rtol=tol.rtol, max_abs=max_abs, max_rel=max_rel,
-        rel_l2=rel_l2, cosine=cosine, mismatches=int(failing.sum()), total=int(a.size),
+        rel_l2=rel_l2, cosine=cosine, mismatches=int(bad.sum()), total=int(a.size),
         worst_index=tuple(int(i) for i in worst), worst_actual=worst_a, worst_expected=worst_e,
         min_atol=min_atol, min_rtol=min_rtol, nonfinite=nonfinite)
 

@@ -38,8 +38,7 @@ from onnx import numpy_helper
 from exporter.errors import LrexportError
 from exporter.localize import _float_values, _module, _with_outputs
 from exporter.parity import module_path
-from exporter.runners import ort_session_options
-from graph_passes._util import ort_session
+from graph_passes.ort_session import ort_session, session_options as ort_session_options
 
 MARGIN = 16.0
 SUBNORMAL_SHARE = 0.5

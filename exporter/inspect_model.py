@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import collections
+import math
 from pathlib import Path
 from typing import Any
 
 import onnx
-from onnx import numpy_helper  # noqa: F401  (keeps the dtype helpers loaded)
+import onnx_ir as ir
 
 from exporter.errors import LrexportError
-from exporter.loading import load_model
-from exporter.parity import model_specs_from_onnx
+from exporter.loading import is_onnx_file, load_model
 from exporter.table import format_table
-
-
-def _is_onnx(path: Path) -> bool:
-    if path.suffix == ".onnx":
-        return True
-    try:
-        onnx.load(str(path), load_external_data=False)
-        return True
-    except Exception:
-        return False
 
 
 def read_onnx(path: str | Path, load_external_data: bool = True) -> onnx.ModelProto:
@@ -42,28 +32,25 @@ def read_onnx(path: str | Path, load_external_data: bool = True) -> onnx.ModelPr
     return model
 
 
+def _describe(v: ir.Value) -> dict[str, Any]:
+    """Name, dtype and dims (int, symbolic name, or ``"?"``) of a graph input or output."""
+    dims = ["?" if d is None else d if isinstance(d, int) else (d.value or "?") for d in (v.shape or [])]
+    return {"name": v.name, "dtype": v.dtype.numpy().name if v.dtype is not None else "?", "dims": dims}
+
+
 def inspect_onnx(path: Path) -> dict[str, Any]:
-    model = read_onnx(path, load_external_data=False)
-    params = 0
-    for init in model.graph.initializer:
-        n = 1
-        for d in init.dims:
-            n *= d
-        params += n
-    ops = collections.Counter(n.op_type for n in model.graph.node)
-    outputs = []
-    for vi in model.graph.output:
-        tt = vi.type.tensor_type
-        dims = [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in tt.shape.dim]
-        outputs.append({"name": vi.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
-                        if tt.elem_type else "?", "dims": dims})
-    inputs = model_specs_from_onnx(path)
-    dynamic = {i["name"]: [a for a, d in enumerate(i["dims"]) if isinstance(d, str)] for i in inputs}
-    return {"kind": "onnx", "path": str(path), "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
-            "ir_version": model.ir_version, "producer": f"{model.producer_name} {model.producer_version}".strip(),
-            "inputs": inputs, "outputs": outputs, "dynamic_axes": dynamic, "parameters": params,
-            "nodes": len(model.graph.node), "op_histogram": dict(ops.most_common()),
-            "external_data": any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer)}
+    model = ir.from_proto(read_onnx(path, load_external_data=False))  # weights stay on disk
+    graph = model.graph
+    inputs = [_describe(v) for v in graph.inputs]
+    return {"kind": "onnx", "path": str(path),
+            "opset": {domain or "ai.onnx": version for domain, version in model.opset_imports.items()},
+            "ir_version": model.ir_version,
+            "producer": f"{model.producer_name or ''} {model.producer_version or ''}".strip(),
+            "inputs": inputs, "outputs": [_describe(v) for v in graph.outputs],
+            "dynamic_axes": {i["name"]: [a for a, d in enumerate(i["dims"]) if isinstance(d, str)] for i in inputs},
+            "parameters": sum(math.prod(tuple(v.shape or ())) for v in graph.initializers.values()),
+            "nodes": len(graph), "op_histogram": dict(collections.Counter(n.op_type for n in graph).most_common()),
+            "external_data": any(isinstance(v.const_value, ir.ExternalTensor) for v in graph.initializers.values())}
 
 
 def inspect_path(path: str | Path, *, factory: str | None = None, factory_kwargs: str | None = None,
@@ -71,7 +58,7 @@ def inspect_path(path: str | Path, *, factory: str | None = None, factory_kwargs
     p = Path(path)
     if not p.exists():
         raise LrexportError(f"{p} does not exist", "check the path")
-    if _is_onnx(p):
+    if p.suffix == ".onnx" or is_onnx_file(p):
         return inspect_onnx(p)
     loaded = load_model(p, factory=factory, factory_kwargs=factory_kwargs, trust_pickle=trust_pickle)
     from exporter.specs import read_sidecar, build_specs

@@ -366,13 +366,13 @@ def _short(err: BaseException) -> str:
 
 def is_onnx_file(p: Path) -> bool:
     """True when the file parses as an ONNX model with a graph (read without its external data)."""
-    import onnx
+    import onnx_ir as ir
 
     try:
-        model = onnx.load(str(p), load_external_data=False)
+        model = ir.load(str(p))  # weights stay on disk
     except Exception:
         return False
-    return bool(model.ir_version and (model.graph.node or model.graph.input))
+    return bool(model.ir_version and (len(model.graph) or model.graph.inputs))
 
 
 def _corrupt(p: Path, err: BaseException) -> LrexportError:

@@ -14,12 +14,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 
-from exporter.parity import module_path
-from exporter.runners import ort_session_options
-from graph_passes._util import ort_session
+from graph_passes.name_scopes import module_path
+from graph_passes.ort_session import ort_session
 
-_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+_FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 
 
 @dataclass
@@ -43,24 +44,49 @@ class DriftLocation:
         return asdict(self)
 
 
-def _module(node: onnx.NodeProto) -> str | None:
+def _module(node: Any) -> str | None:
     path = module_path(node)
     return None if path == "<unknown>" else path
 
 
-def _float_values(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
-    inferred = onnx.shape_inference.infer_shapes(model)
-    infos = list(inferred.graph.value_info) + list(inferred.graph.output)
-    return {vi.name: vi for vi in infos if vi.type.tensor_type.elem_type in _FLOAT_TYPES}
-
-
-def _with_outputs(model: onnx.ModelProto, names: list[str],
-                  infos: Mapping[str, onnx.ValueInfoProto]) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    existing = {o.name for o in m.graph.output}
-    m.graph.output.extend(infos[n] for n in names if n not in existing)
+def typed(model: onnx.ModelProto) -> ir.Model:
+    """An onnx-ir copy of ``model`` with every value's type and shape inferred where ONNX can."""
+    m = ir.from_proto(model)
+    common_passes.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=False)(m)
     return m
+
+
+def float_values(model: ir.Model) -> dict[str, ir.Value]:
+    """Every named floating-point value that a node computes, by name, in graph order."""
+    return {v.name: v for node in model.graph for v in node.outputs if v.name and v.dtype in _FLOAT_TYPES}
+
+
+def exposing(model: ir.Model, names: Sequence[str]) -> onnx.ModelProto:
+    """``model`` as a proto that also returns the named values (``model`` itself is changed: pass a copy)."""
+    values = float_values(model)
+    present = set(model.graph.outputs)
+    for name in names:
+        if name in values and values[name] not in present:
+            model.graph.outputs.append(values[name])
+            present.add(values[name])
+    return ir.to_proto(model)
+
+
+def run_exposing(model: ir.Model, names: Sequence[str], feeds: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """The named intermediate values of one run of ``model`` (changed: pass a copy), by name."""
+    sess = ort_session(exposing(model, names))
+    wanted = [o.name for o in sess.get_outputs() if o.name in set(names)]
+    return dict(zip(wanted, sess.run(wanted, dict(feeds))))
+
+
+def _float_values(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    """:func:`float_values` as value infos, for exporter.fp16_range until it works on onnx-ir."""
+    return {name: ir.serde.serialize_value(v) for name, v in float_values(typed(model)).items()}
+
+
+def _with_outputs(model: onnx.ModelProto, names: list[str], infos: Any = None) -> onnx.ModelProto:
+    """:func:`exposing` on a proto, for exporter.fp16_range until it works on onnx-ir."""
+    return exposing(typed(model), names)
 
 
 def localize_drift(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Mapping[str, np.ndarray], *,
@@ -72,21 +98,14 @@ def localize_drift(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
 
     ``run_candidate(feeds)`` returns the candidate's intermediate values by name when it should not run
     in ONNX Runtime (the faithful fp16 evaluator)."""
-    ref_infos, cand_infos = _float_values(reference), _float_values(candidate)
-    order = [(out, node) for node in reference.graph.node for out in node.output
-             if out in ref_infos and out in cand_infos]
+    ref_model, cand_model = typed(reference), typed(candidate)
+    cand_names = float_values(cand_model)
+    order = [(name, v.producer()) for name, v in float_values(ref_model).items() if name in cand_names]
     if not order:
         return None
     names = [out for out, _ in order]
-    runs = []
-    for model, infos in ((reference, ref_infos), (candidate, cand_infos)):
-        if run_candidate is not None and model is candidate:
-            runs.append(dict(run_candidate(feeds)))
-            continue
-        sess = ort_session(_with_outputs(model, names, infos), ort_session_options())
-        wanted = [o.name for o in sess.get_outputs() if o.name in set(names)]
-        runs.append(dict(zip(wanted, sess.run(wanted, dict(feeds)))))
-    ref_vals, cand_vals = runs
+    ref_vals = run_exposing(ref_model, names, feeds)
+    cand_vals = dict(run_candidate(feeds)) if run_candidate is not None else run_exposing(cand_model, names, feeds)
     for out, node in order:
         if out in ref_vals and out in cand_vals:
             found = _compare(out, node, ref_vals[out], cand_vals[out], rel_l2)
@@ -117,14 +136,13 @@ def localize_against_torch(program: Any, model: onnx.ModelProto, feeds: Mapping[
 
     with torch.no_grad():
         _Recorder(module).run(*[torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in input_names])
-    infos = _float_values(model)
-    producers = {out: node for node in model.graph.node for out in node.output}
-    order = [n.name for n in module.graph.nodes if n.name in recorded and n.name in infos and n.name in producers]
+    onnx_model = typed(model)
+    values_by_name = float_values(onnx_model)
+    order = [n.name for n in module.graph.nodes if n.name in recorded and n.name in values_by_name]
     if not order:
         return None
-    sess = ort_session(_with_outputs(model, order, infos), ort_session_options())
-    wanted = [o.name for o in sess.get_outputs() if o.name in set(order)]
-    values = dict(zip(wanted, sess.run(wanted, dict(feeds))))
+    producers = {name: values_by_name[name].producer() for name in order}
+    values = run_exposing(onnx_model, order, feeds)
     for name in order:
         if name not in values:
             continue
@@ -134,7 +152,7 @@ def localize_against_torch(program: Any, model: onnx.ModelProto, feeds: Mapping[
     return None
 
 
-def _compare(name: str, node: onnx.NodeProto, reference: np.ndarray, candidate: Any,
+def _compare(name: str, node: Any, reference: np.ndarray, candidate: Any,
              rel_l2: float) -> DriftLocation | None:
     r = np.asarray(reference, dtype=np.float64)
     c = np.asarray(candidate, dtype=np.float64)

@@ -1,7 +1,7 @@
 """Parity must never OOM-kill the machine: estimate each run's memory before it starts, scale it down.
 
 Before the backends run at a shape case, the memory of each run is estimated from its ONNX graph
-(:func:`graph_passes._cost.estimate_memory`: input dims bound, shapes inferred, a liveness walk; the
+(:func:`graph_passes.cost.estimate_memory`: input dims bound, shapes inferred, a liveness walk; the
 PyTorch reference priced on the unoptimized export, float64 at 8 bytes) and compared with the memory
 parity may use. A case that does not fit is scaled down in this order, each step only when the ones
 before it are not enough, and each step is stated in the report with the estimate that made it needed:
@@ -164,7 +164,7 @@ class GraphCost:
         return cls(backend, onnx.load(str(path), load_external_data=False), base_dir=path.parent, **kw)
 
     def estimate(self, shapes: Shapes, float_bytes: float | None = None) -> Any:
-        from graph_passes._cost import estimate_memory
+        from graph_passes.cost import estimate_memory
 
         key = (tuple(sorted((k, tuple(v)) for k, v in shapes.items())), float_bytes)
         if key not in self._cache:

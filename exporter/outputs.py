@@ -64,6 +64,16 @@ def _make_parents(path: Path) -> list[Path]:
     return created
 
 
+def _file_target(path: Path, force: bool) -> list[Path]:
+    """Refuse to replace a file without ``force``, or a folder at all; then make the parent folders
+    (returned, to remove on failure)."""
+    if path.exists() and not force:
+        raise LrexportError(f"{path} already exists", "pass --force to overwrite it")
+    if path.is_dir():
+        raise LrexportError(f"{path} is a folder", "give a file path")
+    return _make_parents(path)
+
+
 def _remove_created(created: list[Path]) -> None:
     for folder in created:
         with contextlib.suppress(OSError):
@@ -122,14 +132,11 @@ def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
         raise
 
 
-def atomic_write_file(path: str | Path, data: bytes | str, force: bool = False) -> None:
-    """Write a file via a temp file + rename; refuse to replace an existing file without force."""
+def atomic_write_file(path: str | Path, data: bytes | memoryview | str, force: bool = False) -> None:
+    """Write a file via a temp file + rename; refuse to replace an existing file without force. The data
+    is on disk (fsync) before the rename, so a crash leaves the old file or the new one, never a torn one."""
     path = Path(path)
-    if path.exists() and not force:
-        raise LrexportError(f"{path} already exists", "pass --force to overwrite it")
-    if path.is_dir():
-        raise LrexportError(f"{path} is a folder", "give a file path")
-    created = _make_parents(path)
+    created = _file_target(path, force)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     except OSError as err:
@@ -139,6 +146,8 @@ def atomic_write_file(path: str | Path, data: bytes | str, force: bool = False) 
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data.encode() if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -151,11 +160,7 @@ def atomic_write_file(path: str | Path, data: bytes | str, force: bool = False) 
 def atomic_files(target: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a temp folder; on success each file in it moves beside ``target`` (e.g. x.onnx and x.onnx.data)."""
     target = Path(target)
-    if target.exists() and not force:
-        raise LrexportError(f"{target} already exists", "pass --force to overwrite it")
-    if target.is_dir():
-        raise LrexportError(f"{target} is a folder", "give a file path")
-    created = _make_parents(target)
+    created = _file_target(target, force)
     tmp = _temp_beside(target, "tmp", created)
     ok = False
     try:

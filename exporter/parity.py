@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import ast
 import functools
 import time
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from torch import nn
 
 from exporter.compare import OutputComparison, Tolerance, Tolerances, compare_outputs
@@ -24,6 +24,7 @@ from exporter.memory_budget import MemoryBudget, MemoryPlanner, plan_feeds, plan
 from exporter.runners import OnnxRuntimeRunner, TorchRunner
 from exporter.specs import InputSpec, build_specs, parity_cases, random_feeds
 from exporter.table import fmt_num, fmt_shapes, format_table
+from graph_passes.name_scopes import module_path, name_scopes
 
 
 class Runner(Protocol):
@@ -130,40 +131,21 @@ class ParityReport:
             raise AssertionError("lrexport parity failed\n" + self.format_table())
 
 
-def output_modules(model: onnx.ModelProto) -> dict[str, str]:
+def output_modules(model: onnx.ModelProto | ir.Model) -> dict[str, str]:
     """Module path of the node producing each graph output, from the dynamo exporter's metadata."""
-    producers = {out: node for node in model.graph.node for out in node.output}
+    graph = (model if isinstance(model, ir.Model) else ir.from_proto(model)).graph
     result = {}
-    for out in model.graph.output:
-        node = producers.get(out.name)
-        seen = 0
-        while node is not None and seen < 20:  # walk through Identity/Cast that carry no scope
-            if any(p.key == SCOPES_KEY for p in node.metadata_props):
-                result[out.name] = module_path(node)
+    for out in graph.outputs:
+        node = out.producer()
+        for _ in range(20):  # walk back through Identity/Cast that carry no scope
+            if node is None:
                 break
-            node = producers.get(node.input[0]) if node.input else None
-            seen += 1
+            if name_scopes(node) is not None:
+                result[out.name or ""] = module_path(node)
+                break
+            first = node.inputs[0] if node.inputs else None
+            node = first.producer() if first is not None else None
     return result
-
-
-SCOPES_KEY = "pkg.torch.onnx.name_scopes"
-
-
-def module_path(node: onnx.NodeProto) -> str:
-    """The module a node came from, from the dynamo exporter's scopes: ``['', 'ff', 'ff.fc2', 'linear_3']``
-    (cumulative module paths, then the op) -> ``'ff.fc2'``; ops in the model's own forward -> ``'<root>'``."""
-    for prop in node.metadata_props:
-        if prop.key == SCOPES_KEY:
-            try:
-                parts = [p for p in ast.literal_eval(prop.value) if p]
-            except (ValueError, SyntaxError):
-                return "<unknown>"
-            return parts[-2] if len(parts) >= 2 else "<root>"
-    return "<unknown>"
-
-
-def _load_graph_only(path: Path) -> onnx.ModelProto:
-    return onnx.load(str(path), load_external_data=False)
 
 
 def case_feeds(specs: Sequence[InputSpec], cases: Sequence[str], seed: int) -> dict[str, dict[str, np.ndarray]]:
@@ -244,7 +226,7 @@ def check_parity(model: nn.Module | LoadedModel, onnx_path: str | Path, *,
         raise LrexportError(f"ONNX file {onnx_path} does not exist",
                             "export it first (export_onnx / lrexport export), or use assert_parity, which does")
     ort_runner = OnnxRuntimeRunner(onnx_path)
-    specs = _align(specs, ort_runner.input_names)
+    specs = align_specs(specs, ort_runner.input_names)
     reference = TorchRunner(module, ort_runner.output_names, [s.name for s in specs])
     tols = {ort_runner.name: Tolerances.for_precision(precision if precision != "fp32" else "fp32",
                                                       atol, rtol, per_output)}
@@ -253,11 +235,11 @@ def check_parity(model: nn.Module | LoadedModel, onnx_path: str | Path, *,
         tols[runner.name] = Tolerances.for_precision(prec, atol, rtol, per_output)
         backends.append(runner)
     return run_parity(reference, backends, specs, tolerances=tols, seed=seed, cases=cases,
-                      modules=output_modules(_load_graph_only(onnx_path)), precision=precision,
+                      modules=output_modules(ir.load(str(onnx_path))), precision=precision,
                       progress=progress, memory_budget=memory_budget)
 
 
-def _align(specs: Sequence[InputSpec], onnx_inputs: Sequence[str]) -> list[InputSpec]:
+def align_specs(specs: Sequence[InputSpec], onnx_inputs: Sequence[str]) -> list[InputSpec]:
     """Order specs like the ONNX inputs; a name mismatch is the user's input spec being wrong."""
     by_name = {s.name: s for s in specs}
     unknown = [n for n in by_name if n not in onnx_inputs]
@@ -267,16 +249,6 @@ def _align(specs: Sequence[InputSpec], onnx_inputs: Sequence[str]) -> list[Input
     return [by_name[n] for n in onnx_inputs]
 
 
-def model_specs_from_onnx(path: str | Path) -> list[dict[str, Any]]:
-    """Input names/dtypes/dims of an ONNX file (dims: int or symbolic name)."""
-    model = _load_graph_only(Path(path))
-    out = []
-    for vi in model.graph.input:
-        tt = vi.type.tensor_type
-        dims = [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in tt.shape.dim]
-        out.append({"name": vi.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name,
-                    "dims": dims})
-    return out
 
 
 def assert_parity(model: nn.Module | LoadedModel, onnx_path: str | Path, **kwargs: Any) -> ParityReport:

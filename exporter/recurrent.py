@@ -35,7 +35,7 @@ from exporter.compare import OutputComparison, Tolerance, Tolerances, compare_ar
 from exporter.errors import LrexportError
 from exporter.specs import InputSpec, specs_from_onnx
 from exporter.table import fmt_num, format_table
-from graph_passes._util import PROTO_LIMIT, ort_session
+from graph_passes.ort_session import PROTO_LIMIT, ort_session
 from graph_passes.recurrent_state import CarriedState, RecurrentRefusal, RecurrentStatePass
 
 META_KEY = "lrexport.recurrent"
@@ -146,10 +146,10 @@ def read_step_info(step_model: "str | Path | onnx.ModelProto | StepExportResult"
         path = Path(step_model)
         if not path.is_file():
             raise LrexportError(f"step model {path} does not exist", "write it with export_step / lrexport export-step")
-        model = onnx.load(str(path), load_external_data=False)
+        model = ir.load(str(path))  # weights stay on disk
     else:
-        model = step_model
-    meta = {p.key: p.value for p in model.metadata_props}.get(META_KEY)
+        model = ir.from_proto(step_model)
+    meta = model.metadata_props.get(META_KEY)
     if not meta:
         raise LrexportError(f"{path} is not an lrexport step model (no {META_KEY!r} metadata)",
                             "export it with export_step / lrexport export-step")
@@ -280,16 +280,6 @@ def export_step(onnx_path_or_model: Any, out_path: str | Path, *, specs: Sequenc
     return result
 
 
-def _session(model: onnx.ModelProto | str | Path):
-    import onnxruntime as ort
-
-    from exporter.runners import ort_session_options
-
-    if isinstance(model, onnx.ModelProto):
-        return ort_session(model, ort_session_options())
-    return ort.InferenceSession(str(model), ort_session_options(), providers=["CPUExecutionProvider"])
-
-
 def _sequence_feeds(specs: Sequence[InputSpec], axes: Mapping[str, int], n: int, batch: int | None,
                     seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -317,9 +307,9 @@ def _self_check(original: onnx.ModelProto, step: onnx.ModelProto, info: StepExpo
                 seed: int) -> dict[str, Any]:
     n = _seq_length(info.input_specs, info.input_seq_axes, n)
     feeds = _sequence_feeds(info.input_specs, info.input_seq_axes, n, None, seed)
-    full = _session(original)
+    full = ort_session(original)
     expected = dict(zip([o.name for o in full.get_outputs()], full.run(None, feeds)))
-    sess = _session(step)
+    sess = ort_session(step)
     tol = Tolerance(atol=1e-4, rtol=1e-3)
     report: dict[str, Any] = {"length": n, "max_abs": {}}
     for label, c in (("full", n), ("token", 1), (f"chunk{chunk}", chunk)):
@@ -379,7 +369,7 @@ def run_stepwise(step_onnx: Any, feeds: Mapping[str, np.ndarray], chunk: int, *,
     if session is None:
         if isinstance(step_onnx, StepExportResult):
             step_onnx = step_onnx.onnx_path
-        session = _session(step_onnx if isinstance(step_onnx, onnx.ModelProto) else Path(step_onnx))
+        session = ort_session(step_onnx)
     carry = dict(states) if states is not None else initial_states(info, batch)
     pieces: dict[str, list[np.ndarray]] = {o: [] for o in info.outputs}
     out_names = [o.name for o in session.get_outputs()]
@@ -472,7 +462,7 @@ def check_step_parity(module: Any, step_onnx: Any, specs: Sequence[InputSpec] | 
     expected = reference.run(feeds)
     tols = Tolerances.for_precision(precision, atol, rtol)
     path = info.onnx_path if not isinstance(step_onnx, onnx.ModelProto) else step_onnx
-    session = _session(path)
+    session = ort_session(path)
     report = StepParityReport(f"pytorch {reference.precision}", n, b)
     for chunk in chunks:
         got = run_stepwise(info, feeds, chunk, session=session)

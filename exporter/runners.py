@@ -16,6 +16,7 @@ from torch import nn
 
 from exporter.errors import LrexportError
 from exporter.export import flatten_outputs
+from graph_passes.ort_session import ort_session
 
 
 class TorchRunner:
@@ -73,17 +74,6 @@ class TorchRunner:
         return dict(zip(self.output_names, outs))
 
 
-def ort_session_options(threads: int | None = None) -> ort.SessionOptions:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    # Spin-waiting threads slow down other sessions in the same process 2-3x (measured).
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    if threads:
-        opts.intra_op_num_threads = threads
-    return opts
-
-
 def ort_error_text(err: BaseException, limit: int = 400) -> str:
     """ONNX Runtime's message on one line: its detail lines (``index: 1 Got: 128 Expected: 64``) kept,
     its boilerplate advice dropped."""
@@ -105,7 +95,7 @@ class OnnxRuntimeRunner:
             raise LrexportError(f"ONNX Runtime provider {missing[0]} is not available here",
                                 f"install onnxruntime-gpu for CUDA, or use one of {', '.join(available)}")
         try:
-            self.session = ort.InferenceSession(str(self.path), ort_session_options(), providers=providers)
+            self.session = ort_session(self.path, providers=providers)
         except Exception as err:
             raise LrexportError(f"ONNX Runtime cannot load {self.path} ({ort_error_text(err)})",
                                 "check the file with `lrexport inspect`; re-export it if it is damaged") from None

@@ -336,32 +336,28 @@ def merge_specs(given: Sequence[InputSpec], known: Sequence[InputSpec], explicit
 
 
 def specs_from_onnx(model: Any) -> list[InputSpec]:
-    """Specs for a bare ONNX file: static dims as they are; symbolic dims get a modest default range
-    (axis 0: 1..4, others 1..256; a dim written ``16*blocks`` in multiples of 16), ints the safe value
-    range 0..1 (any embedding accepts it)."""
-    import onnx
+    """Specs for a bare ONNX model (``onnx.ModelProto`` or ``ir.Model``): static dims as they are; symbolic
+    dims get a modest default range (axis 0: 1..4, others 1..256; a dim written ``16*blocks`` in multiples
+    of 16), ints the safe value range 0..1 (any embedding accepts it)."""
+    import onnx_ir as ir
 
+    graph = (model if isinstance(model, ir.Model) else ir.from_proto(model)).graph
     specs = []
-    for vi in model.graph.input:
-        tt = vi.type.tensor_type
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
-        lo: list[int] = []
-        op: list[int] = []
-        hi: list[int] = []
-        steps: list[int] = []
-        for axis, d in enumerate(tt.shape.dim):
-            step = 1
-            if d.HasField("dim_value"):
-                bounds = (d.dim_value, d.dim_value, d.dim_value)
-            else:
-                step = (parse_dim_expr(d.dim_param) or (1, ""))[0]
-                bounds = (1, 2, 4) if axis == 0 else (1, 64, 256)
-                bounds = (max(step, bounds[0] // step * step), -(-bounds[1] // step) * step,
-                          -(-bounds[2] // step) * step)
-            for dims, value in zip((lo, op, hi, steps), (*bounds, step)):
-                dims.append(value)
+    for v in graph.inputs:
+        dtype = v.dtype.numpy().name if v.dtype is not None else "float32"
+        bounds = [_default_range(axis, d) for axis, d in enumerate(v.shape or [])]
+        lo, op, hi, steps = (tuple(b[k] for b in bounds) for k in range(4))
         is_int = np.issubdtype(np.dtype(dtype), np.integer)
-        specs.append(InputSpec(vi.name, dtype if dtype in DTYPES else "float32", tuple(lo), tuple(op), tuple(hi),
+        specs.append(InputSpec(v.name or "", dtype if dtype in DTYPES else "float32", lo, op, hi,
                                0.0 if is_int else None, 1.0 if is_int else None,
-                               tuple(steps) if any(x > 1 for x in steps) else ()))
+                               steps if any(x > 1 for x in steps) else ()))
     return specs
+
+
+def _default_range(axis: int, dim: Any) -> tuple[int, int, int, int]:
+    """(min, opt, max, multiple) of one input axis: a static dim as it is; a symbolic one a default range."""
+    if isinstance(dim, int):
+        return dim, dim, dim, 1
+    step = (parse_dim_expr(dim.value or "") or (1, ""))[0]
+    lo, op, hi = (1, 2, 4) if axis == 0 else (1, 64, 256)
+    return max(step, lo // step * step), -(-op // step) * step, -(-hi // step) * step, step

@@ -23,7 +23,7 @@ from exporter.loading import LoadedModel
 from exporter.memory_budget import (GraphCost, MemoryBudget, MemoryPlanner, batch_slices, localization_fits,
                                     plan_feeds, planner_for_runners)
 from exporter.outputs import relocated
-from exporter.parity import ParityReport, Runner, _align, case_feeds, output_modules, run_parity
+from exporter.parity import ParityReport, Runner, align_specs, case_feeds, output_modules, run_parity
 from exporter.runners import OnnxRuntimeRunner, TorchRunner
 from exporter.specs import InputSpec, parity_cases
 from exporter.trt_backend import BACKEND_CHOICES
@@ -199,7 +199,7 @@ def cast_stage(model: onnx.ModelProto, specs: Sequence[InputSpec], options: Buil
     say(f"[precision] measuring value ranges, casting to {options.precision}")
     from exporter.fp16_range import cast_with_range_analysis
 
-    range_specs = _align(specs, [i.name for i in model.graph.input])
+    range_specs = align_specs(specs, [i.name for i in model.graph.input])
     range_feeds = case_feeds(range_specs, parity_cases(range_specs), options.seed).values()
     cast, info = cast_with_range_analysis(model, options.precision, list(range_feeds),
                                           keep_modules=options.fp16_keep, force=options.fp16_force)
@@ -314,7 +314,7 @@ def parity_stage(loaded: LoadedModel, exported: ExportResult, exported_model: on
     names where it first drifts; a precision no backend checked is marked unchecked, never PASS."""
     say("[parity] comparing with PyTorch")
     ort_runner = OnnxRuntimeRunner(model_path)
-    specs = _align(exported.specs, ort_runner.input_names)
+    specs = align_specs(exported.specs, ort_runner.input_names)
     reference = TorchRunner(loaded.module, ort_runner.output_names, [s.name for s in specs])
     backends = _Backends([ort_runner], {ort_runner.name: options.tolerances("fp32")})
     if cast is not None:

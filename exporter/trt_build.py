@@ -30,6 +30,7 @@ from exporter.errors import LrexportError
 from exporter.outputs import atomic_files, atomic_write_file
 from exporter.specs import InputSpec
 from exporter.trt_backend import Backend, dims_list, engine_profiles, get_backend, profile_entry
+from graph_passes.ort_session import PROTO_LIMIT
 from graph_passes.precisions import float_type_counts, model_precision, normalize_precision
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 __all__ = ["EngineBuildResult", "EnginePlan", "build_engine", "build_planned", "plan_engine"]
 
 META_FORMAT = 1
-_TWO_GB = 2**31 - 1
+
 
 # op type -> what helps when TensorRT cannot parse it
 PASS_HINTS: dict[str, str] = {
@@ -376,7 +377,7 @@ def _parse(plan: EnginePlan, say: Callable[[str], None]) -> tuple[Any, trt.Build
         import onnx
 
         full = onnx.load(str(plan.onnx_path), load_external_data=True)
-        if full.ByteSize() > _TWO_GB:
+        if full.ByteSize() > PROTO_LIMIT:
             raise LrexportError(f"{plan.onnx_path.name} is over 2 GB with its weights inline",
                                 "parse it from the file (parse_from='file'), which reads external data")
         ok = parser.parse(full.SerializeToString(), str(plan.onnx_path))

@@ -13,14 +13,15 @@ import onnx
 import onnx_ir as ir
 
 from graph_passes._base import GraphPass, PassOptions
-from graph_passes._cost import count_params, default_shapes, measure
-from graph_passes._util import ort_session
+from graph_passes.cost import count_params, default_shapes, measure
+from graph_passes.ort_session import ort_session
 from graph_passes.causal_chunked import CausalChunkPass
 from graph_passes.cleanup import CleanupPass
 from graph_passes.einsum_lowering import EinsumLoweringPass
 from graph_passes.formatting import fmt_shape, fmt_shapes
 from graph_passes.lowrank_pairs import LowRankPairsPass
 from graph_passes.sibling_factors import SiblingFactorsPass
+from graph_passes.tolerance import Tolerance, within
 
 _REGISTRY: dict[str, type[GraphPass]] = {
     p.name: p for p in (LowRankPairsPass, SiblingFactorsPass, CausalChunkPass, EinsumLoweringPass, CleanupPass)
@@ -111,12 +112,8 @@ def _detail_line(d: dict[str, Any]) -> str:
     return f"{d.get('kind', '?')}: {d.get('action', '')} [{nodes}] {extra}".rstrip()
 
 
-def _session(model: onnx.ModelProto):
-    return ort_session(model)
-
-
 def run_model(model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    sess = _session(model)
+    sess = ort_session(model)
     names = [o.name for o in sess.get_outputs()]
     return [dict(zip(names, sess.run(None, f))) for f in feeds]
 
@@ -135,8 +132,7 @@ def _compare(pass_name: str, ref: list[dict[str, np.ndarray]], got: list[dict[st
                     raise PassParityError(pass_name, name, float("inf"), rv.shape, shapes)
                 continue
             err = float(np.max(np.abs(rv.astype(np.float64) - gv.astype(np.float64)))) if rv.size else 0.0
-            ok = np.allclose(gv.astype(np.float64), rv.astype(np.float64), atol=atol, rtol=rtol)
-            if not ok or not np.isfinite(err):
+            if not within(gv, rv, Tolerance(atol, rtol)) or not np.isfinite(err):
                 raise PassParityError(pass_name, name, err, rv.shape, shapes)
             worst = max(worst, err)
     return worst

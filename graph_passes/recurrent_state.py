@@ -19,7 +19,6 @@ symbolic ``seq`` dimension); ``exporter.recurrent`` adds a numeric check of the 
 
 from __future__ import annotations
 
-import ast
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,8 +28,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from graph_passes._base import GraphPass, GraphPassResult, Match, record
+from graph_passes.name_scopes import name_scopes
 
-SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
 
 # ops that only read shapes (never values) or merely re-lay out a tensor (Reshape may merge seq with
@@ -104,16 +103,6 @@ def _const(value: ir.Value | None) -> np.ndarray | None:
 def _attr(node: ir.Node, name: str, default: Any = None) -> Any:
     attr = node.attributes.get(name)
     return default if attr is None else attr.value
-
-
-def _scopes(node: ir.Node) -> list[str]:
-    text = node.metadata_props.get(SCOPES_KEY)
-    if not text:
-        return []
-    try:
-        return [p for p in ast.literal_eval(text) if isinstance(p, str)]
-    except (ValueError, SyntaxError):
-        return []
 
 
 def _norm_axis(axis: int, rank: int) -> int | None:
@@ -503,7 +492,7 @@ class RecurrentStatePass(GraphPass):
         for k in was_output:
             graph.outputs[k] = carried
         graph.outputs.append(out_state)
-        scopes = _scopes(node)
+        scopes = name_scopes(node) or []
         module = scopes[-2] if len(scopes) >= 2 else None  # "" is the root module
         role = "s" if _is_outer_product(x.producer()) else "z"
         return CarriedState(i, state.name or "", out_state.name or "", label, axis, plain,

@@ -175,7 +175,7 @@ def test_old_opset_is_skipped_with_reason():
 def test_models_past_the_protobuf_limit_go_through_a_file(monkeypatch):
     """ONNX Runtime sessions on models over 2 GB cannot take serialized bytes: the checks save them with
     external data instead (limit lowered here to exercise that path)."""
-    import graph_passes._util as util
+    import graph_passes.ort_session as util
 
     monkeypatch.setattr(util, "PROTO_LIMIT", 1024)
     model = export_sample("causal_block")

@@ -17,7 +17,6 @@ from exporter.trt_backend import Backend
 from exporter.trt_build import build_engine, meta_path_for
 from exporter.trt_engine import check_engine, gpu_available, load_engine, run_engine, time_engine
 
-trt = pytest.importorskip("tensorrt_rtx")
 BACKEND = "tensorrt-rtx"
 
 
@@ -35,6 +34,8 @@ needs_gpu = pytest.mark.skipif(not _has_gpu(), reason="no CUDA GPU (torch.cuda.i
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Engines built once for the module; every test that needs one skips, saying why, without tensorrt_rtx."""
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt_rtx is not installed (pip install tensorrt-rtx-cu13)")
     out = tmp_path_factory.mktemp("engines")
     engines = {}
     for sample, precision in (("lowrank_mlp", "fp32"), ("lowrank_mlp", "fp16"), ("causal_lm", "fp32")):
