@@ -212,6 +212,8 @@ def cli() -> None:
 @click.option("--fp16-force", is_flag=True,
               help="No automatic float32 keep-list: cast even the values the range analysis finds out of range.")
 @click.option("--no-passes", is_flag=True, help="Skip the graph passes.")
+@click.option("--no-patches", is_flag=True,
+              help="Export known libraries' export-hostile functions as they are (no export patches).")
 @click.option("--pad-to-length", type=click.IntRange(min=1), metavar="N",
               help="Fixed-length model (Linformer): pad axis 1 up to N inside the graph and slice the outputs "
                    "back, so every sequence length 1..N works.")
@@ -227,7 +229,7 @@ def cli() -> None:
 @input_options
 @parity_options
 @common_options
-def build(model, out, force, precision, fp16_keep, fp16_force, no_passes, pad_to_length, passes, chunk_size, merge_threshold, exporter, opset, backend,
+def build(model, out, force, precision, fp16_keep, fp16_force, no_passes, no_patches, pad_to_length, passes, chunk_size, merge_threshold, exporter, opset, backend,
           timing_cache, opt_level, workspace_mb, factory, factory_kwargs, trust_pickle, inputs, shapes, atol, rtol,
           tols, seed, cases, as_json, quiet, debug):
     """Load MODEL, export to ONNX, run graph passes, build an engine and check parity against PyTorch.
@@ -249,7 +251,7 @@ def build(model, out, force, precision, fp16_keep, fp16_force, no_passes, pad_to
                            per_output=per_output, seed=seed, cases=case_list,
                            timing_cache=Path(timing_cache) if timing_cache else None, opt_level=opt_level,
                            workspace_mb=workspace_mb, chunk_size=chunk_size, merge_threshold=merge_threshold,
-                           fp16_keep=fp16_keep, fp16_force=fp16_force)
+                           fp16_keep=fp16_keep, fp16_force=fp16_force, patches=not no_patches)
     options.memory_budget = _given_memory_budget()
     report = run_build(loaded, specs, options, progress=say)
     _emit(as_json, report.to_dict(), report.format_text())
@@ -265,10 +267,12 @@ def build(model, out, force, precision, fp16_keep, fp16_force, no_passes, pad_to
 @click.option("--pad-to-length", type=click.IntRange(min=1), metavar="N",
               help="Fixed-length model (Linformer): pad axis 1 up to N inside the graph and slice the outputs "
                    "back, so every sequence length 1..N works.")
+@click.option("--no-patches", is_flag=True,
+              help="Export known libraries' export-hostile functions as they are (no export patches).")
 @model_options
 @input_options
 @common_options
-def export(model, out, force, exporter, opset, pad_to_length, factory, factory_kwargs, trust_pickle, inputs, shapes, as_json,
+def export(model, out, force, exporter, opset, pad_to_length, no_patches, factory, factory_kwargs, trust_pickle, inputs, shapes, as_json,
            quiet, debug):
     """Export MODEL to an ONNX file with dynamic axes (no passes, no parity)."""
     from exporter.export import export_onnx
@@ -282,10 +286,11 @@ def export(model, out, force, exporter, opset, pad_to_length, factory, factory_k
     loaded, specs = _load_with_specs(model, factory, factory_kwargs, trust_pickle, inputs, shapes, pad_to_length, say)
     with atomic_files(out_path, force) as tmp:
         result = export_onnx(loaded, specs, tmp / out_path.name, exporter=exporter, opset=opset,
-                             progress=lambda m: say(f"[export] {m}"))
+                             progress=lambda m: say(f"[export] {m}"), patches=not no_patches)
     result.onnx_path = out_path
     text = "\n".join([f"wrote {out_path} ({result.exporter}, opset {result.opset}, {result.seconds:.1f} s)",
                       *(f"input {s.describe()}" for s in result.specs),
+                      *([f"patches: {'; '.join(result.patches)}"] if result.patches else []),
                       *(f"warning: {w}" for w in result.warnings)])
     _emit(as_json, result.to_dict(), text)
     return 0
@@ -431,11 +436,13 @@ def factorize(model, out, fmt, force, rank, fraction, energy, include, exclude, 
 @click.option("--length", type=click.IntRange(1), default=100, show_default=True,
               help="Sequence length of the step-parity check.")
 @click.option("--opset", type=int, default=18, show_default=True)
+@click.option("--no-patches", is_flag=True,
+              help="Export known libraries' export-hostile functions as they are (no export patches).")
 @model_options
 @input_options
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for the random inputs.")
 @common_options
-def export_step_cmd(model, out, force, chunk_max, with_engine, backend, length, opset, factory, factory_kwargs,
+def export_step_cmd(model, out, force, chunk_max, with_engine, backend, length, opset, no_patches, factory, factory_kwargs,
                     trust_pickle, inputs, shapes, seed, as_json, quiet, debug):
     """Export MODEL as a step model for autoregressive decoding (causal running-sum models only).
 
@@ -448,6 +455,7 @@ def export_step_cmd(model, out, force, chunk_max, with_engine, backend, length, 
 
     from exporter.export import export_onnx
     from exporter.outputs import atomic_files, check_writable, relocated
+    from exporter.patches import reference_patches
     from exporter.recurrent import check_step_parity, export_step, step_specs
 
     say = _progress(quiet)
@@ -459,11 +467,11 @@ def export_step_cmd(model, out, force, chunk_max, with_engine, backend, length, 
         raise LrexportError(f"{out_path} already exists", "pass --force to overwrite it")
     check_writable(out_path)
     loaded, specs = _load_with_specs(model, factory, factory_kwargs, trust_pickle, inputs, shapes, None, say)
-    with atomic_files(out_path, force=True) as tmp:
+    with atomic_files(out_path, force=True) as tmp, reference_patches(loaded.module, not no_patches):
         full_dir = tmp / ".full"  # the whole model's export: an intermediate, removed before the move
         full_dir.mkdir()
         exported = export_onnx(loaded, specs, full_dir / "full.onnx", opset=opset,
-                               progress=lambda m: say(f"[export] {m}"))
+                               progress=lambda m: say(f"[export] {m}"), patches=not no_patches)
         result = export_step(exported.onnx_path, tmp / out_path.name, specs=exported.specs, seed=seed,
                              progress=lambda m: say(f"[step] {m}"))
         shutil.rmtree(full_dir)
@@ -483,8 +491,9 @@ def export_step_cmd(model, out, force, chunk_max, with_engine, backend, length, 
     result.onnx_path = out_path
     data = {"step": result.to_dict(), "parity": report.to_dict(),
             "engine": None if engine is None else relocated(engine.to_dict(), tmp, out_path.parent),
-            "warnings": exported.warnings}
+            "warnings": exported.warnings, "patches": exported.patches}
     lines = [result.format_text(), report.format_table()]
+    lines += [f"patches: {'; '.join(exported.patches)}"] if exported.patches else []
     if engine is not None:
         lines.append(f"wrote {engine_path} ({engine.backend} {engine.precision}, {engine.engine_bytes / 2**20:.1f} "
                      f"MiB, built in {engine.build_seconds:.1f} s; chunk 1..{chunk_max})")

@@ -17,6 +17,7 @@ import onnx
 from exporter.compare import Tolerance, Tolerances
 from exporter.errors import LrexportError
 from exporter.export import DEFAULT_OPSET, ExportResult, export_onnx, save_onnx
+from exporter.patches import reference_patches
 from exporter.loading import LoadedModel, module_embedding_sizes
 from exporter.memory_budget import (GraphCost, MemoryBudget, MemoryPlanner, batch_slices, localization_fits,
                                     plan_feeds, planner_for_runners)
@@ -104,6 +105,7 @@ class BuildOptions:
     memory_budget: str | int | None = None  # bytes or "8GB" per parity run; None: LREXPORT_MEMORY_BUDGET or detected
     fp16_keep: Sequence[str] = ()  # module globs kept in float32 by the precision cast
     fp16_force: bool = False  # no automatic (range-analysis) float32 keep-list
+    patches: bool = True  # export patches for known libraries (exporter/patches.py)
 
 
 @dataclass
@@ -137,6 +139,7 @@ class BuildReport:
         lines = [f"model: {self.model['source']} ({self.model['kind']}, {self.model['parameters']:,} parameters)",
                  f"inputs: {'; '.join(s.describe() for s in self.export.specs)}",
                  f"export: {self.export.exporter}, opset {self.export.opset}, {self.export.seconds:.1f} s"]
+        lines += [f"patches: {'; '.join(self.export.patches)}"] if self.export.patches else []
         lines += [f"warning: {w}" for w in self.export.warnings]
         if self.passes and self.passes.get("table"):
             lines.append(self.passes["table"])
@@ -232,11 +235,12 @@ def build(loaded: LoadedModel, specs: Sequence[InputSpec], options: BuildOptions
     trt_ok = options.backend != "onnxruntime" and trt_err is None
     if trt_err is not None:
         notes.append(f"{trt_err.problem}; ONNX Runtime (CPU) is the engine ({trt_err.hint})")
-    with atomic_dir(options.out, options.force) as tmp:
+    with atomic_dir(options.out, options.force) as tmp, reference_patches(loaded.module, options.patches):
         t = time.perf_counter()
         say("[export] exporting to ONNX")
         exported = export_onnx(loaded, specs, tmp / "exported.onnx", exporter=options.exporter,
-                               opset=options.opset, progress=lambda m: say(f"[export] {m}"))
+                               opset=options.opset, progress=lambda m: say(f"[export] {m}"),
+                               patches=options.patches)
         seconds["export"] = time.perf_counter() - t
         specs = exported.specs
         model = exported_model = onnx.load(str(exported.onnx_path))
