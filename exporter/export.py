@@ -427,6 +427,14 @@ def _export_torchscript(module: nn.Module, args: tuple, specs: list[InputSpec], 
     return model, _static_from_onnx(model, specs)
 
 
+def _bound(value: Any) -> int | None:
+    """A range bound as an int (None for torch's int_oo)."""
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        return None
+
+
 def _narrowed_axes(ep: Any, specs: Sequence[InputSpec], reasons: dict[str, str]) -> list[str]:
     """Requested ranges the exported program cannot serve, read from its ``range_constraints``.
 
@@ -444,13 +452,13 @@ def _narrowed_axes(ep: Any, specs: Sequence[InputSpec], reasons: dict[str, str])
             if expr is None or expr not in ep.range_constraints:
                 continue  # a static axis (reported as pinned) or a derived dim (its blocks carry the range)
             vr = ep.range_constraints[expr]
-            lo = int(vr.lower)
-            hi = int(vr.upper) if vr.upper.is_finite else None
+            lo, hi = _bound(vr.lower), _bound(vr.upper)
+            lo = lo if lo is not None else 0
             want_lo, want_hi = spec.min[axis], spec.max[axis]
             low_ok = want_lo >= lo or (want_lo <= 1 and lo == 2)
             if low_ok and (hi is None or want_hi <= hi):
                 continue
-            serves = f"{lo}..{hi if hi is not None else 'any'}"
+            serves = f"{lo}..{want_hi if hi is None else min(hi, want_hi)}"
             why = reasons.get(_GUARDS, "the model's code branches on this size")
             found.append(f"axis {axis} of input {spec.name!r} was requested as {want_lo}..{want_hi}, but the "
                          f"exported model serves only {serves} ({why[:300]})")

@@ -41,8 +41,8 @@ class Patch:
 
     ``find`` returns the swaps for a model (none: the patch does not apply). ``eager`` marks patches the
     library also needs to run at all on this machine (Triton kernels without a GPU), so the PyTorch
-    reference of parity runs with them too. ``refuse`` names modules of the library that no patch can
-    make exportable, with the reason.
+    reference of parity runs with them too. Modules no patch can make exportable are refused by their
+    library's ``refusals`` (with the reason) before any patch is chosen.
     """
 
     library: str
