@@ -187,12 +187,12 @@ SPECS["fast_transformers_causal"] = (["x:1x128x64:float32"], ["x:min=1x1x64,opt=
 SPECS["fla_linear_attention"] = (["x:1x128x64:float32"], ["x:min=1x1x64,opt=1x128x64,max=2x1024x64"])
 
 
-def performer_causal_lm_long(seed: int = 0) -> nn.Module:
+def performer_causal_lm_long(seed: int = 0, max_seq_len: int = 1024) -> nn.Module:
     """performer-pytorch's causal LM with positions up to 1024 (CPU path: the Python loop over chunk(128))."""
     from performer_pytorch import PerformerLM
 
     torch.manual_seed(seed)
-    return PerformerLM(num_tokens=256, max_seq_len=1024, dim=64, depth=1, heads=4, causal=True,
+    return PerformerLM(num_tokens=256, max_seq_len=max_seq_len, dim=64, depth=1, heads=4, causal=True,
                        nb_features=16).eval()
 
 
@@ -236,3 +236,13 @@ class FlaLinearAttention(nn.Module):
 
 def fla_linear_attention(seed: int = 0, mode: str = "chunk") -> nn.Module:
     return FlaLinearAttention(seed, mode).eval()
+
+
+def lat_causal_lm_long(seed: int = 0, max_seq_len: int = 4096) -> nn.Module:
+    """``lat_causal_lm``'s configuration with positions up to ``max_seq_len`` (benchmarks at n = 4096)."""
+    from linear_attention_transformer import LinearAttentionTransformerLM
+
+    torch.manual_seed(seed)
+    return LinearAttentionTransformerLM(num_tokens=256, dim=64, heads=4, depth=2, max_seq_len=max_seq_len,
+                                        causal=True, blindspot_size=1, n_local_attn_heads=0, ff_chunks=1,
+                                        reversible=False).eval()
