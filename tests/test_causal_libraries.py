@@ -17,6 +17,7 @@ import onnx
 import pytest
 
 import third_party_models as tpm
+from conftest import error_line
 from graph_passes._cost import measure
 
 LIBRARIES = {
@@ -70,7 +71,7 @@ def test_build_dynamic_chunked_parity(cli, tmp_path, name):
     assert before >= 4 * after, (before, after)
 
 
-@pytest.mark.parametrize("name", list(LIBRARIES))
+@pytest.mark.parametrize("name", ["fla_linear_attention"])
 def test_export_step_token_and_chunk_parity(cli, tmp_path, name):
     module, library = LIBRARIES[name]
     pytest.importorskip(module, reason=f"{library} is not installed")
@@ -82,3 +83,34 @@ def test_export_step_token_and_chunk_parity(cli, tmp_path, name):
     chunks = {r["chunk"] for r in data["parity"]["results"]}
     assert {1, 7, 16} <= chunks
     assert data["step"]["layers"]
+
+
+def test_export_step_performer_refused_keys_see_the_whole_sequence(cli, tmp_path):
+    """performer's FAVOR+ key features subtract the max over *all* keys (its stabilizer) before exp, and add
+    eps after it: position i depends on later tokens, so there is no step form. Shown in PyTorch, then refused
+    by export-step with the node and the reason."""
+    pytest.importorskip("performer_pytorch")
+    import torch
+
+    model = tpm.performer_causal_lm_long()
+    ids = torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(0))
+    later = ids.clone()
+    later[0, 32:] = (later[0, 32:] + 1) % 256
+    with torch.no_grad():
+        shift = (model(ids)[0, :32] - model(later)[0, :32]).abs().max().item()
+    assert shift > 1e-6  # the first 32 outputs move when only tokens 32.. change
+    res = cli("export-step", *_args("performer_causal_lm_long"), "--out", tmp_path / "step.onnx", "-q")
+    assert res.code == 2
+    line = error_line(res)
+    assert "(ReduceMax) mixes positions along the sequence axis" in line and "not causal" in line
+
+
+def test_export_step_fast_transformers_refused_length_mask(cli, tmp_path):
+    """fast-transformers' encoder multiplies keys by its LengthMask, ``arange(L) < L`` (all ones for a whole
+    sequence): the step model offsets that arange like absolute positions, its own token-by-token check
+    catches the difference, and export-step refuses with the reason instead of writing a wrong model."""
+    pytest.importorskip("fast_transformers.causal_product", reason="pytorch-fast-transformers is not installed")
+    res = cli("export-step", *_args("fast_transformers_causal"), "--out", tmp_path / "step.onnx", "-q")
+    assert res.code == 2
+    line = error_line(res)
+    assert "differs from the full model" in line and "not a causal running sum" in line
