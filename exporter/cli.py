@@ -198,6 +198,11 @@ def _model_name(model: str | None, factory: str | None) -> str:
     return (factory or "model").rsplit(":", 1)[-1]
 
 
+no_patches_option = click.option(
+    "--no-patches", is_flag=True,
+    help="Export known libraries' export-hostile functions as they are (no export patches, exporter/patches.py).")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="lrexport", message="%(prog)s %(version)s")
 def cli() -> None:
@@ -215,6 +220,7 @@ def cli() -> None:
 @click.option("--fp16-force", is_flag=True,
               help="No automatic float32 keep-list: cast even the values the range analysis finds out of range.")
 @click.option("--no-passes", is_flag=True, help="Skip the graph passes.")
+@no_patches_option
 @click.option("--pad-to-length", type=click.IntRange(min=1), metavar="N",
               help="Fixed-length model (Linformer): pad axis 1 up to N inside the graph and slice the outputs "
                    "back, so every sequence length 1..N works.")
@@ -230,7 +236,7 @@ def cli() -> None:
 @input_options
 @parity_options
 @common_options
-def build(model, out, force, precision, fp16_keep, fp16_force, no_passes, pad_to_length, passes, chunk_size, merge_threshold, exporter, opset, backend,
+def build(model, out, force, precision, fp16_keep, fp16_force, no_passes, no_patches, pad_to_length, passes, chunk_size, merge_threshold, exporter, opset, backend,
           timing_cache, opt_level, workspace_mb, factory, factory_kwargs, trust_pickle, inputs, shapes, atol, rtol,
           tols, seed, cases, as_json, quiet, debug):
     """Load MODEL, export to ONNX, run graph passes, build an engine and check parity against PyTorch.
@@ -252,7 +258,7 @@ def build(model, out, force, precision, fp16_keep, fp16_force, no_passes, pad_to
                            per_output=per_output, seed=seed, cases=case_list,
                            timing_cache=Path(timing_cache) if timing_cache else None, opt_level=opt_level,
                            workspace_mb=workspace_mb, chunk_size=chunk_size, merge_threshold=merge_threshold,
-                           fp16_keep=fp16_keep, fp16_force=fp16_force)
+                           fp16_keep=fp16_keep, fp16_force=fp16_force, patches=not no_patches)
     options.memory_budget = _given_memory_budget()
     report = run_build(loaded, specs, options, progress=say)
     _emit(as_json, report.to_dict(), report.format_text())
@@ -268,10 +274,11 @@ def build(model, out, force, precision, fp16_keep, fp16_force, no_passes, pad_to
 @click.option("--pad-to-length", type=click.IntRange(min=1), metavar="N",
               help="Fixed-length model (Linformer): pad axis 1 up to N inside the graph and slice the outputs "
                    "back, so every sequence length 1..N works.")
+@no_patches_option
 @model_options
 @input_options
 @common_options
-def export(model, out, force, exporter, opset, pad_to_length, factory, factory_kwargs, trust_pickle, inputs, shapes, as_json,
+def export(model, out, force, exporter, opset, pad_to_length, no_patches, factory, factory_kwargs, trust_pickle, inputs, shapes, as_json,
            quiet, debug):
     """Export MODEL to an ONNX file with dynamic axes (no passes, no parity)."""
     from exporter.file_stages import export_onnx_file
@@ -280,9 +287,11 @@ def export(model, out, force, exporter, opset, pad_to_length, factory, factory_k
     say = _progress(quiet)
     out_path = check_new_file(out, force)
     loaded, specs = _load_with_specs(model, factory, factory_kwargs, trust_pickle, inputs, shapes, pad_to_length, say)
-    result = export_onnx_file(loaded, specs, out_path, exporter=exporter, opset=opset, force=force, progress=say)
+    result = export_onnx_file(loaded, specs, out_path, exporter=exporter, opset=opset, force=force,
+                              patches=not no_patches, progress=say)
     text = "\n".join([f"wrote {out_path} ({result.exporter}, opset {result.opset}, {result.seconds:.1f} s)",
                       *(f"input {s.describe()}" for s in result.specs),
+                      *([f"patches: {'; '.join(result.patches)}"] if result.patches else []),
                       *(f"warning: {w}" for w in result.warnings)])
     _emit(as_json, result.to_dict(), text)
     return 0
@@ -402,11 +411,12 @@ def factorize(model, out, fmt, force, rank, fraction, energy, include, exclude, 
 @click.option("--length", type=click.IntRange(1), default=100, show_default=True,
               help="Sequence length of the step-parity check.")
 @click.option("--opset", type=int, default=18, show_default=True)
+@no_patches_option
 @model_options
 @input_options
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for the random inputs.")
 @common_options
-def export_step_cmd(model, out, force, chunk_max, with_engine, backend, length, opset, factory, factory_kwargs,
+def export_step_cmd(model, out, force, chunk_max, with_engine, backend, length, opset, no_patches, factory, factory_kwargs,
                     trust_pickle, inputs, shapes, seed, as_json, quiet, debug):
     """Export MODEL as a step model for autoregressive decoding (causal running-sum models only).
 
@@ -421,7 +431,8 @@ def export_step_cmd(model, out, force, chunk_max, with_engine, backend, length, 
     out_path = check_step_output(out, force)
     loaded, specs = _load_with_specs(model, factory, factory_kwargs, trust_pickle, inputs, shapes, None, say)
     result = export_step_model(loaded, specs, out_path, chunk_max=chunk_max, engine=with_engine, backend=backend,
-                               length=length, opset=opset, seed=seed, force=force, progress=say)
+                               length=length, opset=opset, seed=seed, force=force, patches=not no_patches,
+                               progress=say)
     _emit(as_json, result.to_dict(), result.format_text())
     return 0 if result.ok else 1
 

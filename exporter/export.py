@@ -25,11 +25,12 @@ from torch import nn
 
 from exporter.errors import LrexportError
 from exporter.loading import LoadedModel
+from exporter.patches import applied, select_patches
 from exporter.specs import InputSpec, parse_dim_expr
+from graph_passes.ort_session import PROTO_LIMIT
 
 DEFAULT_OPSET = 18  # >= 17 for LayerNormalization
 _AXIS_NAMES = {0: "batch", 1: "seq"}
-TWO_GB = 2**31
 _GUARDS = "__guards__"  # key in the reasons dict: conditions torch.export narrowed the ranges with
 
 
@@ -59,6 +60,7 @@ class ExportResult:
     pinned: list[PinnedAxis] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     program: Any = field(default=None, repr=False)  # the exported program translated (dynamo); not saved
+    patches: list[str] = field(default_factory=list)  # export patches applied (exporter/patches.py)
 
     def to_dict(self) -> dict:
         return {"onnx": str(self.onnx_path), "exporter": self.exporter, "opset": self.opset,
@@ -66,7 +68,7 @@ class ExportResult:
                 "outputs": self.output_names,
                 "pinned_axes": [{"input": p.input, "axis": p.axis, "requested": list(p.requested),
                                  "size": p.size, "reason": p.reason} for p in self.pinned],
-                "warnings": self.warnings}
+                "warnings": self.warnings, "patches": self.patches}
 
 
 def dim_names(specs: Sequence[InputSpec]) -> dict[tuple[str, int], str]:
@@ -297,7 +299,7 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> None:
     data = path.with_name(path.name + ".data")
     if data.exists():
         data.unlink()
-    if model.ByteSize() < TWO_GB - 64 * 2**20:
+    if model.ByteSize() < PROTO_LIMIT:
         onnx.save_model(model, str(path))
     else:
         copy = onnx.ModelProto()
@@ -308,8 +310,11 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> None:
 
 def export_onnx(loaded: LoadedModel | nn.Module, specs: Sequence[InputSpec], path: str | Path, *,
                 exporter: str = "dynamo", opset: int = DEFAULT_OPSET,
-                progress: Callable[[str], None] | None = None) -> ExportResult:
-    """Export to ``path`` (weights inline below 2 GB) and verify with the checker and shape inference."""
+                progress: Callable[[str], None] | None = None, patches: bool = True) -> ExportResult:
+    """Export to ``path`` (weights inline below 2 GB) and verify with the checker and shape inference.
+
+    With ``patches`` the export-hostile functions of known libraries are swapped for equal export-friendly
+    ones while exporting (``exporter/patches.py``); the result lists them."""
     if opset < 17:
         raise LrexportError(f"opset {opset} is too old", "use --opset 17 or newer (LayerNormalization)")
     if exporter not in ("dynamo", "torchscript"):
@@ -323,96 +328,156 @@ def export_onnx(loaded: LoadedModel | nn.Module, specs: Sequence[InputSpec], pat
     module = loaded.module
     specs = order_specs(module, specs)
     args = example_args(specs)
-    try:
-        out_names = output_names_for(module, args)
-    except Exception as err:
-        raise LrexportError(f"the model does not run on the given inputs ({type(err).__name__}: "
-                            f"{str(err).strip().splitlines()[0][:300]})",
-                            "check --input names, shapes and dtypes against the model's forward()") from None
+    chosen = select_patches(module) if patches else []
+    with applied(module, chosen, eager_only=True):
+        try:
+            out_names = output_names_for(module, args)
+        except Exception as err:
+            raise LrexportError(f"the model does not run on the given inputs ({type(err).__name__}: "
+                                f"{str(err).strip().splitlines()[0][:300]})",
+                                "check --input names, shapes and dtypes against the model's forward()") from None
     start = time.perf_counter()
     warnings_out: list[str] = list(loaded.notes)
-    pinned: list[PinnedAxis] = []
-    program = None
-    if exporter == "dynamo":
-        source = module
-        if loaded.kind == "torchscript":
-            say("converting TorchScript to torch.export")
-            try:
-                from torch._export.converter import TS2EPConverter
+    for patch in chosen:
+        say(f"patch: {patch.label}")
+    source = module
+    if exporter == "dynamo" and loaded.kind == "torchscript":
+        say("converting TorchScript to torch.export")
+        try:
+            from torch._export.converter import TS2EPConverter
 
-                with _quiet():
-                    source = TS2EPConverter(module, args).convert().module()
-            except Exception as err:
-                warnings_out.append(f"TorchScript->torch.export conversion failed ({type(err).__name__}); "
-                                    "used the TorchScript exporter instead")
-                exporter = "torchscript"
-    if exporter == "dynamo":
-        say("torch.export")
-        try:
-            ep, reasons, specs = _torch_export(source, args, specs)
-        except LrexportError:
-            raise
-        except Exception as err:
-            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
-            raise LrexportError(f"torch.export failed ({type(err).__name__}: {first})",
-                                "fix the model for torch.export, or try --exporter torchscript") from None
-        pinned = _static_axes(ep, specs, reasons)
-        if _GUARDS in reasons:
-            warnings_out.append(f"torch.export narrowed the requested ranges ({reasons[_GUARDS][:300]}) and exported "
-                                "with automatic dims; the ONNX graph does not check these conditions, so parity at "
-                                "min/max/odd decides")
-        say("translating to ONNX")
-        try:
             with _quiet():
-                onnx_program = torch.onnx.export(ep, (), dynamo=True, opset_version=opset, optimize=True,
-                                                 input_names=[s.name for s in specs], output_names=out_names)
+                source = TS2EPConverter(module, args).convert().module()
         except Exception as err:
-            raise (_unsupported_op(err, ep) or LrexportError(
-                f"ONNX translation failed ({type(err).__name__}: {str(err).strip().splitlines()[0][:300]})",
-                "try --exporter torchscript")) from None
-        model = onnx_program.model_proto
-        program = onnx_program.exported_program
-    else:
-        say("TorchScript exporter (fallback)")
-        specs = _learn_multiples(module, args, specs)
-        names = dim_names(specs)
-        dynamic_axes = {s.name: {a: names[(s.name, a)] for a in s.dynamic_axes} for s in specs}
-        buf = io.BytesIO()
-        try:
-            with _quiet():
-                torch.onnx.export(module, args, buf, dynamo=False, opset_version=opset,
-                                  input_names=[s.name for s in specs], output_names=out_names,
-                                  dynamic_axes={k: v for k, v in dynamic_axes.items() if v})
-        except Exception as err:
-            m = re.search(r"(?:operator|op) '?([\w:.]+)'? (?:to ONNX opset|is not supported)", str(err))
-            if m:
-                raise LrexportError(f"the ONNX exporter cannot handle op {m.group(1)}",
-                                    "replace it with standard torch ops") from None
-            raise LrexportError(f"TorchScript export failed ({type(err).__name__}: "
-                                f"{str(err).strip().splitlines()[0][:300]})",
-                                "try the default dynamo exporter") from None
-        model = onnx.load_from_string(buf.getvalue())
-        pinned = _static_from_onnx(model, specs)
+            warnings_out.append(f"TorchScript->torch.export conversion failed ({type(err).__name__}); "
+                                "used the TorchScript exporter instead")
+            exporter = "torchscript"
+    with applied(module, chosen):
+        if exporter == "dynamo":
+            model, program, specs, pinned = _export_dynamo(source, args, specs, opset, out_names, say, warnings_out)
+        else:
+            model, pinned, specs = _export_torchscript(module, args, specs, opset, out_names, say)
+            program = None
     exported_specs = list(specs)
     for pin in pinned:
         exported_specs = [s.with_static_axis(pin.axis, pin.size) if s.name == pin.input else s
                           for s in exported_specs]
         warnings_out.append(pin.message())
     _rename_dims(model, exported_specs)
+    _verify(model, say, warnings_out)
+    save_onnx(model, path)
+    seconds = time.perf_counter() - start
+    return ExportResult(path, exporter, opset, seconds, exported_specs, out_names, pinned, warnings_out, program,
+                        [p.label for p in chosen])
+
+
+def _verify(model: onnx.ModelProto, say: Callable[[str], None], warnings_out: list[str]) -> None:
     say("checking the ONNX model")
     try:
-        onnx.checker.check_model(model, full_check=False) if model.ByteSize() < TWO_GB else None
+        onnx.checker.check_model(model, full_check=False) if model.ByteSize() < PROTO_LIMIT else None
     except onnx.checker.ValidationError as err:
         raise LrexportError(f"the exported model fails onnx.checker ({str(err).splitlines()[0][:200]})",
                             "report this as an lrexport bug with the model") from None
     try:
-        if model.ByteSize() < TWO_GB:
+        if model.ByteSize() < PROTO_LIMIT:
             onnx.shape_inference.infer_shapes(model, strict_mode=True)
     except Exception as err:
         warnings_out.append(f"ONNX shape inference: {str(err).splitlines()[0][:200]}")
-    save_onnx(model, path)
-    seconds = time.perf_counter() - start
-    return ExportResult(path, exporter, opset, seconds, exported_specs, out_names, pinned, warnings_out, program)
+
+
+def _export_dynamo(source: Any, args: tuple, specs: list[InputSpec], opset: int, out_names: list[str],
+                   say: Callable[[str], None], warnings_out: list[str]
+                   ) -> tuple[onnx.ModelProto, Any, list[InputSpec], list[PinnedAxis]]:
+    """torch.export ourselves (so every pinned or narrowed axis is seen), then torch.onnx on the program."""
+    say("torch.export")
+    try:
+        ep, reasons, specs = _torch_export(source, args, specs)
+    except LrexportError:
+        raise
+    except Exception as err:
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+        raise LrexportError(f"torch.export failed ({type(err).__name__}: {first})",
+                            "fix the model for torch.export, or try --exporter torchscript") from None
+    pinned = _static_axes(ep, specs, reasons)
+    narrowed = _narrowed_axes(ep, specs, reasons)
+    if narrowed:
+        raise LrexportError(narrowed[0], "ask for sizes inside that range with --shapes")
+    if _GUARDS in reasons:
+        warnings_out.append(f"torch.export narrowed the requested ranges ({reasons[_GUARDS][:300]}) and exported "
+                            "with automatic dims; the ONNX graph does not check these conditions, so parity at "
+                            "min/max/odd decides")
+    say("translating to ONNX")
+    try:
+        with _quiet():
+            onnx_program = torch.onnx.export(ep, (), dynamo=True, opset_version=opset, optimize=True,
+                                             input_names=[s.name for s in specs], output_names=out_names)
+    except Exception as err:
+        raise (_unsupported_op(err, ep) or LrexportError(
+            f"ONNX translation failed ({type(err).__name__}: {str(err).strip().splitlines()[0][:300]})",
+            "try --exporter torchscript")) from None
+    return onnx_program.model_proto, onnx_program.exported_program, specs, pinned
+
+
+def _export_torchscript(module: nn.Module, args: tuple, specs: list[InputSpec], opset: int, out_names: list[str],
+                        say: Callable[[str], None]) -> tuple[onnx.ModelProto, list[PinnedAxis], list[InputSpec]]:
+    say("TorchScript exporter (fallback)")
+    specs = _learn_multiples(module, args, specs)
+    names = dim_names(specs)
+    dynamic_axes = {s.name: {a: names[(s.name, a)] for a in s.dynamic_axes} for s in specs}
+    buf = io.BytesIO()
+    try:
+        with _quiet():
+            torch.onnx.export(module, args, buf, dynamo=False, opset_version=opset,
+                              input_names=[s.name for s in specs], output_names=out_names,
+                              dynamic_axes={k: v for k, v in dynamic_axes.items() if v})
+    except Exception as err:
+        m = re.search(r"(?:operator|op) '?([\w:.]+)'? (?:to ONNX opset|is not supported)", str(err))
+        if m:
+            raise LrexportError(f"the ONNX exporter cannot handle op {m.group(1)}",
+                                "replace it with standard torch ops") from None
+        raise LrexportError(f"TorchScript export failed ({type(err).__name__}: "
+                            f"{str(err).strip().splitlines()[0][:300]})",
+                            "try the default dynamo exporter") from None
+    model = onnx.load_from_string(buf.getvalue())
+    return model, _static_from_onnx(model, specs), specs
+
+
+def _bound(value: Any) -> int | None:
+    """A range bound as an int (None for torch's int_oo)."""
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        return None
+
+
+def _narrowed_axes(ep: Any, specs: Sequence[InputSpec], reasons: dict[str, str]) -> list[str]:
+    """Requested ranges the exported program cannot serve, read from its ``range_constraints``.
+
+    torch.export retried with automatic dims narrows a range to what the model's guards allow (fla's
+    ``if T <= 64`` branches, say). A lower bound of 2 for a requested 1 is torch's 0/1 specialization,
+    which the graph serves; anything else narrower than requested is refused, with the range it serves."""
+    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"
+                    and n.name in ep.graph_signature.user_inputs]
+    found = []
+    for spec, node in zip(specs, placeholders):
+        shape = node.meta["val"].shape
+        for axis in spec.dynamic_axes:
+            dim = shape[axis]
+            expr = getattr(getattr(dim, "node", None), "expr", None)
+            if expr is None or expr not in ep.range_constraints:
+                continue  # a static axis (reported as pinned) or a derived dim (its blocks carry the range)
+            vr = ep.range_constraints[expr]
+            lo, hi = _bound(vr.lower), _bound(vr.upper)
+            lo = lo if lo is not None else 0
+            want_lo, want_hi = spec.min[axis], spec.max[axis]
+            low_ok = want_lo >= lo or (want_lo <= 1 and lo == 2)
+            if low_ok and (hi is None or want_hi <= hi):
+                continue
+            serves = f"{lo}..{want_hi if hi is None else min(hi, want_hi)}"
+            why = reasons.get(_GUARDS, "the model's code branches on this size")
+            found.append(f"axis {axis} of input {spec.name!r} was requested as {want_lo}..{want_hi}, but the "
+                         f"exported model serves only {serves} ({why[:300]})")
+    return found
 
 
 def _static_from_onnx(model: onnx.ModelProto, specs: Sequence[InputSpec]) -> list[PinnedAxis]:

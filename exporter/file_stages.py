@@ -18,14 +18,15 @@ from exporter.stages import BuildOptions, PassesStage, run_passes_on
 
 
 def export_onnx_file(loaded: LoadedModel, specs: Sequence[InputSpec], out: str | Path, *, exporter: str = "dynamo",
-                     opset: int = DEFAULT_OPSET, force: bool = False,
+                     opset: int = DEFAULT_OPSET, force: bool = False, patches: bool = True,
                      progress: Callable[[str], None] | None = None) -> ExportResult:
-    """Export ``loaded`` to ``out`` with dynamic axes from ``specs`` (no passes, no parity)."""
+    """Export ``loaded`` to ``out`` with dynamic axes from ``specs`` (no passes, no parity); ``patches``:
+    the export patches for known libraries (exporter/patches.py)."""
     say = progress or (lambda _m: None)
     out = check_new_file(out, force)
     with atomic_files(out, force) as tmp:
         result = export_onnx(loaded, specs, tmp / out.name, exporter=exporter, opset=opset,
-                             progress=lambda m: say(f"[export] {m}"))
+                             progress=lambda m: say(f"[export] {m}"), patches=patches)
     result.onnx_path = out
     return result
 

@@ -59,6 +59,7 @@ class BuildOptions:
     memory_budget: str | int | None = None  # bytes or "8GB" per parity run; None: LREXPORT_MEMORY_BUDGET or detected
     fp16_keep: Sequence[str] = ()  # module globs kept in float32 by the precision cast
     fp16_force: bool = False  # no automatic (range-analysis) float32 keep-list
+    patches: bool = True  # export patches for known libraries (exporter/patches.py)
 
     def tolerances(self, precision: str) -> Tolerances:
         return Tolerances.for_precision(precision, self.atol, self.rtol, self.per_output)
@@ -102,7 +103,7 @@ def export_stage(loaded: LoadedModel, specs: Sequence[InputSpec], tmp: Path, opt
                  say: Say) -> ExportResult:
     say("[export] exporting to ONNX")
     return export_onnx(loaded, specs, tmp / "exported.onnx", exporter=options.exporter, opset=options.opset,
-                       progress=lambda m: say(f"[export] {m}"))
+                       progress=lambda m: say(f"[export] {m}"), patches=options.patches)
 
 
 # ------------------------------------------------------------------------------------------ passes

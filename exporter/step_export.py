@@ -17,6 +17,7 @@ from exporter.errors import LrexportError
 from exporter.export import DEFAULT_OPSET, export_onnx
 from exporter.loading import LoadedModel
 from exporter.outputs import atomic_files, check_new_file, relocated
+from exporter.patches import reference_patches
 from exporter.recurrent import StepExportResult, StepParityReport, check_step_parity, export_step, step_specs
 from exporter.specs import InputSpec
 
@@ -34,6 +35,7 @@ class StepModelBuild:
     engine: EngineBuildResult | None = None
     engine_info: dict[str, Any] | None = None  # the engine's report, files named where they end up
     warnings: list[str] = field(default_factory=list)  # the export's
+    patches: list[str] = field(default_factory=list)  # the export patches applied (exporter/patches.py)
 
     @property
     def ok(self) -> bool:
@@ -41,10 +43,11 @@ class StepModelBuild:
 
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step.to_dict(), "parity": self.parity.to_dict(), "engine": self.engine_info,
-                "warnings": self.warnings}
+                "warnings": self.warnings, "patches": self.patches}
 
     def format_text(self) -> str:
         lines = [self.step.format_text(), self.parity.format_table()]
+        lines += [f"patches: {'; '.join(self.patches)}"] if self.patches else []
         if self.engine is not None:
             path = self.step.onnx_path.with_suffix(".engine")
             lines.append(f"wrote {path} ({self.engine.backend} {self.engine.precision}, "
@@ -70,23 +73,24 @@ def step_engine_specs(step: StepExportResult, specs: Sequence[InputSpec], chunk_
 
 def export_step_model(loaded: LoadedModel, specs: Sequence[InputSpec], out: str | Path, *, chunk_max: int = 64,
                       engine: bool = False, backend: str = "auto", length: int = 100, opset: int = DEFAULT_OPSET,
-                      seed: int = 0, force: bool = False,
+                      seed: int = 0, force: bool = False, patches: bool = True,
                       progress: Callable[[str], None] | None = None) -> StepModelBuild:
     """Export ``loaded`` as a step model at ``out`` (.onnx; with ``engine``, also ``<out stem>.engine``)."""
     say = progress or (lambda _m: None)
     out = check_step_output(out, force)
-    with atomic_files(out, force=True) as tmp:
+    with atomic_files(out, force=True) as tmp, reference_patches(loaded.module, patches):
         full_dir = tmp / ".full"  # the whole model's export: an intermediate, removed before the move
         full_dir.mkdir()
         exported = export_onnx(loaded, specs, full_dir / "full.onnx", opset=opset,
-                               progress=lambda m: say(f"[export] {m}"))
+                               progress=lambda m: say(f"[export] {m}"), patches=patches)
         step = export_step(exported.onnx_path, tmp / out.name, specs=exported.specs, seed=seed,
                            progress=lambda m: say(f"[step] {m}"))
         shutil.rmtree(full_dir)
         say("[parity] step model token by token and chunk by chunk vs PyTorch")
         parity = check_step_parity(loaded, step.onnx_path, exported.specs, chunks=sorted({1, 7, chunk_max}),
                                    length=length, seed=seed)
-        result = StepModelBuild(step, parity, chunk_max, warnings=list(exported.warnings))
+        result = StepModelBuild(step, parity, chunk_max, warnings=list(exported.warnings),
+                                patches=list(exported.patches))
         if engine:
             from exporter.trt_build import build_engine
 

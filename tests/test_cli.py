@@ -239,7 +239,7 @@ def test_build_of_a_model_past_2gb(cli, sample_file, tmp_path, monkeypatch):
     import exporter.export as export_module
     import graph_passes.ort_session as util
 
-    monkeypatch.setattr(export_module, "TWO_GB", 64 * 2**20 + 1024)
+    monkeypatch.setattr(export_module, "PROTO_LIMIT", 1024)
     monkeypatch.setattr(util, "PROTO_LIMIT", 1024)
     out = tmp_path / "o"
     res = cli("build", sample_file("causal_lm"), "--out", out, "--fp16", "--cases", "min,odd", "-q")

@@ -7,7 +7,7 @@
   by Linear(a, 64) -> Linear(64, b);
 - transformers: a BertModel from a config, factorized by ``exporter.factorize`` (``lrexport factorize``);
 - linear-attention-transformer and performer-pytorch: causal linear-attention LMs as their authors wrote them
-  (bucketed sums with 3-operand einsums; a Python loop over chunks).
+  (bucketed sums with 3-operand einsums; a Python loop over chunks, exported through lrexport's patch).
 
 Builders: tests/third_party_models.py. Each test runs the CLI in-process and reads its --json report.
 """
@@ -177,12 +177,27 @@ def test_linear_attention_transformer_causal_lm_chunked(cli, tmp_path, name, buc
 
 
 def test_performer_causal_lm_chunk_loop(cli, tmp_path):
-    """performer-pytorch loops over chunks in Python: the export pins the sequence (said, with the reason), and the
-    unrolled per-chunk sums with '...' einsums are lowered and stay in parity."""
+    """performer-pytorch loops over chunks in Python; lrexport's export patch writes that loop as one running
+    sum, so the sequence stays dynamic and the causal-chunk pass chunks it (numerator and normalizer)."""
     pytest.importorskip("performer_pytorch")
     data = _build(cli, tmp_path, "performer_causal_lm")
+    assert data["export"]["pinned_axes"] == []
+    assert data["export"]["patches"] == ["performer-pytorch causal_linear_attention_noncuda -> cumsum form"]
+    kinds = [d["kind"] for d in _pass(data, "causal-chunk")["details"] if d.get("action") == "chunked"]
+    assert sorted(kinds) == ["causal-normalizer", "causal-numerator"]
+    assert _max_abs(data) < 1e-4
+
+
+def test_performer_causal_lm_chunk_loop_no_patches(cli, tmp_path):
+    """With --no-patches torch.export unrolls the loop and pins the sequence: the build says so, with the
+    reason, and the unrolled per-chunk sums with '...' einsums are lowered and stay in parity."""
+    pytest.importorskip("performer_pytorch")
+    data = _build(cli, tmp_path, "performer_causal_lm", None, "--no-patches")
+    assert data["export"]["patches"] == []
     (pin,) = data["export"]["pinned_axes"]
     assert (pin["input"], pin["axis"], pin["size"]) == ("ids", 1, 32)
+    assert any(w.startswith("axis 1 of input 'ids' became static (32; requested 16..32)")
+               for w in data["export"]["warnings"])
     equations = {d.get("equation") for d in _pass(data, "einsum")["details"]}
     assert "...nde,...nd,...n->...ne" in equations
     assert _max_abs(data) < 1e-4

@@ -191,3 +191,72 @@ def performer_causal_lm(seed: int = 0) -> nn.Module:
 
     torch.manual_seed(seed)
     return PerformerLM(num_tokens=256, max_seq_len=32, dim=64, depth=1, heads=4, causal=True, nb_features=16).eval()
+
+
+# ------------------------------------------------------------- causal libraries behind export patches (issue 8)
+# performer-pytorch, fast-transformers and fla as their authors wrote them; lrexport's export patches
+# (exporter/patches*.py) make each exportable with a dynamic sequence. Ranges reach n = 1024.
+SPECS["performer_causal_lm_long"] = (["ids:1x128:int64:0..255"], ["ids:min=1x1,opt=1x128,max=2x1024"])
+SPECS["fast_transformers_causal"] = (["x:1x128x64:float32"], ["x:min=1x1x64,opt=1x128x64,max=2x1024x64"])
+SPECS["fla_linear_attention"] = (["x:1x128x64:float32"], ["x:min=1x1x64,opt=1x128x64,max=2x1024x64"])
+
+
+def performer_causal_lm_long(seed: int = 0, max_seq_len: int = 1024) -> nn.Module:
+    """performer-pytorch's causal LM with positions up to 1024 (CPU path: the Python loop over chunk(128))."""
+    from performer_pytorch import PerformerLM
+
+    torch.manual_seed(seed)
+    return PerformerLM(num_tokens=256, max_seq_len=max_seq_len, dim=64, depth=1, heads=4, causal=True,
+                       nb_features=16).eval()
+
+
+class FastTransformersCausal(nn.Module):
+    """fast-transformers' encoder with attention_type="causal-linear" (the "Transformers are RNNs" model);
+    its attention needs a lower-triangular mask, made for the input's length."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        from fast_transformers.builders import TransformerEncoderBuilder
+
+        torch.manual_seed(seed)
+        self.encoder = TransformerEncoderBuilder.from_kwargs(
+            n_layers=2, n_heads=4, query_dimensions=16, value_dimensions=16, feed_forward_dimensions=128,
+            attention_type="causal-linear", activation="gelu").get()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from fast_transformers.masking import TriangularCausalMask
+
+        return self.encoder(x, attn_mask=TriangularCausalMask(x.shape[1], device=x.device))
+
+
+def fast_transformers_causal(seed: int = 0) -> nn.Module:
+    return FastTransformersCausal(seed).eval()
+
+
+class FlaLinearAttention(nn.Module):
+    """fla's LinearAttention layer (elu feature map, normalized, RMSNorm output norm); returns its output."""
+
+    def __init__(self, seed: int = 0, mode: str = "chunk", feature_map: str = "elu", normalize: bool = True):
+        super().__init__()
+        from fla.layers import LinearAttention
+
+        torch.manual_seed(seed)
+        self.attn = LinearAttention(mode=mode, hidden_size=64, num_heads=4, feature_map=feature_map,
+                                    do_feature_map_norm=normalize)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x)[0]
+
+
+def fla_linear_attention(seed: int = 0, mode: str = "chunk") -> nn.Module:
+    return FlaLinearAttention(seed, mode).eval()
+
+
+def lat_causal_lm_long(seed: int = 0, max_seq_len: int = 4096) -> nn.Module:
+    """``lat_causal_lm``'s configuration with positions up to ``max_seq_len`` (benchmarks at n = 4096)."""
+    from linear_attention_transformer import LinearAttentionTransformerLM
+
+    torch.manual_seed(seed)
+    return LinearAttentionTransformerLM(num_tokens=256, dim=64, heads=4, depth=2, max_seq_len=max_seq_len,
+                                        causal=True, blindspot_size=1, n_local_attn_heads=0, ff_chunks=1,
+                                        reversible=False).eval()
