@@ -18,7 +18,7 @@ import pytest
 
 import third_party_models as tpm
 from conftest import error_line
-from graph_passes._cost import measure
+from graph_passes.cost import measure
 
 LIBRARIES = {
     "performer_causal_lm_long": ("performer_pytorch", "performer-pytorch"),
