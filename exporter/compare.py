@@ -83,7 +83,7 @@ class OutputComparison:
     max_rel: float
     rel_l2: float
     cosine: float
-    mismatches: int
+    mismatches: int  # finite elements past both atol and rtol (fail/total adds nonfinite)
     total: int
     worst_index: tuple[int, ...]  # where |a - r| is largest (or the first NaN/Inf)
     worst_actual: float
@@ -117,7 +117,7 @@ def compare_arrays(name: str, actual: np.ndarray, expected: np.ndarray, tol: Tol
     absr = np.abs(np.where(finite, r, 0.0))
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.where(absr > 0, diff / absr, np.where(diff > 0, np.inf, 0.0))
-    failing = (diff > tol.atol) & (rel > tol.rtol)
+    failing = finite & (diff > tol.atol) & (rel > tol.rtol)  # NaN/Inf are counted once, in nonfinite
     if a.size:
         worst = np.unravel_index(int(np.argmax(diff)), a.shape)
         max_abs = float(diff.max())
