@@ -42,6 +42,7 @@ import onnx
 import onnx_ir as ir
 
 from exporter.errors import LrexportError
+from graph_passes._base import GraphPass, PassOptions
 
 PRECISIONS = {"fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16}
 _ALIASES = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
@@ -407,13 +408,39 @@ def apply_cast(model: ir.Model, plan: CastPlan, keep_io_types: bool = True) -> d
     return _CastWriter(model.graph, plan, keep_io_types).run()
 
 
+class PrecisionCastPass(GraphPass):
+    """The cast as a graph pass (plan, then apply): one detail per node kept float32, with why; the cast
+    report (what :func:`cast_precision` returns) is ``self.report``. The precision settings are arguments:
+    ``PassOptions`` carries the rewrite passes' settings."""
+
+    name = "precision-cast"
+
+    def __init__(self, precision: str, *, keep_io_types: bool = True,
+                 keep_fp32_ops: Sequence[str] = DEFAULT_KEEP_FP32_OPS, keep_nodes: Collection[str] = (),
+                 keep_values: Collection[str] = (), options: PassOptions | None = None) -> None:
+        super().__init__(options)
+        self.precision = normalize_precision(precision)
+        self.keep_io_types, self.keep_fp32_ops = keep_io_types, tuple(keep_fp32_ops)
+        self.keep_nodes, self.keep_values = tuple(keep_nodes), tuple(keep_values)
+        self.report: dict[str, Any] = {}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        plan = plan_cast(model, self.precision, self.keep_fp32_ops, self.keep_nodes, self.keep_values)
+        report: dict[str, Any] = {"precision": plan.precision, "keep_io_types": self.keep_io_types}
+        report.update(plan.report(model.graph))  # before the rewrite: the share counts the source graph's nodes
+        report.update(apply_cast(model, plan, self.keep_io_types))
+        self.report = report
+        self.details.extend({"kind": "keep-fp32", "action": "kept float32", "nodes": [name], "reason": why}
+                            for name, why in report["kept_fp32_why"].items())
+        return ir.passes.PassResult(model, modified=True)
+
+
 def _cast_ir(model: ir.Model, precision: str, keep_io_types: bool, keep_fp32_ops: Sequence[str],
              keep_nodes: Collection[str] = (), keep_values: Collection[str] = ()) -> dict:
-    plan = plan_cast(model, precision, keep_fp32_ops, keep_nodes, keep_values)
-    report: dict[str, Any] = {"precision": plan.precision, "keep_io_types": keep_io_types}
-    report.update(plan.report(model.graph))  # before the rewrite: the share counts the source graph's nodes
-    report.update(apply_cast(model, plan, keep_io_types))
-    return report
+    cast = PrecisionCastPass(precision, keep_io_types=keep_io_types, keep_fp32_ops=keep_fp32_ops,
+                             keep_nodes=keep_nodes, keep_values=keep_values)
+    cast(model)
+    return cast.report
 
 
 def _needs_fp32_input(node: ir.Node, value: ir.Value, index: int | None = None) -> bool:

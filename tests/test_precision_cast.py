@@ -16,7 +16,13 @@ from trt_helpers import exported_chunked, exported_sample, ln_softmax_model, sam
 
 from exporter.errors import LrexportError
 from exporter.specs import random_feeds
-from graph_passes.precision_cast import apply_cast, cast_precision, cast_precision_file, plan_cast
+from graph_passes.precision_cast import (
+    PrecisionCastPass,
+    apply_cast,
+    cast_precision,
+    cast_precision_file,
+    plan_cast,
+)
 
 ORT_SAMPLES = ("lowrank_mlp", "causal_block", "causal_lm", "linformer_encoder", "lowrank_block")
 
@@ -181,6 +187,17 @@ def test_plan_then_apply() -> None:
     x = np.random.default_rng(1).uniform(0.5, 1.0, (2, 30, 8)).astype(np.float32)
     ref, got = _run(_sums_model(), {"x": x})[0], _run(low, {"x": x})[0]
     assert np.abs(got - ref).max() <= 1e-2 * np.abs(ref).max()
+
+
+def test_cast_as_a_graph_pass() -> None:
+    """The cast is a GraphPass like the rewrites: one detail per node kept float32, with why."""
+    model = ir.from_proto(_sums_model())
+    cast = PrecisionCastPass("half")
+    assert cast(model).modified and cast.matches == 3 and cast.report["precision"] == "fp16"
+    assert [(d["nodes"], d["reason"]) for d in cast.details] == [
+        (["sum_seq"], "ReduceSum along an axis whose length varies (grows with the input)"),
+        (["scale_seq"], "reads the growing sum of sum_seq"), (["div_seq"], "normalizes the growing sum of sum_seq")]
+    assert ir.to_proto(model).graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
 
 
 def test_low_precision_io() -> None:
