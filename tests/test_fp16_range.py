@@ -239,23 +239,26 @@ def test_bf16_that_nothing_ran_is_not_a_pass(cli, sample_file, tmp_path, monkeyp
                                         ("causal_lm", (["ids:1x128:int64:0..255"],
                                                        ["ids:min=1x1,opt=1x128,max=1x4096"]))])
 def test_long_causal_sequence_in_fp16_keeps_its_sums_float32(name, spec, tmp_path):
-    """n = 4096 in float16 arithmetic: the running sums, the normalizer and the division stay float32
-    (the normalizer passes 65504 there), nothing left in fp16 leaves its range, the output stays accurate."""
+    """n = 4096 in float16 arithmetic: the running sums over chunks, the normalizer and the division stay
+    float32 (the normalizer passes 65504 there); what is left in fp16 is bounded by the chunk, not by n
+    (a sum within a chunk past the margin is kept by the range analysis); the output stays accurate."""
     specs = build_specs(*spec)
     model, _ = graph_passes.run_passes(onnx.load(str(export_model(SAMPLES[name].factory(), specs,
                                                                   tmp_path / "m.onnx"))), None)
     feeds = random_feeds(specs, "max", 0)
     low, info = cast_with_range_analysis(model, "fp16", [feeds])
-    assert info["range"]["flagged"] == [] and info["kept_for_range"] == []
+    flagged = info["range"]["flagged"]  # causal_block: the row sums of a chunk's scores (64 terms), 5.3e3
+    assert all(v["op_type"] == "ReduceSum" and v["max_abs"] < 65504 / 8 for v in flagged)
+    assert len(flagged) == (1 if name == "causal_block" else 0) and len(info["kept_for_range"]) == len(flagged)
     ranges = analyze_ranges(model, [feeds], "fp16")
-    assert max(v.max_abs for v in ranges.values.values()) < 65504 / 16  # chunk-bounded, not n-bounded
+    assert max(v.max_abs for v in ranges.values.values() if v.problem is None) < 65504 / 16
     runner = FaithfulRunner(low, "fp16", ("max",))
     values = runner.intermediates(feeds, widen=False)
-    sums = [n for n in low.graph.node if n.op_type in ("CumSum", "ReduceSum")]
+    cumsums = [n for n in low.graph.node if n.op_type == "CumSum"]  # over chunks: grow with n
     divs = [n for n in low.graph.node if n.op_type == "Div" and any(
         values[i].size > 1 and np.abs(values[i]).max() > 1000 for i in n.input)]
-    assert len(sums) >= 4 and divs
-    assert all(values[n.output[0]].dtype == np.float32 for n in sums)
+    assert len(cumsums) >= 2 and divs
+    assert all(values[n.output[0]].dtype == np.float32 for n in cumsums)
     assert all(values[i].dtype == np.float32 for n in divs for i in n.input)
     assert max(float(np.abs(values[i]).max()) for n in divs for i in n.input) > 65504  # fp16 would be Inf
     ref = _ort(model, feeds)[0]
