@@ -59,6 +59,7 @@ _SUM_PASS_THROUGH = frozenset({
     "Slice", "Concat", "Gather", "Pad", "Identity", "Max", "Clip", "CumSum", "ReduceSum", "Flatten",
 })
 _SUM_STOP = frozenset({"Div", "Reciprocal"})
+_SUM_REASONS = ("sum along an axis whose length varies", "reads the growing sum", "normalizes the growing sum")
 _STANDARD = ("", "ai.onnx")
 # Nodes that only look at shapes: no cast needed whatever the region.
 _SHAPE_ONLY = frozenset({"Shape", "Size"})
@@ -110,6 +111,11 @@ class CastPlan:
     requested: set[ir.Node] = field(default_factory=set)  # kept only because keep_nodes/keep_values asked
     float_values: set[ir.Value] = field(default_factory=set)  # the source graph's float32 values
 
+    @property
+    def on_growing_sums(self) -> list[ir.Node]:
+        """The kept nodes that are, read or normalize a sum growing with the input."""
+        return [n for n, why in self.fp32.items() if why.startswith(_SUM_REASONS)]
+
     def region(self, node: ir.Node) -> str:
         """'fp32', 'low', or 'any' (shape-only nodes: no cast needed either way)."""
         if node.op_type in _SHAPE_ONLY:
@@ -134,6 +140,7 @@ class CastPlan:
                 "kept_fp32_by_op": dict(Counter(n.op_type for n in kept)),
                 "kept_fp32_why": {_label(n): self.fp32[n] for n in kept if n in self.fp32},
                 "kept_on_request": sorted(_label(n) for n in self.requested),
+                "kept_for_growing_sums": [_label(n) for n in kept if n in set(self.on_growing_sums)],
                 "compute_nodes": len(compute), "low_nodes": low,
                 "low_fraction": low / len(compute) if compute else 1.0}
 
@@ -167,7 +174,7 @@ def structural_fp32(graph: ir.Graph, keep_ops: Collection[str]) -> dict[ir.Node,
             keep[node] = "custom op (runs as exported)"
         elif node.op_type in _SUM_OPS:
             if node.op_type in keep_ops and node not in keep and _sum_grows(node):
-                keep[node] = f"{node.op_type} along an axis whose length varies (grows with the input)"
+                keep[node] = f"{_SUM_REASONS[0]} ({node.op_type}: grows with the input)"
                 _keep_sum_readers(node, keep)
         elif node.op_type in keep_ops:
             keep[node] = _WHY.get(node.op_type, f"{node.op_type} (keep_fp32_ops)")
@@ -183,9 +190,9 @@ def _keep_sum_readers(start: ir.Node, keep: dict[ir.Node, str]) -> None:
                 if user in keep:
                     continue
                 if user.op_type in _SUM_STOP:
-                    keep[user] = f"normalizes the growing sum of {_label(start)}"
+                    keep[user] = f"{_SUM_REASONS[2]} of {_label(start)}"
                 elif user.op_type in _SUM_PASS_THROUGH and _is_float(user.outputs[0]):
-                    keep[user] = f"reads the growing sum of {_label(start)}"
+                    keep[user] = f"{_SUM_REASONS[1]} of {_label(start)}"
                     queue.append(user)
 
 

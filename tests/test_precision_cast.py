@@ -97,7 +97,8 @@ def test_chunked_causal_fp16_on_ort() -> None:
     why = report["kept_fp32_why"]
     # the exclusive CumSums over chunks grow with n: fp32 from there up to the division
     cumsums = [n.name for n in model.graph.node if n.op_type == "CumSum"]
-    assert len(cumsums) == 2 and all(why[c].startswith("CumSum along an axis whose length varies") for c in cumsums)
+    assert len(cumsums) == 2 and set(cumsums) <= set(report["kept_for_growing_sums"])
+    assert {why[c] for c in cumsums} == {"sum along an axis whose length varies (CumSum: grows with the input)"}
     assert report["kept_fp32_by_op"]["Div"] == 1 and why["node_div"].startswith("normalizes the growing sum")
     # the sums within a chunk (a fixed 16 terms) stay fp16: the range analysis measures them
     sums = [n.name for n in model.graph.node if n.op_type == "ReduceSum"]
@@ -157,8 +158,9 @@ def test_only_sums_that_grow_with_the_input_stay_fp32() -> None:
     model = _sums_model()
     low, report = cast_precision(model, "fp16")
     assert report["kept_fp32_why"] == {
-        "sum_seq": "ReduceSum along an axis whose length varies (grows with the input)",
+        "sum_seq": "sum along an axis whose length varies (ReduceSum: grows with the input)",
         "scale_seq": "reads the growing sum of sum_seq", "div_seq": "normalizes the growing sum of sum_seq"}
+    assert report["kept_for_growing_sums"] == ["sum_seq", "scale_seq", "div_seq"]
     types = _inferred(low)
     assert types["s_feat"] == types["a"] == TensorProto.FLOAT16
     assert types["s_seq"] == types["s_half"] == types["y0"] == TensorProto.FLOAT and report["low_nodes"] == 3
@@ -195,7 +197,7 @@ def test_cast_as_a_graph_pass() -> None:
     cast = PrecisionCastPass("half")
     assert cast(model).modified and cast.matches == 3 and cast.report["precision"] == "fp16"
     assert [(d["nodes"], d["reason"]) for d in cast.details] == [
-        (["sum_seq"], "ReduceSum along an axis whose length varies (grows with the input)"),
+        (["sum_seq"], "sum along an axis whose length varies (ReduceSum: grows with the input)"),
         (["scale_seq"], "reads the growing sum of sum_seq"), (["div_seq"], "normalizes the growing sum of sum_seq")]
     assert ir.to_proto(model).graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
 
