@@ -1,11 +1,13 @@
 """fp16 keep-list and faithful-check numbers for every sample and the third-party models of the tests.
 
-    python benchmarks/bench_fp16.py [--precision fp16] [NAME ...]     # > one table row per model
+    python benchmarks/bench_fp16.py [--precision fp16] [--table] [NAME ...]     # > one JSON line per model
 
 Runs ``lrexport build --fp16 --backend onnxruntime --json`` in a subprocess per model and prints, per
-model: nodes kept in float32 (all, and those the range analysis added), the share of float-computing
-nodes left in the low precision, the seconds the range analysis took (all shape cases, default
-shapes), and the max abs error against PyTorch of ONNX Runtime's fp16 row and of the faithful row.
+model: nodes kept in float32 (all, those the range analysis added, and those on a sum that grows with
+the sequence), the share of float-computing nodes left in the low precision (``low_nodes`` of
+``compute_nodes``; what counts: ``graph_passes/precision_cast.py``), that share outside the growing
+sums, the seconds the range analysis took (all shape cases, default shapes), and the max abs error
+against PyTorch of ONNX Runtime's fp16 row and of the faithful row. ``--table``: a text table at the end.
 """
 
 from __future__ import annotations
@@ -37,9 +39,12 @@ def run(name: str, args: list[str], precision: str, work: Path) -> dict:
         return {"model": name, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
     report = json.loads(proc.stdout)
     info = report["precision"]
+    sums = len(info["kept_for_growing_sums"])
     return {"model": name, "ok": report["ok"], "kept_fp32": len(info["kept_fp32_nodes"]),
             "kept_for_range": [f"{r['node']} ({r['op_type']})" for r in info["kept_for_range"]],
+            "kept_for_sums": sums, "low_nodes": info["low_nodes"], "compute_nodes": info["compute_nodes"],
             "low_fraction": round(info["low_fraction"], 3),
+            "low_fraction_outside_sums": round(info["low_nodes"] / (info["compute_nodes"] - sums), 3),
             "range_seconds": info["range"]["seconds"], "range_cases": info["range"]["cases"],
             "ort_max_abs": _max_abs(report, f"onnxruntime-{precision}"),
             "faithful_max_abs": _max_abs(report, f"{precision} faithful"),
@@ -53,6 +58,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*")
     parser.add_argument("--precision", default="fp16", choices=["fp16", "bf16"])
+    parser.add_argument("--table", action="store_true", help="also print a text table at the end")
     ns = parser.parse_args()
     from samples.make import make
 
@@ -65,11 +71,28 @@ def main() -> int:
             args = ["--factory", f"third_party_models:{name}"]
             args += [a for i in inputs for a in ("--input", i)] + [a for s in shapes for a in ("--shapes", s)]
             jobs.append((name, args))
+        rows = []
         for name, args in jobs:
             if ns.names and name not in ns.names:
                 continue
-            print(json.dumps(run(name, args, ns.precision, work)), flush=True)
+            rows.append(run(name, args, ns.precision, work))
+            print(json.dumps(rows[-1]), flush=True)
+    if ns.table:
+        print(_table(rows))
     return 0
+
+
+def _table(rows: list[dict]) -> str:
+    from exporter.table import format_table
+
+    headers = ["model", "kept fp32", "for range", "for sums", "low share", "outside sums", "analysis s",
+               "ORT max abs", "faithful max abs", "parity"]
+    cells = [[r["model"], "error", "", "", "", "", "", "", "", r["error"]] if "error" in r else
+             [r["model"], r["kept_fp32"], len(r["kept_for_range"]), r["kept_for_sums"],
+              f"{r['low_nodes']}/{r['compute_nodes']} = {r['low_fraction']:.1%}",
+              f"{r['low_fraction_outside_sums']:.1%}", r["range_seconds"], r["ort_max_abs"],
+              r["faithful_max_abs"], "PASS" if r["ok"] else "FAIL"] for r in rows]
+    return format_table(headers, cells)
 
 
 if __name__ == "__main__":

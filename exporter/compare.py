@@ -77,7 +77,7 @@ class OutputComparison:
     max_rel: float
     rel_l2: float
     cosine: float
-    mismatches: int
+    mismatches: int  # finite elements past both atol and rtol (fail/total adds nonfinite)
     total: int
     worst_index: tuple[int, ...]  # where |a - r| is largest (or the first NaN/Inf)
     worst_actual: float
@@ -107,7 +107,7 @@ def compare_arrays(name: str, actual: np.ndarray, expected: np.ndarray, tol: Tol
     r = expected.astype(np.float64, copy=False)
     diff, rel, finite = errors(a, r)
     nonfinite = int(a.size - finite.sum())
-    bad = failing(diff, rel, tol)
+    bad = finite & failing(diff, rel, tol)  # NaN/Inf are counted once, in nonfinite
     if a.size:
         worst = np.unravel_index(int(np.argmax(diff)), a.shape)
         max_abs = float(diff.max())

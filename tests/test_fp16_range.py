@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from trt_helpers import export_model, exported_sample, sample_specs
 
 import graph_passes
+from exporter.compare import Tolerance, compare_arrays
 from exporter.faithful import FaithfulRunner
 from exporter.fp16_range import analyze_ranges, cast_with_range_analysis
 from exporter.parity import case_feeds
@@ -25,7 +26,9 @@ from exporter.specs import build_specs, parity_cases, random_feeds
 from graph_passes.precision_cast import cast_precision
 from samples import SAMPLES
 
-FP16_SAFE = [n for n in SAMPLES if n not in ("gain_square", "noncausal_encoder")]
+FP16_SAFE = [n for n in SAMPLES if n not in ("gain_square", "noncausal_encoder", "causal_block")]
+# linear attention: running / normalizer sums over the sequence, float32 by design up to their division
+GROWING_SUMS = ("causal_block", "causal_lm", "noncausal_encoder")
 
 
 def _ort(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
@@ -78,7 +81,10 @@ def test_fp16_force_leaves_the_overflow_and_fp16_arithmetic_shows_it(cli, sample
     ort_nonfinite = sum(o["nonfinite"] for r in _rows(report, "onnxruntime-fp16") for o in r["outputs"])
     faithful = _rows(report, "fp16 faithful")
     assert ort_nonfinite == 0
-    assert all(o["nonfinite"] == o["total"] for r in faithful for o in r["outputs"])
+    assert all(o["nonfinite"] == o["total"] and o["mismatches"] == 0 for r in faithful for o in r["outputs"])
+    for r in faithful:  # the table's fail/total counts each NaN once: 64/64, not 128/64
+        (line,) = [ln for ln in res.out.splitlines() if ln.split()[:3] == ["fp16", "faithful", r["case"]]]
+        assert f" {r['outputs'][0]['total']}/{r['outputs'][0]['total']} " in line
     (drift,) = [d for d in report["parity"]["drift"] if d["backend"] == "fp16 faithful" and d["case"] == "min"]
     assert drift["location"]["op_type"] == "Mul" and drift["location"]["nonfinite"] > 0
 
@@ -113,11 +119,47 @@ def test_keep_list_keeps_nothing_extra(name):
     elif name == "noncausal_encoder":  # sum over n of phi(k) v^T as a MatMul: 5.4e3 at n = 512
         (row,) = info["kept_for_range"]
         assert row["op_type"] == "MatMul" and 4094 < row["max_abs"] < 65504
+    elif name == "causal_block":  # the row sums of a chunk's causal scores (64 terms): 5.3e3
+        (row,) = info["kept_for_range"]
+        assert row["op_type"] == "ReduceSum" and 4094 < row["max_abs"] < 65504
+        assert row["reason"] == f"produces {row['value']!r}"
     else:  # gain_square: the squaring Mul and the Div that reads it, out of 7
         assert len(info["kept_on_request"]) == 2 and structural["low_nodes"] == 7
     if name != "gain_square":
         assert info["low_nodes"] / structural["low_nodes"] > 0.9
     assert info["low_fraction"] == info["low_nodes"] / info["compute_nodes"]
+
+
+@pytest.mark.parametrize("name", list(SAMPLES))
+def test_build_fp16_node_share(name, cli, sample_file, tmp_path):
+    """`build --fp16` on every sample: ORT and faithful parity pass, and more than 90% of the float-computing
+    nodes are fp16. gain_square keeps its 2 overflowing nodes of 7. The linear-attention samples keep their
+    growing sums float32 by design (the n = 4096 test shows why): there, more than 90% of the nodes outside
+    those sums are fp16, and every float32 node is a sum, LayerNorm/Softmax or measured out of range."""
+    res, report = _build(cli, sample_file, tmp_path, name, "--fp16")
+    assert res.code == 0 and "parity: PASS" in res.out.splitlines(), res.out + res.err
+    assert {r["backend"] for r in report["parity"]["results"] if r["ok"]} >= {"onnxruntime-fp16", "fp16 faithful"}
+    info = report["precision"]
+    why, low, total = info["kept_fp32_why"], info["low_nodes"], info["compute_nodes"]
+    assert len(why) == total - low
+    sums = info["kept_for_growing_sums"]
+    ranged = {r["node"] for r in info["kept_for_range"]}
+    assert all(w.startswith(("LayerNorm", "Softmax")) or n in sums or n in ranged for n, w in why.items())
+    if name == "gain_square":
+        assert low == 5 and total == 7 and len(ranged) == 2
+    elif name in GROWING_SUMS:
+        assert sums and low / (total - len(sums)) > 0.9
+    else:
+        assert not sums and info["low_fraction"] > 0.9
+
+
+def test_fail_total_counts_each_element_once():
+    """An all-NaN row reads 256/256, not 512/256: a NaN is nonfinite, not also a mismatch."""
+    comp = compare_arrays("y", np.full(256, np.nan), np.ones(256), Tolerance(1e-2, 1e-2))
+    assert (comp.mismatches, comp.nonfinite, comp.total) == (0, 256, 256)
+    mixed = np.r_[np.full(4, np.nan), np.full(3, np.inf), np.full(5, 2.0), np.ones(4)]
+    comp = compare_arrays("y", mixed, np.ones(16), Tolerance(1e-2, 1e-2))
+    assert (comp.mismatches, comp.nonfinite) == (5, 7) and not comp.ok
 
 
 def _tiny(nodes, inits, opset: int = 18, dtype=TensorProto.FLOAT) -> onnx.ModelProto:
@@ -197,28 +239,36 @@ def test_bf16_that_nothing_ran_is_not_a_pass(cli, sample_file, tmp_path, monkeyp
                                         ("causal_lm", (["ids:1x128:int64:0..255"],
                                                        ["ids:min=1x1,opt=1x128,max=1x4096"]))])
 def test_long_causal_sequence_in_fp16_keeps_its_sums_float32(name, spec, tmp_path):
-    """n = 4096 in float16 arithmetic: the running sums, the normalizer and the division stay float32
-    (the normalizer passes 65504 there), nothing left in fp16 leaves its range, the output stays accurate."""
+    """n = 4096 in float16 arithmetic: the running sums over chunks, the normalizer and the division stay
+    float32 (the normalizer passes 65504 there); what is left in fp16 is bounded by the chunk, not by n
+    (a sum within a chunk past the margin is kept by the range analysis); the output stays accurate."""
     specs = build_specs(*spec)
     model, _ = graph_passes.run_passes(onnx.load(str(export_model(SAMPLES[name].factory(), specs,
                                                                   tmp_path / "m.onnx"))), None)
     feeds = random_feeds(specs, "max", 0)
     low, info = cast_with_range_analysis(model, "fp16", [feeds])
-    assert info["range"]["flagged"] == [] and info["kept_for_range"] == []
+    flagged = info["range"]["flagged"]  # causal_block: the row sums of a chunk's scores (64 terms), 5.3e3
+    assert all(v["op_type"] == "ReduceSum" and v["max_abs"] < 65504 / 8 for v in flagged)
+    assert len(flagged) == (1 if name == "causal_block" else 0) and len(info["kept_for_range"]) == len(flagged)
     ranges = analyze_ranges(model, [feeds], "fp16")
-    assert max(v.max_abs for v in ranges.values.values()) < 65504 / 16  # chunk-bounded, not n-bounded
+    assert max(v.max_abs for v in ranges.values.values() if v.problem is None) < 65504 / 16
     runner = FaithfulRunner(low, "fp16", ("max",))
     values = runner.intermediates(feeds, widen=False)
-    sums = [n for n in low.graph.node if n.op_type in ("CumSum", "ReduceSum")]
+    cumsums = [n for n in low.graph.node if n.op_type == "CumSum"]  # over chunks: grow with n
     divs = [n for n in low.graph.node if n.op_type == "Div" and any(
         values[i].size > 1 and np.abs(values[i]).max() > 1000 for i in n.input)]
-    assert len(sums) >= 4 and divs
-    assert all(values[n.output[0]].dtype == np.float32 for n in sums)
+    assert len(cumsums) >= 2 and divs
+    assert all(values[n.output[0]].dtype == np.float32 for n in cumsums)
     assert all(values[i].dtype == np.float32 for n in divs for i in n.input)
     assert max(float(np.abs(values[i]).max()) for n in divs for i in n.input) > 65504  # fp16 would be Inf
     ref = _ort(model, feeds)[0]
     got = runner.run(feeds)[runner.output_names[0]]
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 2e-3 and np.abs(got - ref).max() < 1e-2
+    # why they must be float32: the same model with the growing sums in fp16 (measured: rel L2 0.46 on
+    # causal_block, 0.042 on causal_lm, against 7.5e-4 and 6.3e-4 above)
+    unsafe, _ = cast_precision(model, "fp16", keep_fp32_ops=("LayerNormalization", "Softmax"))
+    bad = FaithfulRunner(unsafe, "fp16", ("max",)).run(feeds)[runner.output_names[0]]
+    assert not np.isfinite(bad).all() or np.linalg.norm(bad - ref) / np.linalg.norm(ref) > 2e-2
 
 
 def test_readme_fp16_example_runs(cli, tmp_path):
