@@ -41,7 +41,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from graph_passes._base import GraphPass, PassOptions
+from graph_passes._base import GraphPass, Match, PassOptions, record
 from graph_passes.errors import LrexportError
 from graph_passes.precisions import LOW_PRECISIONS as PRECISIONS, normalize_low_precision as normalize_precision
 
@@ -422,15 +422,17 @@ class PrecisionCastPass(GraphPass):
         self.keep_nodes, self.keep_values = tuple(keep_nodes), tuple(keep_values)
         self.report: dict[str, Any] = {}
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    min_opset = 0  # casts and type changes only: nothing opset-sensitive
+
+    def run(self, model: ir.Model) -> bool:
         plan = plan_cast(model, self.precision, self.keep_fp32_ops, self.keep_nodes, self.keep_values)
         report: dict[str, Any] = {"precision": plan.precision, "keep_io_types": self.keep_io_types}
         report.update(plan.report(model.graph))  # before the rewrite: the share counts the source graph's nodes
         report.update(apply_cast(model, plan, self.keep_io_types))
         self.report = report
-        self.details.extend({"kind": "keep-fp32", "action": "kept float32", "nodes": [name], "reason": why}
-                            for name, why in report["kept_fp32_why"].items())
-        return ir.passes.PassResult(model, modified=True)
+        for name, why in report["kept_fp32_why"].items():  # a decision on a node it cast: a match, kept
+            record(Match("keep-fp32", "kept float32", [name], reason=why))
+        return True
 
 
 def _cast_ir(model: ir.Model, precision: str, keep_io_types: bool, keep_fp32_ops: Sequence[str],

@@ -196,7 +196,7 @@ def test_cast_as_a_graph_pass() -> None:
     model = ir.from_proto(_sums_model())
     cast = PrecisionCastPass("half")
     assert cast(model).modified and cast.matches == 3 and cast.report["precision"] == "fp16"
-    assert [(d["nodes"], d["reason"]) for d in cast.details] == [
+    assert [(m.nodes, m.reason) for m in cast.records] == [
         (["sum_seq"], "sum along an axis whose length varies (ReduceSum: grows with the input)"),
         (["scale_seq"], "reads the growing sum of sum_seq"), (["div_seq"], "normalizes the growing sum of sum_seq")]
     assert ir.to_proto(model).graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
