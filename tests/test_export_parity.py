@@ -96,7 +96,7 @@ def test_large_models_use_one_external_data_file(tmp_path, monkeypatch):
     """Past the 2 GB protobuf limit weights go to <model>.onnx.data (threshold lowered to test it)."""
     import exporter.export as export_module
 
-    monkeypatch.setattr(export_module, "TWO_GB", 64 * 2**20 + 1024)
+    monkeypatch.setattr(export_module, "PROTO_LIMIT", 1024)
     model = samples.get("lowrank_mlp").factory()
     specs = build_specs(samples.get("lowrank_mlp").inputs, samples.get("lowrank_mlp").shapes)
     result = export_onnx(model, specs, tmp_path / "big.onnx")
