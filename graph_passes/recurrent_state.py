@@ -368,7 +368,8 @@ def _einsum_reason(node: ir.Node, seq: str) -> str | None:
 
 
 def _is_outer_product(node: ir.Node | None) -> bool:
-    """An Einsum outer product (each operand lacks an axis of the output), or a Mul of Unsqueezes."""
+    """An Einsum outer product (each operand brings the output an axis the other lacks; shared axes may also be
+    summed, as in a bucketed ``bhund,bhune->bhude``), or a Mul of Unsqueezes."""
     if node is None:
         return False
     if node.op_type == "Einsum":
@@ -376,7 +377,8 @@ def _is_outer_product(node: ir.Node | None) -> bool:
         if "->" in eq and "..." not in eq:
             lhs, out = eq.split("->")
             terms = lhs.split(",")
-            return len(terms) == 2 and all(set(t) < set(out) for t in terms)
+            return len(terms) == 2 and all((set(a) - set(b)) & set(out) and set(a) - set(b) <= set(out)
+                                           for a, b in (terms, terms[::-1]))
     if node.op_type == "Mul":
         return all(v is not None and v.producer() is not None and v.producer().op_type == "Unsqueeze"
                    for v in node.inputs)
