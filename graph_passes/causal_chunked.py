@@ -14,8 +14,10 @@ the keys of the buckets up to its own: a block-triangular mask, chunks a multipl
 (a strictly block-triangular mask), a per-position scale after the contraction (left in place: it
 multiplies the rewritten contraction), and the normalizer Z = CumSum(k) contracted with q (row sums of the
 same masked scores plus q . keys of earlier chunks; its prologue is the numerator's, node for node, so the
-cleanup pass's CSE computes the scores once). What is not causal linear attention is refused; the reason
-lands in the pass details next to the CumSum it leaves.
+cleanup pass's CSE computes the scores once). What is not causal linear attention is refused; the rule's
+reason lands in the pass details on the CumSum it leaves (``large-cumsum-left``, action ``left``, not a match).
+The rule sets (``causal_canon.CANONICAL_RULES``, then :data:`CAUSAL_RULES`) also run under a stock
+``onnxscript.rewriter.rewrite``: chunk 64 and no records unless a :func:`collecting` block is active.
 
 The pass runs before the einsum pass (DEFAULT_PASSES): the canonical form is made of Einsums, and lowering them
 first would turn the increment into Transpose + MatMul and the 3-operand einsum into MatMul + Mul chains that
