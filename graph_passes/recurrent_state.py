@@ -11,9 +11,9 @@ such running sum starts from the sums of the tokens before the chunk:
 ``new_state_<i>`` per CumSum over the sequence axis (sums in float32 for float models), plus an int64
 ``position_offset`` input added to every absolute position the graph reads: a ``Range`` over the sequence
 length, and a ``Slice`` that reads the rows of the current positions out of a table that has no sequence
-axis (``pos_emb[:, :n]``, the axial or learned position tables): its start and end move by the offset
-(times its step), as a Range's values do. A table read that cannot move so (a start computed in the
-graph, e.g. the last n rows, or a negative step) is refused by name.
+axis (``pos_emb[:, :n]``, the axial or learned position tables): it becomes a Gather of the rows
+``Range(start, end, step) + offset * step``, the offset added as to a Range's values. A table read that
+cannot move so (a start computed in the graph, e.g. the last n rows, or a negative step) is refused by name.
 The rewrite is only right when nothing else in the graph mixes positions along the sequence, so the
 pass first checks every node and refuses (:class:`RecurrentRefusal`, naming node, op and reason) a
 softmax over the sequence, a reduction or contraction over it, a seq x seq matrix, a reverse or
@@ -94,12 +94,19 @@ class RecurrentStateResult(GraphPassResult):
 
 @dataclass
 class PositionRead:
-    """A Slice reading the rows of the current positions from a table: entry ``index`` of its starts/ends
-    is the sequence axis, ``step`` its constant stride."""
+    """A Slice reading the rows of the current positions from a table along ``axis``: entry ``index`` of its
+    constant ``starts``/``axes``/``steps`` (its ends are computed from the length) is that axis."""
 
     node: ir.Node
+    axis: int
     index: int
-    step: int
+    starts: list[int]
+    axes: list[int]
+    steps: list[int]
+
+    @property
+    def step(self) -> int:
+        return self.steps[self.index]
 
 
 def _dims(value: ir.Value | None) -> list[Any] | None:
@@ -329,7 +336,7 @@ def position_read(node: ir.Node, seq: str) -> PositionRead | None:
         raise refuse("it starts at a row computed in the graph (e.g. the last n rows, table[-n:]): which rows "
                      "position t reads depends on the full length" if starts is None else
                      f"it starts at row {starts[index]}, counted from the table's end")
-    return PositionRead(node, index, steps[index])
+    return PositionRead(node, p, index, starts, axes, steps)
 
 
 def _matmul_reason(node: ir.Node, seq: str) -> str | None:
@@ -619,25 +626,57 @@ class RecurrentStatePass(GraphPass):
 
     @staticmethod
     def _offset_slice(graph: ir.Graph, read: PositionRead, offset: ir.Value) -> None:
-        """starts/ends + offset * step on the sequence entry: the chunk reads rows t0*step.. of the table."""
-        node = read.node
-        starts, ends = node.inputs[1], node.inputs[2]
-        known = _const(starts)  # position_read accepted only a constant start
-        assert starts is not None and ends is not None and known is not None
-        dtype = starts.dtype or ir.DataType.INT64
+        """table[.., start:end:step, ..] -> Gather(table, Range(start, end, step) + offset * step): the Range
+        stays a shape computation and the offset a data tensor, as for a Range (a Slice start computed from
+        the offset would make it a shape tensor, and TensorRT refuses shape-tensor inputs). The table's other
+        sliced axes stay a Slice."""
+        node, j = read.node, read.index
+        data, ends, out = node.inputs[0], node.inputs[2], node.outputs[0]
+        assert data is not None and ends is not None
+        dtype = ends.dtype or ir.DataType.INT64
         label = node.name or "slice"
-        unit = np.zeros(known.size, dtype=dtype.numpy())
-        unit[read.index] = read.step
+
+        def const(name: str, value: Any, np_dtype: Any = dtype.numpy()) -> ir.Value:
+            return _initializer(graph, f"{label}_{name}", np.array(value, dtype=np_dtype))
+
         new = _cast_offset(offset, dtype, label)
         off = new[-1].outputs[0] if new else offset
-        unit_value = _initializer(graph, f"{label}_offset_unit", unit)
-        shift = ir.node("Mul", [off, unit_value], name=f"{label}_offset_scale")
-        new_starts = ir.node("Add", [starts, shift.outputs[0]], name=f"{label}_offset_starts")
-        new_ends = ir.node("Add", [ends, shift.outputs[0]], name=f"{label}_offset_ends")
-        new += [shift, new_starts, new_ends]
-        graph.insert_before(node, new)
-        node.replace_input_with(1, new_starts.outputs[0])
-        node.replace_input_with(2, new_ends.outputs[0])
+        step = const("row_step", read.step)
+        end = ir.node("Gather", [ends, const("seq_entry", j, np.int64)], {"axis": 0}, name=f"{label}_row_end")
+        rows = ir.node("Range", [const("row_start", read.starts[j]), end.outputs[0], step], name=f"{label}_rows")
+        shift = ir.node("Mul", [off, step], name=f"{label}_offset_scale")
+        shifted = ir.node("Add", [rows.outputs[0], shift.outputs[0]], name=f"{label}_offset_add")
+        new += [end, rows, shift, shifted]
+        table = data
+        others = [k for k in range(len(read.axes)) if k != j]
+        if others:
+            pick = [read.starts[k] for k in others], [read.axes[k] for k in others], [read.steps[k] for k in others]
+            rest_ends = ir.node("Gather", [ends, const("other_entries", others, np.int64)], {"axis": 0},
+                                name=f"{label}_other_ends")
+            rest = ir.node("Slice", [data, const("other_starts", pick[0]), rest_ends.outputs[0],
+                                     const("other_axes", pick[1]), const("other_steps", pick[2])],
+                           name=f"{label}_other_axes")
+            new += [rest_ends, rest]
+            table = rest.outputs[0]
+        gather = ir.node("Gather", [table, shifted.outputs[0]], {"axis": read.axis}, name=f"{label}_offset_rows",
+                         metadata_props=dict(node.metadata_props))
+        gather.outputs[0].shape, gather.outputs[0].type = out.shape, out.type
+        graph.insert_before(node, [*new, gather])
+        _replace_value(graph, out, gather.outputs[0])
+        graph.remove(node, safe=True)
+
+
+def _replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+    """Every use of ``old`` (a graph output keeps its name) reads ``new``."""
+    for user, idx in list(old.uses()):
+        user.replace_input_with(idx, new)
+    was_output = [k for k, o in enumerate(graph.outputs) if o is old]
+    if was_output:
+        name = old.name
+        old.name = f"{name}_replaced"
+        new.name = name
+    for k in was_output:
+        graph.outputs[k] = new
 
 
 def _cast_offset(offset: ir.Value, dtype: ir.DataType, label: str) -> list[ir.Node]:

@@ -58,8 +58,8 @@ def test_largest_tensor_at_1024_drops(cli, tmp_path, bucket):
 @pytest.mark.parametrize("axial", [False, True])
 def test_step_export_token_by_token_and_chunks(cli, tmp_path, axial):
     """Bucket 1, positions from nn.Embedding(arange(n)) (a Range: offset) or the library's default axial position
-    embedding (``pos_emb[:, :n]`` of a [b, 256, d] table summed from its axial weights: the Slice's start and end
-    move by the offset): each layer carries its two running sums (d x e and d) as states, and the step model fed
+    embedding (``pos_emb[:, :n]`` of a [b, 256, d] table summed from its axial weights: read at rows offset + 0..n-1
+    instead): each layer carries its two running sums (d x e and d) as states, and the step model fed
     1, 7 and 16 tokens at a time matches PyTorch on the full sequence."""
     res = cli("export-step", *_factory_args("lat_causal_lm", {"use_axial_pos_emb": axial}), "--out",
               tmp_path / "step.onnx", "--length", "40", "--chunk-max", "16", "--json", "-q")
@@ -73,14 +73,18 @@ def test_step_export_token_by_token_and_chunks(cli, tmp_path, axial):
 
 
 def test_axial_step_model_reads_the_position_table_at_the_offset(tmp_path):
-    """The axial table read is a Slice whose start and end gain ``position_offset`` (the pass records it as a
-    position-slice, no Range): without that offset every chunk after the first would read rows 0.. again."""
+    """The axial table read (a Slice of the table along the sequence axis, no Range in the graph) becomes a Gather
+    of rows Range(0, n) + ``position_offset``: without it every chunk after the first would read rows 0.. again."""
     inputs, shapes = tpm.SPECS["lat_causal_lm"]
     export_onnx(tpm.lat_causal_lm(depth=1), build_specs(inputs, shapes), tmp_path / "m.onnx")
-    res = RecurrentStatePass()(ir.load(tmp_path / "m.onnx"))
+    model = ir.load(tmp_path / "m.onnx")
+    res = RecurrentStatePass()(model)
     kinds = [(m.kind, m.action) for m in res.matches if m.kind.startswith("position")]
-    assert kinds == [("position-slice", "offset added")] and res.slices and not res.ranges
+    assert kinds == [("position-slice", "offset added")] and not res.ranges
     assert res.position_offset == "position_offset"
+    nodes = {n.name: n for n in model.graph}
+    (name,) = res.slices
+    assert name not in nodes and nodes[f"{name}_offset_rows"].op_type == "Gather"
 
 
 def test_step_export_refusals(cli, tmp_path):
