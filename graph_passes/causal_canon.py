@@ -300,11 +300,10 @@ class ShiftedPrefixRule(orp.RewriteRuleClassBase):
         return op.Cast(out, to=self._cast) if self._cast is not None else out
 
 
-def canonical_rule_sets() -> list[list]:
-    """Applied in order: unsqueeze forms first (their MatMul/Mul cores must not be read as anything else),
-    then the n-ary split and the exclusive shift."""
-    first = [OuterToEinsumRule.rule(m) for m in (False, True)]
-    first += [ContractionToEinsumRule.rule("matmul")]
-    first += [ContractionToEinsumRule.rule("mul", sf) for sf in (False, True)]
-    second = [SplitScaleRule.rule(i) for i in (2, 0, 1)] + [ShiftedPrefixRule.rule()]
-    return [first, second]
+# Applied in order, each usable with a stock ``onnxscript.rewriter.rewrite``: the unsqueeze forms first (their
+# MatMul/Mul cores must not be read as anything else), then the n-ary split and the exclusive shift.
+UNSQUEEZE_FORM_RULES = orp.RewriteRuleSet(
+    [OuterToEinsumRule.rule(m) for m in (False, True)] + [ContractionToEinsumRule.rule("matmul")]
+    + [ContractionToEinsumRule.rule("mul", sf) for sf in (False, True)])
+SPLIT_SHIFT_RULES = orp.RewriteRuleSet([SplitScaleRule.rule(i) for i in (2, 0, 1)] + [ShiftedPrefixRule.rule()])
+CANONICAL_RULES = (UNSQUEEZE_FORM_RULES, SPLIT_SHIFT_RULES)

@@ -14,8 +14,10 @@ the keys of the buckets up to its own: a block-triangular mask, chunks a multipl
 (a strictly block-triangular mask), a per-position scale after the contraction (left in place: it
 multiplies the rewritten contraction), and the normalizer Z = CumSum(k) contracted with q (row sums of the
 same masked scores plus q . keys of earlier chunks; its prologue is the numerator's, node for node, so the
-cleanup pass's CSE computes the scores once). What is not causal linear attention is refused; the reason
-lands in the pass details next to the CumSum it leaves.
+cleanup pass's CSE computes the scores once). What is not causal linear attention is refused; the rule's
+reason lands in the pass details on the CumSum it leaves (``large-cumsum-left``, action ``left``, not a match).
+The rule sets (``causal_canon.CANONICAL_RULES``, then :data:`CAUSAL_RULES`) also run under a stock
+``onnxscript.rewriter.rewrite``: chunk 64 and no records unless a :func:`collecting` block is active.
 
 The pass runs before the einsum pass (DEFAULT_PASSES): the canonical form is made of Einsums, and lowering them
 first would turn the increment into Transpose + MatMul and the 3-operand einsum into MatMul + Mul chains that
@@ -29,16 +31,14 @@ normalizer in another form is left as its n x d CumSum (linear size), run in flo
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import onnx_ir as ir
 from onnxscript.optimizer import fold_constants_ir
 from onnxscript.rewriter import pattern as orp
 
-from graph_passes._base import GraphPass
+from graph_passes._base import GraphPass, Match, collecting, record, rule_options
 from graph_passes._util import const_array, einsum_equation, node_label, prepare, parse_einsum
-from graph_passes.causal_canon import PrefixSum, canonical_rule_sets, prefix_sum, single_axis
+from graph_passes.causal_canon import CANONICAL_RULES, PrefixSum, prefix_sum, single_axis
 from graph_passes.causal_plan import CausalPlan, broadcast_reason, bucket_size, plan_causal, plan_normalizer
 
 _FLOAT32 = ir.DataType.FLOAT
@@ -140,8 +140,8 @@ def chunked_normalizer(op, q: ir.Value, k: ir.Value, plan: CausalPlan, c: int, o
     return _epilogue(op, out4, pro["n"], shape, _i64(op, [1]), out_dtype, plan.perm_out)
 
 
-class _Match:
-    """What the check found, for the rewrite."""
+class _Site:
+    """What the check found, for the rewrite (the rule's plan; the report's record is a :class:`Match`)."""
 
     def __init__(self, kind: str, plan: CausalPlan, prefix: PrefixSum, q: ir.Value, k: ir.Value,
                  v: ir.Value | None, bucket: int = 1):
@@ -149,7 +149,7 @@ class _Match:
         self.bucket = bucket
 
 
-def _numerator(prefix: PrefixSum, q: ir.Value, eq: tuple[list[str], str], state_index: int) -> _Match | str:
+def _numerator(prefix: PrefixSum, q: ir.Value, eq: tuple[list[str], str], state_index: int) -> _Site | str:
     inc = prefix.increment.producer()
     if inc is None or inc.op_type != "Einsum" or len(inc.inputs) != 2:
         return "the prefix sum's increment is not a two-operand outer product"
@@ -163,10 +163,10 @@ def _numerator(prefix: PrefixSum, q: ir.Value, eq: tuple[list[str], str], state_
     assert k is not None and v is not None
     if prefix.increment.is_graph_output() or len(prefix.increment.uses()) != 1:
         return "outer product is used elsewhere (it would stay materialized)"
-    return _Match("numerator", plan, prefix, q, k, v)
+    return _Site("numerator", plan, prefix, q, k, v)
 
 
-def _normalizer(prefix: PrefixSum, q: ir.Value, eq: tuple[list[str], str], state_index: int) -> _Match | str:
+def _normalizer(prefix: PrefixSum, q: ir.Value, eq: tuple[list[str], str], state_index: int) -> _Site | str:
     """Z = CumSum(k) | CumSum(ReduceSum_w(k)); the bucketed reading first, then the plain one."""
     inc, reasons = prefix.increment, []
     red = inc.producer()
@@ -184,7 +184,7 @@ def _normalizer(prefix: PrefixSum, q: ir.Value, eq: tuple[list[str], str], state
         letters = "abcdefghijklmnopqrstuvwxyz"[: len(k.shape)]
         plan = plan_normalizer(letters, prefix.axis, eq[0], eq[1], state_index, w_axis)
         if not isinstance(plan, str):
-            return _Match("normalizer", plan, prefix, q, k, None)
+            return _Site("normalizer", plan, prefix, q, k, None)
         reasons.append(plan)
     return reasons[-1]
 
@@ -192,22 +192,25 @@ def _normalizer(prefix: PrefixSum, q: ir.Value, eq: tuple[list[str], str], state
 class StateContractionRule(orp.RewriteRuleClassBase):
     """Einsum(q, S), S a prefix sum of k (x) v (numerator) or of k (normalizer)  ==>  chunked causal form.
 
-    The one rule of the pass: every surface form reaches it through graph_passes.causal_canon."""
+    The one rule of the pass: every surface form reaches it through graph_passes.causal_canon. The chunk comes
+    from :func:`rule_options`; a refusal is recorded (not matched, keyed by the CumSum) with its reason."""
 
-    def __init__(self, chunk_size: int, records: list, refusals: dict[str, str]):
+    def __init__(self) -> None:
         super().__init__(name="CausalStateContraction")
-        self.chunk_size, self.records, self.refusals = chunk_size, records, refusals
-        self._match: _Match | None = None
+        self._site: _Site | None = None
 
     def pattern(self, op, x, y):
         return op.Einsum(x, y, _outputs=["result"])
 
-    def _refuse(self, check: orp.MatchResult, reason: str, prefix: PrefixSum, node: ir.Node):
-        self.refusals.setdefault(node_label(prefix.cumsum), reason)
+    @staticmethod
+    def _refuse(check: orp.MatchResult, reason: str, prefix: PrefixSum, node: ir.Node):
+        label = node_label(prefix.cumsum)
+        record(Match("causal-state-contraction", "refused", [label, node_label(node)], reason, matched=False),
+               key=("refused", label))
         return check.fail(reason, node)
 
-    def _read(self, x: ir.Value, y: ir.Value, node: ir.Node) -> _Match | str | None:
-        """The match, a refusal reason, or None when no operand is a prefix sum (not ours to judge)."""
+    def _read(self, x: ir.Value, y: ir.Value, node: ir.Node) -> _Site | str | None:
+        """The site, a refusal reason, or None when no operand is a prefix sum (not ours to judge)."""
         eq = einsum_equation(node)
         found = [(i, p) for i, p in enumerate((prefix_sum(x), prefix_sum(y))) if not isinstance(p, str)]
         if not found:
@@ -223,11 +226,12 @@ class StateContractionRule(orp.RewriteRuleClassBase):
         got = _numerator(prefix, q, eq, state_index)
         if isinstance(got, str):  # keys that are themselves an einsum: a normalizer, or the numerator's reason
             normal = _normalizer(prefix, q, eq, state_index)
-            return normal if isinstance(normal, _Match) else got
+            return normal if isinstance(normal, _Site) else got
         return got
 
-    def _vet(self, m: _Match, result: ir.Value) -> str | None:
-        """Uses, broadcasting, bucket size and dtypes of a letters-wise valid match."""
+    @staticmethod
+    def _vet(m: _Site, result: ir.Value) -> str | None:
+        """Uses, broadcasting, bucket size and dtypes of a letters-wise valid site."""
         if any(v.is_graph_output() or len(v.uses()) != 1 for v in m.prefix.inner):
             return "the prefix sum is used elsewhere (it would stay materialized)"
         pairs = [(m.q, m.plan.perm_q), (m.k, m.plan.perm_k)] + ([(m.v, m.plan.perm_v)] if m.v is not None else [])
@@ -249,42 +253,43 @@ class StateContractionRule(orp.RewriteRuleClassBase):
         got = self._read(x, y, node)
         if got is None:
             return check.fail("no operand is a prefix sum (CumSum)", node)
-        prefix = got.prefix if isinstance(got, _Match) else next(
+        prefix = got.prefix if isinstance(got, _Site) else next(
             p for p in (prefix_sum(x), prefix_sum(y)) if isinstance(p, PrefixSum))
         if isinstance(got, str):
             return self._refuse(check, got, prefix, node)
         why = self._vet(got, result)
         if why:
             return self._refuse(check, why, prefix, node)
-        self._match = got
+        self._site = got
         return check
 
     def rewrite(self, op, result, **_):
-        m = self._match
+        m = self._site
         assert m is not None
         node = result.producer()
-        c = chunk_for(self.chunk_size, m.bucket)
+        c = chunk_for(rule_options().chunk_size, m.bucket)
         args = dict(graph=node.graph, bucket=m.bucket, exclusive=m.prefix.exclusive)
         if m.kind == "numerator":
             assert m.v is not None
             out = chunked_causal(op, m.q, m.k, m.v, m.plan, c, result.dtype, **args)
         else:
             out = chunked_normalizer(op, m.q, m.k, m.plan, c, result.dtype, **args)
-        record: dict[str, Any] = {"kind": f"causal-{m.kind}", "action": "chunked", "chunk": c,
-                                  "nodes": [node_label(m.prefix.cumsum), node_label(node)]}
+        info: dict[str, object] = {"chunk": c}
         if m.plan.bucketed:
-            record["bucket"] = m.bucket
+            info["bucket"] = m.bucket
         if m.prefix.exclusive:
-            record["prefix"] = "exclusive"
-        self.records.append(record)
+            info["prefix"] = "exclusive"
+        cumsum = node_label(m.prefix.cumsum)
+        record(Match(f"causal-{m.kind}", "chunked", [cumsum, node_label(node)], rewritten=True, info=info),
+               key=("refused", cumsum))  # a refusal of this CumSum by an earlier reading no longer holds
         return out
+
 
 class NormalizerFloat32Rule(orp.RewriteRuleClassBase):
     """Z = CumSum(phi(K)) over the sequence in a non-float32 model: run the sum in float32."""
 
-    def __init__(self, records: list):
+    def __init__(self) -> None:
         super().__init__(name="NormalizerFloat32")
-        self.records = records
 
     def pattern(self, op, k, axis):
         return op.CumSum(k, axis, _outputs=["z"])
@@ -300,44 +305,65 @@ class NormalizerFloat32Rule(orp.RewriteRuleClassBase):
         return check
 
     def rewrite(self, op, k, axis, z, **_):
-        self.records.append({"kind": "causal-normalizer", "action": "float32-sum",
-                             "nodes": [node_label(z.producer())]})
+        record(Match("causal-normalizer", "float32-sum", [node_label(z.producer())], rewritten=True))
         return op.Cast(op.CumSum(op.Cast(k, to=_FLOAT32), axis), to=k.dtype)
 
 
-def survey(model: ir.Model) -> list[dict[str, Any]]:
-    """What is left after the pass: big CumSums, causal normalizers, non-causal linear attention."""
-    found: list[dict[str, Any]] = []
+# module-level rule sets, each usable with a stock onnxscript rewrite after causal_canon.CANONICAL_RULES
+CAUSAL_RULES = orp.RewriteRuleSet([StateContractionRule.rule()])
+NORMALIZER_FLOAT32_RULES = orp.RewriteRuleSet([NormalizerFloat32Rule.rule()])
+
+
+def _cumsum_left(node: ir.Node, refusals: dict[str, str]) -> Match | None:
+    """A CumSum no rule chunked: a large running sum (rank >= 5 from a product), or an n x d normalizer."""
+    x = node.inputs[0]
+    rank = len(x.shape) if x is not None and x.shape is not None else None
+    producer = x.producer() if x is not None else None
+    label = node_label(node)
+    if rank is not None and rank >= 5 and producer is not None and producer.op_type in ("Einsum", "Mul", "MatMul"):
+        why = refusals.get(label, "no causal state contraction reads it")
+        return Match("large-cumsum-left", "left", [label], why, matched=False, info={"rank": rank})
+    if rank is not None and rank >= 3 and any(u.node.op_type == "Einsum" for u in node.outputs[0].uses()):
+        why = refusals.get(label, "an n x d prefix sum: linear size, nothing to gain")
+        return Match("causal-normalizer", "left", [label], why, matched=False)
+    return None
+
+
+def _noncausal_left(node: ir.Node) -> Match | None:
+    """A two-operand Einsum that sums over the shared sequence first (k^T v) and feeds another Einsum."""
+    eq = einsum_equation(node)
+    if eq is None:
+        return None
+    (x, y), out = eq
+    shared = set(x) & set(y)
+    summed = shared - set(out)
+    feeds_einsum = any(u.node.op_type == "Einsum" for u in node.outputs[0].uses())
+    if feeds_einsum and len(summed) == 1 and len(set(x) - shared) == 1 and len(set(y) - shared) == 1 \
+            and set(out) == (set(x) | set(y)) - summed:
+        return Match("noncausal-linear-attention", "left", [node_label(node)],
+                     "non-causal: sums over n first, already O(n)", matched=False,
+                     info={"equation": node.attributes["equation"].as_string()})
+    return None
+
+
+def survey(model: ir.Model, refusals: dict[str, str] | None = None) -> list[Match]:
+    """What is left after the pass: big CumSums (with the reason the rule refused them), causal normalizers,
+    non-causal linear attention."""
+    found: list[Match] = []
     for node in model.graph:
+        left = None
         if node.op_type == "CumSum":
-            x = node.inputs[0]
-            rank = len(x.shape) if x is not None and x.shape is not None else None
-            producer = x.producer() if x is not None else None
-            outer_like = producer is not None and producer.op_type in ("Einsum", "Mul", "MatMul") and (
-                rank is not None and rank >= 5)
-            if outer_like:
-                found.append({"kind": "large-cumsum-left", "action": "kept", "nodes": [node_label(node)],
-                              "rank": rank})
-            elif rank is not None and rank >= 3 and any(u.node.op_type == "Einsum" for u in node.outputs[0].uses()):
-                found.append({"kind": "causal-normalizer", "action": "kept (n x d prefix sum, linear size)",
-                              "nodes": [node_label(node)]})
+            left = _cumsum_left(node, refusals or {})
         elif node.op_type == "Einsum" and len(node.inputs) == 2:
-            eq = einsum_equation(node)
-            if eq is None:
-                continue
-            (x, y), out = eq
-            shared = set(x) & set(y)
-            summed = shared - set(out)
-            feeds_einsum = any(u.node.op_type == "Einsum" for u in node.outputs[0].uses())
-            if feeds_einsum and len(summed) == 1 and len(set(x) - shared) == 1 and len(set(y) - shared) == 1 \
-                    and set(out) == (set(x) | set(y)) - summed:
-                found.append({"kind": "noncausal-linear-attention", "action": "left alone (sums over n first: already O(n))",
-                              "nodes": [node_label(node)], "equation": node.attributes["equation"].as_string()})
+            left = _noncausal_left(node)
+        if left is not None:
+            found.append(left)
     return found
 
 
-__all__ = ["CausalChunkPass", "StateContractionRule", "NormalizerFloat32Rule", "causal_mask", "chunk_for",
-           "chunked_causal", "chunked_normalizer", "plan_causal", "plan_normalizer", "survey", "parse_einsum"]
+__all__ = ["CAUSAL_RULES", "NORMALIZER_FLOAT32_RULES", "CausalChunkPass", "StateContractionRule",
+           "NormalizerFloat32Rule", "causal_mask", "chunk_for", "chunked_causal", "chunked_normalizer", "plan_causal",
+           "plan_normalizer", "survey", "parse_einsum"]
 
 
 def fold_small_shape_constants(model: ir.Model) -> None:
@@ -354,30 +380,25 @@ def fold_small_shape_constants(model: ir.Model) -> None:
 
 
 class CausalChunkPass(GraphPass):
-    """Canonicalize, rewrite every causal state contraction to the chunked form; report what stays (and why)."""
+    """Canonicalize, rewrite every causal state contraction to the chunked form; report what is left (and why)."""
 
     name = "causal-chunk"
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if self.opset_too_old(model):
-            return ir.passes.PassResult(model, False)
+    def run(self, model: ir.Model) -> bool:
         fold_small_shape_constants(model)
         prepare(model)
-        canonical = sum(self.apply_rules(model, rules) for rules in canonical_rule_sets())
+        canonical = sum(self.apply_rules(model, rules) for rules in CANONICAL_RULES)
         if canonical:
             prepare(model)  # shapes of the canonical nodes, for the rule's checks
-            self.details.append({"kind": "causal-canonical", "action": f"{canonical} surface form(s) rewritten",
-                                 "counts": False, "nodes": []})
-        records: list = []
-        refusals: dict[str, str] = {}
-        count = self.apply_rules(model, [StateContractionRule.rule(self.options.chunk_size, records, refusals)])
-        # only what the chunked rule left: fp16 normalizers in forms it does not know
-        count += self.apply_rules(model, [NormalizerFloat32Rule.rule(records)])
-        self.details.extend(records)
-        for item in survey(model):
-            item["counts"] = False
-            reason = refusals.get(item["nodes"][0]) if item.get("nodes") else None
-            if reason and item["kind"] != "noncausal-linear-attention":
-                item["reason"] = reason
-            self.details.append(item)
-        return ir.passes.PassResult(model, bool(count or canonical))
+            record(Match("causal-canonical", f"{canonical} surface form(s) rewritten", rewritten=True, matched=False))
+        with collecting(self.options) as found:  # the rule's refusals name why a CumSum is left
+            count = self.apply_rules(model, CAUSAL_RULES)
+            # only what the chunked rule left: fp16 normalizers in forms it does not know
+            count += self.apply_rules(model, NORMALIZER_FLOAT32_RULES)
+        refusals = {m.nodes[0]: m.reason or "" for m in found if not m.matched}
+        for m in found:
+            if m.matched:
+                record(m)
+        for m in survey(model, refusals):
+            record(m)
+        return bool(count or canonical)

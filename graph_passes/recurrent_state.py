@@ -9,7 +9,11 @@ such running sum starts from the sums of the tokens before the chunk:
 
 :class:`RecurrentStatePass` makes that rewrite: one graph input ``state_<i>`` and one graph output
 ``new_state_<i>`` per CumSum over the sequence axis (sums in float32 for float models), plus an int64
-``position_offset`` input added to every ``Range`` over the sequence length (absolute positions).
+``position_offset`` input added to every absolute position the graph reads: a ``Range`` over the sequence
+length, and a ``Slice`` that reads the rows of the current positions out of a table that has no sequence
+axis (``pos_emb[:, :n]``, the axial or learned position tables): it becomes a Gather of the rows
+``Range(start, end, step) + offset * step``, the offset added as to a Range's values. A table read that
+cannot move so (a start computed in the graph, e.g. the last n rows, or a negative step) is refused by name.
 The rewrite is only right when nothing else in the graph mixes positions along the sequence, so the
 pass first checks every node and refuses (:class:`RecurrentRefusal`, naming node, op and reason) a
 softmax over the sequence, a reduction or contraction over it, a seq x seq matrix, a reverse or
@@ -84,6 +88,24 @@ class RecurrentStateResult(GraphPassResult):
     seq_dim: str | None = None
     position_offset: str | None = None  # the input's name when the model uses absolute positions
     ranges: list[str] = field(default_factory=list)  # Range nodes that got the offset
+    slices: list[str] = field(default_factory=list)  # Slice nodes (position-table reads) that got the offset
+
+
+@dataclass
+class PositionRead:
+    """A Slice reading the rows of the current positions from a table along ``axis``: entry ``index`` of its
+    constant ``starts``/``axes``/``steps`` (its ends are computed from the length) is that axis."""
+
+    node: ir.Node
+    axis: int
+    index: int
+    starts: list[int]
+    axes: list[int]
+    steps: list[int]
+
+    @property
+    def step(self) -> int:
+        return self.steps[self.index]
 
 
 def _dims(value: ir.Value | None) -> list[Any] | None:
@@ -266,6 +288,46 @@ def _axis_list_op(node: ir.Node, op: str, p: int, rank: int) -> str | None:
     return None
 
 
+def position_read(node: ir.Node, seq: str) -> PositionRead | None:
+    """The Slice ``node`` as a read of the current positions' rows from a table without a sequence axis (its
+    output gains ``seq`` on the sliced axis: ``pos_emb[:, :n]``), or None when it is not one. A step model
+    reads rows ``t0 ..`` instead of ``0 ..``: refuse (naming why) a read that cannot move by the offset."""
+    if node.op_type != "Slice" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 3:
+        return None
+    dd, od = _dims(node.inputs[0]), _dims(node.outputs[0])
+    if dd is None or od is None or len(dd) != len(od) or _seq_positions(dd, seq) or \
+            len(_seq_positions(od, seq)) != 1:
+        return None
+    p, rank = _seq_positions(od, seq)[0], len(od)
+    label, op = node.name or "<unnamed>", node.op_type
+
+    def refuse(why: str) -> RecurrentRefusal:
+        return RecurrentRefusal(f"reads a table ({_fmt_shape(dd)}) at the current positions along the sequence "
+                                f"axis, but {why}, so the step model cannot read the rows of a chunk that starts "
+                                "at a later position", label, op,
+                                hint="index the table by absolute positions from 0 (table[:, start:start + n] with "
+                                     "a constant start, or an embedding of arange(n))")
+
+    starts = _int_list(node.inputs[1])
+    axes = _int_list(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else (
+        None if starts is None else list(range(len(starts))))
+    if axes is None:
+        raise refuse("its axes are computed in the graph (cannot tell which of them is the sequence axis)")
+    index = next((j for j, a in enumerate(axes) if _norm_axis(a, rank) == p), None)
+    if index is None:
+        raise refuse(f"it does not slice axis {p}, where its output has the sequence length")
+    steps = _int_list(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else [1] * len(axes)
+    if steps is None or steps[index] <= 0:
+        raise refuse("its step is computed in the graph" if steps is None else
+                     f"it reads the table backwards (step {steps[index]}): the rows of position t depend on the "
+                     "full length")
+    if starts is None or starts[index] < 0:
+        raise refuse("it starts at a row computed in the graph (e.g. the last n rows, table[-n:]): which rows "
+                     "position t reads depends on the full length" if starts is None else
+                     f"it starts at row {starts[index]}, counted from the table's end")
+    return PositionRead(node, p, index, starts, axes, steps)
+
+
 def _matmul_reason(node: ir.Node, seq: str) -> str | None:
     a, b = node.inputs[0], node.inputs[1]
     ad, bd = _dims(a), _dims(b)
@@ -302,7 +364,8 @@ def _einsum_reason(node: ir.Node, seq: str) -> str | None:
 
 
 def _is_outer_product(node: ir.Node | None) -> bool:
-    """An Einsum outer product (each operand lacks an axis of the output), or a Mul of Unsqueezes."""
+    """An Einsum outer product (each operand brings the output an axis the other lacks; shared axes may also be
+    summed, as in a bucketed ``bhund,bhune->bhude``), or a Mul of Unsqueezes."""
     if node is None:
         return False
     if node.op_type == "Einsum":
@@ -310,7 +373,8 @@ def _is_outer_product(node: ir.Node | None) -> bool:
         if "->" in eq and "..." not in eq:
             lhs, out = eq.split("->")
             terms = lhs.split(",")
-            return len(terms) == 2 and all(set(t) < set(out) for t in terms)
+            return len(terms) == 2 and all((set(a) - set(b)) & set(out) and set(a) - set(b) <= set(out)
+                                           for a, b in (terms, terms[::-1]))
     if node.op_type == "Mul":
         return all(v is not None and v.producer() is not None and v.producer().op_type == "Unsqueeze"
                    for v in node.inputs)
@@ -321,8 +385,8 @@ class RecurrentStatePass(GraphPass):
     """Carry every CumSum over the sequence axis as a state; refuse graphs that mix positions otherwise.
 
     ``seq_axis`` is the sequence axis of the graph inputs (lrexport names axis 1 ``seq``). The call returns
-    a :class:`RecurrentStateResult` listing the carried states; each carried CumSum and each shifted Range
-    is a match (a refusal raises :class:`RecurrentRefusal`: there is no partial step model).
+    a :class:`RecurrentStateResult` listing the carried states; each carried CumSum, shifted Range and shifted
+    position-table Slice is a match (a refusal raises :class:`RecurrentRefusal`: there is no partial step model).
     """
 
     name = "recurrent-state"
@@ -364,8 +428,37 @@ class RecurrentStatePass(GraphPass):
             except Exception:  # best effort: the numeric check covers what shapes cannot tell
                 pass
         seq = find_seq_dim(graph, self.seq_axis)
+        sums, ranges, reads = self._survey(graph, seq)
+        # ------------------------------------------------------------------------------------- rewrite
+        states = [self._carry(graph, i, node, axis) for i, (node, axis) in enumerate(sums)]
+        offset = self._offset_input(graph) if ranges or reads else None
+        if offset is not None:
+            for node in ranges:
+                self._offset_range(graph, node, offset)
+            for read in reads:
+                self._offset_slice(graph, read, offset)
+        for s in states:
+            record(Match("running-sum", "carried", [s.node], rewritten=True,
+                         info={"state": s.input, "new_state": s.output, "axis": s.axis, "role": s.role}))
+        offset_name = offset.name if offset is not None else None
+        range_names = [r.name or "<unnamed>" for r in ranges]
+        slice_names = [r.node.name or "<unnamed>" for r in reads]
+        for name in range_names:
+            record(Match("position-range", "offset added", [name], rewritten=True, info={"offset": offset_name}))
+        for read, name in zip(reads, slice_names):
+            record(Match("position-slice", "offset added", [name], rewritten=True,
+                         info={"offset": offset_name, "step": read.step}))
+        self._found = {"states": states, "seq_dim": seq, "position_offset": offset_name, "ranges": range_names,
+                       "slices": slice_names}
+        return True
+
+    def _survey(self, graph: ir.Graph, seq: str) -> tuple[list[tuple[ir.Node, int]], list[ir.Node],
+                                                           list[PositionRead]]:
+        """The running sums to carry, the position Ranges and table reads to offset; refuse any other node
+        that mixes positions along the sequence."""
         sums: list[tuple[ir.Node, int]] = []
         ranges: list[ir.Node] = []
+        reads: list[PositionRead] = []
         for node in graph:
             if node.op_type == "CumSum" and node.domain in ("", "ai.onnx"):
                 carried = self._cumsum_axis(node, seq)
@@ -376,6 +469,10 @@ class RecurrentStatePass(GraphPass):
                 if self._is_seq_range(node, seq):
                     ranges.append(node)
                     continue
+            read = position_read(node, seq)
+            if read is not None:
+                reads.append(read)
+                continue
             why = mixing_reason(node, seq)
             if why:
                 raise RecurrentRefusal(f"mixes positions along the sequence axis: it {why}",
@@ -385,17 +482,7 @@ class RecurrentStatePass(GraphPass):
                 "the graph has no CumSum over the sequence axis, so there is no running sum to carry "
                 "(a model with no mixing across positions needs no step model)",
                 hint="export the full-sequence model; it already runs on any chunk independently")
-        # ------------------------------------------------------------------------------------- rewrite
-        states = [self._carry(graph, i, node, axis) for i, (node, axis) in enumerate(sums)]
-        offset_name = self._add_offset(graph, ranges) if ranges else None
-        range_names = [r.name or "<unnamed>" for r in ranges]
-        for s in states:
-            record(Match("running-sum", "carried", [s.node], rewritten=True,
-                         info={"state": s.input, "new_state": s.output, "axis": s.axis, "role": s.role}))
-        for name in range_names:
-            record(Match("position-range", "offset added", [name], rewritten=True, info={"offset": offset_name}))
-        self._found = {"states": states, "seq_dim": seq, "position_offset": offset_name, "ranges": range_names}
-        return True
+        return sums, ranges, reads
 
     def _cumsum_axis(self, node: ir.Node, seq: str) -> int | None:
         """The sequence axis a CumSum sums along, or None if it sums along another axis; refuse bad ones."""
@@ -444,12 +531,6 @@ class RecurrentStatePass(GraphPass):
         label = node.name or f"cumsum_{i}"
         new: list[ir.Node] = []
 
-        def const(name: str, arr: np.ndarray) -> ir.Value:
-            v = ir.Value(name=f"{label}_{name}", const_value=ir.tensor(arr, name=f"{label}_{name}"),
-                         shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)))
-            graph.register_initializer(v)
-            return v
-
         state = ir.Value(name=f"{self.state_prefix}{i}", shape=ir.Shape(state_dims), type=ir.TensorType(sdtype))
         graph.inputs.append(state)
         uses = list(y.uses())
@@ -460,8 +541,8 @@ class RecurrentStatePass(GraphPass):
             graph.insert_before(node, [cx])
             node.replace_input_with(0, cx.outputs[0])
             y.dtype = sdtype
-        axes = const("state_axis", np.array([axis], dtype=np.int64))
-        last = const("state_last", np.array(-1, dtype=np.int64))
+        axes = _initializer(graph, f"{label}_state_axis", np.array([axis], dtype=np.int64))
+        last = _initializer(graph, f"{label}_state_last", np.array(-1, dtype=np.int64))
         unsq = ir.node("Unsqueeze", [state, axes], name=f"{label}_state_unsqueeze", metadata_props=dict(meta))
         add = ir.node("Add", [y, unsq.outputs[0]], name=f"{label}_state_add", metadata_props=dict(meta))
         add.outputs[0].name = f"{y.name}_carried"
@@ -498,37 +579,104 @@ class RecurrentStatePass(GraphPass):
         return CarriedState(i, state.name or "", out_state.name or "", label, axis, plain,
                             np.dtype(sdtype.numpy()).name, module, scopes[-1] if scopes else None, role)
 
-    def _add_offset(self, graph: ir.Graph, ranges: list[ir.Node]) -> str:
-        """positions = Range(start, limit, delta) + offset * delta (the offset stays a data tensor, not a
-        shape tensor: TensorRT refuses shape-tensor network inputs)."""
+    def _offset_input(self, graph: ir.Graph) -> ir.Value:
+        """The int64 scalar input: the position of the chunk's first token (a data tensor, not a shape
+        tensor: TensorRT refuses shape-tensor network inputs)."""
         offset = ir.Value(name=self.offset_name, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT64))
         graph.inputs.append(offset)
-        for node in ranges:
-            delta, out = node.inputs[2], node.outputs[0]
-            dtype = out.dtype or ir.DataType.INT64
-            label = node.name or "range"
-            uses = list(out.uses())
-            was_output = [k for k, o in enumerate(graph.outputs) if o is out]
-            new: list[ir.Node] = []
-            off: ir.Value = offset
-            if dtype != ir.DataType.INT64:
-                c = ir.node("Cast", [offset], {"to": dtype}, name=f"{label}_offset_cast")
-                new.append(c)
-                off = c.outputs[0]
-            scaled = ir.node("Mul", [off, delta], name=f"{label}_offset_scale")
-            shifted = ir.node("Add", [out, scaled.outputs[0]], name=f"{label}_offset_add",
-                              metadata_props=dict(node.metadata_props))
-            shifted.outputs[0].name = f"{out.name}_offset"
-            shifted.outputs[0].shape = out.shape
-            shifted.outputs[0].type = out.type
-            new += [scaled, shifted]
-            graph.insert_after(node, new)
-            for user, idx in uses:
-                user.replace_input_with(idx, shifted.outputs[0])
-            if was_output:
-                name = out.name
-                out.name = f"{name}_unshifted"
-                shifted.outputs[0].name = name
-            for k in was_output:
-                graph.outputs[k] = shifted.outputs[0]
-        return self.offset_name
+        return offset
+
+    @staticmethod
+    def _offset_range(graph: ir.Graph, node: ir.Node, offset: ir.Value) -> None:
+        """positions = Range(start, limit, delta) + offset * delta."""
+        delta, out = node.inputs[2], node.outputs[0]
+        dtype = out.dtype or ir.DataType.INT64
+        label = node.name or "range"
+        uses = list(out.uses())
+        was_output = [k for k, o in enumerate(graph.outputs) if o is out]
+        new = _cast_offset(offset, dtype, label)
+        off = new[-1].outputs[0] if new else offset
+        scaled = ir.node("Mul", [off, delta], name=f"{label}_offset_scale")
+        shifted = ir.node("Add", [out, scaled.outputs[0]], name=f"{label}_offset_add",
+                          metadata_props=dict(node.metadata_props))
+        shifted.outputs[0].name = f"{out.name}_offset"
+        shifted.outputs[0].shape = out.shape
+        shifted.outputs[0].type = out.type
+        new += [scaled, shifted]
+        graph.insert_after(node, new)
+        for user, idx in uses:
+            user.replace_input_with(idx, shifted.outputs[0])
+        if was_output:
+            name = out.name
+            out.name = f"{name}_unshifted"
+            shifted.outputs[0].name = name
+        for k in was_output:
+            graph.outputs[k] = shifted.outputs[0]
+
+    @staticmethod
+    def _offset_slice(graph: ir.Graph, read: PositionRead, offset: ir.Value) -> None:
+        """table[.., start:end:step, ..] -> Gather(table, Range(start, end, step) + offset * step): the Range
+        stays a shape computation and the offset a data tensor, as for a Range (a Slice start computed from
+        the offset would make it a shape tensor, and TensorRT refuses shape-tensor inputs). The table's other
+        sliced axes stay a Slice."""
+        node, j = read.node, read.index
+        data, ends, out = node.inputs[0], node.inputs[2], node.outputs[0]
+        assert data is not None and ends is not None
+        dtype = ends.dtype or ir.DataType.INT64
+        label = node.name or "slice"
+
+        def const(name: str, value: Any, np_dtype: Any = dtype.numpy()) -> ir.Value:
+            return _initializer(graph, f"{label}_{name}", np.array(value, dtype=np_dtype))
+
+        new = _cast_offset(offset, dtype, label)
+        off = new[-1].outputs[0] if new else offset
+        step = const("row_step", read.step)
+        end = ir.node("Gather", [ends, const("seq_entry", j, np.int64)], {"axis": 0}, name=f"{label}_row_end")
+        rows = ir.node("Range", [const("row_start", read.starts[j]), end.outputs[0], step], name=f"{label}_rows")
+        shift = ir.node("Mul", [off, step], name=f"{label}_offset_scale")
+        shifted = ir.node("Add", [rows.outputs[0], shift.outputs[0]], name=f"{label}_offset_add")
+        new += [end, rows, shift, shifted]
+        table = data
+        others = [k for k in range(len(read.axes)) if k != j]
+        if others:
+            pick = [read.starts[k] for k in others], [read.axes[k] for k in others], [read.steps[k] for k in others]
+            rest_ends = ir.node("Gather", [ends, const("other_entries", others, np.int64)], {"axis": 0},
+                                name=f"{label}_other_ends")
+            rest = ir.node("Slice", [data, const("other_starts", pick[0]), rest_ends.outputs[0],
+                                     const("other_axes", pick[1]), const("other_steps", pick[2])],
+                           name=f"{label}_other_axes")
+            new += [rest_ends, rest]
+            table = rest.outputs[0]
+        gather = ir.node("Gather", [table, shifted.outputs[0]], {"axis": read.axis}, name=f"{label}_offset_rows",
+                         metadata_props=dict(node.metadata_props))
+        gather.outputs[0].shape, gather.outputs[0].type = out.shape, out.type
+        graph.insert_before(node, [*new, gather])
+        _replace_value(graph, out, gather.outputs[0])
+        graph.remove(node, safe=True)
+
+
+def _replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+    """Every use of ``old`` (a graph output keeps its name) reads ``new``."""
+    for user, idx in list(old.uses()):
+        user.replace_input_with(idx, new)
+    was_output = [k for k, o in enumerate(graph.outputs) if o is old]
+    if was_output:
+        name = old.name
+        old.name = f"{name}_replaced"
+        new.name = name
+    for k in was_output:
+        graph.outputs[k] = new
+
+
+def _cast_offset(offset: ir.Value, dtype: ir.DataType, label: str) -> list[ir.Node]:
+    """[Cast] of the int64 offset to ``dtype``, or nothing when it is int64 already."""
+    if dtype == ir.DataType.INT64:
+        return []
+    return [ir.node("Cast", [offset], {"to": dtype}, name=f"{label}_offset_cast")]
+
+
+def _initializer(graph: ir.Graph, name: str, arr: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(arr, name=name), shape=ir.Shape(arr.shape),
+                     type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)))
+    graph.register_initializer(value)
+    return value

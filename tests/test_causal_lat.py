@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import json
 
+import onnx_ir as ir
 import pytest
+
+from exporter.export import export_onnx
+from exporter.specs import build_specs
+from graph_passes.recurrent_state import RecurrentStatePass
 
 pytest.importorskip("linear_attention_transformer")
 
@@ -50,29 +55,44 @@ def test_largest_tensor_at_1024_drops(cli, tmp_path, bucket):
     assert after * 4 <= before, (before, after)
 
 
-def test_step_export_token_by_token_and_chunks(cli, tmp_path):
-    """Bucket 1 with positions from nn.Embedding(arange(n)): each layer carries its two running sums (d x e and
-    d) as states, and the step model fed 1, 7 and 16 tokens at a time matches PyTorch on the full sequence."""
-    res = cli("export-step", *_factory_args("lat_causal_lm", {"use_axial_pos_emb": False}), "--out",
+@pytest.mark.parametrize("axial", [False, True])
+def test_step_export_token_by_token_and_chunks(cli, tmp_path, axial):
+    """Bucket 1, positions from nn.Embedding(arange(n)) (a Range: offset) or the library's default axial position
+    embedding (``pos_emb[:, :n]`` of a [b, 256, d] table summed from its axial weights: read at rows offset + 0..n-1
+    instead): each layer carries its two running sums (d x e and d) as states, and the step model fed
+    1, 7 and 16 tokens at a time matches PyTorch on the full sequence."""
+    res = cli("export-step", *_factory_args("lat_causal_lm", {"use_axial_pos_emb": axial}), "--out",
               tmp_path / "step.onnx", "--length", "40", "--chunk-max", "16", "--json", "-q")
     assert res.code == 0, res.err[-3000:]
     data = json.loads(res.out)
-    shapes = sorted(len(s["shape"]) for s in data["step"]["states"])
-    assert shapes == [3, 3, 4, 4] and data["step"]["position_offset"] == "position_offset"
+    states = data["step"]["states"]
+    assert sorted(len(s["shape"]) for s in states) == [3, 3, 4, 4] and data["step"]["position_offset"] == "position_offset"
+    assert sorted(s["role"] for s in states) == ["s", "s", "z", "z"]
     assert data["parity"]["ok"] is True and [r["chunk"] for r in data["parity"]["results"]] == [1, 7, 16]
     assert all(o["max_abs"] < 1e-4 for r in data["parity"]["results"] for o in r["outputs"])
 
 
+def test_axial_step_model_reads_the_position_table_at_the_offset(tmp_path):
+    """The axial table read (a Slice of the table along the sequence axis, no Range in the graph) becomes a Gather
+    of rows Range(0, n) + ``position_offset``: without it every chunk after the first would read rows 0.. again."""
+    inputs, shapes = tpm.SPECS["lat_causal_lm"]
+    export_onnx(tpm.lat_causal_lm(depth=1), build_specs(inputs, shapes), tmp_path / "m.onnx")
+    model = ir.load(tmp_path / "m.onnx")
+    res = RecurrentStatePass()(model)
+    kinds = [(m.kind, m.action) for m in res.matches if m.kind.startswith("position")]
+    assert kinds == [("position-slice", "offset added")] and not res.ranges
+    assert res.position_offset == "position_offset"
+    nodes = {n.name: n for n in model.graph}
+    (name,) = res.slices
+    assert name not in nodes and nodes[f"{name}_offset_rows"].op_type == "Gather"
+
+
 def test_step_export_refusals(cli, tmp_path):
-    """Bucketed sums advance a bucket at a time (no per-token step: refused up front, naming the multiple); the
-    default axial position embedding slices a position table by length, which the step model cannot offset
-    (refused by the step model's numeric self-check). Both are one error line, exit 2, and no file."""
+    """Bucketed sums advance a bucket at a time (no per-token step: refused up front, naming the multiple): one
+    error line, exit 2, and no file."""
     res = cli("export-step", *_factory_args("lat_bucketed_lm", {"blindspot_size": 4}), "--out",
               tmp_path / "b.onnx", "-q")
     assert res.code == 2 and "multiples of 4" in _error_line(res) and not (tmp_path / "b.onnx").exists()
-    res = cli("export-step", *_factory_args("lat_causal_lm", {}), "--out", tmp_path / "a.onnx", "-q")
-    assert res.code == 2 and "differs from the full model" in _error_line(res)
-    assert not (tmp_path / "a.onnx").exists()
 
 
 def test_torchscript_exporter_learns_the_bucket_multiple(cli, tmp_path):

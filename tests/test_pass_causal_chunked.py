@@ -7,8 +7,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from graph_passes import PassOptions, run_passes
-from graph_passes.causal_chunked import plan_causal
+from onnxscript.rewriter import rewrite
+
+from graph_passes import PassOptions, collecting, run_passes
+from graph_passes.causal_canon import CANONICAL_RULES
+from graph_passes.causal_chunked import CAUSAL_RULES, plan_causal
 from passes_helpers import cumsum_input_ranks, export_sample, feeds_for, make_model, max_err, op_count, run
 
 SEQS = (1, 37, 64, 100, 200)
@@ -215,21 +218,51 @@ def test_refuses_unsafe(kw, reason):
     assert reason in _refusal_reasons(model)
 
 
+def test_rule_sets_under_stock_rewrite():
+    """The module-level rule sets need no pass: stock onnxscript rewrites (canonical forms, then the state
+    contraction; default chunk 64, nothing recorded) turn the Unsqueeze/Mul/ReduceSum form into the chunked
+    form, exact on random inputs; under a collector the same rule set records its match with the chunk it got."""
+    model = onnx.shape_inference.infer_shapes(_causal_graph(outer="mul", contraction="mul"))
+    canon = model
+    for rules in CANONICAL_RULES:
+        canon = onnx.shape_inference.infer_shapes(rewrite(canon, pattern_rewrite_rules=rules))
+    out = rewrite(canon, pattern_rewrite_rules=CAUSAL_RULES)
+    assert cumsum_input_ranks(out) == [4] and op_count(out, "Unsqueeze") == 0
+    feeds = [_qkv(n, seed=n) for n in (1, 37, 100)]
+    for f, got in zip(feeds, run(out, feeds)):
+        np.testing.assert_allclose(got[0], _causal_reference(f["q"], f["k"], f["v"]), rtol=1e-4, atol=1e-4)
+    with collecting(PassOptions(chunk_size=16)) as found:
+        out16 = rewrite(canon, pattern_rewrite_rules=CAUSAL_RULES)
+    assert [(m.kind, m.action, m.matched, m.rewritten, m.info["chunk"]) for m in found] == [
+        ("causal-numerator", "chunked", True, True, 16)]
+    assert max_err(run(out, feeds), run(out16, feeds)) < 1e-4
+
+
+def test_refused_cumsum_is_left_with_the_rule_reason():
+    """A large CumSum the rule refused is recorded as left (not a match) with the reason the rule gave."""
+    model = _causal_graph(state_output=True)
+    _, report = run_passes(model, ["causal-chunk"])
+    p = report.passes[0]
+    (left,) = [d for d in p.details if d["kind"] == "large-cumsum-left"]
+    assert (left["action"], left["matched"], left["rank"], p.matches) == ("left", False, 5, 0)
+    assert left["reason"] in _refusal_reasons(model).split(" | ") and "used elsewhere" in left["reason"]
+
+
 def _refusal_reasons(model: onnx.ModelProto) -> str:
     """Why the pass's rules refused: their own reasons, read with onnxscript's MatchingTracer."""
     import onnx_ir as ir
     from onnxscript.rewriter import pattern as orp
 
     from graph_passes._util import prepare
-    from graph_passes.causal_canon import canonical_rule_sets
-    from graph_passes.causal_chunked import StateContractionRule
+    from graph_passes.causal_canon import CANONICAL_RULES
+    from graph_passes.causal_chunked import CAUSAL_RULES
 
     m = ir.serde.deserialize_model(model)
     prepare(m)
     reasons = []
-    for rules in [*canonical_rule_sets(), [StateContractionRule.rule(64, [], {})]]:
+    for rules in (*CANONICAL_RULES, CAUSAL_RULES):
         tracer = orp.MatchingTracer()
-        orp.RewriteRuleSet(rules).apply_to_model(m, tracer=tracer)
+        rules.apply_to_model(m, tracer=tracer)
         prepare(m)
         reasons += [info.match_result.reason for infos in tracer.best_matches_map.values() for info in infos
                     if info.status == orp.MatchStatus.CONDITION_FAILED]
@@ -392,9 +425,10 @@ def test_bucketed_refusals(kw, reason):
     out, report = run_passes(model, ["causal-chunk"])
     assert report.passes[0].matches == 0 and 5 in cumsum_input_ranks(out)
     assert reason in _refusal_reasons(model)
-    if reason == "static size":  # the refusal is also in the pass details, next to the CumSum it leaves
-        left = [d for d in report.passes[0].details if d["kind"] == "large-cumsum-left"]
-        assert left and reason in left[0]["reason"]
+    if reason == "static size":  # the rule's own reason is also in the pass details, on the CumSum it leaves
+        (left,) = [d for d in report.passes[0].details if d["kind"] == "large-cumsum-left"]
+        assert (left["action"], left["matched"], left["rewritten"]) == ("left", False, False)
+        assert reason in left["reason"] and left["reason"] in _refusal_reasons(model).split(" | ")
 
 
 @pytest.mark.parametrize("eq, factor_shape, to_out", [
@@ -435,17 +469,16 @@ def test_canonical_form_alone_is_exact(build):
     """The canonicalization rules on their own: every surface form becomes Einsums around an (exclusive) CumSum,
     and the outputs agree with the graph before on random inputs."""
     import onnx_ir as ir
-    from onnxscript.rewriter import pattern as orp
 
     from graph_passes._util import cleanup_unused, prepare
-    from graph_passes.causal_canon import canonical_rule_sets
+    from graph_passes.causal_canon import CANONICAL_RULES
 
     model = build()
     m = ir.serde.deserialize_model(model)
     prepare(m)
     count = 0
-    for rules in canonical_rule_sets():
-        count += orp.RewriteRuleSet(rules).apply_to_model(m)
+    for rules in CANONICAL_RULES:
+        count += rules.apply_to_model(m)
         cleanup_unused(m)
         prepare(m)
     canon = ir.serde.serialize_model(m)

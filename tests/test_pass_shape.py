@@ -80,6 +80,23 @@ def test_every_record_has_the_match_fields():
     assert report.passes[2].changed
 
 
+@pytest.mark.parametrize("name, matched, left", [
+    ("causal_block", ["causal-normalizer", "causal-numerator"], []),
+    ("noncausal_encoder", [], ["noncausal-linear-attention"] * 2),
+])
+def test_causal_chunk_records_have_the_shape(name, matched, left):
+    """causal-chunk: a chunked site is a match; what no rule took is left (not a match) with a reason."""
+    _, report = run_passes(export_sample(name), ["causal-chunk"], feeds=feeds_for(name, (5, 37)))
+    p = report.passes[0]
+    assert sorted(d["kind"] for d in p.details if d["matched"]) == matched == sorted(
+        d["kind"] for d in p.details if d["action"] == "chunked" and d["rewritten"])
+    assert p.matches == len(matched)
+    lefts = [d for d in p.details if d["action"] == "left"]
+    assert [d["kind"] for d in lefts] == left and all(d["reason"] and not d["matched"] for d in lefts)
+    assert {d["action"] for d in p.details} <= {"chunked", "left"} | {
+        d["action"] for d in p.details if d["kind"] == "causal-canonical"}
+
+
 @pytest.mark.parametrize("rank, merged", [(12, True), (2, False)])
 def test_rule_set_under_stock_rewrite(rank, merged):
     """The module-level rule set needs no pass: stock rewrite, default options, nothing recorded anywhere."""

@@ -276,6 +276,109 @@ def test_absolute_positions_get_an_offset_input(tmp_path):
     assert sp["position_offset"].opt == () and sp["position_offset"].dtype == "int64"
 
 
+class _TablePositionLM(LanguageModel):
+    """causal_lm-like model adding rows of a learned position table read by slicing: ``head`` reads
+    ``table[:, :n]`` (the axial / learned tables of linear-attention-transformer), ``strided`` rows
+    3, 5, 7, .. (``table[:, 3:3 + 2n:2]``), ``tail`` the last n rows (``table[:, -n:]``: which row position t
+    reads depends on the full length)."""
+
+    def __init__(self, read: str):
+        torch.manual_seed(0)
+        super().__init__(vocab=64, d_model=32, heads=2, layers=1, ff_hidden=64)
+        self.table = nn.Parameter(torch.randn(1, 256, 32))
+        self.read = read
+
+    def forward(self, ids):
+        n = ids.shape[1]
+        if self.read == "head":
+            pos = self.table[:, :n]
+        elif self.read == "strided":
+            pos = self.table[:, 3:3 + 2 * n:2]
+        else:
+            pos = self.table[:, -n:]
+        x = self.embed(ids) + pos
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.norm(x))
+
+
+@pytest.mark.parametrize("read, step", [("head", 1), ("strided", 2)])
+def test_position_table_reads_get_the_offset(tmp_path, read, step):
+    """A Slice of a table along the sequence axis moves by ``position_offset`` (times its step), as a Range does:
+    token-by-token and chunked runs read the rows of their absolute positions."""
+    model = _TablePositionLM(read).eval()
+    specs = build_specs(["ids:2x32:int64:0..63"], ["ids:min=1x1,opt=2x32,max=2x64"])
+    export_onnx(model, specs, tmp_path / "m.onnx")
+    result = export_step(tmp_path / "m.onnx", tmp_path / "s.onnx", specs=specs)
+    assert result.position_offset == "position_offset" and len(result.states) == 2
+    check_step_parity(model, result.onnx_path, specs, chunks=(1, 7, 16), length=40).assert_ok()
+    res = RecurrentStatePass()(ir.load(tmp_path / "m.onnx"))
+    reads = [m for m in res.matches if m.kind == "position-slice"]
+    assert len(reads) == 1 and reads[0].info["step"] == step and res.slices == reads[0].nodes
+    assert op_types(res.model).count("Slice") == op_types(ir.load(tmp_path / "m.onnx")).count("Slice") - 1
+
+
+def test_table_position_step_engine_builds_with_tensorrt_rtx(tmp_path):
+    """The offset stays a data tensor (a Gather index, not a Slice start, which would make it a shape tensor):
+    TensorRT builds the step model with ``position_offset`` as an input."""
+    pytest.importorskip("tensorrt_rtx")
+    from exporter.trt_build import build_engine
+
+    specs = build_specs(["ids:2x32:int64:0..63"], ["ids:min=1x1,opt=2x32,max=2x64"])
+    export_onnx(_TablePositionLM("head").eval(), specs, tmp_path / "m.onnx")
+    result = export_step(tmp_path / "m.onnx", tmp_path / "s.onnx", specs=specs)
+    built = build_engine(result.onnx_path, tmp_path / "s.engine", specs=step_specs(result, (1, 2), (1, 16)),
+                         precision="fp32", backend="tensorrt-rtx", force=True)
+    assert "position_offset" in {i["name"] for i in built.inputs} and built.engine_bytes > 0
+
+
+def op_types(model: ir.Model) -> list[str]:
+    return [n.op_type for n in model.graph]
+
+
+def test_position_table_sliced_on_two_axes(tmp_path):
+    """A table Slice on two axes (rows along the sequence, columns 2..5; shapes as an exporter writes them): the
+    rows move by the offset, the columns stay sliced; fed 1 and 4 tokens at a time the step model reproduces
+    the full graph."""
+    rng = np.random.default_rng(1)
+    table = rng.standard_normal((1, 300, 8)).astype(np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 4])
+    inits = [onnx.numpy_helper.from_array(table, "table"),
+             helper.make_tensor("axis", TensorProto.INT64, [], [1]),
+             helper.make_tensor("starts", TensorProto.INT64, [2], [0, 2]),
+             helper.make_tensor("axes", TensorProto.INT64, [2], [1, 2]),
+             helper.make_tensor("six", TensorProto.INT64, [1], [6])]
+    nodes = [helper.make_node("Shape", ["x"], ["n"], start=1, end=2),
+             helper.make_node("Concat", ["n", "six"], ["ends"], axis=0),
+             helper.make_node("Slice", ["table", "starts", "ends", "axes"], ["pos"], name="node_pos"),
+             helper.make_node("Add", ["x", "pos"], ["xp"]),
+             helper.make_node("CumSum", ["xp", "axis"], ["y"], name="node_cumsum")]
+    proto = _graph(nodes, [x], [y], inits)
+    proto.graph.value_info.extend([helper.make_tensor_value_info("pos", TensorProto.FLOAT, [1, "seq", 4]),
+                                   helper.make_tensor_value_info("xp", TensorProto.FLOAT, ["batch", "seq", 4])])
+    result = export_step(proto, tmp_path / "s.onnx")
+    assert result.position_offset == "position_offset"
+    feeds = {"x": rng.standard_normal((2, 11, 4)).astype(np.float32)}
+    expected = np.cumsum(feeds["x"] + table[:, :11, 2:6], axis=1)
+    for chunk in (1, 4):
+        np.testing.assert_allclose(run_stepwise(result.onnx_path, feeds, chunk)["y"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_refuses_a_position_table_read_from_its_end(tmp_path):
+    """``table[:, -n:]``: the rows of position t depend on the full length, which a step model does not know;
+    the refusal names the Slice and why (not the generic numeric self-check)."""
+    model = _TablePositionLM("tail").eval()
+    specs = build_specs(["ids:2x32:int64:0..63"], ["ids:min=1x1,opt=2x32,max=2x64"])
+    export_onnx(model, specs, tmp_path / "m.onnx")
+    with pytest.raises(LrexportError) as info:
+        export_step(tmp_path / "m.onnx", tmp_path / "s.onnx", specs=specs)
+    text = str(info.value)
+    assert re.search(r"node \S+ \(Slice\) reads a table \(1 x 256 x 32\) at the current positions", text), text
+    assert "starts at a row computed in the graph (e.g. the last n rows" in text
+    assert "differs from the full model" not in text and not (tmp_path / "s.onnx").exists()
+
+
 # ---------------------------------------------------------------------------------------------- engine
 
 def test_step_specs(causal_lm):
