@@ -14,6 +14,9 @@ length, and a ``Slice`` that reads the rows of the current positions out of a ta
 axis (``pos_emb[:, :n]``, the axial or learned position tables): it becomes a Gather of the rows
 ``Range(start, end, step) + offset * step``, the offset added as to a Range's values. A table read that
 cannot move so (a start computed in the graph, e.g. the last n rows, or a negative step) is refused by name.
+The sequence length read from the input's shape stays the chunk's length where it is a shape, and becomes the
+number of tokens seen so far, ``position_offset + n``, where it bounds those positions (a length mask
+``arange(n) < n``); any other use of it on per-token data is refused by name (``graph_passes.seq_length``).
 The rewrite is only right when nothing else in the graph mixes positions along the sequence, so the
 pass first checks every node and refuses (:class:`RecurrentRefusal`, naming node, op and reason) a
 softmax over the sequence, a reduction or contraction over it, a seq x seq matrix, a reverse or

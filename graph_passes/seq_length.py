@@ -75,45 +75,44 @@ def _int_const(value: ir.Value | None) -> list[int] | None:
     return None if tensor is None else [int(v) for v in tensor.numpy().reshape(-1)]
 
 
-def _shape_kind(node: ir.Node, seq: str) -> str | None:
-    """What a Shape node's output holds: every entry the length, some entries computed from it, or neither."""
+def _shape_entries(node: ir.Node) -> list[object] | None:
+    """The dims a Shape node returns (its ``start``/``end`` applied), or None when its input's shape is unknown."""
     dims = _dims(node.inputs[0])
     if dims is None:
-        return DERIVED
-    start_attr, end_attr = node.attributes.get("start"), node.attributes.get("end")
-    start = 0 if start_attr is None else int(start_attr.value)
-    end = len(dims) if end_attr is None else int(end_attr.value)
-    picked = dims[start:end]
-    if picked and all(d == seq for d in picked):
+        return None
+    start, end = node.attributes.get("start"), node.attributes.get("end")
+    return dims[0 if start is None else int(start.value):len(dims) if end is None else int(end.value)]
+
+
+def _kind_of_entries(picked: list[object] | None, seq: str) -> str | None:
+    """Every entry the length, some computed from it (or unknown), or none of them."""
+    if not picked:
+        return None
+    if all(d == seq for d in picked):
         return EXACT
     return DERIVED if any(_mentions(d, seq) for d in picked) else None
 
 
-def _entry_kind(node: ir.Node, kinds: dict[ir.Value, str], seq: str) -> str | None:
-    """A Gather/Slice picking entries of a Shape output: the kind of the entries picked (constant indices)."""
+def _entry_kind(node: ir.Node, kinds: dict[ir.Value, str], seq: str) -> tuple[bool, str | None]:
+    """A Gather/Slice picking constant entries of a Shape output: (True, their kind); (False, None) otherwise."""
     src = node.inputs[0]
     shape_node = src.producer() if src is not None else None
     if shape_node is None or shape_node.op_type != "Shape" or kinds.get(src) != DERIVED:
-        return None
-    dims = _dims(shape_node.inputs[0])
-    start_attr = shape_node.attributes.get("start")
-    end_attr = shape_node.attributes.get("end")
-    if dims is None:
-        return None
-    entries = dims[int(start_attr.value) if start_attr else 0:int(end_attr.value) if end_attr else len(dims)]
+        return False, None
+    entries = _shape_entries(shape_node)
+    if entries is None:
+        return False, None
+    picked: list[object] | None = None
     if node.op_type == "Gather":
         picks = _int_const(node.inputs[1])
-        picked = None if picks is None else [entries[i] for i in picks if -len(entries) <= i < len(entries)]
+        if picks is not None and all(-len(entries) <= i < len(entries) for i in picks):
+            picked = [entries[i] for i in picks]
     else:
         starts, ends = _int_const(node.inputs[1]), _int_const(node.inputs[2])
         steps = _int_const(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else [1]
-        ok = starts is not None and ends is not None and steps is not None and len(starts) == 1
-        picked = entries[starts[0]:ends[0]:steps[0]] if ok and starts and ends and steps else None
-    if not picked:
-        return DERIVED
-    if all(d == seq for d in picked):
-        return EXACT
-    return DERIVED if any(_mentions(d, seq) for d in picked) else "none"
+        if starts and ends and steps and len(starts) == len(ends) == len(steps) == 1:
+            picked = entries[starts[0]:ends[0]:steps[0]]
+    return (True, _kind_of_entries(picked, seq)) if picked is not None else (False, None)
 
 
 def _is_zero_one_range(node: ir.Node) -> bool:
@@ -141,9 +140,9 @@ def _length_out_kind(node: ir.Node, tracked: list[tuple[int, str]], kinds: dict[
     """The kind of a node's outputs computed from the length (None: they hold no length, e.g. the batch entry)."""
     op = node.op_type
     if op in ("Gather", "Slice") and any(i == 0 for i, _ in tracked):
-        picked = _entry_kind(node, kinds, seq)
-        if picked is not None:
-            return None if picked == "none" else picked
+        known, kind = _entry_kind(node, kinds, seq)
+        if known:
+            return kind
     exact = [k == EXACT for _, k in tracked]
     if op in _KEEPS_LENGTH and tracked == [(0, EXACT)]:
         return EXACT
@@ -161,8 +160,11 @@ def classify_length_uses(graph: ir.Graph, seq: str, ranges: list[ir.Node]) -> li
     bounds: list[PositionBound] = []
     range_set = set(ranges)
     for node in graph:
-        if node.op_type == "Shape":
-            kind = _shape_kind(node, seq)
+        if node.op_type in ("Shape", "Size"):
+            entries = _shape_entries(node) if node.op_type == "Shape" else _dims(node.inputs[0])
+            kind = DERIVED if entries is None else _kind_of_entries(entries, seq)
+            if node.op_type == "Size" and kind == EXACT and len(entries or []) > 1:
+                kind = DERIVED
             if kind is not None:
                 kinds[node.outputs[0]] = kind
             continue
