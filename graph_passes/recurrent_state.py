@@ -390,8 +390,9 @@ class RecurrentStatePass(GraphPass):
     """Carry every CumSum over the sequence axis as a state; refuse graphs that mix positions otherwise.
 
     ``seq_axis`` is the sequence axis of the graph inputs (lrexport names axis 1 ``seq``). The call returns
-    a :class:`RecurrentStateResult` listing the carried states; each carried CumSum, shifted Range and shifted
-    position-table Slice is a match (a refusal raises :class:`RecurrentRefusal`: there is no partial step model).
+    a :class:`RecurrentStateResult` listing the carried states; each carried CumSum, shifted Range, shifted
+    position-table Slice and length compared with the positions is a match (a refusal raises
+    :class:`RecurrentRefusal`: there is no partial step model).
     """
 
     name = "recurrent-state"

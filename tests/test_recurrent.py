@@ -464,6 +464,18 @@ def test_length_mask_compares_positions_with_the_tokens_seen(tmp_path, kind):
         np.testing.assert_allclose(got, np.cumsum(feeds["x"], axis=1), rtol=1e-5, atol=1e-5)
 
 
+def test_length_mask_step_engine_builds_with_tensorrt_rtx(tmp_path):
+    """The length plus the offset feeds a comparison of data, so ``position_offset`` stays a data input (not a
+    shape tensor, which TensorRT refuses as an input): TensorRT-RTX builds the step model."""
+    pytest.importorskip("tensorrt_rtx")
+    from exporter.trt_build import build_engine
+
+    result = export_step(_length_mask_model("less"), tmp_path / "s.onnx")
+    built = build_engine(result.onnx_path, tmp_path / "s.engine", specs=step_specs(result, (1, 2), (1, 16)),
+                         precision="fp32", backend="tensorrt-rtx", force=True)
+    assert "position_offset" in {i["name"] for i in built.inputs} and built.engine_bytes > 0
+
+
 @pytest.mark.parametrize("kind, op, expected", [
     ("last", "Equal", "compares positions with a value computed from the sequence length (not the length itself"),
     ("half", "Less", "compares the sequence length with positions that are not those of Range(0, n, 1)"),
