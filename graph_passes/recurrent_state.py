@@ -14,6 +14,9 @@ length, and a ``Slice`` that reads the rows of the current positions out of a ta
 axis (``pos_emb[:, :n]``, the axial or learned position tables): it becomes a Gather of the rows
 ``Range(start, end, step) + offset * step``, the offset added as to a Range's values. A table read that
 cannot move so (a start computed in the graph, e.g. the last n rows, or a negative step) is refused by name.
+The sequence length read from the input's shape stays the chunk's length where it is a shape, and becomes the
+number of tokens seen so far, ``position_offset + n``, where it bounds those positions (a length mask
+``arange(n) < n``); any other use of it on per-token data is refused by name (``graph_passes.seq_length``).
 The rewrite is only right when nothing else in the graph mixes positions along the sequence, so the
 pass first checks every node and refuses (:class:`RecurrentRefusal`, naming node, op and reason) a
 softmax over the sequence, a reduction or contraction over it, a seq x seq matrix, a reverse or
@@ -33,6 +36,7 @@ import onnx_ir.passes.common as common_passes
 
 from graph_passes._base import GraphPass, GraphPassResult, Match, record
 from graph_passes.name_scopes import name_scopes
+from graph_passes.seq_length import LengthUseError, PositionBound, classify_length_uses
 
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
 
@@ -89,6 +93,7 @@ class RecurrentStateResult(GraphPassResult):
     position_offset: str | None = None  # the input's name when the model uses absolute positions
     ranges: list[str] = field(default_factory=list)  # Range nodes that got the offset
     slices: list[str] = field(default_factory=list)  # Slice nodes (position-table reads) that got the offset
+    bounds: list[str] = field(default_factory=list)  # comparisons of positions with the length (offset added)
 
 
 @dataclass
@@ -385,8 +390,9 @@ class RecurrentStatePass(GraphPass):
     """Carry every CumSum over the sequence axis as a state; refuse graphs that mix positions otherwise.
 
     ``seq_axis`` is the sequence axis of the graph inputs (lrexport names axis 1 ``seq``). The call returns
-    a :class:`RecurrentStateResult` listing the carried states; each carried CumSum, shifted Range and shifted
-    position-table Slice is a match (a refusal raises :class:`RecurrentRefusal`: there is no partial step model).
+    a :class:`RecurrentStateResult` listing the carried states; each carried CumSum, shifted Range, shifted
+    position-table Slice and length compared with the positions is a match (a refusal raises
+    :class:`RecurrentRefusal`: there is no partial step model).
     """
 
     name = "recurrent-state"
@@ -429,6 +435,12 @@ class RecurrentStatePass(GraphPass):
                 pass
         seq = find_seq_dim(graph, self.seq_axis)
         sums, ranges, reads = self._survey(graph, seq)
+        try:
+            bounds = classify_length_uses(graph, seq, ranges)
+        except LengthUseError as err:
+            raise RecurrentRefusal(err.reason, err.node, err.op,
+                                   hint="a step model knows the tokens seen so far, not the full length: use the "
+                                        "length only for shapes and for masks of positions < length") from None
         # ------------------------------------------------------------------------------------- rewrite
         states = [self._carry(graph, i, node, axis) for i, (node, axis) in enumerate(sums)]
         offset = self._offset_input(graph) if ranges or reads else None
@@ -437,6 +449,8 @@ class RecurrentStatePass(GraphPass):
                 self._offset_range(graph, node, offset)
             for read in reads:
                 self._offset_slice(graph, read, offset)
+            for bound in bounds:
+                self._offset_bound(graph, bound, offset)
         for s in states:
             record(Match("running-sum", "carried", [s.node], rewritten=True,
                          info={"state": s.input, "new_state": s.output, "axis": s.axis, "role": s.role}))
@@ -448,8 +462,12 @@ class RecurrentStatePass(GraphPass):
         for read, name in zip(reads, slice_names):
             record(Match("position-slice", "offset added", [name], rewritten=True,
                          info={"offset": offset_name, "step": read.step}))
+        bound_names = [b.node.name or "<unnamed>" for b in bounds]
+        for name in bound_names:
+            record(Match("position-bound", "offset added to the length", [name], rewritten=True,
+                         info={"offset": offset_name}))
         self._found = {"states": states, "seq_dim": seq, "position_offset": offset_name, "ranges": range_names,
-                       "slices": slice_names}
+                       "slices": slice_names, "bounds": bound_names}
         return True
 
     def _survey(self, graph: ir.Graph, seq: str) -> tuple[list[tuple[ir.Node, int]], list[ir.Node],
@@ -612,6 +630,22 @@ class RecurrentStatePass(GraphPass):
             shifted.outputs[0].name = name
         for k in was_output:
             graph.outputs[k] = shifted.outputs[0]
+
+    @staticmethod
+    def _offset_bound(graph: ir.Graph, bound: PositionBound, offset: ir.Value) -> None:
+        """positions < n -> positions < n + offset: compared with the offset positions, the length is the number
+        of tokens seen so far (the same length used as a shape elsewhere stays the chunk's)."""
+        node = bound.node
+        length = node.inputs[bound.length]
+        assert length is not None
+        label = node.name or "compare"
+        new = _cast_offset(offset, length.dtype or ir.DataType.INT64, f"{label}_bound")
+        off = new[-1].outputs[0] if new else offset
+        seen = ir.node("Add", [length, off], name=f"{label}_tokens_seen", metadata_props=dict(node.metadata_props))
+        seen.outputs[0].name = f"{length.name}_tokens_seen_{label}"
+        seen.outputs[0].shape, seen.outputs[0].type = length.shape, length.type
+        graph.insert_before(node, [*new, seen])
+        node.replace_input_with(bound.length, seen.outputs[0])
 
     @staticmethod
     def _offset_slice(graph: ir.Graph, read: PositionRead, offset: ir.Value) -> None:

@@ -5,8 +5,9 @@ CausalDotProduct kernel) and fla's LinearAttention layer (Triton).
 For each, ``lrexport build`` keeps the sequence dynamic (nothing pinned), lists its patches, passes parity at
 min/opt/max/odd, the causal-chunk pass reports the chunked rewrite, and at n = 1024 the largest intermediate
 tensor of the optimized model is at least 4x smaller than that of the exported one (what ``--no-passes``
-ships). ``lrexport export-step`` on each reproduces the full-sequence PyTorch output token by token and in
-chunks. Builders: tests/third_party_models.py.
+ships). ``lrexport export-step`` on fla and fast-transformers reproduces the full-sequence PyTorch output token by
+token and in chunks; performer's is refused by name (its key features see the whole sequence). Builders:
+tests/third_party_models.py.
 """
 
 from __future__ import annotations
@@ -71,8 +72,10 @@ def test_build_dynamic_chunked_parity(cli, tmp_path, name):
     assert before >= 4 * after, (before, after)
 
 
-@pytest.mark.parametrize("name", ["fla_linear_attention"])
+@pytest.mark.parametrize("name", ["fla_linear_attention", "fast_transformers_causal"])
 def test_export_step_token_and_chunk_parity(cli, tmp_path, name):
+    """fast-transformers multiplies keys by its LengthMask ``arange(L) < L`` (L from the input's shape): the
+    step model compares the offset positions with ``position_offset + chunk`` (the tokens seen so far)."""
     module, library = LIBRARIES[name]
     pytest.importorskip(module, reason=f"{library} is not installed")
     res = cli("export-step", *_args(name), "--out", tmp_path / "step.onnx", "--chunk-max", "16", "--length", "50",
@@ -83,6 +86,8 @@ def test_export_step_token_and_chunk_parity(cli, tmp_path, name):
     chunks = {r["chunk"] for r in data["parity"]["results"]}
     assert {1, 7, 16} <= chunks
     assert data["step"]["layers"]
+    if name == "fast_transformers_causal":
+        assert data["step"]["position_offset"] == "position_offset"
 
 
 def test_export_step_performer_refused_keys_see_the_whole_sequence(cli, tmp_path):
@@ -103,14 +108,3 @@ def test_export_step_performer_refused_keys_see_the_whole_sequence(cli, tmp_path
     assert res.code == 2
     line = error_line(res)
     assert "(ReduceMax) mixes positions along the sequence axis" in line and "not causal" in line
-
-
-def test_export_step_fast_transformers_refused_length_mask(cli, tmp_path):
-    """fast-transformers' encoder multiplies keys by its LengthMask, ``arange(L) < L`` (all ones for a whole
-    sequence): the step model offsets that arange like absolute positions, its own token-by-token check
-    catches the difference, and export-step refuses with the reason instead of writing a wrong model."""
-    pytest.importorskip("fast_transformers.causal_product", reason="pytorch-fast-transformers is not installed")
-    res = cli("export-step", *_args("fast_transformers_causal"), "--out", tmp_path / "step.onnx", "-q")
-    assert res.code == 2
-    line = error_line(res)
-    assert "differs from the full model" in line and "not a causal running sum" in line

@@ -202,8 +202,8 @@ def test_refuses_softmax_over_the_sequence(tmp_path):
 
 
 class _LengthScaled(nn.Module):
-    """Causal linear attention whose output is divided by the sequence length: structurally local ops only,
-    but the output depends on n, so chunked runs differ; the numeric self-check must catch it."""
+    """Causal linear attention whose output is divided by the sequence length: the output depends on the full
+    length n, which a step model does not know (it sees its chunk's length)."""
 
     def __init__(self):
         super().__init__()
@@ -214,11 +214,35 @@ class _LengthScaled(nn.Module):
         return self.attn(x) / x.shape[1]
 
 
-def test_numeric_check_refuses_length_dependent_model(tmp_path):
+def test_refuses_the_length_used_as_a_value(tmp_path):
     specs = build_specs(["x:1x16x32:float32"], ["x:min=1x1x32,opt=1x16x32,max=2x64x32"])
     export_onnx(_LengthScaled().eval(), specs, tmp_path / "m.onnx")
     with pytest.raises(LrexportError) as info:
         export_step(tmp_path / "m.onnx", tmp_path / "s.onnx", specs=specs)
+    text = str(info.value)
+    assert re.search(r"node \S+ \(Div\) uses the sequence length as a value on per-token data", text), text
+    assert "differs from the full model" not in text and not (tmp_path / "s.onnx").exists()
+
+
+def test_numeric_check_refuses_what_the_structure_hides(tmp_path):
+    """A running sum over a flattened (batch, seq * 4) tensor: no axis is the sequence axis, so the structural
+    check passes it; the step model restarts that sum every chunk, and the numeric self-check refuses it."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 4])
+    inits = [helper.make_tensor("axis", TensorProto.INT64, [], [1]),
+             helper.make_tensor("flat", TensorProto.INT64, [2], [0, -1])]
+    nodes = [helper.make_node("CumSum", ["x", "axis"], ["c"], name="node_cumsum"),
+             helper.make_node("Reshape", ["c", "flat"], ["f"]),
+             helper.make_node("CumSum", ["f", "axis"], ["g"], name="node_flat_cumsum"),
+             helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("Reshape", ["g", "shape"], ["y"])]
+    proto = _graph(nodes, [x], [y], inits)
+    proto.graph.value_info.extend([helper.make_tensor_value_info("c", TensorProto.FLOAT, ["batch", "seq", 4]),
+                                   helper.make_tensor_value_info("f", TensorProto.FLOAT, ["batch", "flat"]),
+                                   helper.make_tensor_value_info("g", TensorProto.FLOAT, ["batch", "flat"]),
+                                   helper.make_tensor_value_info("shape", TensorProto.INT64, [3])])
+    with pytest.raises(LrexportError) as info:
+        export_step(proto, tmp_path / "s.onnx")
     assert "differs from the full model" in str(info.value)
     assert "not a causal running sum" in str(info.value)
 
@@ -376,6 +400,99 @@ def test_refuses_a_position_table_read_from_its_end(tmp_path):
     text = str(info.value)
     assert re.search(r"node \S+ \(Slice\) reads a table \(1 x 256 x 32\) at the current positions", text), text
     assert "starts at a row computed in the graph (e.g. the last n rows" in text
+    assert "differs from the full model" not in text and not (tmp_path / "s.onnx").exists()
+
+
+def _length_mask_model(kind: str):
+    """``y = cumsum(x * mask)`` reshaped to ``(batch, n, 4)`` (the length as a shape), where the mask compares the
+    positions ``arange(n)`` with the length n read from ``x``'s shape (fast-transformers' LengthMask): ``less``
+    ``arange(n) < n``, ``greater`` ``n > arange(n)``; models that must stay refused: ``last``
+    ``arange(n) == n - 1``, ``half`` ``2 * arange(n) < n``, ``distance`` a weight ``n - arange(n)``."""
+    f, i64 = TensorProto.FLOAT, TensorProto.INT64
+    inits = [helper.make_tensor("axis", i64, [], [1]), helper.make_tensor("zero", i64, [], [0]),
+             helper.make_tensor("one", i64, [], [1]), helper.make_tensor("two", i64, [], [2]),
+             helper.make_tensor("one1", i64, [1], [1]), helper.make_tensor("four", i64, [1], [4]),
+             helper.make_tensor("axes02", i64, [2], [0, 2])]
+    nodes = [helper.make_node("Shape", ["x"], ["n"], start=1, end=2),
+             helper.make_node("Squeeze", ["n"], ["ns"]),
+             helper.make_node("Range", ["zero", "ns", "one"], ["pos"], name="node_arange"),
+             helper.make_node("Unsqueeze", ["pos", "axes02"], ["pr"])]
+    infos = [("n", i64, [1]), ("ns", i64, []), ("pos", i64, ["seq"]), ("pr", i64, [1, "seq", 1]),
+             ("m", TensorProto.BOOL, [1, "seq", 1]), ("mf", f, [1, "seq", 1]), ("xm", f, ["batch", "seq", 4]),
+             ("c", f, ["batch", "seq", 4]), ("b", i64, [1]), ("shp", i64, [3])]
+    compare = {"less": ("Less", ["pr", "n"]), "greater": ("Greater", ["n", "pr"]), "last": ("Equal", ["pr", "nm1"]),
+               "half": ("Less", ["p2", "n"])}
+    if kind == "last":
+        nodes.append(helper.make_node("Sub", ["n", "one1"], ["nm1"]))
+        infos.append(("nm1", i64, [1]))
+    if kind == "half":
+        nodes.append(helper.make_node("Mul", ["pr", "two"], ["p2"]))
+        infos.append(("p2", i64, [1, "seq", 1]))
+    if kind == "distance":
+        nodes += [helper.make_node("Sub", ["n", "pr"], ["m"], name="node_distance"),
+                  helper.make_node("Cast", ["m"], ["mf"], to=f)]
+        infos[4] = ("m", i64, [1, "seq", 1])
+    else:
+        op, ins = compare[kind]
+        nodes += [helper.make_node(op, ins, ["m"], name="node_mask"), helper.make_node("Cast", ["m"], ["mf"], to=f)]
+    nodes += [helper.make_node("Mul", ["x", "mf"], ["xm"]),
+              helper.make_node("CumSum", ["xm", "axis"], ["c"], name="node_cumsum"),
+              helper.make_node("Shape", ["x"], ["b"], start=0, end=1),
+              helper.make_node("Concat", ["b", "n", "four"], ["shp"], axis=0),
+              helper.make_node("Reshape", ["c", "shp"], ["y"], name="node_reshape")]
+    x = helper.make_tensor_value_info("x", f, ["batch", "seq", 4])
+    y = helper.make_tensor_value_info("y", f, ["batch", "seq", 4])
+    proto = _graph(nodes, [x], [y], inits)
+    proto.graph.value_info.extend([helper.make_tensor_value_info(*info) for info in infos])
+    return proto
+
+
+@pytest.mark.parametrize("kind", ["less", "greater"])
+def test_length_mask_compares_positions_with_the_tokens_seen(tmp_path, kind):
+    """``arange(n) < n`` compares the offset positions with the length: in the step model that length is
+    ``position_offset + chunk``, while the same n as a shape (the Reshape, the Range's end) stays the chunk's;
+    fed 1, 4 and 11 tokens at a time the step model reproduces the full graph (all ones mask: ``cumsum(x)``)."""
+    proto = _length_mask_model(kind)
+    res = RecurrentStatePass()(ir.from_proto(proto))
+    assert res.bounds == ["node_mask"] and res.ranges == ["node_arange"]
+    assert [m.action for m in res.matches if m.kind == "position-bound"] == ["offset added to the length"]
+    result = export_step(proto, tmp_path / "s.onnx")
+    assert result.position_offset == "position_offset"
+    feeds = {"x": np.random.default_rng(2).standard_normal((2, 11, 4)).astype(np.float32)}
+    for chunk in (1, 4, 11):
+        got = run_stepwise(result.onnx_path, feeds, chunk)["y"]
+        np.testing.assert_allclose(got, np.cumsum(feeds["x"], axis=1), rtol=1e-5, atol=1e-5)
+
+
+def test_length_mask_step_engine_builds_with_tensorrt_rtx(tmp_path):
+    """The length plus the offset feeds a comparison of data, so ``position_offset`` stays a data input (not a
+    shape tensor, which TensorRT refuses as an input): TensorRT-RTX builds the step model."""
+    pytest.importorskip("tensorrt_rtx")
+    from exporter.trt_build import build_engine
+
+    result = export_step(_length_mask_model("less"), tmp_path / "s.onnx")
+    built = build_engine(result.onnx_path, tmp_path / "s.engine", specs=step_specs(result, (1, 2), (1, 16)),
+                         precision="fp32", backend="tensorrt-rtx", force=True)
+    assert "position_offset" in {i["name"] for i in built.inputs} and built.engine_bytes > 0
+
+
+@pytest.mark.parametrize("kind, op, expected", [
+    ("last", "Equal", "compares positions with a value computed from the sequence length (not the length itself"),
+    ("half", "Less", "compares the sequence length with positions that are not those of Range(0, n, 1)"),
+    ("distance", "Sub", "combines positions with the sequence length (e.g. the distance to the last token"),
+])
+def test_refuses_positions_bounded_by_a_function_of_the_length(tmp_path, kind, op, expected):
+    """Masks and weights that depend on the full length (the last token, the first half, the distance to the
+    end) have no step form: refused by node and why before any rewrite, not by the numeric self-check."""
+    model = ir.from_proto(_length_mask_model(kind))
+    with pytest.raises(RecurrentRefusal) as caught:
+        RecurrentStatePass()(model)
+    assert caught.value.op == op and caught.value.node in ("node_mask", "node_distance")
+    assert [v.name for v in model.graph.inputs] == ["x"]
+    with pytest.raises(LrexportError) as info:
+        export_step(_length_mask_model(kind), tmp_path / "s.onnx")
+    text = str(info.value)
+    assert f"({op}) {expected}" in text, text
     assert "differs from the full model" not in text and not (tmp_path / "s.onnx").exists()
 
 
