@@ -193,7 +193,7 @@ def analyze_ranges(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarr
 def _locations(graph: ir.Graph, constants: Collection[str]) -> Callable[[str], tuple[str, str, str | None]]:
     """``where(name)``: (node, op type, module) of the value's producer; an initializer or model input is
     named after its first reader's module."""
-    values: dict[str, ir.Value] = {v.name: v for node in graph for v in node.outputs if v.name}
+    producers = {v.name: node for node in graph for v in node.outputs if v.name}
     readers: dict[str, ir.Node] = {}
     for node in graph:
         for v in node.inputs:
@@ -201,7 +201,7 @@ def _locations(graph: ir.Graph, constants: Collection[str]) -> Callable[[str], t
                 readers.setdefault(v.name, node)
 
     def where(name: str) -> tuple[str, str, str | None]:
-        node = values[name].producer() if name in values else None
+        node = producers.get(name)
         if node is not None:
             return node.name or node.op_type, node.op_type, _module(node)
         reader = readers.get(name)
