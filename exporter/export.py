@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import onnx
+import onnx_ir as ir
 import torch
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch import nn
@@ -270,27 +271,43 @@ def _static_axes(ep: Any, specs: Sequence[InputSpec], reasons: dict[str, str]) -
     return pinned
 
 
-def _rename_dims(model: onnx.ModelProto, specs: Sequence[InputSpec]) -> None:
+def _rename_dims(model: ir.Model, specs: Sequence[InputSpec]) -> None:
     """Give the graph's symbolic dims the readable names lrexport uses (batch, seq, ...); a derived
     dim keeps its form (``16*s11`` -> ``16*seq_blocks``)."""
     names = dim_names(specs)
     mapping: dict[str, str] = {}
-    for spec, vi in zip(specs, model.graph.input):
-        for axis, dim in enumerate(vi.type.tensor_type.shape.dim):
-            if dim.HasField("dim_param") and (spec.name, axis) in names:
-                parsed = parse_dim_expr(dim.dim_param)
+    for spec, value in zip(specs, model.graph.inputs):
+        for axis, dim in enumerate(value.shape or ()):
+            sym = _symbol(dim)
+            if sym is not None and (spec.name, axis) in names:
+                parsed = parse_dim_expr(sym)
                 name = names[(spec.name, axis)]
                 if parsed and parsed[0] > 1:
                     mapping.setdefault(parsed[1], f"{name}_blocks")
-                    mapping.setdefault(dim.dim_param, f"{parsed[0]}*{name}_blocks")
+                    mapping.setdefault(sym, f"{parsed[0]}*{name}_blocks")
                 else:
-                    mapping.setdefault(dim.dim_param, name)
-            elif dim.HasField("dim_param") and axis not in spec.dynamic_axes:
-                dim.dim_value = spec.opt[axis]  # pinned by the exporter: say so in the graph too
-    for vi in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
-        for dim in vi.type.tensor_type.shape.dim:
-            if dim.HasField("dim_param") and dim.dim_param in mapping:
-                dim.dim_param = mapping[dim.dim_param]
+                    mapping.setdefault(sym, name)
+        pinned = {axis: spec.opt[axis] for axis, dim in enumerate(value.shape or ())
+                  if _symbol(dim) is not None and axis not in spec.dynamic_axes}
+        _reshape(value, lambda axis, dim: pinned.get(axis, dim))  # pinned by the exporter: say so in the graph too
+    graph = model.graph
+    for value in dict.fromkeys([*graph.inputs, *graph.outputs, *(v for node in graph for v in node.outputs)]):
+        _reshape(value, lambda _axis, dim: mapping.get(_symbol(dim) or "", dim))
+
+
+def _symbol(dim: Any) -> str | None:
+    """The name of a symbolic dim; None for a fixed size or an unnamed dim."""
+    return dim.value if isinstance(dim, ir.SymbolicDim) else None
+
+
+def _reshape(value: ir.Value, change: Callable[[int, Any], Any]) -> None:
+    """Give ``value`` a new shape, ``change(axis, dim)`` per dim (a deserialized shape is frozen)."""
+    shape = value.shape
+    if shape is None:
+        return
+    dims = [change(axis, dim) for axis, dim in enumerate(shape)]
+    if dims != list(shape):
+        value.shape = ir.Shape(dims, denotations=[shape.get_denotation(a) for a in range(shape.rank())])
 
 
 def save_onnx(model: onnx.ModelProto, path: Path) -> None:
@@ -364,8 +381,9 @@ def export_onnx(loaded: LoadedModel | nn.Module, specs: Sequence[InputSpec], pat
                           for s in exported_specs]
         warnings_out.append(pin.message())
     _rename_dims(model, exported_specs)
-    _verify(model, say, warnings_out)
-    save_onnx(model, path)
+    proto = ir.to_proto(model)  # the checker and the external-data writer take a proto
+    _verify(proto, say, warnings_out)
+    save_onnx(proto, path)
     seconds = time.perf_counter() - start
     return ExportResult(path, exporter, opset, seconds, exported_specs, out_names, pinned, warnings_out, program,
                         [p.label for p in chosen])
@@ -387,7 +405,7 @@ def _verify(model: onnx.ModelProto, say: Callable[[str], None], warnings_out: li
 
 def _export_dynamo(source: Any, args: tuple, specs: list[InputSpec], opset: int, out_names: list[str],
                    say: Callable[[str], None], warnings_out: list[str]
-                   ) -> tuple[onnx.ModelProto, Any, list[InputSpec], list[PinnedAxis]]:
+                   ) -> tuple[ir.Model, Any, list[InputSpec], list[PinnedAxis]]:
     """torch.export ourselves (so every pinned or narrowed axis is seen), then torch.onnx on the program."""
     say("torch.export")
     try:
@@ -415,11 +433,11 @@ def _export_dynamo(source: Any, args: tuple, specs: list[InputSpec], opset: int,
         raise (_unsupported_op(err, ep) or LrexportError(
             f"ONNX translation failed ({type(err).__name__}: {str(err).strip().splitlines()[0][:300]})",
             "try --exporter torchscript")) from None
-    return onnx_program.model_proto, onnx_program.exported_program, specs, pinned
+    return onnx_program.model, onnx_program.exported_program, specs, pinned
 
 
 def _export_torchscript(module: nn.Module, args: tuple, specs: list[InputSpec], opset: int, out_names: list[str],
-                        say: Callable[[str], None]) -> tuple[onnx.ModelProto, list[PinnedAxis], list[InputSpec]]:
+                        say: Callable[[str], None]) -> tuple[ir.Model, list[PinnedAxis], list[InputSpec]]:
     say("TorchScript exporter (fallback)")
     specs = _learn_multiples(module, args, specs)
     names = dim_names(specs)
@@ -438,7 +456,7 @@ def _export_torchscript(module: nn.Module, args: tuple, specs: list[InputSpec], 
         raise LrexportError(f"TorchScript export failed ({type(err).__name__}: "
                             f"{str(err).strip().splitlines()[0][:300]})",
                             "try the default dynamo exporter") from None
-    model = onnx.load_from_string(buf.getvalue())
+    model = ir.from_proto(onnx.load_from_string(buf.getvalue()))
     return model, _static_from_onnx(model, specs), specs
 
 
@@ -480,14 +498,14 @@ def _narrowed_axes(ep: Any, specs: Sequence[InputSpec], reasons: dict[str, str])
     return found
 
 
-def _static_from_onnx(model: onnx.ModelProto, specs: Sequence[InputSpec]) -> list[PinnedAxis]:
+def _static_from_onnx(model: ir.Model, specs: Sequence[InputSpec]) -> list[PinnedAxis]:
     """Requested dynamic axes that the TorchScript exporter wrote as fixed sizes."""
     pinned = []
-    for spec, vi in zip(specs, model.graph.input):
-        dims = vi.type.tensor_type.shape.dim
+    for spec, value in zip(specs, model.graph.inputs):
+        dims = list(value.shape or ())
         for axis in spec.dynamic_axes:
-            if axis < len(dims) and dims[axis].HasField("dim_value"):
-                pinned.append(PinnedAxis(spec.name, axis, (spec.min[axis], spec.max[axis]), dims[axis].dim_value,
+            if axis < len(dims) and isinstance(dims[axis], int):
+                pinned.append(PinnedAxis(spec.name, axis, (spec.min[axis], spec.max[axis]), dims[axis],
                                          "the TorchScript exporter traced it as a constant"))
     return pinned
 

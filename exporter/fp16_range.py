@@ -31,14 +31,14 @@ from __future__ import annotations
 import fnmatch
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Collection, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+import onnx_ir as ir
 
 from exporter.errors import LrexportError
-from exporter.localize import _float_values, _module, _with_outputs
+from exporter.localize import _module, exposing, typed
 from exporter.parity import module_path
 from graph_passes.ort_session import ort_session, session_options as ort_session_options
 
@@ -96,16 +96,63 @@ class RangeReport:
                 "values_measured": len(self.values), "flagged": [v.to_dict() for v in self.flagged]}
 
 
-def _low_values(model: onnx.ModelProto, fp32_nodes: Collection[str]) -> set[str]:
+def _low_values(graph: ir.Graph, fp32_nodes: Collection[str]) -> set[str]:
     """Values produced or read (not only for their shape) by a node the cast puts in low precision."""
     low: set[str] = set()
-    for node in model.graph.node:
+    for node in graph:
         if node.op_type in _SHAPE_ONLY or node.name in fp32_nodes:
             continue
         if node.op_type == "Constant":
             continue  # a constant lives in the region of its readers
-        low.update(v for v in (*node.input, *node.output) if v)
+        low.update(v.name for v in (*node.inputs, *node.outputs) if v is not None and v.name)
     return low
+
+
+class _Stats:
+    """Running max |x| and subnormal counts per value name, over every feed."""
+
+    def __init__(self, smallest_normal: float):
+        self.smallest_normal = smallest_normal
+        self.by_name: dict[str, list[float]] = {}  # name -> [max_abs, nonzero, subnormal, elements]
+
+    def record(self, name: str, array: Any) -> None:
+        a = np.abs(np.asarray(array, dtype=np.float32))
+        finite = a[np.isfinite(a)]
+        nonzero = finite[finite > 0]
+        s = self.by_name.setdefault(name, [0.0, 0, 0, 0])
+        s[0] = max(s[0], float(finite.max()) if finite.size else 0.0)
+        s[1] += int(nonzero.size)
+        s[2] += int((nonzero < self.smallest_normal).sum())
+        s[3] += int(a.size)
+
+
+def _constant_values(graph: ir.Graph, low: set[str]) -> dict[str, np.ndarray]:
+    """The float32 initializers and Constant nodes the cast would make low, by name (exact: no run needed)."""
+    found = {name: v.const_value.numpy() for name, v in graph.initializers.items()
+             if name in low and v.const_value is not None and v.const_value.dtype == ir.DataType.FLOAT}
+    for node in graph:
+        if node.op_type != "Constant" or node.outputs[0].name not in low:
+            continue
+        attr = node.attributes.get("value")
+        tensor = attr.as_tensor() if attr is not None and attr.type == ir.AttributeType.TENSOR else None
+        if tensor is not None and tensor.dtype == ir.DataType.FLOAT:
+            found[node.outputs[0].name or ""] = tensor.numpy()
+    return found
+
+
+def _measure_in_ort(model: ir.Model, names: list[str], feeds: Sequence[Mapping[str, np.ndarray]],
+                    stats: _Stats) -> None:
+    """Run ``model`` (changed: it returns the named values too) on every feed and record the named values;
+    a model input among them is recorded from the feed itself."""
+    inputs = {v.name for v in model.graph.inputs}
+    session = ort_session(exposing(model, names), ort_session_options())
+    wanted = [o.name for o in session.get_outputs() if o.name in set(names)]
+    for feed in feeds:
+        for name, array in zip(wanted, session.run(wanted, dict(feed))):
+            stats.record(name, array)
+        for name in names:
+            if name in inputs and name in feed:
+                stats.record(name, feed[name])
 
 
 def analyze_ranges(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]], precision: str = "fp16",
@@ -121,76 +168,55 @@ def analyze_ranges(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarr
     precision = normalize_precision(precision)
     largest, smallest_normal = LIMITS[precision]
     limit = largest / MARGIN
-    if fp32_nodes is None:
-        fp32_nodes = fp32_node_names(model)
-    low = _low_values(model, fp32_nodes)
-    infos = _float_values(model)
-    producers = {out: node for node in model.graph.node for out in node.output}
-    readers: dict[str, onnx.NodeProto] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, node)
-    stats: dict[str, list[float]] = {}  # name -> [max_abs, nonzero, subnormal, elements]
-
-    def record(name: str, array: np.ndarray) -> None:
-        a = np.abs(np.asarray(array, dtype=np.float32))
-        finite = a[np.isfinite(a)]
-        nonzero = finite[finite > 0]
-        s = stats.setdefault(name, [0.0, 0, 0, 0])
-        s[0] = max(s[0], float(finite.max()) if finite.size else 0.0)
-        s[1] += int(nonzero.size)
-        s[2] += int((nonzero < smallest_normal).sum())
-        s[3] += int(a.size)
-
-    inputs = {i.name for i in model.graph.input}
-    for init in model.graph.initializer:
-        if init.name in low and init.data_type == onnx.TensorProto.FLOAT:
-            record(init.name, numpy_helper.to_array(init))
-    constants = set()
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.output[0] in low:
-            value = next((a.t for a in node.attribute if a.name == "value"), None)
-            if value is not None and value.data_type == onnx.TensorProto.FLOAT:
-                record(node.output[0], numpy_helper.to_array(value))
-                constants.add(node.output[0])
-    names = [out for node in model.graph.node for out in node.output
-             if out in low and out in infos and out not in constants
-             and infos[out].type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
-    names += [i.name for i in model.graph.input
-              if i.name in low and i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
+    typed_model = typed(model)  # every intermediate's dtype, inferred
+    graph = typed_model.graph
+    low = _low_values(graph, fp32_node_names(model) if fp32_nodes is None else fp32_nodes)
+    stats = _Stats(smallest_normal)
+    constants = _constant_values(graph, low)
+    for name, array in constants.items():
+        stats.record(name, array)
+    measured = [v for node in graph for v in node.outputs] + list(graph.inputs)
+    names = [v.name for v in measured if v.name in low and v.name not in constants and v.dtype == ir.DataType.FLOAT]
+    where = _locations(graph, set(constants))
     if names and feeds:
-        session = ort_session(_with_outputs(model, [n for n in names if n not in inputs], infos),
-                              ort_session_options())
-        wanted = [o.name for o in session.get_outputs() if o.name in set(names)]
-        for feed in feeds:
-            for name, array in zip(wanted, session.run(wanted, dict(feed))):
-                record(name, array)
-            for name in names:
-                if name in inputs and name in feed:
-                    record(name, feed[name])
+        _measure_in_ort(typed_model, names, feeds, stats)
     report = RangeReport(precision, limit, len(feeds), 0.0)
-    constant_names = constants | {i.name for i in model.graph.initializer}
-    for name, (max_abs, nonzero, subnormal, elements) in stats.items():
+    for name, (max_abs, nonzero, subnormal, elements) in stats.by_name.items():
         share = subnormal / nonzero if nonzero else 0.0
-        node = producers.get(name)
-        if node is not None:
-            where = (node.name or node.op_type, node.op_type, _module(node))
-        else:  # an initializer or model input: named after its first reader
-            reader = readers.get(name)
-            where = ("<initializer>" if name in constant_names else "<input>", "Constant" if name in constant_names
-                     else "Input", _module(reader) if reader is not None else None)
-        bound = largest if name in constant_names else limit
+        bound = largest if name in constants else limit
         problem = "overflow" if max_abs > bound else ("precision" if share > SUBNORMAL_SHARE else None)
-        report.values[name] = ValueRange(name, *where, max_abs, share, int(elements), problem)
+        report.values[name] = ValueRange(name, *where(name), max_abs, share, int(elements), problem)
     report.seconds = time.perf_counter() - start
     return report
 
 
-def nodes_in_modules(model: onnx.ModelProto, globs: Sequence[str]) -> list[str]:
+def _locations(graph: ir.Graph, constants: Collection[str]) -> Callable[[str], tuple[str, str, str | None]]:
+    """``where(name)``: (node, op type, module) of the value's producer; an initializer or model input is
+    named after its first reader's module."""
+    producers = {v.name: node for node in graph for v in node.outputs if v.name}
+    readers: dict[str, ir.Node] = {}
+    for node in graph:
+        for v in node.inputs:
+            if v is not None and v.name:
+                readers.setdefault(v.name, node)
+
+    def where(name: str) -> tuple[str, str, str | None]:
+        node = producers.get(name)
+        if node is not None:
+            return node.name or node.op_type, node.op_type, _module(node)
+        reader = readers.get(name)
+        constant = name in constants or name in graph.initializers
+        return ("<initializer>" if constant else "<input>", "Constant" if constant else "Input",
+                _module(reader) if reader is not None else None)
+
+    return where
+
+
+def nodes_in_modules(graph: ir.Graph, globs: Sequence[str]) -> list[str]:
     """Names of the nodes whose module, or one of its parent modules, matches one of the globs
     (``--fp16-keep 'blocks.1.*'``, ``--fp16-keep ff``). A glob that matches no module is an error."""
     by_module: dict[str, list[str]] = {}
-    for node in model.graph.node:
+    for node in graph:
         path = module_path(node)
         if path in ("<unknown>",) or not node.name:
             continue
@@ -209,7 +235,7 @@ def nodes_in_modules(model: onnx.ModelProto, globs: Sequence[str]) -> list[str]:
     return list(chosen)
 
 
-def kept_nodes_table(model: onnx.ModelProto, report: RangeReport | None, kept: Collection[str],
+def kept_nodes_table(graph: ir.Graph, report: RangeReport | None, kept: Collection[str],
                      by_module: Collection[str] = ()) -> list[dict]:
     """One row per node kept on request: its module, why (the out-of-range value it produces or reads,
     or the ``--fp16-keep`` module) and the measured max |x| behind that."""
@@ -217,15 +243,15 @@ def kept_nodes_table(model: onnx.ModelProto, report: RangeReport | None, kept: C
     measured = report.values if report else {}
     kept, by_module = set(kept), set(by_module)
     rows = []
-    for node in model.graph.node:
+    for node in graph:
         if node.name not in kept:
             continue
         row: dict[str, Any] = {"node": node.name, "op_type": node.op_type, "module": _module(node)}
-        out = next((o for o in node.output if o in flagged), None)
-        read = next((i for i in node.input if i in flagged), None)
+        out = next((o.name for o in node.outputs if o.name in flagged), None)
+        read = next((i.name for i in node.inputs if i is not None and i.name in flagged), None)
         if node.name in by_module:
             row["reason"] = "--fp16-keep"
-            value = measured.get(node.output[0]) if node.output else None
+            value = measured.get(node.outputs[0].name or "") if node.outputs else None
         elif out is not None:
             value = flagged[out]
             row["reason"] = f"produces {out!r}"
@@ -256,12 +282,13 @@ def cast_with_range_analysis(model: onnx.ModelProto, precision: str, feeds: Sequ
     """
     from graph_passes.precision_cast import cast_precision
 
-    by_module = nodes_in_modules(model, keep_modules) if keep_modules else []
+    graph = ir.from_proto(model).graph
+    by_module = nodes_in_modules(graph, keep_modules) if keep_modules else []
     ranges = analyze_ranges(model, feeds, precision)
     keep_values = [] if force else ranges.keep_values()
     cast, info = cast_precision(model, precision, keep_nodes=by_module, keep_values=keep_values)
     info["range"] = ranges.to_dict()
-    info["kept_for_range"] = kept_nodes_table(model, ranges, info["kept_on_request"], by_module)
+    info["kept_for_range"] = kept_nodes_table(graph, ranges, info["kept_on_request"], by_module)
     info["unsafe"] = [v.to_dict() for v in ranges.flagged] if force else []
     kept = ", ".join(f"{op} {n}" for op, n in info.get("kept_fp32_by_op", {}).items())
     lines = [f"{precision}: {info['tensors_cast']} tensors cast, {info['casts_inserted']} Casts inserted; "

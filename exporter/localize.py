@@ -79,16 +79,6 @@ def run_exposing(model: ir.Model, names: Sequence[str], feeds: Mapping[str, np.n
     return dict(zip(wanted, sess.run(wanted, dict(feeds))))
 
 
-def _float_values(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
-    """:func:`float_values` as value infos, for exporter.fp16_range until it works on onnx-ir."""
-    return {name: ir.serde.serialize_value(v) for name, v in float_values(typed(model)).items()}
-
-
-def _with_outputs(model: onnx.ModelProto, names: list[str], infos: Any = None) -> onnx.ModelProto:
-    """:func:`exposing` on a proto, for exporter.fp16_range until it works on onnx-ir."""
-    return exposing(typed(model), names)
-
-
 def localize_drift(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Mapping[str, np.ndarray], *,
                    rel_l2: float = 1e-2,
                    run_candidate: Callable[[Mapping[str, np.ndarray]], Mapping[str, Any]] | None = None

@@ -219,10 +219,11 @@ def export_step(onnx_path_or_model: Any, out_path: str | Path, *, specs: Sequenc
     start = time.perf_counter()
     out_path = Path(out_path)
     model = _load_ir(onnx_path_or_model)
-    original = ir.to_proto(model)
+    original = ir.to_proto(model)  # the full model, for the self-check (the pass rewrites ``model``)
     token_inputs = [v.name or "" for v in model.graph.inputs]
     token_outputs = [v.name or "" for v in model.graph.outputs]
-    _refuse_blocked_sequence(specs if specs is not None else specs_from_onnx(original))
+    specs = list(specs) if specs is not None else specs_from_onnx(model)
+    _refuse_blocked_sequence(specs)
     say("carrying the running sums as states")
     try:
         res = RecurrentStatePass(seq_axis=SEQ_AXIS)(model)
@@ -252,8 +253,6 @@ def export_step(onnx_path_or_model: Any, out_path: str | Path, *, specs: Sequenc
             raise LrexportError(f"cannot export a step model: state {s.input} of node {s.node} has a dimension "
                                 f"{odd[0]!r} that is neither the batch nor a fixed size",
                                 "the running sums must have fixed feature sizes")
-    if specs is None:
-        specs = specs_from_onnx(original)
     by_name = {s.name: s for s in specs}
     missing = [n for n in token_inputs if n not in by_name]
     if missing:

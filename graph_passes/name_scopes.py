@@ -8,19 +8,15 @@ the graph passes and the exporter's reports.
 from __future__ import annotations
 
 import ast
-from typing import Any, Mapping
+import onnx_ir as ir
 
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 
 
-def name_scopes(node: Any) -> list[str] | None:
-    """The scopes of an onnx-ir node (or an ``onnx.NodeProto``, for callers still on protobuf), or None
-    when the node carries none or they do not parse. ``''`` is the root module."""
-    props = node.metadata_props
-    if isinstance(props, Mapping):
-        text = props.get(SCOPES_KEY)
-    else:
-        text = next((p.value for p in props if p.key == SCOPES_KEY), None)
+def name_scopes(node: ir.Node) -> list[str] | None:
+    """The scopes of an onnx-ir node, or None when the node carries none or they do not parse. ``''`` is
+    the root module."""
+    text = node.metadata_props.get(SCOPES_KEY)
     if not text:
         return None
     try:
@@ -30,7 +26,7 @@ def name_scopes(node: Any) -> list[str] | None:
     return [p for p in parts if isinstance(p, str)] if isinstance(parts, (list, tuple)) else None
 
 
-def module_path(node: Any) -> str:
+def module_path(node: ir.Node) -> str:
     """``['', 'ff', 'ff.fc2', 'linear_3']`` -> ``'ff.fc2'``; ops in the model's own forward ->
     ``'<root>'``; no scopes -> ``'<unknown>'``."""
     parts = name_scopes(node)
