@@ -451,10 +451,11 @@ def _needs_fp32_input(node: ir.Node, value: ir.Value, index: int | None = None) 
     return any(i in positions for i in idxs)
 
 
-def _check_inline(model: onnx.ModelProto) -> None:
-    for init in model.graph.initializer:
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            raise LrexportError(f"initializer {init.name!r} is stored as external data that was not loaded",
+def _check_inline(model: ir.Model) -> None:
+    """An in-memory proto whose weights were left on disk cannot be cast (no base folder to read them from)."""
+    for name, value in model.graph.initializers.items():
+        if isinstance(value.const_value, ir.ExternalTensor):
+            raise LrexportError(f"initializer {name!r} is stored as external data that was not loaded",
                                 "load with onnx.load(path, load_external_data=True) or use cast_precision_file()")
 
 
@@ -470,8 +471,8 @@ def cast_precision(model: onnx.ModelProto, precision: str, *, keep_io_types: boo
     low precision. The input proto is not modified.
     """
     normalize_precision(precision)
-    _check_inline(model)
     ir_model = ir.from_proto(model)
+    _check_inline(ir_model)
     report = _cast_ir(ir_model, precision, keep_io_types, keep_fp32_ops, keep_nodes, keep_values)
     return ir.to_proto(ir_model), report
 
