@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from typing import Any
+
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
@@ -21,6 +23,20 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     if tensor is None:
         return None
     return tensor.numpy()
+
+
+def const_ints(value: ir.Value | None) -> list[int] | None:
+    """A constant's values as a flat list of ints (axes, starts/ends, shapes), else None."""
+    arr = const_array(value)
+    return None if arr is None else [int(v) for v in arr.reshape(-1)]
+
+
+def shape_dims(value: ir.Value | None) -> list[Any] | None:
+    """A value's dims as ints and symbol names (an unnamed dynamic dim as its text), or None if unknown."""
+    if value is None or value.shape is None:
+        return None
+    return [d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else str(d))
+            for d in value.shape]
 
 
 def node_label(node: ir.Node | None) -> str:

@@ -35,6 +35,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from graph_passes._base import GraphPass, GraphPassResult, Match, record
+from graph_passes._util import const_array, const_ints, shape_dims
 from graph_passes.name_scopes import name_scopes
 from graph_passes.seq_length import LengthUseError, PositionBound, classify_length_uses
 
@@ -113,20 +114,6 @@ class PositionRead:
         return self.steps[self.index]
 
 
-def _dims(value: ir.Value | None) -> list[Any] | None:
-    if value is None or value.shape is None:
-        return None
-    return [d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else str(d))
-            for d in value.shape]
-
-
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.is_graph_input():
-        return None
-    tensor = ir.convenience.get_const_tensor(value)
-    return None if tensor is None else tensor.numpy()
-
-
 def _attr(node: ir.Node, name: str, default: Any = None) -> Any:
     attr = node.attributes.get(name)
     return default if attr is None else attr.value
@@ -148,7 +135,7 @@ def find_seq_dim(graph: ir.Graph, seq_axis: int = 1) -> str:
     found: list[str] = []
     static: list[tuple[str, int]] = []
     for value in graph.inputs:
-        dims = _dims(value)
+        dims = shape_dims(value)
         if dims is None or len(dims) <= seq_axis:
             continue
         d = dims[seq_axis]
@@ -181,11 +168,11 @@ def mixing_reason(node: ir.Node, seq: str) -> str | None:
     op = node.op_type
     if op in _SHAPE_ONLY or node.domain not in ("", "ai.onnx"):
         return None if op in _SHAPE_ONLY else _custom_reason(node, seq)
-    ins = [v for v in node.inputs if v is not None and _const(v) is None]
-    in_dims = [_dims(v) for v in ins]
+    ins = [v for v in node.inputs if v is not None and const_array(v) is None]
+    in_dims = [shape_dims(v) for v in ins]
     seq_in = [(v, d, _seq_positions(d, seq)) for v, d in zip(ins, in_dims) if _seq_positions(d, seq)]
     for out in node.outputs:
-        od = _dims(out)
+        od = shape_dims(out)
         if len(_seq_positions(od, seq)) > 1:
             return (f"builds a seq x seq tensor ({_fmt_shape(od)}): every position sees every other "
                     "(attention over all positions)")
@@ -200,15 +187,15 @@ def mixing_reason(node: ir.Node, seq: str) -> str | None:
         default = -1 if op in ("Softmax", "LogSoftmax", "Hardmax", "TopK") else 0
         axis_val = _attr(node, "axis", default)
         if op == "CumSum":
-            axis_arr = _const(node.inputs[1])
+            axis_arr = const_array(node.inputs[1])
             axis_val = int(axis_arr.reshape(-1)[0]) if axis_arr is not None else None
             if axis_val is None:
                 return "sums along an axis that is not a constant (cannot tell whether it is the sequence axis)"
         if op == "Gather":
             data = node.inputs[0]
-            if data is None or not _seq_positions(_dims(data), seq):
+            if data is None or not _seq_positions(shape_dims(data), seq):
                 return None  # indexing a table with per-position indices (embedding): local
-            dd = _dims(data) or []
+            dd = shape_dims(data) or []
             if _norm_axis(axis_val, len(dd)) in _seq_positions(dd, seq):
                 return "indexes along the sequence axis (picks positions by index)"
             return None
@@ -240,7 +227,7 @@ def mixing_reason(node: ir.Node, seq: str) -> str | None:
     if op in _LAYOUT:
         return None
     for out in node.outputs:
-        od = _dims(out)
+        od = shape_dims(out)
         if od is not None and not _seq_positions(od, seq):
             return (f"removes the sequence axis ({_fmt_shape(first_dims)} -> {_fmt_shape(od)}): it combines "
                     "values from all positions")
@@ -249,7 +236,7 @@ def mixing_reason(node: ir.Node, seq: str) -> str | None:
 
 def _custom_reason(node: ir.Node, seq: str) -> str | None:
     for v in node.inputs:
-        if v is not None and _seq_positions(_dims(v), seq):
+        if v is not None and _seq_positions(shape_dims(v), seq):
             return (f"is a custom op (domain {node.domain!r}) on a sequence-shaped tensor: lrexport cannot tell "
                     "whether it mixes positions")
     return None
@@ -257,15 +244,10 @@ def _custom_reason(node: ir.Node, seq: str) -> str | None:
 
 def _reduce_axes(node: ir.Node) -> list[int] | None:
     if len(node.inputs) > 1 and node.inputs[1] is not None:
-        arr = _const(node.inputs[1])
+        arr = const_array(node.inputs[1])
         return None if arr is None else [int(a) for a in arr.reshape(-1)] or None
     axes = _attr(node, "axes")
     return None if axes is None else [int(a) for a in axes]
-
-
-def _int_list(value: ir.Value | None) -> list[int] | None:
-    arr = _const(value)
-    return None if arr is None else [int(v) for v in arr.reshape(-1)]
 
 
 def _axis_list_op(node: ir.Node, op: str, p: int, rank: int) -> str | None:
@@ -273,17 +255,17 @@ def _axis_list_op(node: ir.Node, op: str, p: int, rank: int) -> str | None:
         verb = "concatenates" if op == "Concat" else "splits"
         return f"{verb} along the sequence axis" if _norm_axis(_attr(node, "axis", 0), rank) == p else None
     if op == "Slice":
-        starts = _int_list(node.inputs[1]) if len(node.inputs) > 1 else None
-        axes = _int_list(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else (
+        starts = const_ints(node.inputs[1]) if len(node.inputs) > 1 else None
+        axes = const_ints(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else (
             None if starts is None else list(range(len(starts))))
         if axes is None or any(_norm_axis(a, rank) == p for a in axes):
             return "slices along the sequence axis (selects positions)"
         return None
     if op == "Pad":
-        pads = _int_list(node.inputs[1]) if len(node.inputs) > 1 else None
+        pads = const_ints(node.inputs[1]) if len(node.inputs) > 1 else None
         if pads is None:
             return "pads with non-constant pads (cannot tell whether it shifts positions)"
-        pad_axes = _int_list(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+        pad_axes = const_ints(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
         axes = pad_axes if pad_axes is not None else list(range(rank))
         k = len(axes)
         for j, a in enumerate(axes):
@@ -299,7 +281,7 @@ def position_read(node: ir.Node, seq: str) -> PositionRead | None:
     reads rows ``t0 ..`` instead of ``0 ..``: refuse (naming why) a read that cannot move by the offset."""
     if node.op_type != "Slice" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 3:
         return None
-    dd, od = _dims(node.inputs[0]), _dims(node.outputs[0])
+    dd, od = shape_dims(node.inputs[0]), shape_dims(node.outputs[0])
     if dd is None or od is None or len(dd) != len(od) or _seq_positions(dd, seq) or \
             len(_seq_positions(od, seq)) != 1:
         return None
@@ -313,15 +295,15 @@ def position_read(node: ir.Node, seq: str) -> PositionRead | None:
                                 hint="index the table by absolute positions from 0 (table[:, start:start + n] with "
                                      "a constant start, or an embedding of arange(n))")
 
-    starts = _int_list(node.inputs[1])
-    axes = _int_list(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else (
+    starts = const_ints(node.inputs[1])
+    axes = const_ints(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else (
         None if starts is None else list(range(len(starts))))
     if axes is None:
         raise refuse("its axes are computed in the graph (cannot tell which of them is the sequence axis)")
     index = next((j for j, a in enumerate(axes) if _norm_axis(a, rank) == p), None)
     if index is None:
         raise refuse(f"it does not slice axis {p}, where its output has the sequence length")
-    steps = _int_list(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else [1] * len(axes)
+    steps = const_ints(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else [1] * len(axes)
     if steps is None or steps[index] <= 0:
         raise refuse("its step is computed in the graph" if steps is None else
                      f"it reads the table backwards (step {steps[index]}): the rows of position t depend on the "
@@ -335,7 +317,7 @@ def position_read(node: ir.Node, seq: str) -> PositionRead | None:
 
 def _matmul_reason(node: ir.Node, seq: str) -> str | None:
     a, b = node.inputs[0], node.inputs[1]
-    ad, bd = _dims(a), _dims(b)
+    ad, bd = shape_dims(a), shape_dims(b)
     if node.op_type == "Gemm":
         if ad and len(ad) == 2 and ad[1 - int(_attr(node, "transA", 0))] == seq:
             return "contracts over the sequence axis (a weight sized by the sequence)"
@@ -351,13 +333,13 @@ def _einsum_reason(node: ir.Node, seq: str) -> str | None:
     eq = str(_attr(node, "equation", "")).replace(" ", "")
     if "->" not in eq or "..." in eq:
         for out in node.outputs:
-            if not _seq_positions(_dims(out), seq):
+            if not _seq_positions(shape_dims(out), seq):
                 return "removes the sequence axis (sums over all positions)"
         return None
     lhs, out = eq.split("->")
     letters: set[str] = set()
     for term, v in zip(lhs.split(","), node.inputs):
-        dims = _dims(v)
+        dims = shape_dims(v)
         if dims is None or len(dims) != len(term):
             continue
         letters |= {term[i] for i in _seq_positions(dims, seq)}
@@ -428,7 +410,7 @@ class RecurrentStatePass(GraphPass):
         if clash:
             raise RecurrentRefusal(f"the graph already has an input/output named {clash[0]!r}",
                                    hint="it looks like a step model already; pass the full-sequence model")
-        if any(_dims(v) is None for n in graph for v in n.outputs):
+        if any(shape_dims(v) is None for n in graph for v in n.outputs):
             try:
                 common_passes.ShapeInferencePass()(model)
             except Exception:  # best effort: the numeric check covers what shapes cannot tell
@@ -505,11 +487,11 @@ class RecurrentStatePass(GraphPass):
     def _cumsum_axis(self, node: ir.Node, seq: str) -> int | None:
         """The sequence axis a CumSum sums along, or None if it sums along another axis; refuse bad ones."""
         x = node.inputs[0]
-        dims = _dims(x)
+        dims = shape_dims(x)
         pos = _seq_positions(dims, seq)
         if not pos:
             return None
-        axis_arr = _const(node.inputs[1])
+        axis_arr = const_array(node.inputs[1])
         label, op = node.name or "<unnamed>", node.op_type
         if axis_arr is None or axis_arr.size != 1:
             raise RecurrentRefusal("sums along an axis that is not a constant: cannot tell whether it runs over "
@@ -532,7 +514,7 @@ class RecurrentStatePass(GraphPass):
 
     @staticmethod
     def _is_seq_range(node: ir.Node, seq: str) -> bool:
-        od = _dims(node.outputs[0])
+        od = shape_dims(node.outputs[0])
         return od is not None and len(od) == 1 and od[0] == seq
 
     # ------------------------------------------------------------------------------------------ rewrite

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
+from graph_passes._util import const_ints, shape_dims
+
 # input slots that only size, index or shape a tensor: the chunk's own length is right there
 _SHAPE_SLOTS: dict[str, frozenset[int]] = {
     "Reshape": frozenset({1}), "Expand": frozenset({1}), "Slice": frozenset({1, 2, 3, 4}),
@@ -53,14 +55,8 @@ class PositionBound:
     length: int
 
 
-def _dims(value: ir.Value | None) -> list[object] | None:
-    if value is None or value.shape is None:
-        return None
-    return [d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else str(d)) for d in value.shape]
-
-
 def _has_seq(value: ir.Value | None, seq: str) -> bool:
-    return seq in (_dims(value) or [])
+    return seq in (shape_dims(value) or [])
 
 
 def _mentions(dim: object, seq: str) -> bool:
@@ -68,16 +64,9 @@ def _mentions(dim: object, seq: str) -> bool:
     return dim is None or (isinstance(dim, str) and re.search(rf"\b{re.escape(seq)}\b", dim) is not None)
 
 
-def _int_const(value: ir.Value | None) -> list[int] | None:
-    if value is None or value.is_graph_input():
-        return None
-    tensor = ir.convenience.get_const_tensor(value)
-    return None if tensor is None else [int(v) for v in tensor.numpy().reshape(-1)]
-
-
 def _shape_entries(node: ir.Node) -> list[object] | None:
     """The dims a Shape node returns (its ``start``/``end`` applied), or None when its input's shape is unknown."""
-    dims = _dims(node.inputs[0])
+    dims = shape_dims(node.inputs[0])
     if dims is None:
         return None
     start, end = node.attributes.get("start"), node.attributes.get("end")
@@ -104,19 +93,19 @@ def _entry_kind(node: ir.Node, kinds: dict[ir.Value, str], seq: str) -> tuple[bo
         return False, None
     picked: list[object] | None = None
     if node.op_type == "Gather":
-        picks = _int_const(node.inputs[1])
+        picks = const_ints(node.inputs[1])
         if picks is not None and all(-len(entries) <= i < len(entries) for i in picks):
             picked = [entries[i] for i in picks]
     else:
-        starts, ends = _int_const(node.inputs[1]), _int_const(node.inputs[2])
-        steps = _int_const(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else [1]
+        starts, ends = const_ints(node.inputs[1]), const_ints(node.inputs[2])
+        steps = const_ints(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else [1]
         if starts and ends and steps and len(starts) == len(ends) == len(steps) == 1:
             picked = entries[starts[0]:ends[0]:steps[0]]
     return (True, _kind_of_entries(picked, seq)) if picked is not None else (False, None)
 
 
 def _is_zero_one_range(node: ir.Node) -> bool:
-    return _int_const(node.inputs[0]) == [0] and _int_const(node.inputs[2]) == [1]
+    return const_ints(node.inputs[0]) == [0] and const_ints(node.inputs[2]) == [1]
 
 
 def _refuse_meeting(node: ir.Node, raw_positions: bool) -> LengthUseError:
@@ -161,7 +150,7 @@ def classify_length_uses(graph: ir.Graph, seq: str, ranges: list[ir.Node]) -> li
     range_set = set(ranges)
     for node in graph:
         if node.op_type in ("Shape", "Size"):
-            entries = _shape_entries(node) if node.op_type == "Shape" else _dims(node.inputs[0])
+            entries = _shape_entries(node) if node.op_type == "Shape" else shape_dims(node.inputs[0])
             kind = DERIVED if entries is None else _kind_of_entries(entries, seq)
             if node.op_type == "Size" and kind == EXACT and len(entries or []) > 1:
                 kind = DERIVED
