@@ -282,6 +282,7 @@ def export(model, out, force, exporter, opset, pad_to_length, no_patches, factor
            quiet, debug):
     """Export MODEL to an ONNX file with dynamic axes (no passes, no parity)."""
     from exporter.file_stages import export_onnx_file
+    from exporter.patches import patch_lines
     from exporter.outputs import check_new_file
 
     say = _progress(quiet)
@@ -291,7 +292,7 @@ def export(model, out, force, exporter, opset, pad_to_length, no_patches, factor
                               patches=not no_patches, progress=say)
     text = "\n".join([f"wrote {out_path} ({result.exporter}, opset {result.opset}, {result.seconds:.1f} s)",
                       *(f"input {s.describe()}" for s in result.specs),
-                      *([f"patches: {'; '.join(result.patches)}"] if result.patches else []),
+                      *patch_lines(result.patches),
                       *(f"warning: {w}" for w in result.warnings)])
     _emit(as_json, result.to_dict(), text)
     return 0

@@ -116,6 +116,11 @@ def applied(model: nn.Module, patches: Sequence[Patch], eager_only: bool = False
         yield chosen
 
 
+def patch_lines(labels: Sequence[str]) -> list[str]:
+    """The report's ``patches:`` line (none when no patch applied)."""
+    return [f"patches: {'; '.join(labels)}"] if labels else []
+
+
 def reference_patches(model: Any, enabled: bool = True) -> contextlib.AbstractContextManager:
     """Patches the model needs to run eagerly here (the parity reference): fla's Triton ops without a GPU."""
     if not enabled or not isinstance(model, nn.Module):

@@ -15,7 +15,7 @@ import onnx
 
 from exporter.errors import LrexportError
 from exporter.export import ExportResult, save_onnx
-from exporter.patches import reference_patches
+from exporter.patches import patch_lines, reference_patches
 from exporter.loading import LoadedModel, module_embedding_sizes
 from exporter.memory_budget import MemoryBudget
 from exporter.outputs import atomic_dir
@@ -119,7 +119,7 @@ class BuildReport:
         lines = [f"model: {self.model['source']} ({self.model['kind']}, {self.model['parameters']:,} parameters)",
                  f"inputs: {'; '.join(s.describe() for s in self.export.specs)}",
                  f"export: {self.export.exporter}, opset {self.export.opset}, {self.export.seconds:.1f} s"]
-        lines += [f"patches: {'; '.join(self.export.patches)}"] if self.export.patches else []
+        lines += patch_lines(self.export.patches)
         lines += [f"warning: {w}" for w in self.export.warnings]
         for stage in (self.passes, self.precision, self.engine):
             lines += stage.text_lines() if stage else []

@@ -17,7 +17,7 @@ from exporter.errors import LrexportError
 from exporter.export import DEFAULT_OPSET, export_onnx
 from exporter.loading import LoadedModel
 from exporter.outputs import atomic_files, check_new_file, relocated
-from exporter.patches import reference_patches
+from exporter.patches import patch_lines, reference_patches
 from exporter.recurrent import StepExportResult, StepParityReport, check_step_parity, export_step, step_specs
 from exporter.specs import InputSpec
 
@@ -47,7 +47,7 @@ class StepModelBuild:
 
     def format_text(self) -> str:
         lines = [self.step.format_text(), self.parity.format_table()]
-        lines += [f"patches: {'; '.join(self.patches)}"] if self.patches else []
+        lines += patch_lines(self.patches)
         if self.engine is not None:
             path = self.step.onnx_path.with_suffix(".engine")
             lines.append(f"wrote {path} ({self.engine.backend} {self.engine.precision}, "
