@@ -7,12 +7,14 @@ import onnx_ir.passes.common as common_passes
 from onnxscript.optimizer import fold_constants_ir
 
 from graph_passes._base import GraphPass, Match, record
+from graph_passes.noop_reshape import remove_noop_reshapes
 
 
 class CleanupPass(GraphPass):
-    """Library passes only: leaves the graph as the rewrite rules expect it (constants visible, no dead code).
+    """Library passes, mostly: leaves the graph as the rewrite rules expect it (constants visible, no dead code).
 
-    It matches nothing (it has no sites); one record gives the node and initializer counts."""
+    Its one rule of its own turns no-op Reshapes into Identity (``graph_passes.noop_reshape``, one
+    "noop-reshape" record each); one more record gives the node and initializer counts."""
 
     name = "cleanup"
     min_opset = 0  # library passes only
@@ -21,6 +23,7 @@ class CleanupPass(GraphPass):
         n_nodes = sum(1 for _ in model.graph)
         n_init = len(model.graph.initializers)
         folded = fold_constants_ir(model, onnx_shape_inference=False)
+        reshapes = remove_noop_reshapes(model)  # one "noop-reshape" record each
         manager = ir.passes.PassManager(
             [
                 common_passes.IdentityEliminationPass(),
@@ -41,5 +44,5 @@ class CleanupPass(GraphPass):
         record(Match("cleanup", "library passes", matched=False,
                      info={"nodes_before": n_nodes, "nodes_after": after_nodes,
                            "initializers_before": n_init, "initializers_after": after_init}))
-        return bool(folded.modified or result.modified) and (
+        return bool(reshapes) or bool(folded.modified or result.modified) and (
             after_nodes != n_nodes or after_init != n_init or folded.modified)
