@@ -98,6 +98,7 @@ class GraphPassResult(ir.passes.PassResult):
 class _Collector:
     options: PassOptions
     records: dict[object, Match] = field(default_factory=dict)
+    weak: set[object] = field(default_factory=set)  # keys whose record is weak (see record())
 
 
 _ACTIVE: ContextVar[_Collector | None] = ContextVar("lrexport_pass_collector", default=None)
@@ -116,13 +117,29 @@ def collecting(options: PassOptions | None = None) -> Iterator[list[Match]]:
         found.extend(collector.records.values())
 
 
-def record(match: Match, key: object = None) -> None:
+def record(match: Match, key: object = None, *, weak: bool = False) -> None:
     """Report a site to the active collector (a no-op under a stock rewrite). A rule's check may run
     more than once on the same nodes (commuted variants, overlapping patterns): records sharing a
-    ``key`` keep the last one, in the place of the first."""
+    ``key`` keep the last one, in the place of the first. A ``weak`` record (a refusal that another
+    rule of the set may still overrule by taking the site) never replaces a record that is not weak."""
     collector = _ACTIVE.get()
-    if collector is not None:
-        collector.records[object() if key is None else key] = match
+    if collector is None:
+        return
+    key = object() if key is None else key
+    if weak and key in collector.records and key not in collector.weak:
+        return
+    collector.records[key] = match
+    if weak:
+        collector.weak.add(key)
+    else:
+        collector.weak.discard(key)
+
+
+def recorded() -> dict[object, Match]:
+    """The active collector's records by key (empty without one): a pass may revise them at the end of
+    ``run``, e.g. drop those whose sites a later rewrite consumed."""
+    collector = _ACTIVE.get()
+    return collector.records if collector is not None else {}
 
 
 def rule_options() -> PassOptions:

@@ -19,16 +19,18 @@ between the factors; it is listed in the report as refused.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 from onnxscript.optimizer import fold_constants_ir
-from onnxscript.rewriter import RULE_NAME_TAG
 from onnxscript.rewriter import pattern as orp
 
-from graph_passes._base import GraphPass, Match, record, rule_options
+from graph_passes._base import GraphPass, Match, record, recorded, rule_options
 from graph_passes._util import const_array, node_label, prepare
+from graph_passes.noop_reshape import reshape_noop_reason
 
 
 def pair_decision(m: int, r: int, n: int, threshold: float) -> str:
@@ -60,19 +62,49 @@ def _weight(value: ir.Value | None, check: orp.MatchResult, what: str, shared_ok
     return arr
 
 
+@dataclass
+class _RunState:
+    """What one run of the pass rewrote: the pairs its keep-rewrites emitted (never matched again, so a
+    pair is reported once) and, per node a rewrite consumed, the record of that rewrite."""
+
+    emitted: set[tuple[ir.Node, ir.Node]] = field(default_factory=set)
+    consumed: dict[ir.Node, Match] = field(default_factory=dict)
+
+
+_RUN: ContextVar[_RunState | None] = ContextVar("lrexport_lowrank_run", default=None)
+_ALREADY = "already rewritten by this pass"
+
+
 class _PairRule(orp.RewriteRuleClassBase):
-    """Shared check/record logic; subclasses extract (A, B, b1, b2) in the MatMul layout."""
+    """Shared check/record logic; subclasses extract (A, B, b1, b2) in the MatMul layout in
+    ``check_pair``. A refusal is recorded (weakly: another rule of the set may still take the pair)
+    under the pair's (second, first) nodes, so the report says why a pair was not taken."""
 
     def __init__(self, name: str):
         super().__init__(name=name)
         self._plan: dict[str, Any] | None = None
         self._eff: tuple[np.ndarray, np.ndarray] | None = None  # the weights rewrite() builds from
 
+    def check_pair(self, context, **bindings) -> orp.MatchResult:
+        raise NotImplementedError
+
+    def check(self, context, **bindings):
+        result = self.check_pair(context, **bindings)
+        reason = result.reason if not result else None
+        if reason and not reason.startswith(("kept:", _ALREADY)):
+            first, second = bindings["h"].producer(), bindings["y"].producer()
+            record(Match("lowrank-pair", "refused", [node_label(first), node_label(second)], reason,
+                         matched=False, info={"form": self.form}), (second, first), weak=True)
+        return result
+
+    form = "?"
+
     def _decide(self, check: orp.MatchResult, a: np.ndarray, b: np.ndarray, b1: np.ndarray | None,
                 b2: np.ndarray | None, nodes: list[ir.Node], form: str, *, m_cost: int | None = None
                 ) -> orp.MatchResult:
-        if any("LowRank" in nd.metadata_props.get(RULE_NAME_TAG, "") for nd in nodes):
-            return check.fail("already rewritten by this pass")
+        state = _RUN.get()
+        if state is not None and (nodes[-1], nodes[0]) in state.emitted:
+            return check.fail(_ALREADY)
         m, r = a.shape
         r2, n = b.shape
         if r != r2:
@@ -102,7 +134,7 @@ class _PairRule(orp.RewriteRuleClassBase):
         after = (m * n if action == "merge" else a.size + b.size) + (n if bias is not None else 0)
         match = Match("lowrank-pair", "merged" if action == "merge" else "bias-folded", labels, rewritten=True,
                       info={**info, "params_after": int(after)})
-        self._plan = {"action": action, "bias": bias, "match": match, "key": key}
+        self._plan = {"action": action, "bias": bias, "match": match, "nodes": list(nodes)}
         return check
 
     def _bias_value(self, op, bias: np.ndarray | None, like: str):
@@ -112,8 +144,21 @@ class _PairRule(orp.RewriteRuleClassBase):
 
     def _commit(self) -> dict[str, Any]:
         assert self._plan is not None
-        record(self._plan["match"], self._plan["key"])
         return self._plan
+
+    def _done(self, plan: dict[str, Any], second: ir.Value, first: ir.Value | None = None) -> None:
+        """Record the rewrite under the nodes it leaves: (second, first) of a kept pair, (merged,) of a
+        merge; a later rewrite that consumes them makes the record stale (see ``_revise``)."""
+        new_second = second.producer()
+        new_first = first.producer() if first is not None else None
+        key = (new_second, new_first) if new_first is not None else (new_second,)
+        record(plan["match"], key)
+        state = _RUN.get()
+        if state is not None:
+            if new_first is not None:
+                state.emitted.add((new_second, new_first))
+            for node in plan["nodes"]:
+                state.consumed[node] = plan["match"]
 
 
 class MatMulPairRule(_PairRule):
@@ -132,7 +177,9 @@ class MatMulPairRule(_PairRule):
             y = op.Add(y, b2, _outputs=["z"])
         return y
 
-    def check(self, context, x, a, b, h, y, b1=None, b2=None, **_):
+    form = "MatMul"
+
+    def check_pair(self, context, x, a, b, h, y, b1=None, b2=None, **_):
         check = orp.MatchResult()
         if not self.outer_bias and len(y.uses()) == 1 and y.uses()[0].node.op_type == "Add" and \
                 const_array(_other_input(y.uses()[0].node, y)) is not None:
@@ -162,8 +209,11 @@ class MatMulPairRule(_PairRule):
             assert wa is not None and wb is not None
             w = (wa.astype(np.float64) @ wb.astype(np.float64)).astype(wb.dtype)
             out = op.MatMul(x, op.initializer(ir.tensor(w), name=f"{a.name}_{b.name}_merged"))
+            self._done(plan, out)
         else:
-            out = op.MatMul(op.MatMul(x, a), b)
+            inner = op.MatMul(x, a)
+            out = op.MatMul(inner, b)
+            self._done(plan, out, inner)
         bias = self._bias_value(op, plan["bias"], b.name)
         return op.Add(out, bias) if bias is not None else out
 
@@ -234,15 +284,18 @@ class GemmPairRule(_PairRule):
             return None
         return wa, wb, *biases
 
-    def check(self, context, x, a, b, h, y, **_):
+    @property
+    def form(self) -> str:  # type: ignore[override]
+        return "Gemm->Gemm" if self.first == "gemm" else "MatMul->Gemm"
+
+    def check_pair(self, context, x, a, b, h, y, **_):
         check = orp.MatchResult()
         got = self._factors(check, a, b, h, y)
         if got is None:
             return check
         wa, wb, b1, b2 = got
         self._eff = (wa, wb)
-        return self._decide(check, wa, wb, b1, b2, [h.producer(), y.producer()],
-                            "Gemm->Gemm" if self.first == "gemm" else "MatMul->Gemm")
+        return self._decide(check, wa, wb, b1, b2, [h.producer(), y.producer()], self.form)
 
     def rewrite(self, op, x, a, b, h, y, **_):
         plan = self._commit()
@@ -252,10 +305,15 @@ class GemmPairRule(_PairRule):
         extra = [bias] if bias is not None else []
         if plan["action"] == "merge":
             w = (wa.astype(np.float64) @ wb.astype(np.float64)).astype(wb.dtype)
-            return op.Gemm(x, op.initializer(ir.tensor(w), name=f"{a.name}_{b.name}_merged"), *extra)
+            out = op.Gemm(x, op.initializer(ir.tensor(w), name=f"{a.name}_{b.name}_merged"), *extra)
+            self._done(plan, out)
+            return out
         ga = op.initializer(ir.tensor(np.ascontiguousarray(wa)), name=f"{a.name}_lrA")
         gb = op.initializer(ir.tensor(np.ascontiguousarray(wb)), name=f"{b.name}_lrB")
-        return op.Gemm(op.Gemm(x, ga), gb, *extra)
+        inner = op.Gemm(x, ga)
+        out = op.Gemm(inner, gb, *extra)
+        self._done(plan, out, inner)
+        return out
 
 
 class ConvPairRule(_PairRule):
@@ -268,7 +326,9 @@ class ConvPairRule(_PairRule):
         h = op.Conv(x, a, _allow_other_inputs=True, _outputs=["h"])
         return op.Conv(h, b, _allow_other_inputs=True, _outputs=["y"])
 
-    def check(self, context, x, a, b, h, y, **_):
+    form = "Conv->Conv1x1"
+
+    def check_pair(self, context, x, a, b, h, y, **_):
         check = orp.MatchResult()
         c1, c2 = h.producer(), y.producer()
         wa = _weight(a, check, "first conv weight")
@@ -292,7 +352,7 @@ class ConvPairRule(_PairRule):
         a_mat = wa.reshape(r, -1).T  # [in*k*k, r]
         b_mat = wb.reshape(wb.shape[0], r).T  # [r, out]
         self._eff = (wa, wb)
-        return self._decide(check, a_mat, b_mat, b1, b2, [c1, c2], "Conv->Conv1x1")
+        return self._decide(check, a_mat, b_mat, b1, b2, [c1, c2], self.form)
 
     def rewrite(self, op, x, a, b, h, y, **_):
         plan = self._commit()
@@ -305,29 +365,116 @@ class ConvPairRule(_PairRule):
         if plan["action"] == "merge":
             w = np.einsum("or,r...->o...", wb.reshape(wb.shape[0], wa.shape[0]).astype(np.float64),
                           wa.astype(np.float64)).astype(wa.dtype)
-            return op.Conv(x, op.initializer(ir.tensor(w), name=f"{a.name}_{b.name}_merged"), *extra,
-                           **{k: v.value for k, v in attrs.items()})
+            out = op.Conv(x, op.initializer(ir.tensor(w), name=f"{a.name}_{b.name}_merged"), *extra,
+                          **{k: v.value for k, v in attrs.items()})
+            self._done(plan, out)
+            return out
         inner = op.Conv(x, a, **{k: v.value for k, v in attrs.items()})
-        return op.Conv(inner, b, *extra)
+        out = op.Conv(inner, b, *extra)
+        self._done(plan, out, inner)
+        return out
 
 
-def survey(model: ir.Model) -> list[Match]:
-    """Constant-weight MatMuls that read a transposed projection: sequence-axis (Linformer) projections."""
+_LINEAR = ("MatMul", "Gemm", "Conv")
+_BETWEEN = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Add")
+
+
+def _has_const_weight(node: ir.Node | None) -> bool:
+    return (node is not None and node.op_type in _LINEAR and node.domain in ("", "ai.onnx")
+            and len(node.inputs) > 1 and const_array(node.inputs[1]) is not None)
+
+
+def _between(node: ir.Node) -> bool:
+    """An op a candidate pair may have between its factors: a shape op or a constant (bias) Add."""
+    if node.op_type not in _BETWEEN or node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type == "Add":
+        return any(const_array(v) is not None for v in node.inputs)
+    return True
+
+
+def _first_factor(node: ir.Node) -> tuple[ir.Node, list[ir.Node]] | None:
+    """The constant-weight MatMul/Gemm/Conv that feeds ``node`` through shape ops and bias Adds only,
+    and those ops in graph order; None when there is none."""
+    path: list[ir.Node] = []
+    value = node.inputs[0] if node.inputs else None
+    while value is not None and (src := value.producer()) is not None:
+        if _has_const_weight(src):
+            return src, path[::-1]
+        if not _between(src):
+            return None
+        path.append(src)
+        value = next((v for v in src.inputs if v is not None and const_array(v) is None), None)
+    return None
+
+
+def _not_taken_reason(first: ir.Node, path: list[ir.Node], second: ir.Node) -> str:
+    """Why no rule took the candidate pair ``first -> path -> second``."""
+    for node in path:
+        if node.op_type == "Reshape":
+            why = reshape_noop_reason(node)
+            if why is None:
+                return (f"a no-op Reshape ({node_label(node)}) between the factors: the cleanup pass removes "
+                        "it, run cleanup before lowrank")
+            return f"a Reshape ({node_label(node)}) between the factors that is not a no-op: {why}"
+        if node.op_type != "Add":
+            return f"a {node.op_type} ({node_label(node)}) between the factors"
+    shared = [v for v in [first.outputs[0], *(n.outputs[0] for n in path)] if len(v.uses()) > 1 or v.is_graph_output()]
+    if shared:
+        return f"the value {shared[0].name} between the factors has other users"
+    ops = " -> ".join(n.op_type for n in [first, *path, second])
+    return f"no rule for {ops}"
+
+
+def survey(model: ir.Model, taken: set[object] | frozenset[object] = frozenset()) -> list[Match]:
+    """Candidate pairs no rule took (``taken``: the (second, first) keys recorded already): a constant-weight
+    MatMul/Gemm/Conv fed by another through shape ops and bias Adds. A Transpose between them makes the
+    second factor contract another axis: a sequence-axis (Linformer) projection, kind "sequence-projection"."""
     found = []
     for node in model.graph:
-        if node.op_type != "MatMul" or const_array(node.inputs[1]) is None:
+        if not _has_const_weight(node):
             continue
-        t = node.inputs[0].producer() if node.inputs[0] is not None else None
-        if t is None or t.op_type != "Transpose":
+        got = _first_factor(node)
+        if got is None:
             continue
-        src = t.inputs[0].producer()
-        while src is not None and src.op_type == "Add":
-            src = next((v.producer() for v in src.inputs if v is not None and v.producer() is not None), None)
-        if src is not None and src.op_type in ("MatMul", "Gemm") and const_array(src.inputs[1]) is not None:
-            found.append(Match("sequence-projection", "refused", [node_label(src), node_label(t), node_label(node)],
+        src, path = got
+        if (node, src) in taken:
+            continue
+        transposes = [t for t in path if t.op_type == "Transpose"]
+        if transposes and node.op_type == "MatMul":
+            found.append(Match("sequence-projection", "refused", [node_label(src), node_label(transposes[0]),
+                                                                  node_label(node)],
                                "a Transpose between the factors: the second one contracts the sequence axis",
                                matched=False))
+            continue
+        found.append(Match("lowrank-pair", "refused", [node_label(src), node_label(node)],
+                           _not_taken_reason(src, path, node), matched=False,
+                           info={"form": "->".join(n.op_type for n in [src, *path, node])}))
     return found
+
+
+def _revise(model: ir.Model, state: _RunState) -> None:
+    """Records of pairs a later rewrite consumed (a chain l0 -> l1 -> l2 whose l1.l2 merge took l1 from the
+    kept pair l0.l1): a refusal is dropped (the pair no longer exists), a keep or bias fold becomes
+    "superseded" (not counted) naming the rewrite that took its factor. Merges stay: they happened."""
+    alive = set(model.graph)
+    records = recorded()
+    for key, match in list(records.items()):
+        if match.kind != "lowrank-pair" or not isinstance(key, tuple):
+            continue
+        gone = [i for i, n in enumerate(key) if n not in alive]
+        if not gone:
+            continue
+        if match.action == "refused":
+            del records[key]
+        elif match.action != "merged":
+            i = gone[0]
+            by = state.consumed.get(key[i])
+            label = match.nodes[-1] if i == 0 else match.nodes[0]
+            which = "second" if i == 0 else "first"
+            into = f"the {by.action} pair {' -> '.join(by.nodes)}" if by is not None else "a later rewrite"
+            match.reason = f"was {match.action}; its {which} factor {label} went into {into}"
+            match.action, match.matched = "superseded", False
 
 
 LOWRANK_RULES = orp.RewriteRuleSet(
@@ -342,10 +489,23 @@ class LowRankPairsPass(GraphPass):
     name = "lowrank"
     min_opset = 0  # emits MatMul/Gemm/Conv/Add with the inputs it found
 
+    max_rounds = 16  # a rewrite can form a new pair (a merged weight next to a kept factor): rerun the rules
+
     def run(self, model: ir.Model) -> bool:
         folded = fold_constants_ir(model, onnx_shape_inference=False)  # Transpose(W) -> constant W^T
         prepare(model)
-        count = self.apply_rules(model, LOWRANK_RULES)
-        for match in survey(model):
+        state = _RunState()
+        token = _RUN.set(state)
+        try:
+            count = 0
+            for _ in range(self.max_rounds):
+                n = self.apply_rules(model, LOWRANK_RULES)
+                count += n
+                if not n:
+                    break
+        finally:
+            _RUN.reset(token)
+        _revise(model, state)
+        for match in survey(model, set(recorded())):
             record(match)
         return bool(count) or bool(folded.modified)

@@ -103,9 +103,14 @@ def _jsonable(o: Any) -> Any:
 
 
 def _detail_line(d: dict[str, Any]) -> str:
-    if d.get("kind") == "lowrank-pair" and {"m", "r", "n"} <= d.keys():
-        return (f"pair {d['m']}x{d['r']}x{d['n']} ({d.get('form', '')}): {d.get('action', '')}, params "
-                f"{d.get('params_before', '?')} -> {d.get('params_after', '?')} [{' -> '.join(d.get('nodes', []))}]")
+    if d.get("kind") == "lowrank-pair":
+        nodes = " -> ".join(d.get("nodes", []))
+        if {"m", "r", "n"} <= d.keys():
+            line = (f"pair {d['m']}x{d['r']}x{d['n']} ({d.get('form', '')}): {d.get('action', '')}, params "
+                    f"{d.get('params_before', '?')} -> {d.get('params_after', '?')} [{nodes}]")
+        else:
+            line = f"pair ({d.get('form', '')}): {d.get('action', '')} [{nodes}]"
+        return line + (f": {d['reason']}" if d.get("reason") and not d.get("matched", True) else "")
     keys = [k for k in d if k not in ("kind", "action", "nodes", "matched", "rewritten") and d[k] is not None]
     extra = " ".join(f"{k}={d[k]}" for k in keys)
     nodes = ",".join(d.get("nodes", [])[:4])
