@@ -42,3 +42,45 @@ def test_cleanup_on_clean_model_reports_no_change():
     out, _ = run_passes(model, ["cleanup"])
     _, report = run_passes(out, ["cleanup"])
     assert not report.passes[0].changed
+
+
+def _noop_reshape_model():
+    """x [N, 16] -> Gemm (r=4) -> Reshape([-1, 4]) -> Gemm -> Reshape([0, 2, 8]) -> y: the first Reshape is
+    a no-op with N symbolic (the Hugging Face Conv1D pair's), the second changes the shape."""
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("A", (16, 4)), ("B", (4, 16)))]
+    inits += [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in (("s1", [-1, 4]), ("s2", [0, 2, 8]))]
+    nodes = [helper.make_node("Gemm", ["x", "A"], ["h"], name="g1"),
+             helper.make_node("Reshape", ["h", "s1"], ["h2"], name="noop"),
+             helper.make_node("Gemm", ["h2", "B"], ["o"], name="g2"),
+             helper.make_node("Reshape", ["o", "s2"], ["y"], name="split")]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+
+
+def test_cleanup_removes_noop_reshapes_only():
+    model = _noop_reshape_model()
+    feeds = [{"x": np.random.default_rng(0).standard_normal((n, 16)).astype(np.float32)} for n in (1, 7)]
+    out, report = run_passes(model, ["cleanup"], feeds=feeds)
+    p = report.passes[0]
+    assert p.changed and p.parity == 0.0
+    assert [(d["kind"], d["nodes"]) for d in p.details if d["kind"] == "noop-reshape"] == [("noop-reshape", ["noop"])]
+    assert [n.name for n in out.graph.node if n.op_type == "Reshape"] == ["split"]
+    assert [n.input[0] for n in out.graph.node if n.name == "g2"] == ["h"]  # the Gemms are now adjacent
+
+
+def test_noop_reshape_decision():
+    from graph_passes.noop_reshape import noop_reason
+
+    assert noop_reason(["N", 8], [-1, 8], None, False) is None  # symbolic leading dim, -1 takes it
+    assert noop_reason(["b", "s", 64], [0, 0, 64], None, False) is None  # 0 copies the input dim
+    assert noop_reason(["b", "s", 64], None, ["b", "s", 64], False) is None  # computed target, same shape
+    assert "rank" in noop_reason(["b", "s", 64], [-1, 64], None, False)
+    assert "symbolic" in noop_reason(["N", 8], [4, 8], None, False)
+    assert "changes" in noop_reason([2, 8], [2, 4], None, False)
+    assert "more than one -1" in noop_reason(["a", "b"], [-1, -1], None, False)
+    assert noop_reason([0, 8], [0, 8], None, True) is None  # allowzero: a 0 is a real 0, equal here
+    assert "symbolic" in noop_reason(["N", 8], [0, 8], None, True)  # N may be nonzero
+    assert "not fully known" in noop_reason(["b", None], None, ["b", None], False)  # unknown dims never match
+    assert "shape changes" in noop_reason(["b", "s"], None, ["s", "b"], False)

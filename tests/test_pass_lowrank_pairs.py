@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import tempfile
+
 import numpy as np
 import onnx
 import pytest
@@ -211,3 +215,91 @@ def test_shared_bias_is_fine():
     model = make_model(nodes, [_x()], [_y()], inits)
     out, report = _run_checked(model, _feeds())
     assert [d["action"] for d in _pairs(report)] == ["kept", "kept"]
+
+
+@functools.lru_cache(maxsize=None)
+def _gpt2_pairs_bytes() -> bytes:
+    """tests/third_party_models.gpt2_conv1d_pairs exported with the dynamo exporter (once per session)."""
+    import torch
+    from torch.export import Dim
+
+    pytest.importorskip("transformers")
+    from third_party_models import gpt2_conv1d_pairs
+
+    path = os.path.join(tempfile.mkdtemp(prefix="lrexport-gpt2-"), "gpt2.onnx")
+    with torch.no_grad():
+        torch.onnx.export(gpt2_conv1d_pairs(), (torch.randint(0, 100, (2, 16)),), path, dynamo=True,
+                          dynamic_shapes=({0: Dim("batch", min=1, max=4), 1: Dim("seq", min=2, max=128)},),
+                          input_names=["input_ids"], output_names=["y"], opset_version=18, verbose=False)
+    return onnx.load(path).SerializeToString()
+
+
+def _gpt2_pairs() -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
+    model = onnx.ModelProto()
+    model.ParseFromString(_gpt2_pairs_bytes())
+    feeds = [{"input_ids": RNG.integers(0, 100, size=(b, n)).astype(np.int64)} for b, n in ((2, 16), (1, 37))]
+    return model, feeds
+
+
+def test_gpt2_conv1d_pairs_found_after_cleanup():
+    """Hugging Face Conv1D pairs export as Gemm -> Reshape([-1, r]) -> Gemm; cleanup drops the no-op Reshape,
+    then all 8 pairs match (rank 8 on 64-wide layers: kept, inner biases folded), parity on ORT."""
+    model, feeds = _gpt2_pairs()
+    out, report = run_passes(model, ["cleanup", "lowrank", "cleanup"], feeds=feeds)
+    assert max_err(run(model, feeds), run(out, feeds)) < 1e-4
+    cleanup, lowrank = report.passes[0], report.passes[1]
+    assert sum(d["kind"] == "noop-reshape" for d in cleanup.details) >= 8
+    pairs = _pairs(report)
+    assert lowrank.matches == 8 and [d["action"] for d in pairs] == ["bias-folded"] * 8, pairs
+    assert {(d["m"], d["r"], d["n"]) for d in pairs} == {(64, 8, 192), (64, 8, 64), (64, 8, 256), (256, 8, 64)}
+    assert op_count(out, "Gemm") == 16 and lowrank.params_after < lowrank.params_before
+
+
+def test_pair_not_taken_is_reported_with_its_reason():
+    """Without cleanup the Reshape stays between the factors: each pair is listed as refused, saying why."""
+    model, _ = _gpt2_pairs()
+    _, report = run_passes(model, ["lowrank"])
+    p = report.passes[0]
+    refused = _pairs(report, "refused")
+    assert p.matches == 0 and len(refused) == 8
+    assert all(d["reason"].startswith("a no-op Reshape") and "cleanup" in d["reason"] for d in refused)
+    assert "refused [node_addmm -> node_addmm_1]: a no-op Reshape" in report.format_table()
+
+
+def test_reshape_that_changes_the_shape_is_reported():
+    nodes = [helper.make_node("MatMul", ["x", "A"], ["h"], name="down"),
+             helper.make_node("Constant", [], ["s"], value=numpy_helper.from_array(np.array([0, 0, 2, 2], np.int64))),
+             helper.make_node("Reshape", ["h", "s"], ["h4"], name="split_heads"),
+             helper.make_node("MatMul", ["h4", "B"], ["y"], name="up")]
+    model = make_model(nodes, [_x()], [_y()], [_w("A", 16, 4), _w("B", 2, 16)])
+    _, report = _run_checked(model, _feeds())
+    (d,) = _pairs(report)
+    assert d["action"] == "refused" and d["nodes"] == ["down", "up"]
+    assert d["reason"].startswith("a Reshape (split_heads) between the factors that is not a no-op: it changes the rank")
+
+
+def test_check_refusal_is_in_the_report():
+    """A pair a rule's check refuses (here: a shared first factor) is listed with the check's reason."""
+    nodes = [helper.make_node("MatMul", ["x", "A"], ["h"], name="f1"), helper.make_node("MatMul", ["h", "B"], ["o"], name="f2"),
+             helper.make_node("MatMul", ["x", "A"], ["h2"], name="other"), helper.make_node("Add", ["o", "h2"], ["y"])]
+    model = make_model(nodes, [_x()], [_y()], [_w("A", 16, 16), _w("B", 16, 16)])
+    _, report = _run_checked(model, _feeds())
+    (d,) = _pairs(report)
+    assert (d["action"], d["nodes"], d["reason"]) == ("refused", ["f1", "f2"], "first factor is shared with other nodes")
+    assert report.passes[0].matches == 0
+
+
+def test_chained_merge_report():
+    """l0 -> l1 -> l2 without anything between: l0.l1 (200x76x307) saves work, l1.l2 (76x307x600) does not and is
+    merged, which takes l1 from l0.l1. The report must not list l0.l1 as kept; the new pair l0 -> (l1.l2)
+    (200x76x600) is decided on its own and kept."""
+    nodes = [helper.make_node("MatMul", ["x", "W0"], ["h0"], name="l0"), helper.make_node("MatMul", ["h0", "W1"], ["h1"], name="l1"),
+             helper.make_node("MatMul", ["h1", "W2"], ["y"], name="l2")]
+    model = make_model(nodes, [_x(shape=("b", 200))], [_y()], [_w("W0", 200, 76), _w("W1", 76, 307), _w("W2", 307, 600)])
+    out, report = _run_checked(model, _feeds((3, 200)))
+    got = [(d["action"], d["nodes"][0], d["m"], d["r"], d["n"]) for d in _pairs(report)]
+    assert got == [("superseded", "l0", 200, 76, 307), ("merged", "l1", 76, 307, 600), ("kept", "l0", 200, 76, 600)]
+    superseded = _pairs(report, "superseded")[0]
+    assert superseded["reason"] == "was kept; its second factor l1 went into the merged pair l1 -> l2"
+    assert not superseded["matched"] and report.passes[0].matches == 2
+    assert op_count(out, "MatMul") == 2

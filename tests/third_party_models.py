@@ -260,3 +260,38 @@ def lat_causal_lm_long(seed: int = 0, max_seq_len: int = 4096) -> nn.Module:
     return LinearAttentionTransformerLM(num_tokens=256, dim=64, heads=4, depth=2, max_seq_len=max_seq_len,
                                         causal=True, blindspot_size=1, n_local_attn_heads=0, ff_chunks=1,
                                         reversible=False).eval()
+
+
+# ------------------------------------------------------------------------------------------- GPT-2 Conv1D pairs
+SPECS["gpt2_conv1d_pairs"] = (["input_ids:2x16:int64:0..99"], ["input_ids:min=1x1,opt=2x16,max=2x128"])
+
+
+class _LastHidden(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids).last_hidden_state
+
+
+def gpt2_conv1d_pairs(rank: int = 8, seed: int = 0) -> nn.Module:
+    """A 2-layer GPT2Model (d=64, no cache) whose 8 Hugging Face ``Conv1D`` layers (c_attn, c_proj, c_fc,
+    mlp c_proj) are each a low-rank pair ``Sequential(Conv1D(rank, in), Conv1D(out, rank))``, biases
+    random (as trained). Returns the last hidden state."""
+    from transformers import GPT2Config, GPT2Model
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=256, vocab_size=100, use_cache=False,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2Model(config)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Conv1D):
+                n_in, n_out = child.weight.shape
+                pair = nn.Sequential(Conv1D(rank, n_in), Conv1D(n_out, rank))
+                for conv in pair:
+                    nn.init.normal_(conv.bias, 0.0, 0.02)
+                setattr(parent, name, pair)
+    return _LastHidden(model).eval()
