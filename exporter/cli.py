@@ -378,12 +378,15 @@ def optimize(in_onnx, out_onnx, force, passes, chunk_size, merge_threshold, inpu
 @click.option("--energy", type=float, help="Smallest rank keeping this share of the spectrum's energy, e.g. 0.95.")
 @click.option("--include", multiple=True, metavar="GLOB", help="Only layers whose module name matches. Repeatable.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave layers whose module name matches. Repeatable.")
+@click.option("--include-pairs", is_flag=True, help="Also factorize layers that already are a low-rank pair.")
+@click.option("--warn-error", type=NON_NEGATIVE, default=0.1, show_default=True,
+              help="Warn when a layer's or the model's relative output error is above this.")
 @model_options
 @input_options
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @common_options
-def factorize(model, out, fmt, force, rank, fraction, energy, include, exclude, factory, factory_kwargs,
-              trust_pickle, inputs, shapes, seed, as_json, quiet, debug):
+def factorize(model, out, fmt, force, rank, fraction, energy, include, exclude, include_pairs, warn_error, factory,
+              factory_kwargs, trust_pickle, inputs, shapes, seed, as_json, quiet, debug):
     """Replace Linear / Conv1D / ConvNd layers of a dense MODEL by SVD-initialized low-rank pairs."""
     from exporter.factorize_model import factorize_model
     from exporter.outputs import check_new_file
@@ -394,7 +397,8 @@ def factorize(model, out, fmt, force, rank, fraction, energy, include, exclude, 
     loaded = _load(model, factory, factory_kwargs, trust_pickle, say)
     specs = resolve_specs(loaded, inputs, shapes, None if model == "-" else model)
     report = factorize_model(loaded, specs, out_path, rank=rank, fraction=fraction, energy=energy, include=include,
-                             exclude=exclude, fmt=fmt, seed=seed, force=force, progress=say)
+                             exclude=exclude, fmt=fmt, seed=seed, force=force, include_pairs=include_pairs,
+                             warn_error=warn_error, progress=say)
     _emit(as_json, {"out": str(out_path), **report.to_dict()}, report.format_table() + f"\nwrote {out_path}")
     return 0
 
