@@ -170,6 +170,8 @@ CASES = [
     ("factorize-rank-zero", ("factorize", "model.pt2", "--out", "low.pt2", "--rank", "0"), "rank"),
     ("factorize-out-exists", ("factorize", "model.pt2", "--out", "prev.onnx", "--rank", "4"), "--force"),
     ("factorize-missing", ("factorize", "nope.pt2", "--out", "low.pt2", "--rank", "4"), "does not exist"),
+    ("factorize-warn-error", ("factorize", "model.pt2", "--out", "low.pt2", "--rank", "4", "--warn-error", "-1"),
+     "--warn-error"),
     # ----------------------------------------------------------------- export-step
     ("export-step-suffix", ("export-step", "model.pt2", "--out", "step.txt"), ".onnx"),
     ("export-step-chunk-zero", ("export-step", "model.pt2", "--out", "step.onnx", "--chunk-max", "0"),
