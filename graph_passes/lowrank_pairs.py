@@ -12,7 +12,14 @@ Forms: MatMul/Add in either order (bias on neither, inner, outer or both factors
 Conv(k x k, in->r) -> Conv(1 x 1, r->out). Refused: weights that are graph inputs or shared, biases
 that are not per-feature, Gemm with alpha/beta/transA, strided/grouped/padded 1x1 convs. A sequence
 projection (Linformer: MatMul(W) -> Transpose -> MatMul(E)) never matches, since the Transpose sits
-between the factors; it is listed in the report as refused.
+between the factors; it is listed in the report as refused. So is every other candidate no rule took
+(a constant-weight MatMul/Gemm/Conv whose r outputs feed another's r inputs, directly or through shape
+ops and bias Adds), with the reason: the check's, or the op between the factors (a no-op Reshape, as
+between Hugging Face Conv1D factors, is the cleanup pass's to remove).
+
+The rules run again until nothing changes: a merge can form a new pair (in l0 -> l1 -> l2, merging
+l1.l2 leaves l0 -> (l1 l2) to decide), and the record of a pair whose factor it took becomes
+"superseded" (not a match).
 
 ``LOWRANK_RULES`` works with a stock ``onnxscript.rewriter.rewrite`` too (default options, no records).
 """
@@ -80,6 +87,8 @@ class _PairRule(orp.RewriteRuleClassBase):
     ``check_pair``. A refusal is recorded (weakly: another rule of the set may still take the pair)
     under the pair's (second, first) nodes, so the report says why a pair was not taken."""
 
+    form = "?"  # the form a refusal names
+
     def __init__(self, name: str):
         super().__init__(name=name)
         self._plan: dict[str, Any] | None = None
@@ -96,8 +105,6 @@ class _PairRule(orp.RewriteRuleClassBase):
             record(Match("lowrank-pair", "refused", [node_label(first), node_label(second)], reason,
                          matched=False, info={"form": self.form}), (second, first), weak=True)
         return result
-
-    form = "?"
 
     def _decide(self, check: orp.MatchResult, a: np.ndarray, b: np.ndarray, b1: np.ndarray | None,
                 b2: np.ndarray | None, nodes: list[ir.Node], form: str, *, m_cost: int | None = None
@@ -151,6 +158,11 @@ class _PairRule(orp.RewriteRuleClassBase):
         merge; a later rewrite that consumes them makes the record stale (see ``_revise``)."""
         new_second = second.producer()
         new_first = first.producer() if first is not None else None
+        old_first, old_second = plan["nodes"][0], plan["nodes"][-1]
+        if new_first is not None:  # the report names the pair after the nodes it replaced
+            new_first.name, new_second.name = f"{node_label(old_first)}_lr", f"{node_label(old_second)}_lr"
+        else:
+            new_second.name = f"{node_label(old_first)}+{node_label(old_second)}"
         key = (new_second, new_first) if new_first is not None else (new_second,)
         record(plan["match"], key)
         state = _RUN.get()
@@ -393,6 +405,18 @@ def _between(node: ir.Node) -> bool:
     return True
 
 
+def _sizes(node: ir.Node) -> tuple[int, int] | None:
+    """(input features, output features) of a constant-weight MatMul/Gemm/Conv."""
+    w = const_array(node.inputs[1])
+    if w is None or w.ndim < 2:
+        return None
+    if node.op_type == "Conv":
+        return int(w.shape[1]), int(w.shape[0])
+    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
+        return int(w.shape[-1]), int(w.shape[-2])
+    return int(w.shape[-2]), int(w.shape[-1])
+
+
 def _first_factor(node: ir.Node) -> tuple[ir.Node, list[ir.Node]] | None:
     """The constant-weight MatMul/Gemm/Conv that feeds ``node`` through shape ops and bias Adds only,
     and those ops in graph order; None when there is none."""
@@ -428,7 +452,8 @@ def _not_taken_reason(first: ir.Node, path: list[ir.Node], second: ir.Node) -> s
 
 def survey(model: ir.Model, taken: set[object] | frozenset[object] = frozenset()) -> list[Match]:
     """Candidate pairs no rule took (``taken``: the (second, first) keys recorded already): a constant-weight
-    MatMul/Gemm/Conv fed by another through shape ops and bias Adds. A Transpose between them makes the
+    MatMul/Gemm/Conv fed by another through shape ops and bias Adds, the first's output features the
+    second's input features. A Transpose between them makes the
     second factor contract another axis: a sequence-axis (Linformer) projection, kind "sequence-projection"."""
     found = []
     for node in model.graph:
@@ -447,6 +472,9 @@ def survey(model: ir.Model, taken: set[object] | frozenset[object] = frozenset()
                                "a Transpose between the factors: the second one contracts the sequence axis",
                                matched=False))
             continue
+        inner, outer = _sizes(src), _sizes(node)
+        if inner is None or outer is None or inner[1] != outer[0]:
+            continue  # not r features into r features (a Conv flattened into a dense head): no low-rank pair
         found.append(Match("lowrank-pair", "refused", [node_label(src), node_label(node)],
                            _not_taken_reason(src, path, node), matched=False,
                            info={"form": "->".join(n.op_type for n in [src, *path, node])}))

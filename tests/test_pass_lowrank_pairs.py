@@ -268,14 +268,14 @@ def test_pair_not_taken_is_reported_with_its_reason():
 
 def test_reshape_that_changes_the_shape_is_reported():
     nodes = [helper.make_node("MatMul", ["x", "A"], ["h"], name="down"),
-             helper.make_node("Constant", [], ["s"], value=numpy_helper.from_array(np.array([0, 0, 2, 2], np.int64))),
-             helper.make_node("Reshape", ["h", "s"], ["h4"], name="split_heads"),
-             helper.make_node("MatMul", ["h4", "B"], ["y"], name="up")]
-    model = make_model(nodes, [_x()], [_y()], [_w("A", 16, 4), _w("B", 2, 16)])
+             helper.make_node("Constant", [], ["s"], value=numpy_helper.from_array(np.array([-1, 4], np.int64))),
+             helper.make_node("Reshape", ["h", "s"], ["h2"], name="flatten"),
+             helper.make_node("MatMul", ["h2", "B"], ["y"], name="up")]
+    model = make_model(nodes, [_x()], [_y()], [_w("A", 16, 4), _w("B", 4, 16)])
     _, report = _run_checked(model, _feeds())
     (d,) = _pairs(report)
     assert d["action"] == "refused" and d["nodes"] == ["down", "up"]
-    assert d["reason"].startswith("a Reshape (split_heads) between the factors that is not a no-op: it changes the rank")
+    assert d["reason"] == "a Reshape (flatten) between the factors that is not a no-op: it changes the rank (3 -> 2)"
 
 
 def test_check_refusal_is_in_the_report():
@@ -302,4 +302,5 @@ def test_chained_merge_report():
     superseded = _pairs(report, "superseded")[0]
     assert superseded["reason"] == "was kept; its second factor l1 went into the merged pair l1 -> l2"
     assert not superseded["matched"] and report.passes[0].matches == 2
+    assert _pairs(report, "kept")[0]["nodes"] == ["l0", "l1+l2"]  # the merged node is named after its factors
     assert op_count(out, "MatMul") == 2
