@@ -237,7 +237,8 @@ def _observe(model: nn.Module, names: dict[nn.Module, str], args: Sequence[Any]
     modes = {m: m.training for m in model.modules()}
     handles = [m.register_forward_hook(hook) for m in names]
     try:
-        model.eval()
+        for m in modes:  # eval mode set by hand: an exported program's module refuses .eval()
+            m.training = False
         with torch.no_grad():
             model(*args)
     finally:

@@ -434,6 +434,9 @@ def _first_factor(node: ir.Node) -> tuple[ir.Node, list[ir.Node]] | None:
 
 def _not_taken_reason(first: ir.Node, path: list[ir.Node], second: ir.Node) -> str:
     """Why no rule took the candidate pair ``first -> path -> second``."""
+    shared = [v for v in [first.outputs[0], *(n.outputs[0] for n in path)] if len(v.uses()) > 1 or v.is_graph_output()]
+    if shared:
+        return f"the value {shared[0].name} between the factors has other users"
     for node in path:
         if node.op_type == "Reshape":
             why = reshape_noop_reason(node)
@@ -443,9 +446,6 @@ def _not_taken_reason(first: ir.Node, path: list[ir.Node], second: ir.Node) -> s
             return f"a Reshape ({node_label(node)}) between the factors that is not a no-op: {why}"
         if node.op_type != "Add":
             return f"a {node.op_type} ({node_label(node)}) between the factors"
-    shared = [v for v in [first.outputs[0], *(n.outputs[0] for n in path)] if len(v.uses()) > 1 or v.is_graph_output()]
-    if shared:
-        return f"the value {shared[0].name} between the factors has other users"
     ops = " -> ".join(n.op_type for n in [first, *path, second])
     return f"no rule for {ops}"
 

@@ -157,4 +157,8 @@ def test_factorize_takes_an_archive_and_keeps_its_dynamic_axes(cli, tmp_path):
     res, report = _build(cli, tmp_path / "low.pt2", tmp_path)
     assert res.code == 0, res.err
     lowrank = next(p for p in report["passes"]["report"]["passes"] if p["name"] == "lowrank")
-    assert lowrank["matches"] == 4
+    # inp's pair feeds mlp.0's with nothing between: inp.up . mlp.0.down merge, then inp.down with that; the
+    # first pair, which lost its factor, is superseded (not a match); mlp.0 (bias folded), mlp.2 and conv stay pairs
+    assert lowrank["matches"] == 5
+    assert [d["action"] for d in lowrank["details"] if d["kind"] == "lowrank-pair"][:4] == [
+        "superseded", "merged", "merged", "bias-folded"]
