@@ -171,7 +171,7 @@ CASES = [
     ("factorize-out-exists", ("factorize", "model.pt2", "--out", "prev.onnx", "--rank", "4"), "--force"),
     ("factorize-missing", ("factorize", "nope.pt2", "--out", "low.pt2", "--rank", "4"), "does not exist"),
     ("factorize-warn-error", ("factorize", "model.pt2", "--out", "low.pt2", "--rank", "4", "--warn-error", "-1"),
-     "--warn-error"),
+     "invalid value for '--warn-error'"),
     # ----------------------------------------------------------------- export-step
     ("export-step-suffix", ("export-step", "model.pt2", "--out", "step.txt"), ".onnx"),
     ("export-step-chunk-zero", ("export-step", "model.pt2", "--out", "step.onnx", "--chunk-max", "0"),
