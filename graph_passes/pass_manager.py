@@ -13,6 +13,7 @@ import onnx
 import onnx_ir as ir
 
 from graph_passes._base import GraphPass, PassOptions
+from graph_passes._util import quiet_libraries
 from graph_passes.cost import count_params, default_shapes, measure
 from graph_passes.ort_session import ort_session
 from graph_passes.causal_chunked import CausalChunkPass
@@ -150,6 +151,13 @@ def run_passes(model: onnx.ModelProto, passes: Sequence[str] | None = None, *,
                progress: Callable[[str], None] | None = None,
                ) -> tuple[onnx.ModelProto, PipelineReport]:
     """Run the named passes in order (DEFAULT_PASSES if None); ORT-check parity after each when feeds given."""
+    with quiet_libraries():
+        return _run_passes(model, passes, options=options, feeds=feeds, progress=progress)
+
+
+def _run_passes(model: onnx.ModelProto, passes: Sequence[str] | None, *, options: PassOptions | None,
+                feeds: Sequence[dict[str, np.ndarray]], progress: Callable[[str], None] | None,
+                ) -> tuple[onnx.ModelProto, PipelineReport]:
     names = list(DEFAULT_PASSES if passes is None else passes)
     for n in names:
         if n not in _REGISTRY:
