@@ -365,9 +365,12 @@ def export_onnx(loaded: LoadedModel | nn.Module, specs: Sequence[InputSpec], pat
         try:
             out_names = output_names_for(module, args)
         except Exception as err:
-            raise LrexportError(f"the model does not run on the given inputs ({type(err).__name__}: "
-                                f"{str(err).strip().splitlines()[0][:300]})",
-                                "check --input names, shapes and dtypes against the model's forward()") from None
+            from exporter.model_errors import triton_without_gpu
+
+            raise triton_without_gpu(err) or LrexportError(
+                f"the model does not run on the given inputs ({type(err).__name__}: "
+                f"{str(err).strip().splitlines()[0][:300]})",
+                "check --input names, shapes and dtypes against the model's forward()") from None
     start = time.perf_counter()
     warnings_out: list[str] = list(loaded.notes)
     for patch in chosen:

@@ -29,8 +29,45 @@ def error_text(err: BaseException, limit: int = 300) -> str:
     return f"{type(err).__name__}: {text}"[:limit] if text else type(err).__name__
 
 
+def _frame_modules(err: BaseException) -> list[str]:
+    """The module name of every frame the error passed through, outermost first."""
+    names = []
+    tb = err.__traceback__
+    while tb is not None:
+        names.append(str(tb.tb_frame.f_globals.get("__name__", "")))
+        tb = tb.tb_next
+    return names
+
+
+def triton_without_gpu(err: BaseException) -> LrexportError | None:
+    """An error raised inside Triton (its driver finds no GPU: "0 active drivers"; or a kernel launch):
+    the model runs Triton kernels, which have no CPU path. Names the package that called them."""
+    chain, seen = [], set()
+    cur: BaseException | None = err
+    while cur is not None and id(cur) not in seen:  # the error itself, or one it was raised from
+        seen.add(id(cur))
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    for e in chain:
+        mods = _frame_modules(e)
+        first = next((i for i, m in enumerate(mods) if m.split(".")[0] == "triton"), None)
+        if first is None:
+            continue
+        callers = [m.split(".")[0] for m in mods[:first] if m.split(".")[0] not in ("torch", "triton", "")]
+        by = f" ({callers[-1]})" if callers else ""
+        return LrexportError(
+            f"the model runs Triton kernels{by}, which have no CPU path, and lrexport runs the model on the CPU "
+            f"(Triton: {error_text(e, 200)})",
+            "use a layer or mode of the library that has a plain PyTorch path, or a model lrexport has an export "
+            "patch for (README: Export patches)")
+    return None
+
+
 def fails_in_pytorch(what: str, where: str, err: BaseException, archive: bool) -> LrexportError:
-    """The model raised in PyTorch at a size inside the range it was given."""
+    """The model raised in PyTorch at a size inside the range it was given (or ran Triton kernels)."""
+    triton = triton_without_gpu(err)
+    if triton is not None:
+        return triton
     inside = "the range it was exported for" if archive else "the requested range"
     return LrexportError(f"{what} itself fails in PyTorch at {where}, a size inside {inside} ({error_text(err)})",
                          "choose --shapes the model runs at, or fix the model and export it again")
