@@ -45,18 +45,16 @@ def load_archive(p: Path) -> Any:
     """``torch.export.load(p)``; an archive torch cannot load is one LrexportError saying why."""
     from exporter.loading import _source
 
-    logger = logging.getLogger("torch.export")
-    capture, propagate = _Capture(), logger.propagate
-    logger.addHandler(capture)
-    logger.propagate = False
+    logger = logging.getLogger("torch.export")  # torch's logging setup gives it a handler of its own
+    capture, handlers, propagate = _Capture(), list(logger.handlers), logger.propagate
+    logger.handlers, logger.propagate = [capture], False
     try:
         with _source(p) as src:
             return torch.export.load(src)
     except Exception as err:
         raise archive_error(p, capture.errors[0] if capture.errors else err) from None
     finally:
-        logger.removeHandler(capture)
-        logger.propagate = propagate
+        logger.handlers, logger.propagate = handlers, propagate
 
 
 def archive_error(p: Path, err: BaseException) -> LrexportError:
