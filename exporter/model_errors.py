@@ -74,7 +74,7 @@ def fails_in_pytorch(what: str, where: str, err: BaseException, archive: bool) -
 
 
 def nonfinite_in_pytorch(what: str, output: str, where: str) -> LrexportError:
-    return LrexportError(f"{what}'s own output {output!r} is NaN/Inf in PyTorch at {where}",
+    return LrexportError(f"{what} itself produces NaN/Inf in output {output!r} in PyTorch at {where}",
                          "check the weights and the --input value ranges; the graph passes and parity need "
                          "finite outputs")
 
@@ -94,7 +94,9 @@ def explain_input_model_error(err: Any, loaded: LoadedModel | None, input_names:
     (then the exported model is at fault, which is a bug)."""
     where = f"inputs {fmt_shapes(err.feed_shapes)}"
     if loaded is None:  # lrexport optimize: the ONNX file is the user's model
-        return LrexportError(f"the input ONNX model {err}", "check --shapes: the model may not serve these sizes")
+        return LrexportError(f"the input ONNX model {err}",
+                             "check --shapes: the model may not serve these sizes" if err.error else
+                             "check its weights: the passes are checked on finite outputs")
     what = describe_model(loaded)
     try:
         outs = run_torch(loaded.module, input_names, err.feed)

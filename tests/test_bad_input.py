@@ -138,7 +138,7 @@ CASES = [
                                                          "onnxruntime", "--no-passes"), "itself fails in PyTorch"),
     ("build-nan-output", ("build", "--factory", "badmodels:nan_model", "--input", "x:1x4x16", "--shapes",
                           "x:min=1x1x16,opt=1x4x16,max=2x8x16", "--out", "o", "--backend", "onnxruntime"),
-     "own output 'output' is NaN/Inf"),
+     "itself produces NaN/Inf in output 'output'"),
     ("build-factory-kwargs-json", ("build", "--factory", "samples.models:lowrank_mlp", "--factory-kwargs",
                                    "{rank: 3", "--out", "o"), "JSON"),
     # ----------------------------------------------------------------- build: specs
