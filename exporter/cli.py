@@ -485,6 +485,11 @@ def _run(args: list[str]) -> int:
         return code if isinstance(code, int) else 0
     except click.exceptions.Exit as done:  # --help, --version
         return done.exit_code
+    except SystemExit as err:  # lrexport exits only in main(): this came from the model's own code
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {_user_exit(err)}", err=True)
+        return 2
     except (KeyboardInterrupt, click.exceptions.Abort):
         if sys.stderr.isatty():
             click.echo(err=True)  # past the terminal's ^C echo
@@ -515,6 +520,14 @@ def _run(args: list[str]) -> int:
         if debug:
             traceback.print_exc()
         return _internal_error(err, debug)
+
+
+def _user_exit(err: SystemExit) -> str:
+    """The line for a sys.exit() in the model's code (a forward, a module it imports), naming where."""
+    frames = traceback.extract_tb(err.__traceback__)
+    where = f" in {Path(frames[-1].filename).name}:{frames[-1].lineno} ({frames[-1].name})" if frames else ""
+    return (f"the model's code called sys.exit({err.code!r}){where} while lrexport ran it, so nothing was written; "
+            "remove the exit from that code path")
 
 
 def _internal_error(err: BaseException, debug: bool) -> int:

@@ -193,6 +193,21 @@ def _unsupported_op(err: BaseException, ep: Any) -> LrexportError | None:
                          "replace it with standard torch ops, or register an ONNX translation for it")
 
 
+def _chain_text(err: BaseException, limit: int = 300) -> str:
+    """``Type: first line`` of an error and of each error it was raised from (torch's converter says only
+    which node failed; its cause says why), repeated texts once."""
+    parts: list[str] = []
+    seen: set[int] = set()
+    cur: BaseException | None = err
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        first = str(cur).strip().splitlines()[0] if str(cur).strip() else ""
+        if first and first not in parts:
+            parts.append(first)
+        cur = cur.__cause__ or cur.__context__
+    return f"{type(err).__name__}: {': '.join(parts)}"[:limit] if parts else type(err).__name__
+
+
 def _torch_export(module: nn.Module, args: tuple, specs: Sequence[InputSpec]
                   ) -> tuple[Any, dict[str, str], list[InputSpec]]:
     """torch.export with the requested ranges. Where torch's suggested fix makes an axis a multiple
@@ -350,9 +365,12 @@ def export_onnx(loaded: LoadedModel | nn.Module, specs: Sequence[InputSpec], pat
         try:
             out_names = output_names_for(module, args)
         except Exception as err:
-            raise LrexportError(f"the model does not run on the given inputs ({type(err).__name__}: "
-                                f"{str(err).strip().splitlines()[0][:300]})",
-                                "check --input names, shapes and dtypes against the model's forward()") from None
+            from exporter.model_errors import triton_without_gpu
+
+            raise triton_without_gpu(err) or LrexportError(
+                f"the model does not run on the given inputs ({type(err).__name__}: "
+                f"{str(err).strip().splitlines()[0][:300]})",
+                "check --input names, shapes and dtypes against the model's forward()") from None
     start = time.perf_counter()
     warnings_out: list[str] = list(loaded.notes)
     for patch in chosen:
@@ -366,7 +384,7 @@ def export_onnx(loaded: LoadedModel | nn.Module, specs: Sequence[InputSpec], pat
             with _quiet():
                 source = TS2EPConverter(module, args).convert().module()
         except Exception as err:
-            warnings_out.append(f"TorchScript->torch.export conversion failed ({type(err).__name__}); "
+            warnings_out.append(f"TorchScript->torch.export conversion failed ({_chain_text(err)}); "
                                 "used the TorchScript exporter instead")
             exporter = "torchscript"
     with applied(module, chosen):

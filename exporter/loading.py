@@ -7,6 +7,7 @@ plus ``--factory pkg.module:function``, and full pickled modules (``torch.save(m
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import pickle
@@ -14,7 +15,7 @@ import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Iterator
 
 import torch
 from torch import nn
@@ -80,6 +81,9 @@ def import_factory(spec: str):
         sys.path.insert(0, str(Path.cwd()))
     try:
         module = importlib.import_module(module_name)
+    except SystemExit as err:  # its code exits, as a script does: lrexport must not exit with it
+        raise LrexportError(f"factory module {module_name!r} calls sys.exit({err.code!r}) when it is imported",
+                            "run its script code only under `if __name__ == \"__main__\":`") from None
     except Exception as err:  # ImportError, SyntaxError, errors raised at import time
         raise LrexportError(f"factory module {module_name!r} does not import ({type(err).__name__}: {err})",
                             "check the name and that its package is on PYTHONPATH") from None
@@ -102,6 +106,9 @@ def build_from_factory(spec: str, kwargs: dict | str | None = None) -> nn.Module
     fn = import_factory(spec)
     try:
         model = fn(**(kwargs or {}))
+    except SystemExit as err:
+        raise LrexportError(f"factory {spec!r} calls sys.exit({err.code!r})",
+                            "return the nn.Module instead of exiting") from None
     except Exception as err:
         raise LrexportError(f"factory {spec!r} raised {type(err).__name__}: {err}",
                             "check --factory-kwargs") from None
@@ -301,17 +308,16 @@ def load_model(path: str | Path | None, *, factory: str | None = None, factory_k
     kind = detect_kind(p)
     if kind == "torchscript":
         try:
-            module = torch.jit.load(str(p), map_location="cpu")
+            with _source(p) as src:
+                module = torch.jit.load(src, map_location="cpu")
         except Exception as err:
             raise LrexportError(f"TorchScript archive {p} could not be loaded ({_short(err)})",
                                 "re-save it with torch.jit.save") from None
         return LoadedModel(module.eval(), "torchscript", str(p))
     if kind == "exported-program":
-        try:
-            ep = torch.export.load(str(p))
-        except Exception as err:
-            raise LrexportError(f"torch.export archive {p} could not be loaded ({_short(err)})",
-                                "re-save it with torch.export.save") from None
+        from exporter.archive import load_archive
+
+        ep = load_archive(p)
         notes: list[str] = []
         limits: dict[tuple[str, int], tuple[int, int | None]] = {}
         specs = _specs_from_exported_program(ep, notes, limits)
@@ -321,7 +327,8 @@ def load_model(path: str | Path | None, *, factory: str | None = None, factory_k
                             "save the model with torch.jit.save, torch.export.save or torch.save")
     # torch.save: a state dict (safe to read) or a pickled module (runs code: needs trust)
     try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+        with _source(p) as src:
+            obj = torch.load(src, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "Unsupported global" in str(err):
             if not trust_pickle:
@@ -351,12 +358,27 @@ def _load_trusted(p: Path) -> Any:
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
     try:
-        return torch.load(str(p), map_location="cpu", weights_only=False)
+        with _source(p) as src:
+            return torch.load(src, map_location="cpu", weights_only=False)
     except (AttributeError, ModuleNotFoundError) as err:
         raise LrexportError(f"pickled module {p} needs code that is not importable ({err})",
                             "put the model's package on PYTHONPATH") from None
     except Exception as err:
         raise _corrupt(p, err) from None
+
+
+@contextlib.contextmanager
+def _source(p: Path) -> Iterator[str | BinaryIO]:
+    """What torch's loaders take for ``p``: its path, or an open file where the name is not UTF-8 (torch's
+    C++ reader cannot take such a path, and fails with an error that blames the file)."""
+    name = str(p)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        with open(p, "rb") as f:
+            yield f
+        return
+    yield name
 
 
 def _short(err: BaseException) -> str:

@@ -20,6 +20,7 @@ from torch import nn
 from exporter.compare import OutputComparison, Tolerance, Tolerances, compare_outputs
 from exporter.errors import LrexportError
 from exporter.loading import LoadedModel
+from exporter.model_errors import describe_model, fails_in_pytorch
 from exporter.memory_budget import MemoryBudget, MemoryPlanner, plan_feeds, planner_for_runners, run_planned
 from exporter.runners import OnnxRuntimeRunner, TorchRunner
 from exporter.specs import InputSpec, build_specs, parity_cases, random_feeds
@@ -179,7 +180,13 @@ def run_parity(reference: TorchRunner, backends: Sequence[Runner], specs: Sequen
         feeds = plan_feeds(specs, plan, plan.seed)
         shapes = {k: list(v.shape) for k, v in feeds.items()}
         say(f"parity {i + 1}/{len(cases)}: {case} {' '.join('x'.join(map(str, s)) for s in shapes.values())}")
-        expected = run_planned(functools.partial(reference.run, float64=not plan.reference_float32), feeds, plan)
+        try:
+            expected = run_planned(functools.partial(reference.run, float64=not plan.reference_float32), feeds, plan)
+        except (LrexportError, MemoryError):
+            raise
+        except Exception as err:  # the model's own code fails at a size inside its range: not lrexport's bug
+            raise fails_in_pytorch(getattr(reference, "what", "the model"), f"shape case {case} ({fmt_shapes(shapes)})",
+                                   err, getattr(reference, "archive", False)) from None
         for name, arr in expected.items():
             if arr.dtype.kind == "f" and not np.isfinite(arr).all():
                 raise LrexportError(f"the PyTorch model itself produces NaN/Inf in output {name!r} at shape "
@@ -228,6 +235,7 @@ def check_parity(model: nn.Module | LoadedModel, onnx_path: str | Path, *,
     ort_runner = OnnxRuntimeRunner(onnx_path)
     specs = align_specs(specs, ort_runner.input_names)
     reference = TorchRunner(module, ort_runner.output_names, [s.name for s in specs])
+    reference.what, reference.archive = describe_model(model), getattr(model, "kind", "") == "exported-program"
     tols = {ort_runner.name: Tolerances.for_precision(precision if precision != "fp32" else "fp32",
                                                       atol, rtol, per_output)}
     backends: list[Runner] = [ort_runner]

@@ -161,7 +161,7 @@ def build(loaded: LoadedModel, specs: Sequence[InputSpec], options: BuildOptions
     with atomic_dir(options.out, options.force) as tmp, reference_patches(loaded.module, options.patches):
         exported = timed("export", export_stage, loaded, specs, tmp, options, say)
         exported_model = onnx.load(str(exported.onnx_path))
-        passes = timed("passes", passes_stage, exported_model, exported.specs, options, say, budget)
+        passes = timed("passes", passes_stage, exported_model, exported.specs, options, say, budget, loaded)
         model = passes.model if passes else exported_model
         save_onnx(model, tmp / "model.onnx")
         cast = timed("precision", cast_stage, model, exported.specs, options, tmp, say)

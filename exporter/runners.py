@@ -23,6 +23,8 @@ class TorchRunner:
     """The PyTorch reference: float64 where the model allows it (a cleaner reference), else float32."""
 
     name = "pytorch"
+    what = "the model"  # how an error line names it (the archive, for a .pt2)
+    archive = False  # a .pt2's program: its ranges are the ones it was exported for
 
     def __init__(self, module: nn.Module, output_names: Sequence[str], input_names: Sequence[str],
                  prefer_float64: bool = True):

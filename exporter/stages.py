@@ -20,6 +20,7 @@ from exporter.compare import Tolerance, Tolerances
 from exporter.errors import LrexportError
 from exporter.export import DEFAULT_OPSET, ExportResult, export_onnx, save_onnx
 from exporter.loading import LoadedModel
+from exporter.model_errors import describe_model
 from exporter.memory_budget import (GraphCost, MemoryBudget, MemoryPlanner, batch_slices, localization_fits,
                                     plan_feeds, planner_for_runners)
 from exporter.outputs import relocated
@@ -144,15 +145,20 @@ def pass_check_feeds(model: onnx.ModelProto, options: BuildOptions, specs: Seque
 
 
 def run_passes_on(model: onnx.ModelProto, options: BuildOptions, specs: Sequence[InputSpec], progress: Say,
-                  budget: MemoryBudget | None = None) -> PassesStage:
-    """The graph passes on ``model``, each checked in ONNX Runtime (also ``lrexport optimize``)."""
+                  budget: MemoryBudget | None = None, loaded: LoadedModel | None = None) -> PassesStage:
+    """The graph passes on ``model``, each checked in ONNX Runtime (also ``lrexport optimize``). ``loaded``,
+    the PyTorch model ``model`` was exported from, tells a model that fails (or gives NaN/Inf) on the check
+    inputs by itself from an export bug."""
     import graph_passes
+    from exporter.model_errors import explain_input_model_error
 
     feeds, memory = pass_check_feeds(model, options, specs, budget)
     opts = graph_passes.PassOptions(chunk_size=options.chunk_size, merge_threshold=options.merge_threshold)
     try:
         new_model, report = graph_passes.run_passes(model, options.passes, options=opts, feeds=feeds,
                                                     progress=progress)
+    except graph_passes.InputModelError as err:
+        raise (explain_input_model_error(err, loaded, [i.name for i in model.graph.input]) or err) from None
     except graph_passes.PassParityError as err:
         raise LrexportError(f"graph pass broke parity: {err}",
                             "rerun with --no-passes (or leave that pass out with --passes) and report the bug") from None
@@ -162,11 +168,11 @@ def run_passes_on(model: onnx.ModelProto, options: BuildOptions, specs: Sequence
 
 
 def passes_stage(model: onnx.ModelProto, specs: Sequence[InputSpec], options: BuildOptions, say: Say,
-                 budget: MemoryBudget | None) -> PassesStage | None:
+                 budget: MemoryBudget | None, loaded: LoadedModel | None = None) -> PassesStage | None:
     if options.passes is not None and not len(options.passes):
         return None
     say("[passes] running graph passes")
-    return run_passes_on(model, options, specs, lambda m: say(f"[passes] {m}"), budget)
+    return run_passes_on(model, options, specs, lambda m: say(f"[passes] {m}"), budget, loaded)
 
 
 # -------------------------------------------------------------------------------------------- cast
@@ -317,6 +323,7 @@ def parity_stage(loaded: LoadedModel, exported: ExportResult, exported_model: on
     ort_runner = OnnxRuntimeRunner(model_path)
     specs = align_specs(exported.specs, ort_runner.input_names)
     reference = TorchRunner(loaded.module, ort_runner.output_names, [s.name for s in specs])
+    reference.what, reference.archive = describe_model(loaded), loaded.kind == "exported-program"
     backends = _Backends([ort_runner], {ort_runner.name: options.tolerances("fp32")})
     if cast is not None:
         _low_precision_backends(cast, specs, options, backends, say)

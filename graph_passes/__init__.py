@@ -9,6 +9,7 @@ from graph_passes._base import GraphPass, GraphPassResult, Match, PassOptions, c
 from graph_passes.pass_manager import (
     DEFAULT_PASSES,
     PASS_NAMES,
+    InputModelError,
     PassParityError,
     PassReport,
     PipelineReport,
@@ -21,6 +22,7 @@ __all__ = [
     "PASS_NAMES",
     "GraphPass",
     "GraphPassResult",
+    "InputModelError",
     "Match",
     "PassOptions",
     "PassParityError",

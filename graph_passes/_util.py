@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from onnxscript.optimizer import basic_constant_propagation
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """onnxscript's constant folder and onnx-ir's passes log what they leave alone ("Skipping constant
+    folding for op SequenceEmpty with multiple outputs.") as warnings, which Python prints to stderr in the
+    middle of the progress lines: nothing a user can act on. Errors still show."""
+    loggers = [logging.getLogger(name) for name in ("onnxscript.optimizer", "onnx_ir.passes")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:

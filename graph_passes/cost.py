@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from graph_passes._util import expand_ellipsis
+from graph_passes._util import expand_ellipsis, quiet_libraries
 from graph_passes.ort_session import ort_session, session_options
 
 _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "CumSum", "ReduceSum", "Elu", "Relu", "Gelu", "Erf", "Tanh",
@@ -97,7 +97,8 @@ def bind_shapes(model: onnx.ModelProto | str | Path, shapes: dict[str, tuple[int
                 out.shape = None
                 if out.name:
                     values[out.name] = out
-        fold_constants(m, onnx_shape_inference=True)
+        with quiet_libraries():
+            fold_constants(m, onnx_shape_inference=True)
     except Exception:  # best effort: a model the folder cannot handle is simply not estimated
         return None
     return m, values

@@ -22,7 +22,7 @@ def session_options(threads: int | None = None, optimize: bool = True) -> ort.Se
     """Options for every lrexport session. ``optimize=False`` keeps the graph as written (a run that
     exposes intermediate values must see the nodes that made them, not ORT's fusions)."""
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # not even errors: the exception raised carries the same text
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if threads:

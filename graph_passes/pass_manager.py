@@ -13,6 +13,7 @@ import onnx
 import onnx_ir as ir
 
 from graph_passes._base import GraphPass, PassOptions
+from graph_passes._util import quiet_libraries
 from graph_passes.cost import count_params, default_shapes, measure
 from graph_passes.ort_session import ort_session
 from graph_passes.causal_chunked import CausalChunkPass
@@ -40,6 +41,17 @@ class PassParityError(RuntimeError):
         super().__init__(
             f"pass '{pass_name}' broke parity on output '{output}': max abs err {max_abs_err:.3g} "
             f"at output shape {fmt_shape(shape)} (inputs {fmt_shapes(feed_shapes)})")
+
+
+class InputModelError(RuntimeError):
+    """The model handed to the passes fails on the check inputs before any pass ran: ONNX Runtime cannot
+    run it (``error`` is its message), or an output is NaN/Inf (``output`` names it). Not a pass's fault."""
+
+    def __init__(self, feed: dict[str, np.ndarray], error: str = "", output: str = ""):
+        feed_shapes = {k: tuple(v.shape) for k, v in feed.items()}
+        self.feed, self.feed_shapes, self.error, self.output = feed, feed_shapes, error, output
+        what = (f"fails in ONNX Runtime ({error})" if error else f"gives NaN/Inf in output {output!r}")
+        super().__init__(f"the model {what} at inputs {fmt_shapes(feed_shapes)}, before any pass ran")
 
 
 @dataclass
@@ -123,6 +135,24 @@ def run_model(model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]]) ->
     return [dict(zip(names, sess.run(None, f))) for f in feeds]
 
 
+def _run_input_model(model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """The reference outputs of the model as given, one feed at a time so that a failure names its shapes."""
+    sess = ort_session(model)
+    names = [o.name for o in sess.get_outputs()]
+    outs = []
+    for feed in feeds:
+        try:
+            got = dict(zip(names, sess.run(None, feed)))
+        except Exception as err:  # onnxruntime's Fail / InvalidArgument / RuntimeException
+            text = " ".join(str(err).split())
+            raise InputModelError(feed, error=text[:300]) from None
+        for name, value in got.items():
+            if value.dtype.kind in "fc" and not np.isfinite(value).all():
+                raise InputModelError(feed, output=name)
+        outs.append(got)
+    return outs
+
+
 def _compare(pass_name: str, ref: list[dict[str, np.ndarray]], got: list[dict[str, np.ndarray]],
              feeds: Sequence[dict[str, np.ndarray]], atol: float, rtol: float) -> float:
     worst = 0.0
@@ -155,6 +185,13 @@ def run_passes(model: onnx.ModelProto, passes: Sequence[str] | None = None, *,
                progress: Callable[[str], None] | None = None,
                ) -> tuple[onnx.ModelProto, PipelineReport]:
     """Run the named passes in order (DEFAULT_PASSES if None); ORT-check parity after each when feeds given."""
+    with quiet_libraries():
+        return _run_passes(model, passes, options=options, feeds=feeds, progress=progress)
+
+
+def _run_passes(model: onnx.ModelProto, passes: Sequence[str] | None, *, options: PassOptions | None,
+                feeds: Sequence[dict[str, np.ndarray]], progress: Callable[[str], None] | None,
+                ) -> tuple[onnx.ModelProto, PipelineReport]:
     names = list(DEFAULT_PASSES if passes is None else passes)
     for n in names:
         if n not in _REGISTRY:
@@ -165,7 +202,7 @@ def run_passes(model: onnx.ModelProto, passes: Sequence[str] | None = None, *,
     ir_model = ir.serde.deserialize_model(model)
     proto = model
     flops_shapes = options.flops_shapes or default_shapes(model, feeds or None)
-    ref = run_model(proto, feeds) if feeds else None
+    ref = _run_input_model(proto, feeds) if feeds else None
     params = count_params(proto)
     flops, largest = measure(proto, flops_shapes)
     for name in names:

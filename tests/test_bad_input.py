@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,38 @@ def template(sample_file, tmp_path_factory) -> Path:
     (base / "prev" / "keep.txt").write_text("an earlier build the user keeps\n")
     (base / "prev.onnx").write_bytes(b"an earlier export")
     (base / "folder.pt2").mkdir()
+    _broken_archives(base)
     return base
+
+
+_UNREGISTERED_OP = """
+import sys, torch
+@torch.library.custom_op("lrexport_elsewhere::twice", mutates_args=())
+def twice(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+twice.register_fake(lambda x: torch.empty_like(x))
+class M(torch.nn.Module):
+    def forward(self, x):
+        return twice(x)
+ep = torch.export.export(M(), (torch.randn(2, 8),), dynamic_shapes=({0: torch.export.Dim("batch", max=4)},))
+torch.export.save(ep, sys.argv[1])
+"""
+
+
+def _broken_archives(base: Path) -> None:
+    """Archives torch or the model cannot run: a custom op this process never registered (saved by another
+    Python), a weight member missing, a program that fails at batch 1 inside its own range 1..4."""
+    from badmodels import picks_second_item
+
+    subprocess.run([sys.executable, "-c", _UNREGISTERED_OP, str(base / "op.pt2")], check=True)
+    with zipfile.ZipFile(base / "model.pt2") as src, zipfile.ZipFile(base / "noweight.pt2", "w") as dst:
+        weights = [n for n in src.namelist() if "/data/weights/" in n and not n.endswith(".json")]
+        for name in src.namelist():
+            if name != weights[0]:
+                dst.writestr(src.getinfo(name), src.read(name))
+    dims = ({0: torch.export.Dim("batch", min=1, max=4), 1: torch.export.Dim("seq", min=1, max=32)},)
+    ep = torch.export.export(picks_second_item(), (torch.randn(2, 8, 16),), dynamic_shapes=dims)
+    torch.export.save(ep, str(base / "second.pt2"))
 
 
 def _snapshot(root: Path) -> dict[str, str]:
@@ -91,6 +123,22 @@ CASES = [
     ("build-factory-syntax", ("build", "--factory", "nocolon", "--out", "o"), "package.module:function"),
     ("build-factory-missing-module", ("build", "--factory", "no_such_module_xyz:f", "--out", "o"),
      "does not import"),
+    ("build-factory-exits-at-import", ("build", "--factory", "exits_at_import:small_mlp", "--input", "x:1x4x16",
+                                       "--out", "o"), "sys.exit(3)"),
+    ("build-factory-exits", ("build", "--factory", "badmodels:exits_when_called", "--input", "x:1x4x16",
+                             "--out", "o"), "sys.exit('no model today')"),
+    ("build-forward-exits", ("build", "--factory", "badmodels:exits_in_forward", "--input", "x:1x4x16",
+                             "--out", "o"), "sys.exit(0) in badmodels.py"),
+    ("build-archive-unregistered-op", ("build", "op.pt2", "--out", "o"), "custom op lrexport_elsewhere::twice"),
+    ("inspect-archive-unregistered-op", ("inspect", "op.pt2"), "import the library that defines it"),
+    ("build-archive-missing-weight", ("build", "noweight.pt2", "--out", "o"), "has no member"),
+    ("build-archive-fails-inside-its-range", ("build", "second.pt2", "--out", "o", "--backend", "onnxruntime"),
+     "second.pt2 itself fails in PyTorch"),
+    ("build-archive-fails-inside-its-range-no-passes", ("build", "second.pt2", "--out", "o", "--backend",
+                                                         "onnxruntime", "--no-passes"), "itself fails in PyTorch"),
+    ("build-nan-output", ("build", "--factory", "badmodels:nan_model", "--input", "x:1x4x16", "--shapes",
+                          "x:min=1x1x16,opt=1x4x16,max=2x8x16", "--out", "o", "--backend", "onnxruntime"),
+     "itself produces NaN/Inf in output 'output'"),
     ("build-factory-kwargs-json", ("build", "--factory", "samples.models:lowrank_mlp", "--factory-kwargs",
                                    "{rank: 3", "--out", "o"), "JSON"),
     # ----------------------------------------------------------------- build: specs

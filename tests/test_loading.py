@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import pytest
 
@@ -87,3 +89,18 @@ def test_missing_empty_and_corrupt_files(tmp_path, sample_file):
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(LrexportError):
         load_model(truncated)
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "torchscript", "state-dict", "pickle"])
+def test_a_file_name_that_is_not_utf8_loads(sample_file, tmp_path, fmt):
+    """A name with a byte that is not UTF-8 (Python keeps it as a surrogate): torch's C++ reader cannot take
+    that path and failed with an error blaming the file ('str' object has no attribute 'tell')."""
+    import os
+    import shutil
+
+    path = Path(os.fsdecode(os.fsencode(str(tmp_path)) + b"/mod\xff.pt"))
+    shutil.copy(sample_file("lowrank_mlp", fmt), path)
+    loaded = load_model(path, factory="samples.models:lowrank_mlp" if fmt == "state-dict" else None,
+                        trust_pickle=fmt == "pickle")
+    x = torch.randn(2, 7, 512)
+    torch.testing.assert_close(loaded.module(x), samples.get("lowrank_mlp").factory()(x))

@@ -84,3 +84,25 @@ def test_noop_reshape_decision():
     assert "symbolic" in noop_reason(["N", 8], [0, 8], None, True)  # N may be nonzero
     assert "not fully known" in noop_reason(["b", None], None, ["b", None], False)  # unknown dims never match
     assert "shape changes" in noop_reason(["b", "s"], None, ["s", "b"], False)
+
+
+def test_cleanup_keeps_a_sequence_a_sequence():
+    """A list built in a loop (what the TorchScript exporter writes for ``outs.append`` in a scripted
+    RNN): ``SequenceEmpty`` carries no type, shape inference infers ``seq(tensor(float))``; the value
+    must stay a sequence (onnx-ir's merge copied only the element dtype, making it a tensor that ONNX
+    Runtime refuses)."""
+    nodes = [
+        helper.make_node("SequenceEmpty", [], ["empty"], dtype=TensorProto.FLOAT),
+        helper.make_node("Neg", ["x"], ["nx"]),
+        helper.make_node("SequenceInsert", ["empty", "x"], ["one"]),
+        helper.make_node("SequenceInsert", ["one", "nx"], ["two"]),
+        helper.make_node("ConcatFromSequence", ["two"], ["y"], axis=0, new_axis=1),
+    ]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, "n", 4])])
+    feeds = [{"x": np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)}]
+    out, report = run_passes(model, ["cleanup"], feeds=feeds)
+    assert report.passes[0].parity == 0.0
+    types = {v.name: v.type for v in out.graph.value_info}
+    assert types["empty"].HasField("sequence_type"), types.get("empty")
+    np.testing.assert_array_equal(run(out, feeds)[0][0], np.stack([feeds[0]["x"], -feeds[0]["x"]]))

@@ -295,3 +295,27 @@ def gpt2_conv1d_pairs(rank: int = 8, seed: int = 0) -> nn.Module:
                     nn.init.normal_(conv.bias, 0.0, 0.02)
                 setattr(parent, name, pair)
     return _LastHidden(model).eval()
+
+
+class Qwen3NextTiny(nn.Module):
+    """transformers' Qwen3-Next (a gated-delta-rule linear-attention layer and a full-attention layer, MoE
+    MLPs) in a tiny config; with fla installed, transformers runs fla's Triton kernels for the linear layer."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        from transformers import Qwen3NextConfig, Qwen3NextModel
+
+        cfg = Qwen3NextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, linear_num_value_heads=2,
+                              linear_num_key_heads=1, linear_key_head_dim=16, linear_value_head_dim=16,
+                              num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16,
+                              shared_expert_intermediate_size=16, layer_types=["linear_attention", "full_attention"])
+        torch.manual_seed(seed)
+        self.model = Qwen3NextModel(cfg)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids, use_cache=False).last_hidden_state
+
+
+def qwen3_next_tiny(seed: int = 0) -> nn.Module:
+    return Qwen3NextTiny(seed).eval()
