@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnx_ir.passes.common as common_passes
+from graph_passes.shape_inference import TypedShapeInferencePass
 
 from graph_passes.name_scopes import module_path
 from graph_passes.ort_session import ort_session
@@ -52,7 +52,7 @@ def _module(node: Any) -> str | None:
 def typed(model: onnx.ModelProto) -> ir.Model:
     """An onnx-ir copy of ``model`` with every value's type and shape inferred where ONNX can."""
     m = ir.from_proto(model)
-    common_passes.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=False)(m)
+    TypedShapeInferencePass(check_type=False, strict_mode=False, data_prop=False)(m)
     return m
 
 

@@ -13,6 +13,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from onnxscript.optimizer import basic_constant_propagation
 
+from graph_passes.shape_inference import TypedShapeInferencePass
+
 
 @contextlib.contextmanager
 def quiet_libraries() -> Iterator[None]:
@@ -130,7 +132,7 @@ def prepare(model: ir.Model) -> None:
     """Constants visible and shapes/ranks known: the checks of every rule rely on both."""
     basic_constant_propagation(model.graph)
     try:
-        common_passes.ShapeInferencePass()(model)
+        TypedShapeInferencePass()(model)
     except Exception:  # shape inference is best effort; rules refuse matches with unknown shapes
         pass
 

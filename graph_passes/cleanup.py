@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
-from onnx_ir.passes.common import _c_api_utils
 from onnxscript.optimizer import fold_constants_ir
 
 from graph_passes._base import GraphPass, Match, record
 from graph_passes.noop_reshape import remove_noop_reshapes
+from graph_passes.shape_inference import TypedShapeInferencePass
 
 
 class CleanupPass(GraphPass):
@@ -52,43 +51,3 @@ class CleanupPass(GraphPass):
             ],
         )
         return manager(model)
-
-
-class TypedShapeInferencePass(ir.passes.InPlacePass):
-    """onnx shape inference, merged back by whole type for values that are not tensors.
-
-    onnx-ir's ``ShapeInferencePass`` copies back only the inferred ``dtype``, and setting a dtype on a value
-    makes it a tensor: a sequence (``SequenceEmpty``, a ``Loop`` carrying a list) became a tensor of its
-    element type, which ONNX Runtime then refuses. Here a sequence, optional or map value takes the inferred
-    type as a whole (or keeps its own) and no shape; tensors merge as onnx-ir does. A model shape inference
-    fails on is left unchanged."""
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        def infer(proto: onnx.ModelProto) -> onnx.ModelProto:
-            return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
-
-        try:
-            inferred_proto = _c_api_utils.call_onnx_api(infer, model)
-        except Exception:  # as onnx-ir's pass: inference is best effort
-            return ir.passes.PassResult(model, False)
-        inferred = ir.serde.deserialize_model(inferred_proto)
-        modified = False
-        for graph, inferred_graph in zip(model.graphs(), inferred.graphs()):
-            found = ir.convenience.create_value_mapping(inferred_graph)
-            for name, value in ir.convenience.create_value_mapping(graph).items():
-                new = found.get(name)
-                if new is None or new.type is None:
-                    continue
-                if not isinstance(new.type, ir.TensorType) or (value.type is not None
-                                                               and not isinstance(value.type, ir.TensorType)):
-                    if value.type is None:
-                        value.type = new.type
-                        modified = True
-                    continue
-                if new.shape is not None and value.shape != new.shape:
-                    value.shape = new.shape
-                    modified = True
-                if new.dtype is not None and value.dtype != new.dtype:
-                    value.dtype = new.dtype
-                    modified = True
-        return ir.passes.PassResult(model, modified)

@@ -260,9 +260,9 @@ def _infer_types(model: ir.Model) -> None:
     if all(o.dtype is not None for n in model.graph for o in n.outputs if o.name):
         return
     try:
-        from onnx_ir.passes.common import ShapeInferencePass
+        from graph_passes.shape_inference import TypedShapeInferencePass
 
-        ShapeInferencePass(strict_mode=False)(model)
+        TypedShapeInferencePass(strict_mode=False)(model)
     except Exception:  # best effort: values without a type are left alone
         pass
 

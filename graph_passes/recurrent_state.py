@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common as common_passes
+from graph_passes.shape_inference import TypedShapeInferencePass
 
 from graph_passes._base import GraphPass, GraphPassResult, Match, record
 from graph_passes._util import const_array, const_ints, shape_dims
@@ -412,7 +412,7 @@ class RecurrentStatePass(GraphPass):
                                    hint="it looks like a step model already; pass the full-sequence model")
         if any(shape_dims(v) is None for n in graph for v in n.outputs):
             try:
-                common_passes.ShapeInferencePass()(model)
+                TypedShapeInferencePass()(model)
             except Exception:  # best effort: the numeric check covers what shapes cannot tell
                 pass
         seq = find_seq_dim(graph, self.seq_axis)
