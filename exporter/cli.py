@@ -60,6 +60,7 @@ class _NonNegative(click.ParamType):
 
 
 NON_NEGATIVE = _NonNegative()
+SEED = click.IntRange(min=0)
 
 
 class _OutputPath(click.Path):
@@ -69,7 +70,6 @@ class _OutputPath(click.Path):
         if isinstance(value, str) and not value.strip():
             self.fail("is empty; give a path", param, ctx)
         return super().convert(value, param, ctx)
-SEED = click.IntRange(min=0)
 
 
 def _one_precision(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> str:
