@@ -7,9 +7,12 @@ traceback and keeps the exit code.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
+import os
+import signal
 import sys
 import time
 import traceback
@@ -58,6 +61,15 @@ class _NonNegative(click.ParamType):
 
 NON_NEGATIVE = _NonNegative()
 SEED = click.IntRange(min=0)
+
+
+class _OutputPath(click.Path):
+    """A path the command writes: an empty one (`--out ""`) is refused, not read as '.' or the default."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not value.strip():
+            self.fail("is empty; give a path", param, ctx)
+        return super().convert(value, param, ctx)
 
 
 def _one_precision(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> str:
@@ -166,13 +178,29 @@ def _emit(as_json: bool, data: dict[str, Any], text: str) -> None:
         click.echo(text)
 
 
+def _reads(model: str | None = None, onnx_file: str | None = None) -> None:
+    """Mark the command's input files (the model and its input sidecar, an ONNX file and its external
+    data): no output, --force or not, may replace one or a folder holding one (exporter/outputs.py)."""
+    from exporter.outputs import add_inputs
+    from exporter.specs import sidecar_path
+
+    if model not in (None, "-"):
+        add_inputs(model, sidecar_path(model))
+    if onnx_file is not None:
+        add_inputs(onnx_file, f"{onnx_file}.data")
+
+
 def _load(model: str | None, factory, factory_kwargs, trust_pickle, say):
     """MODEL may be omitted (or '-') when --factory builds the model with its own weights."""
     from exporter.loading import load_model
+    from exporter.outputs import add_inputs
 
     path = None if model in (None, "-") else model
     say(f"[load] {path or factory}")
-    return load_model(path, factory=factory, factory_kwargs=factory_kwargs, trust_pickle=trust_pickle)
+    loaded = load_model(path, factory=factory, factory_kwargs=factory_kwargs, trust_pickle=trust_pickle)
+    if factory:  # the factory's source file is an input too
+        add_inputs(getattr(sys.modules.get(factory.split(":")[0]), "__file__", None))
+    return loaded
 
 
 def _load_with_specs(model, factory, factory_kwargs, trust_pickle, inputs, shapes, pad_to_length, say):
@@ -211,8 +239,8 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False), required=False)
-@click.option("--out", "-o", type=click.Path(file_okay=False), help="Output folder (default: <model>.lrexport).")
-@click.option("--force", is_flag=True, help="Replace a non-empty --out.")
+@click.option("--out", "-o", type=_OutputPath(file_okay=False), help="Output folder (default: <model>.lrexport).")
+@click.option("--force", is_flag=True, help="Replace a --out that an earlier lrexport build wrote.")
 @_precision_options("Build in")
 @click.option("--fp16-keep", "fp16_keep", multiple=True, metavar="MODULE_GLOB",
               help="Keep the nodes of matching modules (and their submodules) in float32 with --fp16/--bf16. "
@@ -229,7 +257,7 @@ def cli() -> None:
 @click.option("--opset", type=int, default=18, show_default=True)
 @click.option("--backend", type=click.Choice([*BACKEND_CHOICES, "onnxruntime"]),
               default="auto", show_default=True, help="Engine backend; auto picks TensorRT, then TensorRT-RTX.")
-@click.option("--timing-cache", type=click.Path(dir_okay=False), help="TensorRT timing cache to reuse and update.")
+@click.option("--timing-cache", type=_OutputPath(dir_okay=False), help="TensorRT timing cache to reuse and update.")
 @click.option("--opt-level", type=click.IntRange(0, 5), help="TensorRT builder optimization level.")
 @click.option("--workspace", "workspace_mb", type=click.IntRange(min=1), help="TensorRT workspace limit in MiB.")
 @model_options
@@ -248,9 +276,12 @@ def build(model, out, force, precision, fp16_keep, fp16_force, no_passes, no_pat
     from exporter.pipeline import BuildOptions, build as run_build
 
     say = _progress(quiet)
-    out_dir = Path(out) if out else Path(f"{_model_name(model, factory)}.lrexport")
+    _reads(model)
+    out_dir = Path(out) if out is not None else Path(f"{_model_name(model, factory)}.lrexport")
     check_target(out_dir, force)
     check_writable(out_dir)
+    if timing_cache is not None:
+        _check_timing_cache(Path(timing_cache), out_dir)
     pass_list, per_output, case_list = _passes(passes, no_passes), _tolerances(tols), _cases(cases)
     loaded, specs = _load_with_specs(model, factory, factory_kwargs, trust_pickle, inputs, shapes, pad_to_length, say)
     options = BuildOptions(out=out_dir, precision=precision, passes=pass_list, exporter=exporter,
@@ -265,9 +296,20 @@ def build(model, out, force, precision, fp16_keep, fp16_force, no_passes, no_pat
     return 0 if report.ok else 1
 
 
+def _check_timing_cache(cache: Path, out_dir: Path) -> None:
+    """The cache is read and rewritten in place: never a file of another kind or an input, nor inside
+    --out (which the build replaces)."""
+    from exporter.outputs import check_new_file
+
+    if Path(os.path.abspath(out_dir)) in Path(os.path.abspath(cache)).parents:
+        raise LrexportError(f"--timing-cache {cache} is inside --out {out_dir}, which the build replaces",
+                            "keep the timing cache outside --out")
+    check_new_file(cache, True, "timing-cache")
+
+
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False), required=False)
-@click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="ONNX file to write.")
+@click.option("--out", "-o", type=_OutputPath(dir_okay=False), required=True, help="ONNX file to write.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out.")
 @click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True)
 @click.option("--opset", type=int, default=18, show_default=True)
@@ -286,7 +328,8 @@ def export(model, out, force, exporter, opset, pad_to_length, no_patches, factor
     from exporter.outputs import check_new_file
 
     say = _progress(quiet)
-    out_path = check_new_file(out, force)
+    _reads(model)
+    out_path = check_new_file(out, force, "onnx")
     loaded, specs = _load_with_specs(model, factory, factory_kwargs, trust_pickle, inputs, shapes, pad_to_length, say)
     result = export_onnx_file(loaded, specs, out_path, exporter=exporter, opset=opset, force=force,
                               patches=not no_patches, progress=say)
@@ -302,29 +345,31 @@ def export(model, out, force, exporter, opset, pad_to_length, no_patches, factor
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("onnx_file", type=click.Path(dir_okay=False))
 @_precision_options("Use the tolerances of")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the report as JSON here.")
+@click.option("--report", "report_path", type=_OutputPath(dir_okay=False), help="Also write the report as JSON here.")
+@click.option("--force", is_flag=True, help="Overwrite a --report that lrexport wrote earlier.")
 @model_options
 @input_options
 @parity_options
 @common_options
-def check(model, onnx_file, precision, report_path, factory, factory_kwargs, trust_pickle, inputs, shapes, atol,
+def check(model, onnx_file, precision, report_path, force, factory, factory_kwargs, trust_pickle, inputs, shapes, atol,
           rtol, tols, seed, cases, as_json, quiet, debug):
     """Check parity of an existing ONNX_FILE (ONNX Runtime) against MODEL (PyTorch; '-' with --factory)."""
-    from exporter.outputs import atomic_write_file, check_writable
+    from exporter.outputs import atomic_write_file, check_new_file
     from exporter.parity import check_parity
     from exporter.pipeline import resolve_specs
 
     say = _progress(quiet)
-    if report_path:
-        check_writable(report_path)
+    _reads(model, onnx_file)
+    if report_path is not None:
+        check_new_file(report_path, force, "json")
     per_output, case_list = _tolerances(tols), _cases(cases)
     loaded = _load(model, factory, factory_kwargs, trust_pickle, say)
     specs = resolve_specs(loaded, inputs, shapes, None if model == "-" else model)
     report = check_parity(loaded, onnx_file, specs=specs, precision=precision, atol=atol, rtol=rtol,
                           per_output=per_output, seed=seed, cases=case_list,
                           progress=lambda m: say(f"[parity] {m}"), memory_budget=_given_memory_budget())
-    if report_path:
-        atomic_write_file(report_path, json.dumps(report.to_dict(), indent=2) + "\n", force=True)
+    if report_path is not None:
+        atomic_write_file(report_path, json.dumps(report.to_dict(), indent=2) + "\n", force=force, kind="json")
     _emit(as_json, report.to_dict(), report.format_table())
     return 0 if report.ok else 1
 
@@ -344,7 +389,7 @@ def inspect(path, factory, factory_kwargs, trust_pickle, as_json, quiet, debug):
 
 @cli.command()
 @click.argument("in_onnx", type=click.Path(dir_okay=False))
-@click.argument("out_onnx", type=click.Path(dir_okay=False))
+@click.argument("out_onnx", type=_OutputPath(dir_okay=False))
 @click.option("--force", is_flag=True, help="Overwrite an existing OUT_ONNX.")
 @pass_options
 @input_options
@@ -358,7 +403,8 @@ def optimize(in_onnx, out_onnx, force, passes, chunk_size, merge_threshold, inpu
     from exporter.specs import build_specs
 
     say = _progress(quiet)
-    src, dst = Path(in_onnx), check_new_file(out_onnx, force)
+    _reads(onnx_file=in_onnx)
+    src, dst = Path(in_onnx), check_new_file(out_onnx, force, "onnx")
     passes = optimize_onnx(src, dst, passes=_passes(passes), specs=build_specs(inputs, shapes) or None,
                            chunk_size=chunk_size, merge_threshold=merge_threshold, seed=seed, force=force,
                            progress=say)
@@ -369,7 +415,7 @@ def optimize(in_onnx, out_onnx, force, passes, chunk_size, merge_threshold, inpu
 
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False), required=False)
-@click.option("--out", "-o", type=click.Path(dir_okay=False), required=True,
+@click.option("--out", "-o", type=_OutputPath(dir_okay=False), required=True,
               help="Model file to write (.pt2 torch.export archive, or .pt TorchScript with --format).")
 @click.option("--format", "fmt", type=click.Choice(["pt2", "torchscript"]), default="pt2", show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite an existing --out.")
@@ -393,7 +439,8 @@ def factorize(model, out, fmt, force, rank, fraction, energy, include, exclude, 
     from exporter.pipeline import resolve_specs
 
     say = _progress(quiet)
-    out_path = check_new_file(out, force)
+    _reads(model)
+    out_path = check_new_file(out, force, "model")
     loaded = _load(model, factory, factory_kwargs, trust_pickle, say)
     specs = resolve_specs(loaded, inputs, shapes, None if model == "-" else model)
     report = factorize_model(loaded, specs, out_path, rank=rank, fraction=fraction, energy=energy, include=include,
@@ -405,7 +452,7 @@ def factorize(model, out, fmt, force, rank, fraction, energy, include, exclude, 
 
 @cli.command("export-step")
 @click.argument("model", type=click.Path(dir_okay=False), required=False)
-@click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="Step-model ONNX file to write.")
+@click.option("--out", "-o", type=_OutputPath(dir_okay=False), required=True, help="Step-model ONNX file to write.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out (and its engine).")
 @click.option("--chunk-max", type=click.IntRange(1), default=64, show_default=True,
               help="Most tokens per step call (the engine profile's sequence range is 1..N).")
@@ -433,7 +480,8 @@ def export_step_cmd(model, out, force, chunk_max, with_engine, backend, length, 
     from exporter.step_export import check_step_output, export_step_model
 
     say = _progress(quiet)
-    out_path = check_step_output(out, force)
+    _reads(model)
+    out_path = check_step_output(out, force, with_engine)
     loaded, specs = _load_with_specs(model, factory, factory_kwargs, trust_pickle, inputs, shapes, None, say)
     result = export_step_model(loaded, specs, out_path, chunk_max=chunk_max, engine=with_engine, backend=backend,
                                length=length, opset=opset, seed=seed, force=force, patches=not no_patches,
@@ -460,10 +508,11 @@ def run(engine, inputs, shapes, repeats, seed, as_json, quiet, debug):
 
 
 # Exit codes: 0 parity holds, 1 an output drifts, 2 bad input (one `error:` line saying what to do),
-# 3 an internal error (a bug), 130 interrupted (Ctrl-C; the shell's 128 + SIGINT).
-EXIT_INTERNAL, EXIT_INTERRUPTED = 3, 130
+# 3 an internal error (a bug), 128 + the signal when interrupted, as a shell reports a process the signal
+# killed: 130 Ctrl-C (SIGINT), 143 SIGTERM, 129 SIGHUP; each cleans up as Ctrl-C does.
+EXIT_INTERNAL, EXIT_INTERRUPTED = 3, 128 + signal.SIGINT
 # Errors of the machine the user controls (disk full, read-only or forbidden path), not bugs of lrexport.
-_USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+_USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG}
 _NoArgsIsHelp = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
 
 
@@ -478,9 +527,11 @@ def _usage_error_line(err: click.ClickException) -> str:
 
 def _run(args: list[str]) -> int:
     """The command's exit code; every failure is turned into one stderr line here."""
+    from exporter.outputs import interrupt_on_termination, reading
+
     debug = "--debug" in args
     try:
-        with cli.make_context("lrexport", args) as ctx:
+        with interrupt_on_termination(), reading(), cli.make_context("lrexport", args) as ctx:
             code = cli.invoke(ctx)
         return code if isinstance(code, int) else 0
     except click.exceptions.Exit as done:  # --help, --version
@@ -490,12 +541,15 @@ def _run(args: list[str]) -> int:
             traceback.print_exc()
         click.echo(f"error: {_user_exit(err)}", err=True)
         return 2
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        if sys.stderr.isatty():
+    except (KeyboardInterrupt, click.exceptions.Abort) as err:
+        signum = getattr(err, "signum", signal.SIGINT)  # SIGTERM / SIGHUP: outputs.Interrupted
+        if sys.stderr.isatty() and signum == signal.SIGINT:
             click.echo(err=True)  # past the terminal's ^C echo
-        click.echo("error: interrupted: no half-written output was left; run the command again to finish",
-                   err=True)
-        return EXIT_INTERRUPTED
+        how = "" if signum == signal.SIGINT else f" ({signal.Signals(signum).name})"
+        with contextlib.suppress(OSError):  # SIGHUP: the terminal may be gone
+            click.echo(f"error: interrupted{how}: no half-written output was left; run the command again to "
+                       "finish", err=True)
+        return 128 + signum
     except _NoArgsIsHelp as err:  # plain `lrexport`: the help, as click shows it
         err.show()
         return err.exit_code
@@ -512,9 +566,10 @@ def _run(args: list[str]) -> int:
             traceback.print_exc()
         if err.errno not in _USER_ERRNOS:
             return _internal_error(err, debug)
-        where = f" ({err.filename})" if err.filename else ""
-        click.echo(f"error: {err.strerror}{where}: free disk space or fix the permissions, or choose another path",
-                   err=True)
+        where = f" ({str(err.filename)[:80]})" if err.filename else ""
+        fix = ("choose a shorter path" if err.errno == errno.ENAMETOOLONG
+               else "free disk space or fix the permissions, or choose another path")
+        click.echo(f"error: {err.strerror}{where}: {fix}", err=True)
         return 2
     except Exception as err:  # a bug, not bad input: say so on one line
         if debug:

@@ -30,7 +30,7 @@ def factorize_model(loaded: LoadedModel, specs: Sequence[InputSpec], out: str | 
     from exporter.export import order_specs, save_model
 
     say = progress or (lambda _m: None)
-    out = check_new_file(out, force)
+    out = check_new_file(out, force, "model")
     specs = order_specs(loaded.module, specs)
     original = copy.deepcopy(loaded.module)
     say("[factorize] truncated SVD per layer")
@@ -40,6 +40,6 @@ def factorize_model(loaded: LoadedModel, specs: Sequence[InputSpec], out: str | 
                        example_args=args, include_pairs=include_pairs, warn_error=warn_error)
     report.set_output_error(output_error(original, loaded.module, args))
     say(f"[factorize] saving {out}")
-    with atomic_files(out, force) as tmp:
+    with atomic_files(out, force, "model") as tmp:
         save_model(loaded.module, specs, tmp / out.name, fmt)
     return report

@@ -23,8 +23,8 @@ def export_onnx_file(loaded: LoadedModel, specs: Sequence[InputSpec], out: str |
     """Export ``loaded`` to ``out`` with dynamic axes from ``specs`` (no passes, no parity); ``patches``:
     the export patches for known libraries (exporter/patches.py)."""
     say = progress or (lambda _m: None)
-    out = check_new_file(out, force)
-    with atomic_files(out, force) as tmp:
+    out = check_new_file(out, force, "onnx")
+    with atomic_files(out, force, "onnx") as tmp:
         result = export_onnx(loaded, specs, tmp / out.name, exporter=exporter, opset=opset,
                              progress=lambda m: say(f"[export] {m}"), patches=patches)
     result.onnx_path = out
@@ -40,11 +40,11 @@ def optimize_onnx(src: str | Path, dst: str | Path, *, passes: Sequence[str] | N
     from exporter.specs import specs_from_onnx
 
     say = progress or (lambda _m: None)
-    dst = check_new_file(dst, force)
+    dst = check_new_file(dst, force, "onnx")
     model = read_onnx(Path(src))
     options = BuildOptions(out=dst, passes=passes, seed=seed, chunk_size=chunk_size, merge_threshold=merge_threshold)
     stage = run_passes_on(model, options, list(specs) if specs else specs_from_onnx(model),
                           lambda m: say(f"[passes] {m}"))
-    with atomic_files(dst, force) as tmp:
+    with atomic_files(dst, force, "onnx") as tmp:
         save_onnx(stage.model, tmp / dst.name)
     return stage

@@ -6,6 +6,7 @@ Every artifact is written into a temporary folder that replaces ``--out`` only w
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,7 +19,7 @@ from exporter.export import ExportResult, save_onnx
 from exporter.patches import patch_lines, reference_patches
 from exporter.loading import LoadedModel, module_embedding_sizes
 from exporter.memory_budget import MemoryBudget
-from exporter.outputs import atomic_dir
+from exporter.outputs import atomic_dir, reading
 from exporter.parity import ParityReport
 from exporter.specs import InputSpec, build_specs, merge_specs, parse_input, read_sidecar
 from exporter.stages import (BACKENDS, BuildOptions, CastStage, EngineStage, PassesStage, cast_stage, check_options,
@@ -158,7 +159,9 @@ def build(loaded: LoadedModel, specs: Sequence[InputSpec], options: BuildOptions
             seconds[name] = time.perf_counter() - start
         return result
 
-    with atomic_dir(options.out, options.force) as tmp, reference_patches(loaded.module, options.patches):
+    source = loaded.source if os.path.isfile(loaded.source) else None  # never inside the replaced --out
+    with reading(source), atomic_dir(options.out, options.force) as tmp, \
+            reference_patches(loaded.module, options.patches):
         exported = timed("export", export_stage, loaded, specs, tmp, options, say)
         exported_model = onnx.load(str(exported.onnx_path))
         passes = timed("passes", passes_stage, exported_model, exported.specs, options, say, budget, loaded)

@@ -56,12 +56,15 @@ class StepModelBuild:
         return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
 
 
-def check_step_output(out: str | Path, force: bool) -> Path:
-    """Refuse, before any slow work, a step-model path that is not .onnx or exists without ``force``."""
+def check_step_output(out: str | Path, force: bool, engine: bool = False) -> Path:
+    """Refuse, before any slow work, a step-model path that is not .onnx, or that (or, with ``engine``, the
+    engine beside it) exists without ``force`` (exporter/outputs.py says what ``force`` may replace)."""
     out = Path(out)
     if out.suffix != ".onnx":
         raise LrexportError(f"--out {out} should end in .onnx", "e.g. --out step.onnx")
-    return check_new_file(out, force)
+    if engine:
+        check_new_file(out.with_suffix(".engine"), force, "engine")
+    return check_new_file(out, force, "onnx")
 
 
 def step_engine_specs(step: StepExportResult, specs: Sequence[InputSpec], chunk_max: int) -> list[InputSpec]:
@@ -77,8 +80,8 @@ def export_step_model(loaded: LoadedModel, specs: Sequence[InputSpec], out: str 
                       progress: Callable[[str], None] | None = None) -> StepModelBuild:
     """Export ``loaded`` as a step model at ``out`` (.onnx; with ``engine``, also ``<out stem>.engine``)."""
     say = progress or (lambda _m: None)
-    out = check_step_output(out, force)
-    with atomic_files(out, force=True) as tmp, reference_patches(loaded.module, patches):
+    out = check_step_output(out, force, engine)
+    with atomic_files(out, force, "onnx") as tmp, reference_patches(loaded.module, patches):
         full_dir = tmp / ".full"  # the whole model's export: an intermediate, removed before the move
         full_dir.mkdir()
         exported = export_onnx(loaded, specs, full_dir / "full.onnx", opset=opset,

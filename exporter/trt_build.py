@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import onnx_ir as ir
 
 from exporter.errors import LrexportError
-from exporter.outputs import atomic_files, atomic_write_file
+from exporter.outputs import atomic_files, atomic_write_file, check_new_file, reading
 from exporter.specs import InputSpec
 from exporter.trt_backend import Backend, dims_list, engine_profiles, get_backend, profile_entry
 from graph_passes.ort_session import PROTO_LIMIT
@@ -313,8 +313,8 @@ def _check_arguments(onnx_path: Path, engine_path: Path, parse_from: str, opt_le
         raise LrexportError(f"workspace limit {workspace_mb} MB must be positive", "give a size in MB, e.g. 1024")
     if not onnx_path.is_file():
         raise LrexportError(f"ONNX file {onnx_path} does not exist", "export the model first (lrexport export)")
-    if engine_path.exists() and not force:
-        raise LrexportError(f"engine {engine_path} already exists", "pass --force to overwrite it")
+    with reading(onnx_path):
+        check_new_file(engine_path, force, "engine")
     if not engine_path.parent.is_dir():
         raise LrexportError(f"output folder {engine_path.parent} does not exist", "create it first")
 
@@ -356,7 +356,8 @@ def plan_engine(onnx_path: str | Path, engine_path: str | Path, *, specs: Sequen
         plan.warnings.append(f"{be.name} has no timing cache (the API is a no-op there); {Path(timing_cache).name} "
                              "was neither read nor written")
     elif timing_cache is not None:
-        plan.timing_cache = Path(timing_cache)
+        with reading(onnx_path):  # read and rewritten: refused here if it is the model or not a cache
+            plan.timing_cache = check_new_file(timing_cache, True, "timing-cache")
     return plan
 
 
@@ -497,11 +498,11 @@ def build_planned(plan: EnginePlan, progress: Callable[[str], None] | None = Non
     build_seconds = time.perf_counter() - t0
     data = memoryview(serialized).cast("B")
     if plan.timing_cache is not None:
-        atomic_write_file(plan.timing_cache, be.serialize_timing_cache(config), force=True)
+        atomic_write_file(plan.timing_cache, be.serialize_timing_cache(config), force=True, kind="timing-cache")
     if plan.engine_path.exists() and not plan.force:  # appeared while we were building
         raise LrexportError(f"engine {plan.engine_path} already exists", "pass --force to overwrite it")
     say(f"writing {plan.engine_path.name} ({data.nbytes / 2**20:.1f} MiB)")
-    with atomic_files(plan.engine_path, force=True) as tmp:  # engine and metadata appear together
+    with atomic_files(plan.engine_path, force=plan.force, kind="engine") as tmp:  # engine and metadata appear together
         (tmp / plan.engine_path.name).write_bytes(data)
         plan.warnings.extend(logger.warnings())
         gpu = gpu_info()

@@ -2,8 +2,8 @@
 
 Each case runs in a fresh copy of a small "user folder" (a model, its ONNX export, broken files, an
 earlier --out); the whole folder is hashed before and after, so a changed, removed or added file (a
-temp folder left behind, a half-written output) fails the case. Ctrl-C during a build is tested in a
-real process at the end.
+temp folder left behind, a half-written output) fails the case. Ctrl-C, SIGTERM and SIGHUP during a build are
+tested in a real process at the end.
 """
 
 from __future__ import annotations
@@ -64,6 +64,10 @@ def template(sample_file, tmp_path_factory) -> Path:
     (base / "prev.onnx").write_bytes(b"an earlier export")
     (base / "folder.pt2").mkdir()
     _broken_archives(base)
+
+
+    subprocess.run([sys.executable, "-m", "exporter.cli", "build", "model.pt2", "--out", "earlier", "-q",
+                    "--backend", "onnxruntime", "--no-passes"], cwd=base, check=True, capture_output=True)
     return base
 
 
@@ -177,6 +181,8 @@ CASES = [
     ("build-out-new-folders", ("build", "model.pt2", "--out", "new/deeper/o", "--opset", "16",
                                "--backend", "onnxruntime"), "opset 16 is too old"),  # fails inside the export
     ("build-timing-cache-dir", (*BUILD, "--timing-cache", "prev"), "prev"),
+    ("build-out-empty", ("build", "model.pt2", "--out", ""), "empty"),
+    ("build-out-too-long", ("build", "model.pt2", "--out", "o" * 300), "shorter"),
     # ----------------------------------------------------------------- export
     ("export-no-out", ("export", "model.pt2"), "--out"),
     ("export-out-exists", ("export", "model.pt2", "--out", "prev.onnx"), "--force"),
@@ -226,6 +232,7 @@ CASES = [
      "--chunk-max"),
     ("export-step-out-exists", ("export-step", "model.pt2", "--out", "prev.onnx"), "--force"),
     ("export-step-empty", ("export-step", "empty.pt2", "--out", "step.onnx"), "is empty"),
+    ("export-step-out-empty", ("export-step", "model.pt2", "--out", ""), "empty"),
 ]
 
 
@@ -269,8 +276,9 @@ def test_debug_shows_the_traceback_and_keeps_the_exit_code(cli, template, tmp_pa
     assert res.err.strip().splitlines()[-1].startswith("error: internal error ZeroDivisionError")
 
 
-def _interrupt_build(user: Path, *extra: str) -> subprocess.CompletedProcess:
-    """Start `lrexport build` in a real process, press Ctrl-C (SIGINT) once the export runs, wait for it."""
+def _interrupt_build(user: Path, *extra: str, signum: int = signal.SIGINT) -> subprocess.CompletedProcess:
+    """Start `lrexport build` in a real process, send ``signum`` (Ctrl-C: SIGINT) once the export runs,
+    wait for it."""
     argv = [sys.executable, "-m", "exporter.cli", "build", "model.pt2", "--out", *extra]
     proc = subprocess.Popen(argv, cwd=user, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen = []
@@ -278,20 +286,25 @@ def _interrupt_build(user: Path, *extra: str) -> subprocess.CompletedProcess:
     for line in proc.stderr:
         seen.append(line)
         if "[export]" in line:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signum)
             break
     out, err = proc.communicate(timeout=120)
     assert any("[export]" in ln for ln in seen), "".join(seen) + err
     return subprocess.CompletedProcess(argv, proc.returncode, out, "".join(seen) + err)
 
 
-@pytest.mark.parametrize("force", [False, True], ids=["new-out", "force-over-earlier-build"])
-def test_ctrl_c_during_a_build_leaves_nothing_half_written(force, template, tmp_path):
+@pytest.mark.parametrize("signum,code,force", [
+    (signal.SIGINT, 130, False), (signal.SIGINT, 130, True),
+    (signal.SIGTERM, 143, False), (signal.SIGTERM, 143, True),  # `timeout`, CI cancellation, `docker stop`
+    (signal.SIGHUP, 129, False),  # the terminal closed
+], ids=["ctrl-c-new-out", "ctrl-c-force-over-earlier-build", "sigterm-new-out", "sigterm-force-over-earlier-build",
+        "sighup-new-out"])
+def test_interrupting_a_build_leaves_nothing_half_written(signum, code, force, template, tmp_path):
     user = tmp_path / "user"
     shutil.copytree(template, user)
     before = _snapshot(user)
-    res = _interrupt_build(user, *(("prev", "--force") if force else ("o",)))
-    assert res.returncode == 130, res.stderr
+    res = _interrupt_build(user, *(("earlier", "--force") if force else ("o",)), signum=signum)
+    assert res.returncode == code, res.stderr
     assert "interrupted" in _progress_then_one_error(res.stderr) and "Traceback" not in res.stderr
     assert _snapshot(user) == before  # no --out, no temp folder; the earlier build as it was
 
@@ -316,9 +329,10 @@ def test_disk_full_is_the_users_to_fix_not_a_bug(cli, template, tmp_path, monkey
     assert _snapshot(user) == before
 
 
-def test_ctrl_c_while_the_output_is_swapped_in_waits_for_the_swap(tmp_path, monkeypatch):
-    """Between moving the earlier --out aside and the new one in, Ctrl-C would leave neither in place:
-    it is held until both moves are done, then delivered."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_while_the_output_is_swapped_in_waits_for_the_swap(signum, tmp_path, monkeypatch):
+    """Between moving the earlier --out aside and the new one in, Ctrl-C (or SIGTERM, as the CLI handles
+    it) would leave neither in place: it is held until both moves are done, then delivered."""
     import exporter.outputs as outputs
 
     out = tmp_path / "o"
@@ -331,14 +345,16 @@ def test_ctrl_c_while_the_output_is_swapped_in_waits_for_the_swap(tmp_path, monk
         calls.append(dst)
         if len(calls) == 1:  # the earlier --out has just been moved aside: Ctrl-C now
             real_replace(src, dst)
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
             time.sleep(0.05)
             return
         real_replace(src, dst)
 
     monkeypatch.setattr(outputs.os, "replace", replace_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
+    (out / "report.json").write_text('{"out": "o", "export": {}, "parity": {}, "files": ["o/old.txt"]}')
+    with pytest.raises(KeyboardInterrupt) as raised, outputs.interrupt_on_termination():
         with outputs.atomic_dir(out, force=True) as tmp:
             (tmp / "new.txt").write_text("this build")
+    assert getattr(raised.value, "signum", signal.SIGINT) == signum
     assert len(calls) == 2 and sorted(p.name for p in out.iterdir()) == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no temp folder left

@@ -51,8 +51,13 @@ def test_refuses_to_clobber_without_force(cli, sample_file, tmp_path):
     res = cli(*args)
     assert res.code != 0 and "--force" in error_line(res)
     assert (out / "precious.txt").read_text() == "keep me"
-    res = cli(*args, "--force")
-    assert res.code == 0 and (out / "model.onnx").exists() and not (out / "precious.txt").exists()
+    res = cli(*args, "--force")  # --force replaces only what lrexport wrote
+    assert res.code == 2 and "not written by lrexport" in error_line(res)
+    assert (out / "precious.txt").read_text() == "keep me"
+    (out / "precious.txt").unlink()
+    assert cli(*args).code == 0  # an empty folder is taken
+    res = cli(*args, "--force")  # an earlier build is replaced
+    assert res.code == 0 and (out / "model.onnx").exists()
 
 
 def test_failed_build_leaves_nothing_behind(cli, tmp_path):

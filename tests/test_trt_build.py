@@ -197,7 +197,11 @@ def test_refuses_overwrite_without_force(tmp_path: Path) -> None:
     engine.write_bytes(b"previous engine")
     with pytest.raises(LrexportError, match="already exists.*--force"):
         build_engine(onnx_path, engine, specs=specs, backend=BACKEND)
+    with pytest.raises(LrexportError, match="not an engine lrexport built"):  # force replaces only lrexport's
+        build_engine(onnx_path, engine, specs=specs, backend=BACKEND, force=True)
     assert engine.read_bytes() == b"previous engine" and not meta_path_for(engine).exists()
+    engine.unlink()
+    build_engine(onnx_path, engine, specs=specs, backend=BACKEND)
     res = build_engine(onnx_path, engine, specs=specs, backend=BACKEND, force=True)
     assert engine.stat().st_size == res.engine_bytes and meta_path_for(engine).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.engine", "m.engine.json"]
