@@ -160,7 +160,11 @@ _STDOUT: list[Any] = []  # the real stdout while a --json command runs (model co
 
 
 def _emit(as_json: bool, data: dict[str, Any], text: str) -> None:
+    """The result on stdout: text, or with --json one JSON object whose ``ok`` says whether it passed
+    (``true`` where the result has no verdict of its own; a failed command prints ``ok: false`` instead,
+    see :func:`_json_error`)."""
     if as_json:
+        data = data if "ok" in data else {"ok": True, **data}
         click.echo(json.dumps(data, indent=2, default=str), file=_STDOUT[-1] if _STDOUT else None)
     else:
         click.echo(text)
@@ -528,13 +532,48 @@ def main(argv: list[str] | None = None) -> None:
         warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     if "--json" in args:  # keep stdout pure JSON: whatever the model's own code prints goes to stderr
         _STDOUT.append(sys.stdout)
+        sys.stderr = tee = _ErrorLineTee(sys.stderr)
         sys.stdout = sys.stderr
+    code = None
     try:
         code = _run(args)
     finally:
         if _STDOUT:
             sys.stdout = _STDOUT.pop()
+            sys.stderr = tee.stream
+            if code is not None and code >= 2:
+                _json_error(tee.error, code)
     sys.exit(code)
+
+
+class _ErrorLineTee:
+    """stderr as it is, remembering the last ``error:`` line written (for --json's error object)."""
+
+    encoding, errors = "utf-8", "strict"
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.error, self._line = stream, None, ""
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError("a text stream")  # click probes for a binary stream with b""
+        self._line += text
+        *done, self._line = self._line.split("\n")
+        self.error = next((ln for ln in reversed(done) if ln.startswith("error: ")), self.error)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+
+def _json_error(line: str | None, code: int) -> None:
+    """With --json, a failed command (exit 2, 3 or 130) still prints one JSON object on stdout:
+    ``{"ok": false, "error": "<the error line, without 'error: '>", "exit_code": N}``."""
+    error = line[len("error: "):] if line else f"failed with exit code {code}"
+    click.echo(json.dumps({"ok": False, "error": error, "exit_code": code}, indent=2))
 
 
 if __name__ == "__main__":  # pragma: no cover
