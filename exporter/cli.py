@@ -359,13 +359,13 @@ def optimize(in_onnx, out_onnx, force, passes, chunk_size, merge_threshold, inpu
     """Run the graph passes on IN_ONNX and write OUT_ONNX (each pass checked numerically)."""
     from exporter.file_stages import optimize_onnx
     from exporter.outputs import check_new_file
-    from exporter.specs import build_specs
+    from exporter.specs import build_specs, explicit_dtypes
 
     say = _progress(quiet)
     src, dst = Path(in_onnx), check_new_file(out_onnx, force)
     passes = optimize_onnx(src, dst, passes=_passes(passes), specs=build_specs(inputs, shapes) or None,
                            chunk_size=chunk_size, merge_threshold=merge_threshold, seed=seed, force=force,
-                           progress=say)
+                           progress=say, explicit_dtypes=explicit_dtypes(inputs))
     _emit(as_json, {"in": str(src), "out": str(dst), **passes.report.to_dict()},
           passes.report.format_table() + f"\nwrote {dst}")
     return 0
