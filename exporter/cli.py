@@ -132,9 +132,12 @@ def _tolerances(tols: tuple[str, ...]) -> dict:
 
 
 def _cases(text: str | None) -> list[str] | None:
-    if not text:
+    if text is None:
         return None
     cases = [c.strip() for c in text.split(",") if c.strip()]
+    if not cases:
+        raise LrexportError(f"--cases {text!r} names no shape case",
+                            "give a comma list of min, opt, max, odd, or leave --cases out for all of them")
     bad = [c for c in cases if c not in ("min", "opt", "max", "odd")]
     if bad:
         raise LrexportError(f"unknown shape case {bad[0]!r}", "use min, opt, max, odd")

@@ -17,7 +17,7 @@ import onnx
 import onnx_ir as ir
 from torch import nn
 
-from exporter.compare import OutputComparison, Tolerance, Tolerances, compare_outputs
+from exporter.compare import OutputComparison, Tolerance, Tolerances, check_output_tolerances, compare_outputs
 from exporter.errors import LrexportError
 from exporter.loading import LoadedModel
 from exporter.memory_budget import MemoryBudget, MemoryPlanner, plan_feeds, planner_for_runners, run_planned
@@ -226,6 +226,7 @@ def check_parity(model: nn.Module | LoadedModel, onnx_path: str | Path, *,
         raise LrexportError(f"ONNX file {onnx_path} does not exist",
                             "export it first (export_onnx / lrexport export), or use assert_parity, which does")
     ort_runner = OnnxRuntimeRunner(onnx_path)
+    check_output_tolerances(per_output or {}, ort_runner.output_names)
     specs = align_specs(specs, ort_runner.input_names)
     reference = TorchRunner(module, ort_runner.output_names, [s.name for s in specs])
     tols = {ort_runner.name: Tolerances.for_precision(precision if precision != "fp32" else "fp32",

@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import onnx
 
+from exporter.compare import check_output_tolerances
 from exporter.errors import LrexportError
 from exporter.export import ExportResult, save_onnx
 from exporter.patches import patch_lines, reference_patches
@@ -163,6 +164,7 @@ def build(loaded: LoadedModel, specs: Sequence[InputSpec], options: BuildOptions
 
     with atomic_dir(options.out, options.force) as tmp, reference_patches(loaded.module, options.patches):
         exported = timed("export", export_stage, loaded, specs, tmp, options, say)
+        check_output_tolerances(options.per_output, exported.output_names)
         exported_model = onnx.load(str(exported.onnx_path))
         passes = timed("passes", passes_stage, exported_model, exported.specs, options, say, budget)
         model = passes.model if passes else exported_model
