@@ -330,6 +330,9 @@ def check(model, onnx_file, precision, report_path, factory, factory_kwargs, tru
     report = check_parity(loaded, onnx_file, specs=specs, precision=precision, atol=atol, rtol=rtol,
                           per_output=per_output, seed=seed, cases=case_list,
                           progress=lambda m: say(f"[parity] {m}"), memory_budget=_given_memory_budget())
+    over_budget = report.budget_error()
+    if over_budget is not None:  # nothing ran: not a parity verdict
+        raise over_budget
     if report_path:
         atomic_write_file(report_path, json.dumps(report.to_dict(), indent=2) + "\n", force=True)
     _emit(as_json, report.to_dict(), report.format_table())

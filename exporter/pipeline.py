@@ -174,6 +174,9 @@ def build(loaded: LoadedModel, specs: Sequence[InputSpec], options: BuildOptions
                        options, tmp, say) if with_engine else None
         parity = timed("parity", parity_stage, loaded, exported, exported_model, tmp / "model.onnx", model, cast,
                        engine, options, budget, say)
+        over_budget = parity.budget_error()
+        if over_budget is not None:  # nothing checked: no build to keep
+            raise over_budget
         report = BuildReport(
             out=options.out,
             model={"source": loaded.source, "kind": loaded.kind, "parameters": loaded.parameter_count},
