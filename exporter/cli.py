@@ -568,11 +568,8 @@ class _ErrorLineTee:
         self.error = next((ln for ln in reversed(done) if ln.startswith("error: ")), self.error)
         return self.stream.write(text)
 
-    def flush(self) -> None:
-        self.stream.flush()
-
-    def isatty(self) -> bool:
-        return self.stream.isatty()
+    def __getattr__(self, name: str) -> Any:  # fileno, isatty, flush, ... of the real stderr
+        return getattr(self.stream, name)
 
 
 def _json_error(line: str | None, code: int) -> None:
