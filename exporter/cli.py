@@ -144,9 +144,12 @@ def _tolerances(tols: tuple[str, ...]) -> dict:
 
 
 def _cases(text: str | None) -> list[str] | None:
-    if not text:
+    if text is None:
         return None
     cases = [c.strip() for c in text.split(",") if c.strip()]
+    if not cases:
+        raise LrexportError(f"--cases {text!r} names no shape case",
+                            "give a comma list of min, opt, max, odd, or leave --cases out for all of them")
     bad = [c for c in cases if c not in ("min", "opt", "max", "odd")]
     if bad:
         raise LrexportError(f"unknown shape case {bad[0]!r}", "use min, opt, max, odd")
@@ -172,7 +175,11 @@ _STDOUT: list[Any] = []  # the real stdout while a --json command runs (model co
 
 
 def _emit(as_json: bool, data: dict[str, Any], text: str) -> None:
+    """The result on stdout: text, or with --json one JSON object whose ``ok`` says whether it passed
+    (``true`` where the result has no verdict of its own; a failed command prints ``ok: false`` instead,
+    see :func:`_json_error`)."""
     if as_json:
+        data = data if "ok" in data else {"ok": True, **data}
         click.echo(json.dumps(data, indent=2, default=str), file=_STDOUT[-1] if _STDOUT else None)
     else:
         click.echo(text)
@@ -368,6 +375,9 @@ def check(model, onnx_file, precision, report_path, force, factory, factory_kwar
     report = check_parity(loaded, onnx_file, specs=specs, precision=precision, atol=atol, rtol=rtol,
                           per_output=per_output, seed=seed, cases=case_list,
                           progress=lambda m: say(f"[parity] {m}"), memory_budget=_given_memory_budget())
+    over_budget = report.budget_error()
+    if over_budget is not None:  # nothing ran: not a parity verdict
+        raise over_budget
     if report_path is not None:
         atomic_write_file(report_path, json.dumps(report.to_dict(), indent=2) + "\n", force=force, kind="json")
     _emit(as_json, report.to_dict(), report.format_table())
@@ -400,14 +410,14 @@ def optimize(in_onnx, out_onnx, force, passes, chunk_size, merge_threshold, inpu
     """Run the graph passes on IN_ONNX and write OUT_ONNX (each pass checked numerically)."""
     from exporter.file_stages import optimize_onnx
     from exporter.outputs import check_new_file
-    from exporter.specs import build_specs
+    from exporter.specs import build_specs, explicit_dtypes
 
     say = _progress(quiet)
     _reads(onnx_file=in_onnx)
     src, dst = Path(in_onnx), check_new_file(out_onnx, force, "onnx")
     passes = optimize_onnx(src, dst, passes=_passes(passes), specs=build_specs(inputs, shapes) or None,
                            chunk_size=chunk_size, merge_threshold=merge_threshold, seed=seed, force=force,
-                           progress=say)
+                           progress=say, explicit_dtypes=explicit_dtypes(inputs))
     _emit(as_json, {"in": str(src), "out": str(dst), **passes.report.to_dict()},
           passes.report.format_table() + f"\nwrote {dst}")
     return 0
@@ -600,13 +610,45 @@ def main(argv: list[str] | None = None) -> None:
         warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     if "--json" in args:  # keep stdout pure JSON: whatever the model's own code prints goes to stderr
         _STDOUT.append(sys.stdout)
+        sys.stderr = tee = _ErrorLineTee(sys.stderr)
         sys.stdout = sys.stderr
+    code = None
     try:
         code = _run(args)
     finally:
         if _STDOUT:
             sys.stdout = _STDOUT.pop()
+            sys.stderr = tee.stream
+            if code is not None and code >= 2:
+                _json_error(tee.error, code)
     sys.exit(code)
+
+
+class _ErrorLineTee:
+    """stderr as it is, remembering the last ``error:`` line written (for --json's error object)."""
+
+    encoding, errors = "utf-8", "strict"
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.error, self._line = stream, None, ""
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError("a text stream")  # click probes for a binary stream with b""
+        self._line += text
+        *done, self._line = self._line.split("\n")
+        self.error = next((ln for ln in reversed(done) if ln.startswith("error: ")), self.error)
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:  # fileno, isatty, flush, ... of the real stderr
+        return getattr(self.stream, name)
+
+
+def _json_error(line: str | None, code: int) -> None:
+    """With --json, a failed command (exit 2, 3 or an interrupt) still prints one JSON object on stdout:
+    ``{"ok": false, "error": "<the error line, without 'error: '>", "exit_code": N}``."""
+    error = line[len("error: "):] if line else f"failed with exit code {code}"
+    click.echo(json.dumps({"ok": False, "error": error, "exit_code": code}, indent=2))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -65,6 +65,16 @@ def parse_output_tolerance(text: str) -> tuple[str, Tolerance]:
                             "write NAME:atol=1e-3,rtol=1e-2 with finite numbers >= 0")
     base = DEFAULT_TOLERANCES["fp32"]
     return name, Tolerance(values.get("atol", base.atol), values.get("rtol", base.rtol))
+
+
+def check_output_tolerances(per_output: Mapping[str, Tolerance], outputs: Sequence[str]) -> None:
+    """A --tol glob that matches no output is a typo, refused once the outputs are known (else it would
+    silently leave that output at the default tolerance)."""
+    for pattern in per_output:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in outputs):
+            shown = ", ".join(repr(o) for o in list(outputs)[:12]) + (", ..." if len(outputs) > 12 else "")
+            raise LrexportError(f"--tol {pattern!r} matches no output of the model (its outputs: {shown})",
+                                "name an output, or a glob that matches some")
 
 
 @dataclass

@@ -30,7 +30,8 @@ from exporter.patches import applied, select_patches
 from exporter.specs import InputSpec, parse_dim_expr
 from graph_passes.ort_session import PROTO_LIMIT
 
-DEFAULT_OPSET = 18  # >= 17 for LayerNormalization
+DEFAULT_OPSET = 18
+MIN_OPSET = 17  # LayerNormalization
 _AXIS_NAMES = {0: "batch", 1: "seq"}
 _GUARDS = "__guards__"  # key in the reasons dict: conditions torch.export narrowed the ranges with
 
@@ -158,10 +159,13 @@ def output_names_for(module: nn.Module, args: tuple) -> list[str]:
 def _quiet():
     """Silence the exporter's progress chatter and warnings (lrexport reports its own progress)."""
     buf = io.StringIO()
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx")]
+    # onnxscript: a failed opset conversion logs a traceback at ERROR; the opset the file has is reported instead
+    quiet = {"torch.onnx": logging.ERROR, "torch.export": logging.ERROR, "torch._dynamo": logging.ERROR,
+             "torch.fx": logging.ERROR, "onnxscript": logging.CRITICAL}
+    loggers = [logging.getLogger(n) for n in quiet]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.setLevel(quiet[lg.name])
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
             warnings.simplefilter("ignore")
@@ -340,6 +344,27 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> None:
                         location=data.name, size_threshold=1024)
 
 
+def max_opset(exporter: str = "dynamo") -> int:
+    """The newest opset both the installed torch.onnx exporter and onnx (its checker, the passes) support."""
+    from torch.onnx import _constants
+
+    declared = getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET" if exporter == "torchscript"
+                       else "ONNX_MAX_OPSET", DEFAULT_OPSET)
+    return min(int(declared), onnx.defs.onnx_opset_version())
+
+
+def check_opset(opset: int, exporter: str = "dynamo") -> None:
+    """Refuse an opset outside what this export can write (one line naming the range), before any work:
+    past the maximum, torch.onnx's version converter fails with a traceback and keeps its own opset."""
+    newest = max_opset(exporter)
+    if opset < MIN_OPSET:
+        raise LrexportError(f"opset {opset} is too old", f"use --opset {MIN_OPSET} or newer (LayerNormalization)")
+    if opset > newest:
+        raise LrexportError(f"opset {opset} is newer than the {exporter} exporter supports here (torch "
+                            f"{torch.__version__.split('+')[0]}, onnx {onnx.__version__}: up to opset {newest})",
+                            f"use --opset {MIN_OPSET}..{newest} (default {DEFAULT_OPSET})")
+
+
 def export_onnx(loaded: LoadedModel | nn.Module, specs: Sequence[InputSpec], path: str | Path, *,
                 exporter: str = "dynamo", opset: int = DEFAULT_OPSET,
                 progress: Callable[[str], None] | None = None, patches: bool = True) -> ExportResult:
@@ -347,10 +372,9 @@ def export_onnx(loaded: LoadedModel | nn.Module, specs: Sequence[InputSpec], pat
 
     With ``patches`` the export-hostile functions of known libraries are swapped for equal export-friendly
     ones while exporting (``exporter/patches.py``); the result lists them."""
-    if opset < 17:
-        raise LrexportError(f"opset {opset} is too old", "use --opset 17 or newer (LayerNormalization)")
     if exporter not in ("dynamo", "torchscript"):
         raise LrexportError(f"unknown exporter {exporter!r}", "use dynamo or torchscript")
+    check_opset(opset, exporter)
     if not specs:
         raise LrexportError("no input spec for the model",
                             "pass --input NAME:DIMS:DTYPE (and --shapes for dynamic axes), or a sidecar .inputs.json")
@@ -399,11 +423,15 @@ def export_onnx(loaded: LoadedModel | nn.Module, specs: Sequence[InputSpec], pat
                           for s in exported_specs]
         warnings_out.append(pin.message())
     _rename_dims(model, exported_specs)
+    written = model.opset_imports.get("", model.opset_imports.get("ai.onnx", opset))
+    if written != opset:
+        warnings_out.append(f"asked for opset {opset}, but torch.onnx's version converter left the model at opset "
+                            f"{written}; the file is opset {written}")
     proto = ir.to_proto(model)  # the checker and the external-data writer take a proto
     _verify(proto, say, warnings_out)
     save_onnx(proto, path)
     seconds = time.perf_counter() - start
-    return ExportResult(path, exporter, opset, seconds, exported_specs, out_names, pinned, warnings_out, program,
+    return ExportResult(path, exporter, written, seconds, exported_specs, out_names, pinned, warnings_out, program,
                         [p.label for p in chosen])
 
 

@@ -8,7 +8,7 @@ each writing its output atomically (the file, and its .data, appear only when th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from exporter.export import DEFAULT_OPSET, ExportResult, export_onnx, save_onnx
 from exporter.loading import LoadedModel
@@ -33,18 +33,29 @@ def export_onnx_file(loaded: LoadedModel, specs: Sequence[InputSpec], out: str |
 
 def optimize_onnx(src: str | Path, dst: str | Path, *, passes: Sequence[str] | None = None,
                   specs: Sequence[InputSpec] | None = None, chunk_size: int = 64, merge_threshold: float = 1.0,
-                  seed: int = 0, force: bool = False, progress: Callable[[str], None] | None = None) -> PassesStage:
+                  seed: int = 0, force: bool = False, progress: Callable[[str], None] | None = None,
+                  explicit_dtypes: Iterable[str] | None = None) -> PassesStage:
     """Run the graph passes (None: the default set) on ``src``, each checked numerically on inputs from
-    ``specs`` (default: the ONNX inputs' own shapes), and write ``dst``."""
+    ``specs`` (default: the ONNX inputs' own shapes), and write ``dst``.
+
+    ``specs`` name ONNX inputs; what they leave out comes from the file: a spec without an explicit dtype
+    (``explicit_dtypes``: the names whose --input gave one) takes the input's dtype and, for integers,
+    the safe value range of :func:`specs_from_onnx`."""
     from exporter.inspect_model import read_onnx
-    from exporter.specs import specs_from_onnx
+    from exporter.specs import merge_specs, refuse_unknown_names, specs_from_onnx
+    from graph_passes.ort_session import check_opset
 
     say = progress or (lambda _m: None)
     dst = check_new_file(dst, force, "onnx")
     model = read_onnx(Path(src))
+    check_opset(model, str(src))
+    known = specs_from_onnx(model)
+    if specs:
+        refuse_unknown_names(specs, known, f"the inputs of {Path(src).name}")
+        explicit = explicit_dtypes if explicit_dtypes is not None else {s.name for s in specs}
+        specs = merge_specs(specs, known, set(explicit))
     options = BuildOptions(out=dst, passes=passes, seed=seed, chunk_size=chunk_size, merge_threshold=merge_threshold)
-    stage = run_passes_on(model, options, list(specs) if specs else specs_from_onnx(model),
-                          lambda m: say(f"[passes] {m}"))
+    stage = run_passes_on(model, options, list(specs) if specs else known, lambda m: say(f"[passes] {m}"))
     with atomic_files(dst, force, "onnx") as tmp:
         save_onnx(stage.model, tmp / dst.name)
     return stage

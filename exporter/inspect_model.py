@@ -25,11 +25,27 @@ def read_onnx(path: str | Path, load_external_data: bool = True) -> onnx.ModelPr
     try:
         model = onnx.load(str(path), load_external_data=load_external_data)
     except Exception as err:
+        _missing_external_data(path)
         raise LrexportError(f"{path} is not a readable ONNX file ({type(err).__name__})",
                             "check the path, or re-export it (a truncated copy?)") from None
     if not model.HasField("graph"):
         raise LrexportError(f"{path} holds no ONNX graph", "check the path, or re-export it")
     return model
+
+
+def _missing_external_data(path: Path) -> None:
+    """Name the external-data file (``model.onnx.data``) that a model refers to and that is not there."""
+    try:
+        model = ir.load(str(path))  # external tensors stay lazy: nothing is read yet
+    except Exception:
+        return
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor) and not Path(tensor.path).is_file():
+                raise LrexportError(f"{path} keeps its weights in {path.parent / tensor.location}, which does "
+                                    "not exist", f"put {Path(tensor.location).name} beside {path.name} (under "
+                                    "that name), or re-export the model")
 
 
 def _describe(v: ir.Value) -> dict[str, Any]:

@@ -189,6 +189,7 @@ class CasePlan:
     available: int | None = None
     seed: int = 0  # of the case's random inputs (plan_feeds)
     budget_source: str | None = None
+    needed: int | None = None  # bytes a skipped case needs at the smallest sizes tried
 
     @property
     def scaled(self) -> bool:
@@ -200,6 +201,29 @@ class CasePlan:
                 "reference_float32": self.reference_float32, "skipped": self.skip, "steps": list(self.steps),
                 "estimate_bytes": self.estimate, "available_bytes": self.available,
                 "budget_source": self.budget_source}
+
+
+def budget_too_small(plans: Sequence[CasePlan]) -> LrexportError | None:
+    """The error for a parity run of which the budget let no case run (None where one ran or none was
+    planned): it names the budget and what the cheapest case needs."""
+    skipped = [p for p in plans if p.skip]
+    if not skipped or len(skipped) < len(plans):
+        return None
+    needed = min(p.needed or p.estimate or 0 for p in skipped)
+    source = skipped[0].budget_source or "the memory budget"
+    available = fmt_bytes(skipped[0].available or 0)
+    return LrexportError(f"the memory budget ({available}, {source}) is too small to run any parity case: the "
+                         f"smallest needs an estimated {fmt_bytes(needed)}, so nothing was checked",
+                         f"give --memory-budget {size_text(needed)} or more (or {BUDGET_ENV}) if the machine "
+                         "has that memory free")
+
+
+def size_text(n: int) -> str:
+    """``n`` bytes rounded up to a whole kB, MB or GB, as --memory-budget reads it (``30kB``)."""
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= scale:
+            return f"{-(-n // scale)}{unit}"
+    return f"{max(n, 1)}B"
 
 
 def _dims(shapes: Shapes) -> str:
@@ -339,7 +363,7 @@ class MemoryPlanner:
                     at += " one item at a time" if plan.batch_chunk == 1 else f" {plan.batch_chunk} items at a time"
                 plan.steps.append(f"not run: {over(est)}{at}; give parity more memory with --memory-budget "
                                   f"or {BUDGET_ENV} if the machine has it")
-                plan.skip = True
+                plan.skip, plan.needed = True, est
         plan.estimate = total
         return plan
 

@@ -17,11 +17,12 @@ import onnx
 import onnx_ir as ir
 from torch import nn
 
-from exporter.compare import OutputComparison, Tolerance, Tolerances, compare_outputs
+from exporter.compare import OutputComparison, Tolerance, Tolerances, check_output_tolerances, compare_outputs
 from exporter.errors import LrexportError
 from exporter.loading import LoadedModel
 from exporter.model_errors import describe_model, fails_in_pytorch
-from exporter.memory_budget import MemoryBudget, MemoryPlanner, plan_feeds, planner_for_runners, run_planned
+from exporter.memory_budget import (MemoryBudget, MemoryPlanner, budget_too_small, plan_feeds, planner_for_runners,
+                                    run_planned)
 from exporter.runners import OnnxRuntimeRunner, TorchRunner
 from exporter.specs import InputSpec, build_specs, parity_cases, random_feeds
 from exporter.table import fmt_num, fmt_shapes, format_table
@@ -121,10 +122,21 @@ class ParityReport:
 
     @property
     def verdict(self) -> str:
-        """PASS / FAIL, except that a precision no backend ran never reads as PASS."""
-        if not self.ok or not self.unchecked:
-            return "PASS" if self.ok else "FAIL"
-        return "; ".join(f"{p} not checked: {why}" for p, why in self.unchecked.items()) + " (checked rows pass)"
+        """PASS / FAIL, except that a precision no backend ran, or a case the memory budget left out, never
+        reads as PASS; and a run of which the budget let nothing run is "not checked", not FAIL."""
+        over_budget = [p.case for p in self.plans.values() if p.skip]
+        if not self.results and over_budget:
+            return "not checked: no case fits the memory budget"
+        if not self.ok:
+            return "FAIL"
+        notes = [f"{p} not checked: {why}" for p, why in self.unchecked.items()]
+        if over_budget:
+            notes.append(f"{', '.join(over_budget)} not checked: over the memory budget")
+        return "; ".join(notes) + " (checked rows pass)" if notes else "PASS"
+
+    def budget_error(self) -> LrexportError | None:
+        """The error for a run of which the memory budget let no case run (the CLI exits 2 with it)."""
+        return budget_too_small(list(self.plans.values())) if not self.results else None
 
     def assert_ok(self) -> None:
         """For test suites: raise AssertionError with the full table when any output drifts."""
@@ -233,6 +245,7 @@ def check_parity(model: nn.Module | LoadedModel, onnx_path: str | Path, *,
         raise LrexportError(f"ONNX file {onnx_path} does not exist",
                             "export it first (export_onnx / lrexport export), or use assert_parity, which does")
     ort_runner = OnnxRuntimeRunner(onnx_path)
+    check_output_tolerances(per_output or {}, ort_runner.output_names)
     specs = align_specs(specs, ort_runner.input_names)
     reference = TorchRunner(module, ort_runner.output_names, [s.name for s in specs])
     reference.what, reference.archive = describe_model(model), getattr(model, "kind", "") == "exported-program"

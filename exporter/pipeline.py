@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import onnx
 
+from exporter.compare import check_output_tolerances
 from exporter.errors import LrexportError
 from exporter.export import ExportResult, save_onnx
 from exporter.patches import patch_lines, reference_patches
@@ -21,7 +22,8 @@ from exporter.loading import LoadedModel, module_embedding_sizes
 from exporter.memory_budget import MemoryBudget
 from exporter.outputs import atomic_dir, reading
 from exporter.parity import ParityReport
-from exporter.specs import InputSpec, build_specs, merge_specs, parse_input, read_sidecar
+from exporter.specs import (InputSpec, build_specs, merge_specs, parse_input, read_sidecar,
+                            refuse_unknown_names)
 from exporter.stages import (BACKENDS, BuildOptions, CastStage, EngineStage, PassesStage, cast_stage, check_options,
                              engine_backend_notes, engine_stage, export_stage, parity_stage, pass_check_feeds,
                              passes_stage, run_passes_on)
@@ -43,7 +45,9 @@ def resolve_specs(loaded: LoadedModel | None, inputs: Sequence[str] = (), shapes
     side = read_sidecar(model_path) if model_path is not None and not (inputs or shapes) else None
     if inputs or shapes:
         explicit = {parse_input(t)[0] for t in inputs if parse_input(t)[2]}
-        specs = merge_specs(build_specs(inputs, shapes), known, explicit)
+        given = build_specs(inputs, shapes)
+        refuse_unknown_names(given, known, "the inputs the model archive records")
+        specs = merge_specs(given, known, explicit)
         _check_limits(specs, loaded.limits if loaded is not None else {})
         if inputs and not shapes and not any(s.dynamic_axes for s in specs) and loaded is not None:
             loaded.notes.append(
@@ -163,6 +167,7 @@ def build(loaded: LoadedModel, specs: Sequence[InputSpec], options: BuildOptions
     with reading(source), atomic_dir(options.out, options.force) as tmp, \
             reference_patches(loaded.module, options.patches):
         exported = timed("export", export_stage, loaded, specs, tmp, options, say)
+        check_output_tolerances(options.per_output, exported.output_names)
         exported_model = onnx.load(str(exported.onnx_path))
         passes = timed("passes", passes_stage, exported_model, exported.specs, options, say, budget, loaded)
         model = passes.model if passes else exported_model
@@ -172,6 +177,9 @@ def build(loaded: LoadedModel, specs: Sequence[InputSpec], options: BuildOptions
                        options, tmp, say) if with_engine else None
         parity = timed("parity", parity_stage, loaded, exported, exported_model, tmp / "model.onnx", model, cast,
                        engine, options, budget, say)
+        over_budget = parity.budget_error()
+        if over_budget is not None:  # nothing checked: no build to keep
+            raise over_budget
         report = BuildReport(
             out=options.out,
             model={"source": loaded.source, "kind": loaded.kind, "parameters": loaded.parameter_count},

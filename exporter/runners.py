@@ -98,6 +98,8 @@ class OnnxRuntimeRunner:
                                 f"install onnxruntime-gpu for CUDA, or use one of {', '.join(available)}")
         try:
             self.session = ort_session(self.path, providers=providers)
+        except LrexportError:
+            raise  # already one line (an opset ONNX Runtime does not support)
         except Exception as err:
             raise LrexportError(f"ONNX Runtime cannot load {self.path} ({ort_error_text(err)})",
                                 "check the file with `lrexport inspect`; re-export it if it is damaged") from None

@@ -262,6 +262,11 @@ def build_specs(inputs: Iterable[str] = (), shapes: Iterable[str] = ()) -> list[
     return specs
 
 
+def explicit_dtypes(inputs: Iterable[str]) -> set[str]:
+    """The names whose --input string gives a dtype (the others take the model file's)."""
+    return {name for name, _dims, dtype, _lo, _hi in map(parse_input, inputs) if dtype}
+
+
 def sidecar_path(model_path: str | Path) -> Path:
     """``model.pt2`` -> ``model.inputs.json``: the input spec a sample script writes beside its model."""
     p = Path(model_path)
@@ -333,6 +338,16 @@ def merge_specs(given: Sequence[InputSpec], known: Sequence[InputSpec], explicit
         out.append(spec)
     named = {s.name for s in given}
     return out + [s for s in known if s.name not in named]
+
+
+def refuse_unknown_names(given: Sequence[InputSpec], known: Sequence[InputSpec | str], where: str) -> None:
+    """A --input/--shapes name the model does not have is a typo: one line naming the inputs it has
+    (left alone, it reaches the exporter or ONNX Runtime as an unexplained failure)."""
+    names = [k if isinstance(k, str) else k.name for k in known]
+    unknown = [s.name for s in given if s.name not in names]
+    if names and unknown:
+        raise LrexportError(f"input {unknown[0]!r} of --input/--shapes is not one of {where}: "
+                            f"{', '.join(map(repr, names))}", "name the inputs as the model does")
 
 
 def specs_from_onnx(model: Any) -> list[InputSpec]:

@@ -28,16 +28,17 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import ROOT
 
 
-def _tiny_onnx(path: Path) -> None:
-    """x[batch, seq, 512] @ W(512x512) -> y: a valid ONNX file with a large enough weight to truncate."""
+def _tiny_onnx(path: Path, opset: int = 18, external: bool = False) -> None:
+    """x[batch, seq, 512] @ W(512x512) -> y: a valid ONNX file with a large enough weight to truncate
+    (``external``: the weight in ``<name>.data`` beside it)."""
     w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((512, 512)).astype(np.float32), "w")
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"])], "tiny",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 512])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 512])], [w])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 9
-    onnx.save(model, str(path))
+    onnx.save(model, str(path), save_as_external_data=external, location=f"{path.name}.data")
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,9 @@ def template(sample_file, tmp_path_factory) -> Path:
     blob = (base / "tiny.onnx").read_bytes()
     (base / "trunc.onnx").write_bytes(blob[: len(blob) // 2])
     (base / "empty.onnx").write_bytes(b"")
+    _tiny_onnx(base / "opset30.onnx", opset=30)  # newer than onnx and ONNX Runtime know
+    _tiny_onnx(base / "nodata.onnx", external=True)
+    (base / "nodata.onnx.data").unlink()  # its weights file was not copied along
     torch.save({"w": torch.zeros(2)}, base / "weights.pt")
     torch.save(torch.nn.Linear(2, 2), base / "pickled.pt")
     (base / "afile").write_text("a regular file, not a folder\n")
@@ -64,8 +68,6 @@ def template(sample_file, tmp_path_factory) -> Path:
     (base / "prev.onnx").write_bytes(b"an earlier export")
     (base / "folder.pt2").mkdir()
     _broken_archives(base)
-
-
     subprocess.run([sys.executable, "-m", "exporter.cli", "build", "model.pt2", "--out", "earlier", "-q",
                     "--backend", "onnxruntime", "--no-passes"], cwd=base, check=True, capture_output=True)
     return base
@@ -167,6 +169,11 @@ CASES = [
     ("build-merge-threshold", ("build", "model.pt2", "--out", "o", "--merge-threshold", "-1"),
      "--merge-threshold"),
     ("build-opset-old", (*BUILD, "--opset", "9"), "opset"),
+    ("build-opset-new", (*BUILD, "--opset", "99"), "up to opset"),
+    ("build-memory-budget-too-small", (*BUILD, "--memory-budget", "1KB"), "too small"),
+    ("build-tol-unknown-output", (*BUILD, "--tol", "nosuch:atol=1"), "nosuch"),
+    ("build-cases-empty", (*BUILD, "--cases", ""), "--cases"),
+    ("build-shapes-unknown-input", (*BUILD, "--shapes", "y:min=1x1x512,max=2x8x512"), "not one of"),
     ("build-workspace", ("build", "model.pt2", "--out", "o", "--workspace", "0"), "--workspace"),
     ("build-backend-choice", (*BUILD[:4], "--backend", "cuda"), "--backend"),
     ("build-pad-zero", (*BUILD, "--pad-to-length", "0"), "--pad-to-length"),
@@ -189,6 +196,9 @@ CASES = [
     ("export-out-under-file", ("export", "model.pt2", "--out", "afile/m.onnx"), "afile"),
     ("export-truncated", ("export", "trunc.pt2", "--out", "m.onnx"), "re-save"),
     ("export-opset-old", ("export", "model.pt2", "--out", "m.onnx", "--opset", "9"), "opset"),
+    ("export-opset-new", ("export", "model.pt2", "--out", "m.onnx", "--opset", "99"), "up to opset"),
+    ("export-opset-new-torchscript", ("export", "model.pt2", "--out", "m.onnx", "--exporter", "torchscript",
+                                      "--opset", "23"), "up to opset"),
     # ----------------------------------------------------------------- check
     ("check-onnx-missing", ("check", "model.pt2", "nope.onnx"), "does not exist"),
     ("check-onnx-empty", ("check", "model.pt2", "empty.onnx"), "empty.onnx"),
@@ -197,6 +207,8 @@ CASES = [
     ("check-swapped", ("check", "tiny.onnx", "model.pt2"), "tiny.onnx"),
     ("check-report-under-file", ("check", "model.pt2", "tiny.onnx", "--report", "afile/r.json"), "afile"),
     ("check-atol-negative", ("check", "model.pt2", "tiny.onnx", "--atol", "-1"), "--atol"),
+    ("check-tol-unknown-output", ("check", "model.pt2", "tiny.onnx", "--tol", "nosuch:atol=1"), "nosuch"),
+    ("check-opset-new", ("check", "model.pt2", "opset30.onnx"), "up to opset"),
     # ----------------------------------------------------------------- inspect
     ("inspect-missing", ("inspect", "nope.onnx"), "does not exist"),
     ("inspect-empty", ("inspect", "empty.onnx"), "empty.onnx"),
@@ -212,6 +224,10 @@ CASES = [
     ("optimize-out-under-file", ("optimize", "tiny.onnx", "afile/o.onnx"), "afile"),
     ("optimize-passes", ("optimize", "tiny.onnx", "o.onnx", "--passes", "nope"), "nope"),
     ("optimize-chunk-size", ("optimize", "tiny.onnx", "o.onnx", "--chunk-size", "-3"), "--chunk-size"),
+    ("optimize-opset-new", ("optimize", "opset30.onnx", "o.onnx"), "up to opset"),
+    ("optimize-shapes-unknown-input", ("optimize", "tiny.onnx", "o.onnx", "--shapes", "y:min=1x1x512,max=2x2x512"),
+     "not one of"),
+    ("optimize-external-data-missing", ("optimize", "nodata.onnx", "o.onnx"), "nodata.onnx.data"),
     # ----------------------------------------------------------------- run
     ("run-missing", ("run", "nope.engine"), "does not exist"),
     ("run-onnx-as-engine", ("run", "tiny.onnx"), "tiny.onnx"),
