@@ -41,10 +41,10 @@ def optimize_onnx(src: str | Path, dst: str | Path, *, passes: Sequence[str] | N
 
     say = progress or (lambda _m: None)
     dst = check_new_file(dst, force)
-    model = read_onnx(Path(src))
+    model = read_onnx(Path(src), load_external_data=False)  # external weights are read lazily from src's folder
     options = BuildOptions(out=dst, passes=passes, seed=seed, chunk_size=chunk_size, merge_threshold=merge_threshold)
     stage = run_passes_on(model, options, list(specs) if specs else specs_from_onnx(model),
-                          lambda m: say(f"[passes] {m}"))
+                          lambda m: say(f"[passes] {m}"), base_dir=Path(src).parent)
     with atomic_files(dst, force) as tmp:
-        save_onnx(stage.model, tmp / dst.name)
+        save_onnx(stage.model, tmp / dst.name, base_dir=Path(src).parent)
     return stage

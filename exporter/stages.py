@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import onnx
+import onnx_ir as ir
 
 from exporter.compare import Tolerance, Tolerances
 from exporter.errors import LrexportError
@@ -27,6 +28,7 @@ from exporter.parity import ParityReport, Runner, align_specs, case_feeds, outpu
 from exporter.runners import OnnxRuntimeRunner, TorchRunner
 from exporter.specs import InputSpec, parity_cases
 from exporter.trt_backend import BACKEND_CHOICES
+from graph_passes.ort_session import has_external_data
 from graph_passes.precisions import normalize_precision
 
 if TYPE_CHECKING:
@@ -128,10 +130,10 @@ class PassesStage:
 
 
 def pass_check_feeds(model: onnx.ModelProto, options: BuildOptions, specs: Sequence[InputSpec],
-                     budget: MemoryBudget | None) -> tuple[list[dict], list[str]]:
+                     budget: MemoryBudget | None, base_dir: Path | None = None) -> tuple[list[dict], list[str]]:
     """The inputs each pass is checked on (min and odd shapes), planned against the memory budget like
     parity cases (batch slices become separate feeds; no float64 here); plus the steps taken."""
-    planner = MemoryPlanner(budget, specs, [GraphCost("onnxruntime", model)])
+    planner = MemoryPlanner(budget, specs, [GraphCost("onnxruntime", model, base_dir)])
     feeds: list[dict] = []
     memory: list[str] = []
     cases = [c for c in parity_cases(specs) if c in ("min", "odd")] or ["opt"]  # a static model has only opt
@@ -144,15 +146,16 @@ def pass_check_feeds(model: onnx.ModelProto, options: BuildOptions, specs: Seque
 
 
 def run_passes_on(model: onnx.ModelProto, options: BuildOptions, specs: Sequence[InputSpec], progress: Say,
-                  budget: MemoryBudget | None = None) -> PassesStage:
-    """The graph passes on ``model``, each checked in ONNX Runtime (also ``lrexport optimize``)."""
+                  budget: MemoryBudget | None = None, base_dir: Path | None = None) -> PassesStage:
+    """The graph passes on ``model``, each checked in ONNX Runtime (also ``lrexport optimize``).
+    ``base_dir``: where the external data of a model loaded without it lies (the result refers to it too)."""
     import graph_passes
 
-    feeds, memory = pass_check_feeds(model, options, specs, budget)
+    feeds, memory = pass_check_feeds(model, options, specs, budget, base_dir)
     opts = graph_passes.PassOptions(chunk_size=options.chunk_size, merge_threshold=options.merge_threshold)
     try:
         new_model, report = graph_passes.run_passes(model, options.passes, options=opts, feeds=feeds,
-                                                    progress=progress)
+                                                    progress=progress, base_dir=base_dir)
     except graph_passes.PassParityError as err:
         raise LrexportError(f"graph pass broke parity: {err}",
                             "rerun with --no-passes (or leave that pass out with --passes) and report the bug") from None
@@ -162,11 +165,11 @@ def run_passes_on(model: onnx.ModelProto, options: BuildOptions, specs: Sequence
 
 
 def passes_stage(model: onnx.ModelProto, specs: Sequence[InputSpec], options: BuildOptions, say: Say,
-                 budget: MemoryBudget | None) -> PassesStage | None:
+                 budget: MemoryBudget | None, base_dir: Path | None = None) -> PassesStage | None:
     if options.passes is not None and not len(options.passes):
         return None
     say("[passes] running graph passes")
-    return run_passes_on(model, options, specs, lambda m: say(f"[passes] {m}"), budget)
+    return run_passes_on(model, options, specs, lambda m: say(f"[passes] {m}"), budget, base_dir)
 
 
 # -------------------------------------------------------------------------------------------- cast
@@ -192,11 +195,16 @@ class CastStage:
 
 
 def cast_stage(model: onnx.ModelProto, specs: Sequence[InputSpec], options: BuildOptions, tmp: Path,
-               say: Say) -> CastStage | None:
+               say: Say, base_dir: Path | None = None) -> CastStage | None:
     """Cast to fp16/bf16, keeping in float32 what the range analysis measures out of range on the parity
-    inputs; written as ``model.<precision>.onnx``. None for an fp32 build."""
+    inputs; written as ``model.<precision>.onnx``. None for an fp32 build. ``base_dir``: where the
+    external data of a model loaded without it lies (the cast reads every weight, so it loads them)."""
     if options.precision == "fp32":
         return None
+    if has_external_data(model):
+        lazy = ir.serde.deserialize_model(model)
+        ir.external_data.set_base_dir(lazy.graph, base_dir or tmp)
+        model = ir.to_proto(ir.external_data.load_to_model(lazy))
     say(f"[precision] measuring value ranges, casting to {options.precision}")
     from exporter.fp16_range import cast_with_range_analysis
 
@@ -323,7 +331,8 @@ def parity_stage(loaded: LoadedModel, exported: ExportResult, exported_model: on
     if engine is not None and engine.runner is not None:
         backends.tolerances[engine.runner.name] = options.tolerances(options.precision)
         backends.runners.append(engine.runner)
-    planner = planner_for_runners(reference, backends.runners, specs, budget, reference_graph=exported_model)
+    planner = planner_for_runners(reference, backends.runners, specs, budget,  # a path: external weights stay on disk
+                                  reference_graph=exported.onnx_path if has_external_data(exported_model) else exported_model)
     parity = run_parity(reference, backends.runners, specs, tolerances=backends.tolerances, seed=options.seed,
                         cases=options.cases, modules=output_modules(model), precision=options.precision,
                         progress=lambda m: say(f"[parity] {m}"), memory=planner)
