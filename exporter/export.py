@@ -11,6 +11,7 @@ import contextlib
 import inspect
 import io
 import logging
+import os
 import re
 import time
 import warnings
@@ -28,7 +29,7 @@ from exporter.errors import LrexportError
 from exporter.loading import LoadedModel
 from exporter.patches import applied, select_patches
 from exporter.specs import InputSpec, parse_dim_expr
-from graph_passes.ort_session import PROTO_LIMIT, has_external_data, held_bytes, tensor_bytes
+from graph_passes.ort_session import PROTO_LIMIT, has_external_data, held_bytes, proto_tensors, tensor_bytes
 
 DEFAULT_OPSET = 18  # >= 17 for LayerNormalization
 _AXIS_NAMES = {0: "batch", 1: "seq"}
@@ -324,6 +325,8 @@ def save_onnx(model: onnx.ModelProto | ir.Model, path: Path, base_dir: str | Pat
             onnx.save_model(model, str(path))
             data.unlink(missing_ok=True)
             return
+        if base_dir is not None and tensor_bytes(model) >= PROTO_LIMIT and _link_weights(model, path, Path(base_dir)):
+            return
         model = ir.serde.deserialize_model(model)  # views the message's tensors; the caller's message stays as it is
         if base_dir is not None:
             ir.external_data.set_base_dir(model.graph, base_dir)
@@ -332,6 +335,33 @@ def save_onnx(model: onnx.ModelProto | ir.Model, path: Path, base_dir: str | Pat
         data.unlink(missing_ok=True)
     else:
         ir.save(model, path, external_data=data.name)
+
+
+def _link_weights(model: onnx.ModelProto, path: Path, base_dir: Path) -> bool:
+    """Save a model whose weights all lie in one external-data file (a model loaded without them, after
+    passes that left the weights as they were) with ``<name>.data`` a hard link to that file: no weight
+    is read or copied. Tensors the passes dropped stay in the file, unread. False (nothing written) when
+    the model holds more than small constants itself, or its weights lie in several files, or the file
+    system cannot link."""
+    locations = {entry.value for t in proto_tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL
+                 for entry in t.external_data if entry.key == "location"}
+    if len(locations) != 1 or held_bytes(model) >= PROTO_LIMIT // 32:
+        return False
+    src, data = base_dir / locations.pop(), path.with_name(path.name + ".data")
+    if src.resolve() != data.resolve():
+        data.unlink(missing_ok=True)
+        try:
+            os.link(src, data)
+        except OSError:
+            return False
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # small: its weights are external
+    for t in proto_tensors(copy.graph):
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = data.name
+    onnx.save_model(copy, str(path))
+    return True
 
 
 def export_onnx(loaded: LoadedModel | nn.Module, specs: Sequence[InputSpec], path: str | Path, *,

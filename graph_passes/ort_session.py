@@ -23,7 +23,7 @@ import onnxruntime as ort
 PROTO_LIMIT = 2**31 - 64 * 2**20
 
 
-def _tensors(graph: onnx.GraphProto):
+def proto_tensors(graph: onnx.GraphProto):
     """Every tensor of ``graph``: initializers and tensor attributes, in subgraphs too."""
     yield from graph.initializer
     for node in graph.node:
@@ -32,7 +32,7 @@ def _tensors(graph: onnx.GraphProto):
                 yield attr.t
             yield from attr.tensors
             for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from _tensors(sub)
+                yield from proto_tensors(sub)
 
 
 def _tensor_bytes(t: onnx.TensorProto) -> int:
@@ -49,18 +49,18 @@ def _tensor_bytes(t: onnx.TensorProto) -> int:
 
 def has_external_data(model: onnx.ModelProto) -> bool:
     """Whether some tensor of ``model`` is stored in an external-data file."""
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _tensors(model.graph))
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto_tensors(model.graph))
 
 
 def held_bytes(model: onnx.ModelProto) -> int:
     """Bytes of tensor data held inside the message (external data that is not loaded counts 0)."""
-    return sum(_tensor_bytes(t) for t in _tensors(model.graph) if t.data_location != onnx.TensorProto.EXTERNAL)
+    return sum(_tensor_bytes(t) for t in proto_tensors(model.graph) if t.data_location != onnx.TensorProto.EXTERNAL)
 
 
 def tensor_bytes(model: onnx.ModelProto | ir.Model) -> int:
     """Bytes of all tensor data of ``model``, held or external: what a file with the weights inline holds."""
     if isinstance(model, onnx.ModelProto):
-        return sum(_tensor_bytes(t) for t in _tensors(model.graph))
+        return sum(_tensor_bytes(t) for t in proto_tensors(model.graph))
     total = 0
     for graph in model.graphs():
         total += sum(v.const_value.nbytes for v in graph.initializers.values() if v.const_value is not None)
@@ -71,6 +71,12 @@ def tensor_bytes(model: onnx.ModelProto | ir.Model) -> int:
                 elif attr.type == ir.AttributeType.TENSORS:
                     total += sum(t.nbytes for t in attr.value)
     return total
+
+
+def same_model(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
+    """Whether two messages are equal field by field; False (unknown) when either holds 2 GB or more,
+    which protobuf may serialize to compare."""
+    return held_bytes(a) < PROTO_LIMIT and held_bytes(b) < PROTO_LIMIT and a == b
 
 
 def session_options(threads: int | None = None, optimize: bool = True) -> ort.SessionOptions:
