@@ -174,6 +174,16 @@ def passes_stage(model: onnx.ModelProto, specs: Sequence[InputSpec], options: Bu
 
 # -------------------------------------------------------------------------------------------- cast
 
+def with_weights(model: onnx.ModelProto, base_dir: Path) -> onnx.ModelProto:
+    """``model`` with the external weights it refers to (in ``base_dir``) read into it, for the steps that
+    rewrite or expose every value (the cast, drift localization); ``model`` itself where it has none."""
+    if not has_external_data(model):
+        return model
+    lazy = ir.serde.deserialize_model(model)
+    ir.external_data.set_base_dir(lazy.graph, base_dir)
+    return ir.to_proto(ir.external_data.load_to_model(lazy))
+
+
 @dataclass
 class CastStage:
     """The one precision cast of a build: the fp16/bf16 model, where it was written, what was kept."""
@@ -201,10 +211,7 @@ def cast_stage(model: onnx.ModelProto, specs: Sequence[InputSpec], options: Buil
     external data of a model loaded without it lies (the cast reads every weight, so it loads them)."""
     if options.precision == "fp32":
         return None
-    if has_external_data(model):
-        lazy = ir.serde.deserialize_model(model)
-        ir.external_data.set_base_dir(lazy.graph, base_dir or tmp)
-        model = ir.to_proto(ir.external_data.load_to_model(lazy))
+    model = with_weights(model, base_dir or tmp)
     say(f"[precision] measuring value ranges, casting to {options.precision}")
     from exporter.fp16_range import cast_with_range_analysis
 
@@ -336,10 +343,13 @@ def parity_stage(loaded: LoadedModel, exported: ExportResult, exported_model: on
     parity = run_parity(reference, backends.runners, specs, tolerances=backends.tolerances, seed=options.seed,
                         cases=options.cases, modules=output_modules(model), precision=options.precision,
                         progress=lambda m: say(f"[parity] {m}"), memory=planner)
-    if exported.program is not None:
+    failing = not all(r.ok for r in parity.results)  # localization reads every weight: only where it runs
+    if exported.program is not None and failing:
+        exported_model = with_weights(exported_model, model_path.parent)
         _localize_against_torch(parity, exported.program, exported_model, specs, budget)
-    if cast is not None:
-        _localize_low_precision(parity, model, cast.model, specs, backends.runners, budget)
+    if cast is not None and failing:
+        _localize_low_precision(parity, with_weights(model, model_path.parent), cast.model, specs, backends.runners,
+                                budget)
     parity.skipped.extend(backends.skipped)
     if engine is not None and engine.skip:  # said once, where the backends are: in the parity report
         parity.skipped.append(engine.skip)

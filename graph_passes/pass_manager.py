@@ -167,6 +167,7 @@ def run_passes(model: onnx.ModelProto, passes: Sequence[str] | None = None, *,
     ir_model = ir.serde.deserialize_model(model)
     if base_dir is not None:
         ir.external_data.set_base_dir(ir_model.graph, base_dir)
+        _load_small(ir_model)
     proto = model
     flops_shapes = options.flops_shapes or default_shapes(model, feeds or None)
     ref = run_model(proto, feeds, base_dir) if feeds else None
@@ -204,10 +205,26 @@ def run_passes(model: onnx.ModelProto, passes: Sequence[str] | None = None, *,
     return proto, report
 
 
+# External tensors up to this size are read into memory: the library passes (cleanup's checker) take
+# small initializers as they are into a message checked without a model folder, where no file is found.
+_SMALL_EXTERNAL = 64 * 1024
+
+
+def _load_small(model: ir.Model) -> None:
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            t = value.const_value
+            if isinstance(t, ir.ExternalTensor) and t.nbytes <= _SMALL_EXTERNAL:
+                value.const_value = ir.Tensor(t.numpy().copy(), dtype=t.dtype, name=t.name)
+
+
 def _release_external(model: ir.Model) -> None:
     """Unmap the external weights a pass read (they are mapped again when read again): the mappings
     otherwise stay resident next to ONNX Runtime's copy during the parity check."""
     for graph in model.graphs():
         for value in graph.initializers.values():
             if isinstance(value.const_value, ir.ExternalTensor):
-                value.const_value.release()
+                try:
+                    value.const_value.release()
+                except BufferError:  # a view of it is still in use somewhere: it stays mapped
+                    pass
