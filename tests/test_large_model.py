@@ -41,6 +41,7 @@ def test_build_of_a_model_past_2gb(tmp_path: Path) -> None:
           f"({peak / WEIGHT_BYTES:.2f}x the weights)")
 
     assert report["ok"] and {r["case"] for r in report["parity"]["results"]} == {"min", "max"}
+    assert report["parity"]["reference"] == "pytorch float32"  # no float64 copy of 2 GB of weights
     assert all(r["ok"] for r in report["parity"]["results"])
     assert [p["name"] for p in report["passes"]["report"]["passes"]] == ["cleanup", "lowrank", "causal-chunk",
                                                                          "einsum", "cleanup"]
@@ -53,3 +54,17 @@ def test_build_of_a_model_past_2gb(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".big.*"))  # no temporary folder left beside --out
     # the torch model and one ONNX copy of the weights at a time (ONNX Runtime's), plus the runtime
     assert peak < 3 * WEIGHT_BYTES
+
+
+def test_float64_reference_only_below_the_copy_limit(monkeypatch) -> None:
+    """The float64 reference copies the weights at twice their size: past FLOAT64_COPY_LIMIT it is float32."""
+    import torch
+
+    import exporter.runners as runners
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64))  # 4160 parameters: 33,280 bytes in float64
+    assert runners.TorchRunner(model, ["y"], ["x"]).uses_float64
+    monkeypatch.setattr(runners, "FLOAT64_COPY_LIMIT", 33_279)
+    runner = runners.TorchRunner(model, ["y"], ["x"])
+    assert not runner.uses_float64
+    assert runner.run({"x": torch.randn(2, 64).numpy()})["y"].dtype == "float32" and runner.precision == "float32"
