@@ -11,6 +11,7 @@ import contextlib
 import inspect
 import io
 import logging
+import os
 import re
 import time
 import warnings
@@ -28,7 +29,7 @@ from exporter.errors import LrexportError
 from exporter.loading import LoadedModel
 from exporter.patches import applied, select_patches
 from exporter.specs import InputSpec, parse_dim_expr
-from graph_passes.ort_session import PROTO_LIMIT
+from graph_passes.ort_session import PROTO_LIMIT, has_external_data, held_bytes, proto_tensors, tensor_bytes
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 17  # LayerNormalization
@@ -329,19 +330,57 @@ def _reshape(value: ir.Value, change: Callable[[int, Any], Any]) -> None:
         value.shape = ir.Shape(dims, denotations=[shape.get_denotation(a) for a in range(shape.rank())])
 
 
-def save_onnx(model: onnx.ModelProto, path: Path) -> None:
-    """Save inline when small, with one external-data file when the weights pass 2 GB."""
+def save_onnx(model: onnx.ModelProto | ir.Model, path: Path, base_dir: str | Path | None = None) -> None:
+    """Save with the weights inline when they total less than 2 GB, else in one external-data file
+    ``<name>.data``. ``base_dir``: where the external data of a model loaded without it lies.
+
+    Large models go through onnx-ir, which writes each tensor from where it is (a torch tensor, a view of
+    the message, an external file mapped lazily): the weights are never serialized into one message,
+    nor copied as a whole."""
     path = Path(path)
     data = path.with_name(path.name + ".data")
-    if data.exists():
-        data.unlink()
-    if model.ByteSize() < PROTO_LIMIT:
-        onnx.save_model(model, str(path))
+    if isinstance(model, onnx.ModelProto):
+        if not has_external_data(model) and held_bytes(model) < PROTO_LIMIT:
+            onnx.save_model(model, str(path))
+            data.unlink(missing_ok=True)
+            return
+        if base_dir is not None and tensor_bytes(model) >= PROTO_LIMIT and _link_weights(model, path, Path(base_dir)):
+            return
+        model = ir.serde.deserialize_model(model)  # views the message's tensors; the caller's message stays as it is
+        if base_dir is not None:
+            ir.external_data.set_base_dir(model.graph, base_dir)
+    if tensor_bytes(model) < PROTO_LIMIT:
+        ir.save(ir.external_data.load_to_model(model), path)
+        data.unlink(missing_ok=True)
     else:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)  # saving with external data rewrites the proto: the caller keeps using its own
-        onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
+        ir.save(model, path, external_data=data.name)
+
+
+def _link_weights(model: onnx.ModelProto, path: Path, base_dir: Path) -> bool:
+    """Save a model whose weights all lie in one external-data file (a model loaded without them, after
+    passes that left the weights as they were) with ``<name>.data`` a hard link to that file: no weight
+    is read or copied. Tensors the passes dropped stay in the file, unread. False (nothing written) when
+    the model holds more than small constants itself, or its weights lie in several files, or the file
+    system cannot link."""
+    locations = {entry.value for t in proto_tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL
+                 for entry in t.external_data if entry.key == "location"}
+    if len(locations) != 1 or held_bytes(model) >= PROTO_LIMIT // 32:
+        return False
+    src, data = base_dir / locations.pop(), path.with_name(path.name + ".data")
+    if src.resolve() != data.resolve():
+        data.unlink(missing_ok=True)
+        try:
+            os.link(src, data)
+        except OSError:
+            return False
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # small: its weights are external
+    for t in proto_tensors(copy.graph):
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = data.name
+    onnx.save_model(copy, str(path))
+    return True
 
 
 def max_opset(exporter: str = "dynamo") -> int:
@@ -368,7 +407,7 @@ def check_opset(opset: int, exporter: str = "dynamo") -> None:
 def export_onnx(loaded: LoadedModel | nn.Module, specs: Sequence[InputSpec], path: str | Path, *,
                 exporter: str = "dynamo", opset: int = DEFAULT_OPSET,
                 progress: Callable[[str], None] | None = None, patches: bool = True) -> ExportResult:
-    """Export to ``path`` (weights inline below 2 GB) and verify with the checker and shape inference.
+    """Export to ``path`` (weights inline below 2 GB, else in ``<path>.data``) and verify with the checker and shape inference.
 
     With ``patches`` the export-hostile functions of known libraries are swapped for equal export-friendly
     ones while exporting (``exporter/patches.py``); the result lists them."""
@@ -427,24 +466,30 @@ def export_onnx(loaded: LoadedModel | nn.Module, specs: Sequence[InputSpec], pat
     if written != opset:
         warnings_out.append(f"asked for opset {opset}, but torch.onnx's version converter left the model at opset "
                             f"{written}; the file is opset {written}")
-    proto = ir.to_proto(model)  # the checker and the external-data writer take a proto
-    _verify(proto, say, warnings_out)
-    save_onnx(proto, path)
+    if tensor_bytes(model) < PROTO_LIMIT:
+        proto = ir.to_proto(model)
+        _verify(proto, say, warnings_out)
+        save_onnx(proto, path)
+    else:  # past 2 GB no message may hold the weights: written from the torch tensors, checked from the file
+        save_onnx(model, path)
+        _verify(path, say, warnings_out)
     seconds = time.perf_counter() - start
     return ExportResult(path, exporter, written, seconds, exported_specs, out_names, pinned, warnings_out, program,
                         [p.label for p in chosen])
 
 
-def _verify(model: onnx.ModelProto, say: Callable[[str], None], warnings_out: list[str]) -> None:
+def _verify(model: onnx.ModelProto | Path, say: Callable[[str], None], warnings_out: list[str]) -> None:
+    """onnx.checker and strict shape inference; a model saved with external data is checked from its file
+    (the checker then also finds the data file) and shape-inferred with its weights left on disk."""
     say("checking the ONNX model")
     try:
-        onnx.checker.check_model(model, full_check=False) if model.ByteSize() < PROTO_LIMIT else None
+        onnx.checker.check_model(str(model) if isinstance(model, Path) else model, full_check=False)
     except onnx.checker.ValidationError as err:
         raise LrexportError(f"the exported model fails onnx.checker ({str(err).splitlines()[0][:200]})",
                             "report this as an lrexport bug with the model") from None
     try:
-        if model.ByteSize() < PROTO_LIMIT:
-            onnx.shape_inference.infer_shapes(model, strict_mode=True)
+        proto = onnx.load(str(model), load_external_data=False) if isinstance(model, Path) else model
+        onnx.shape_inference.infer_shapes(proto, strict_mode=True)
     except Exception as err:
         warnings_out.append(f"ONNX shape inference: {str(err).splitlines()[0][:200]}")
 

@@ -47,7 +47,7 @@ def optimize_onnx(src: str | Path, dst: str | Path, *, passes: Sequence[str] | N
 
     say = progress or (lambda _m: None)
     dst = check_new_file(dst, force, "onnx")
-    model = read_onnx(Path(src))
+    model = read_onnx(Path(src), load_external_data=False)  # external weights are read lazily from src's folder
     check_opset(model, str(src))
     known = specs_from_onnx(model)
     if specs:
@@ -55,7 +55,8 @@ def optimize_onnx(src: str | Path, dst: str | Path, *, passes: Sequence[str] | N
         explicit = explicit_dtypes if explicit_dtypes is not None else {s.name for s in specs}
         specs = merge_specs(specs, known, set(explicit))
     options = BuildOptions(out=dst, passes=passes, seed=seed, chunk_size=chunk_size, merge_threshold=merge_threshold)
-    stage = run_passes_on(model, options, list(specs) if specs else known, lambda m: say(f"[passes] {m}"))
+    stage = run_passes_on(model, options, list(specs) if specs else known, lambda m: say(f"[passes] {m}"),
+                          base_dir=Path(src).parent)
     with atomic_files(dst, force, "onnx") as tmp:
-        save_onnx(stage.model, tmp / dst.name)
+        save_onnx(stage.model, tmp / dst.name, base_dir=Path(src).parent)
     return stage

@@ -168,11 +168,12 @@ def build(loaded: LoadedModel, specs: Sequence[InputSpec], options: BuildOptions
             reference_patches(loaded.module, options.patches):
         exported = timed("export", export_stage, loaded, specs, tmp, options, say)
         check_output_tolerances(options.per_output, exported.output_names)
-        exported_model = onnx.load(str(exported.onnx_path))
-        passes = timed("passes", passes_stage, exported_model, exported.specs, options, say, budget, loaded)
+        # weights past 2 GB stay in exported.onnx.data: the passes read them lazily, model.onnx refers to them
+        exported_model = onnx.load(str(exported.onnx_path), load_external_data=False)
+        passes = timed("passes", passes_stage, exported_model, exported.specs, options, say, budget, loaded, tmp)
         model = passes.model if passes else exported_model
-        save_onnx(model, tmp / "model.onnx")
-        cast = timed("precision", cast_stage, model, exported.specs, options, tmp, say)
+        save_onnx(model, tmp / "model.onnx", base_dir=tmp)
+        cast = timed("precision", cast_stage, model, exported.specs, options, tmp, say, tmp)
         engine = timed("engine", engine_stage, cast.onnx_path if cast else tmp / "model.onnx", exported.specs,
                        options, tmp, say) if with_engine else None
         parity = timed("parity", parity_stage, loaded, exported, exported_model, tmp / "model.onnx", model, cast,
@@ -194,6 +195,7 @@ def _write_report(report: BuildReport, tmp: Path) -> None:
     and write report.json."""
     if report.passes is None:
         (tmp / "exported.onnx").unlink()
+        (tmp / "exported.onnx.data").unlink(missing_ok=True)
         report.export.onnx_path = report.out / "model.onnx"
     else:
         report.export.onnx_path = report.out / "exported.onnx"

@@ -35,7 +35,7 @@ from exporter.compare import OutputComparison, Tolerance, Tolerances, compare_ar
 from exporter.errors import LrexportError
 from exporter.specs import InputSpec, specs_from_onnx
 from exporter.table import fmt_num, format_table
-from graph_passes.ort_session import PROTO_LIMIT, ort_session
+from graph_passes.ort_session import PROTO_LIMIT, held_bytes, ort_session
 from graph_passes.recurrent_state import CarriedState, RecurrentRefusal, RecurrentStatePass
 
 META_KEY = "lrexport.recurrent"
@@ -263,7 +263,7 @@ def export_step(onnx_path_or_model: Any, out_path: str | Path, *, specs: Sequenc
     model.metadata_props[META_KEY] = json.dumps(_meta_from_result(result))
     proto = ir.to_proto(model)
     try:
-        if proto.ByteSize() < PROTO_LIMIT:  # the in-memory checker cannot take more than 2 GB
+        if held_bytes(proto) < PROTO_LIMIT:  # the in-memory checker cannot take more than 2 GB
             onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as err:
         raise LrexportError(f"the step model fails onnx.checker ({str(err).splitlines()[0][:200]})",

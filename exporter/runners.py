@@ -19,8 +19,15 @@ from exporter.export import flatten_outputs
 from graph_passes.ort_session import ort_session
 
 
+# Largest float64 copy of the weights the reference makes (float32 weights of 512 MiB): past it a float64
+# reference would hold the weights three times over (float32 model, float64 copy twice its size), so
+# parity of a model past 2 GB would need 4x its weights with ONNX Runtime's copy; float32 it is.
+FLOAT64_COPY_LIMIT = 2**30
+
+
 class TorchRunner:
-    """The PyTorch reference: float64 where the model allows it (a cleaner reference), else float32."""
+    """The PyTorch reference: float64 where the model allows it (a cleaner reference) and its float64
+    copy stays below :data:`FLOAT64_COPY_LIMIT`, else float32."""
 
     name = "pytorch"
     what = "the model"  # how an error line names it (the archive, for a .pt2)
@@ -33,7 +40,8 @@ class TorchRunner:
         self.input_names = list(input_names)
         self.precision = "float32"
         self._f64: nn.Module | None = None
-        if prefer_float64 and not isinstance(module, torch.jit.ScriptModule):
+        weights = sum(t.numel() * 8 for t in [*module.parameters(), *module.buffers()] if t.is_floating_point())
+        if prefer_float64 and not isinstance(module, torch.jit.ScriptModule) and weights <= FLOAT64_COPY_LIMIT:
             try:
                 self._f64 = copy.deepcopy(module).double()
             except Exception:  # some modules refuse deepcopy/double; float32 it is

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import onnx
+import onnx_ir as ir
 
 from exporter.compare import Tolerance, Tolerances
 from exporter.errors import LrexportError
@@ -28,6 +29,7 @@ from exporter.parity import ParityReport, Runner, align_specs, case_feeds, outpu
 from exporter.runners import OnnxRuntimeRunner, TorchRunner
 from exporter.specs import InputSpec, parity_cases
 from exporter.trt_backend import BACKEND_CHOICES
+from graph_passes.ort_session import has_external_data
 from graph_passes.precisions import normalize_precision
 
 if TYPE_CHECKING:
@@ -129,10 +131,10 @@ class PassesStage:
 
 
 def pass_check_feeds(model: onnx.ModelProto, options: BuildOptions, specs: Sequence[InputSpec],
-                     budget: MemoryBudget | None) -> tuple[list[dict], list[str]]:
+                     budget: MemoryBudget | None, base_dir: Path | None = None) -> tuple[list[dict], list[str]]:
     """The inputs each pass is checked on (min and odd shapes), planned against the memory budget like
     parity cases (batch slices become separate feeds; no float64 here); plus the steps taken."""
-    planner = MemoryPlanner(budget, specs, [GraphCost("onnxruntime", model)])
+    planner = MemoryPlanner(budget, specs, [GraphCost("onnxruntime", model, base_dir)])
     feeds: list[dict] = []
     memory: list[str] = []
     cases = [c for c in parity_cases(specs) if c in ("min", "odd")] or ["opt"]  # a static model has only opt
@@ -145,18 +147,20 @@ def pass_check_feeds(model: onnx.ModelProto, options: BuildOptions, specs: Seque
 
 
 def run_passes_on(model: onnx.ModelProto, options: BuildOptions, specs: Sequence[InputSpec], progress: Say,
-                  budget: MemoryBudget | None = None, loaded: LoadedModel | None = None) -> PassesStage:
+                  budget: MemoryBudget | None = None, loaded: LoadedModel | None = None,
+                  base_dir: Path | None = None) -> PassesStage:
     """The graph passes on ``model``, each checked in ONNX Runtime (also ``lrexport optimize``). ``loaded``,
     the PyTorch model ``model`` was exported from, tells a model that fails (or gives NaN/Inf) on the check
-    inputs by itself from an export bug."""
+    inputs by itself from an export bug. ``base_dir``: where the external data of a model loaded without
+    it lies (the result refers to it too)."""
     import graph_passes
     from exporter.model_errors import explain_input_model_error
 
-    feeds, memory = pass_check_feeds(model, options, specs, budget)
+    feeds, memory = pass_check_feeds(model, options, specs, budget, base_dir)
     opts = graph_passes.PassOptions(chunk_size=options.chunk_size, merge_threshold=options.merge_threshold)
     try:
         new_model, report = graph_passes.run_passes(model, options.passes, options=opts, feeds=feeds,
-                                                    progress=progress)
+                                                    progress=progress, base_dir=base_dir)
     except graph_passes.InputModelError as err:
         raise (explain_input_model_error(err, loaded, [i.name for i in model.graph.input]) or err) from None
     except graph_passes.PassParityError as err:
@@ -168,14 +172,25 @@ def run_passes_on(model: onnx.ModelProto, options: BuildOptions, specs: Sequence
 
 
 def passes_stage(model: onnx.ModelProto, specs: Sequence[InputSpec], options: BuildOptions, say: Say,
-                 budget: MemoryBudget | None, loaded: LoadedModel | None = None) -> PassesStage | None:
+                 budget: MemoryBudget | None, loaded: LoadedModel | None = None,
+                 base_dir: Path | None = None) -> PassesStage | None:
     if options.passes is not None and not len(options.passes):
         return None
     say("[passes] running graph passes")
-    return run_passes_on(model, options, specs, lambda m: say(f"[passes] {m}"), budget, loaded)
+    return run_passes_on(model, options, specs, lambda m: say(f"[passes] {m}"), budget, loaded, base_dir)
 
 
 # -------------------------------------------------------------------------------------------- cast
+
+def with_weights(model: onnx.ModelProto, base_dir: Path) -> onnx.ModelProto:
+    """``model`` with the external weights it refers to (in ``base_dir``) read into it, for the steps that
+    rewrite or expose every value (the cast, drift localization); ``model`` itself where it has none."""
+    if not has_external_data(model):
+        return model
+    lazy = ir.serde.deserialize_model(model)
+    ir.external_data.set_base_dir(lazy.graph, base_dir)
+    return ir.to_proto(ir.external_data.load_to_model(lazy))
+
 
 @dataclass
 class CastStage:
@@ -198,11 +213,13 @@ class CastStage:
 
 
 def cast_stage(model: onnx.ModelProto, specs: Sequence[InputSpec], options: BuildOptions, tmp: Path,
-               say: Say) -> CastStage | None:
+               say: Say, base_dir: Path | None = None) -> CastStage | None:
     """Cast to fp16/bf16, keeping in float32 what the range analysis measures out of range on the parity
-    inputs; written as ``model.<precision>.onnx``. None for an fp32 build."""
+    inputs; written as ``model.<precision>.onnx``. None for an fp32 build. ``base_dir``: where the
+    external data of a model loaded without it lies (the cast reads every weight, so it loads them)."""
     if options.precision == "fp32":
         return None
+    model = with_weights(model, base_dir or tmp)
     say(f"[precision] measuring value ranges, casting to {options.precision}")
     from exporter.fp16_range import cast_with_range_analysis
 
@@ -330,14 +347,18 @@ def parity_stage(loaded: LoadedModel, exported: ExportResult, exported_model: on
     if engine is not None and engine.runner is not None:
         backends.tolerances[engine.runner.name] = options.tolerances(options.precision)
         backends.runners.append(engine.runner)
-    planner = planner_for_runners(reference, backends.runners, specs, budget, reference_graph=exported_model)
+    planner = planner_for_runners(reference, backends.runners, specs, budget,  # a path: external weights stay on disk
+                                  reference_graph=exported.onnx_path if has_external_data(exported_model) else exported_model)
     parity = run_parity(reference, backends.runners, specs, tolerances=backends.tolerances, seed=options.seed,
                         cases=options.cases, modules=output_modules(model), precision=options.precision,
                         progress=lambda m: say(f"[parity] {m}"), memory=planner)
-    if exported.program is not None:
+    failing = not all(r.ok for r in parity.results)  # localization reads every weight: only where it runs
+    if exported.program is not None and failing:
+        exported_model = with_weights(exported_model, model_path.parent)
         _localize_against_torch(parity, exported.program, exported_model, specs, budget)
-    if cast is not None:
-        _localize_low_precision(parity, model, cast.model, specs, backends.runners, budget)
+    if cast is not None and failing:
+        _localize_low_precision(parity, with_weights(model, model_path.parent), cast.model, specs, backends.runners,
+                                budget)
     parity.skipped.extend(backends.skipped)
     if engine is not None and engine.skip:  # said once, where the backends are: in the parity report
         parity.skipped.append(engine.skip)

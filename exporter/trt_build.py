@@ -30,7 +30,7 @@ from exporter.errors import LrexportError
 from exporter.outputs import atomic_files, atomic_write_file, check_new_file, reading
 from exporter.specs import InputSpec
 from exporter.trt_backend import Backend, dims_list, engine_profiles, get_backend, profile_entry
-from graph_passes.ort_session import PROTO_LIMIT
+from graph_passes.ort_session import PROTO_LIMIT, tensor_bytes
 from graph_passes.precisions import float_type_counts, model_precision, normalize_precision
 
 if TYPE_CHECKING:
@@ -377,10 +377,10 @@ def _parse(plan: EnginePlan, say: Callable[[str], None]) -> tuple[Any, trt.Build
     else:
         import onnx
 
-        full = onnx.load(str(plan.onnx_path), load_external_data=True)
-        if full.ByteSize() > PROTO_LIMIT:
+        if tensor_bytes(onnx.load(str(plan.onnx_path), load_external_data=False)) >= PROTO_LIMIT:
             raise LrexportError(f"{plan.onnx_path.name} is over 2 GB with its weights inline",
                                 "parse it from the file (parse_from='file'), which reads external data")
+        full = onnx.load(str(plan.onnx_path), load_external_data=True)
         ok = parser.parse(full.SerializeToString(), str(plan.onnx_path))
     if not ok or pre_scan:
         _raise_unparsed(plan.onnx_path, _merge(parser_errors(parser, plan.nodes), pre_scan), logger.errors())

@@ -41,7 +41,8 @@ def default_shapes(model: onnx.ModelProto | ir.Model,
             for v in graph.inputs if v.name not in graph.initializers}
 
 
-def _shapes_by_running(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict[str, list[int]] | None:
+def _shapes_by_running(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
+                       base_dir: str | Path | None = None) -> dict[str, list[int]] | None:
     """Every intermediate shape at the given input shapes: run ORT once with all node outputs exposed.
 
     (onnx shape inference cannot follow the Shape->Mod->Pad arithmetic of dynamic padding.)
@@ -57,7 +58,7 @@ def _shapes_by_running(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]
     feeds = {v.name: np.zeros(shapes[v.name], dtype=v.dtype.numpy() if v.dtype is not None else np.float32)
              for v in graph.inputs if v.name in shapes}
     try:
-        sess = ort_session(ir.to_proto(m), session_options(optimize=False))
+        sess = ort_session(ir.to_proto(m), session_options(optimize=False), base_dir=base_dir)
         names = [o.name for o in sess.get_outputs()]
         values = sess.run(None, feeds)
     except Exception:
@@ -207,9 +208,10 @@ def estimate_memory(model: onnx.ModelProto | str | Path, shapes: dict[str, tuple
                           output_bytes=sum(_nbytes(v, float_bytes) or 0 for v in graph.outputs))
 
 
-def _shapes_by_inference(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict[str, list[int]] | None:
+def _shapes_by_inference(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
+                         base_dir: str | Path | None = None) -> dict[str, list[int]] | None:
     """Every value's shape at the given input shapes without running (None if any stays unknown)."""
-    bound = bind_shapes(model, shapes)
+    bound = bind_shapes(model, shapes, base_dir)
     if bound is None:
         return None
     info: dict[str, list[int]] = {}
@@ -220,12 +222,13 @@ def _shapes_by_inference(model: onnx.ModelProto, shapes: dict[str, tuple[int, ..
     return info
 
 
-def measure(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> tuple[int | None, int | None]:
+def measure(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
+            base_dir: str | Path | None = None) -> tuple[int | None, int | None]:
     """(FLOPs, elements of the largest intermediate tensor) at the given input shapes: from inferred shapes,
     else from one ORT run exposing every value (memory: all intermediates at once).
 
     FLOPs: 2*MACs of MatMul/Gemm/Conv/Einsum plus one per output element of elementwise/scan ops."""
-    info = _shapes_by_inference(model, shapes) or _shapes_by_running(model, shapes)
+    info = _shapes_by_inference(model, shapes, base_dir) or _shapes_by_running(model, shapes, base_dir)
     if info is None:
         return None, None
     graph = ir.from_proto(model).graph

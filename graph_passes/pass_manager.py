@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -15,7 +16,7 @@ import onnx_ir as ir
 from graph_passes._base import GraphPass, PassOptions
 from graph_passes._util import quiet_libraries
 from graph_passes.cost import count_params, default_shapes, measure
-from graph_passes.ort_session import ort_session
+from graph_passes.ort_session import ort_session, same_model
 from graph_passes.causal_chunked import CausalChunkPass
 from graph_passes.cleanup import CleanupPass
 from graph_passes.einsum_lowering import EinsumLoweringPass
@@ -129,15 +130,17 @@ def _detail_line(d: dict[str, Any]) -> str:
     return f"{d.get('kind', '?')}: {d.get('action', '')} [{nodes}] {extra}".rstrip()
 
 
-def run_model(model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    sess = ort_session(model)
+def run_model(model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]],
+              base_dir: str | Path | None = None) -> list[dict[str, np.ndarray]]:
+    sess = ort_session(model, base_dir=base_dir)
     names = [o.name for o in sess.get_outputs()]
     return [dict(zip(names, sess.run(None, f))) for f in feeds]
 
 
-def _run_input_model(model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+def _run_input_model(model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]],
+                     base_dir: str | Path | None) -> list[dict[str, np.ndarray]]:
     """The reference outputs of the model as given, one feed at a time so that a failure names its shapes."""
-    sess = ort_session(model)
+    sess = ort_session(model, base_dir=base_dir)
     names = [o.name for o in sess.get_outputs()]
     outs = []
     for feed in feeds:
@@ -183,14 +186,20 @@ def run_passes(model: onnx.ModelProto, passes: Sequence[str] | None = None, *,
                options: PassOptions | None = None,
                feeds: Sequence[dict[str, np.ndarray]] = (),
                progress: Callable[[str], None] | None = None,
+               base_dir: str | Path | None = None,
                ) -> tuple[onnx.ModelProto, PipelineReport]:
-    """Run the named passes in order (DEFAULT_PASSES if None); ORT-check parity after each when feeds given."""
+    """Run the named passes in order (DEFAULT_PASSES if None); ORT-check parity after each when feeds given.
+
+    ``model`` may be loaded without its external data (``base_dir``: the folder it lies in): the passes
+    then read the weights lazily from there, and the result refers to the same files for every weight no
+    pass changed, so a model past 2 GB is never held, nor serialized, as one message."""
     with quiet_libraries():
-        return _run_passes(model, passes, options=options, feeds=feeds, progress=progress)
+        return _run_passes(model, passes, options=options, feeds=feeds, progress=progress, base_dir=base_dir)
 
 
 def _run_passes(model: onnx.ModelProto, passes: Sequence[str] | None, *, options: PassOptions | None,
                 feeds: Sequence[dict[str, np.ndarray]], progress: Callable[[str], None] | None,
+                base_dir: str | Path | None,
                 ) -> tuple[onnx.ModelProto, PipelineReport]:
     names = list(DEFAULT_PASSES if passes is None else passes)
     for n in names:
@@ -200,11 +209,14 @@ def _run_passes(model: onnx.ModelProto, passes: Sequence[str] | None, *, options
     feeds = list(feeds)
     report = PipelineReport()
     ir_model = ir.serde.deserialize_model(model)
+    if base_dir is not None:
+        ir.external_data.set_base_dir(ir_model.graph, base_dir)
+        _load_small(ir_model)
     proto = model
     flops_shapes = options.flops_shapes or default_shapes(model, feeds or None)
-    ref = _run_input_model(proto, feeds) if feeds else None
+    ref = _run_input_model(proto, feeds, base_dir) if feeds else None
     params = count_params(proto)
-    flops, largest = measure(proto, flops_shapes)
+    flops, largest = measure(proto, flops_shapes, base_dir)
     for name in names:
         if progress:
             progress(f"pass {name} ...")
@@ -213,14 +225,17 @@ def _run_passes(model: onnx.ModelProto, passes: Sequence[str] | None, *, options
         result = p(ir_model)
         ir_model = result.model
         new_proto = ir.serde.serialize_model(ir_model)
+        _release_external(ir_model)
         seconds = time.perf_counter() - t0
         parity = None
-        if feeds and ref is not None:
-            got = run_model(new_proto, feeds)
+        if feeds and ref is not None and same_model(new_proto, proto):
+            parity = 0.0  # the same model as before the pass: the same outputs
+        elif feeds and ref is not None:
+            got = run_model(new_proto, feeds, base_dir)
             parity = _compare(name, ref, got, feeds, options.check_atol, options.check_rtol)
             ref = got
         new_params = count_params(new_proto)
-        new_flops, new_largest = measure(new_proto, flops_shapes) if result.modified else (flops, largest)
+        new_flops, new_largest = measure(new_proto, flops_shapes, base_dir) if result.modified else (flops, largest)
         rep = PassReport(name=name, changed=bool(result.modified), matches=p.matches,
                          details=[m.to_dict() for m in p.records],
                          params_before=params, params_after=new_params, flops_before=flops,
@@ -232,3 +247,28 @@ def _run_passes(model: onnx.ModelProto, passes: Sequence[str] | None, *, options
             progress(f"pass {name}: changed={rep.changed} matches={rep.matches} parity={parity}")
         params, flops, largest, proto = new_params, new_flops, new_largest, new_proto
     return proto, report
+
+
+# External tensors up to this size are read into memory: the library passes (cleanup's checker) take
+# small initializers as they are into a message checked without a model folder, where no file is found.
+_SMALL_EXTERNAL = 64 * 1024
+
+
+def _load_small(model: ir.Model) -> None:
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            t = value.const_value
+            if isinstance(t, ir.ExternalTensor) and t.nbytes <= _SMALL_EXTERNAL:
+                value.const_value = ir.Tensor(t.numpy().copy(), dtype=t.dtype, name=t.name)
+
+
+def _release_external(model: ir.Model) -> None:
+    """Unmap the external weights a pass read (they are mapped again when read again): the mappings
+    otherwise stay resident next to ONNX Runtime's copy during the parity check."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                try:
+                    value.const_value.release()
+                except BufferError:  # a view of it is still in use somewhere: it stays mapped
+                    pass
