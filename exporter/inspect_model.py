@@ -30,6 +30,8 @@ def read_onnx(path: str | Path, load_external_data: bool = True) -> onnx.ModelPr
                             "check the path, or re-export it (a truncated copy?)") from None
     if not model.HasField("graph"):
         raise LrexportError(f"{path} holds no ONNX graph", "check the path, or re-export it")
+    if not load_external_data:  # the weights are read later, from their files: those must be there
+        _missing_external_data(path)
     return model
 
 

@@ -331,7 +331,7 @@ def test_disk_full_is_the_users_to_fix_not_a_bug(cli, template, tmp_path, monkey
 
     import exporter.pipeline
 
-    def full(_model, path):
+    def full(_model, path, **_kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(exporter.pipeline, "save_onnx", full)
