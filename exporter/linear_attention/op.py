@@ -32,6 +32,12 @@ import torch
 from exporter.linear_attention.chunked import DEFAULT_CHUNK, RULES, chunked_linear_attention
 
 OP_NAME = "lrexport::linear_attention"
+KEY_DECAY_CHUNK = 16  # per-key decay builds a [C, C, dk] decay tensor per chunk: a smaller chunk bounds it
+
+
+def chunk_size(g: torch.Tensor | None) -> int:
+    """The eager chunk length: 64 positions, 16 with a per-key decay."""
+    return KEY_DECAY_CHUNK if g is not None and g.dim() == 4 else DEFAULT_CHUNK
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
@@ -82,8 +88,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     check_inputs(q, k, v, g, beta, rule, initial_state, normalize)
     if normalize:
         v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
-    chunk = 16 if g is not None and g.dim() == 4 else DEFAULT_CHUNK  # per-key: a [C, C, dk] tensor
-    out, state = chunked_linear_attention(q, k, v, g, beta, rule, scale, initial_state, chunk)
+    out, state = chunked_linear_attention(q, k, v, g, beta, rule, scale, initial_state, chunk_size(g))
     if normalize:
         out = (out[..., :-1].float() / (out[..., -1:].float() + eps)).to(q.dtype)
     return out.contiguous(), state.to(torch.float32).contiguous()
