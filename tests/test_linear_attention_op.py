@@ -60,10 +60,10 @@ CASES = {
     "gated-head": ("gated", "head", (2, 2, 2), False),
     "gated-key": ("gated", "key", (2, 2, 2), False),
     "delta": ("delta", None, (2, 2, 2), False),
-    "delta-fewer-v-heads": ("delta", None, (2, 2, 1), False),
+    "delta-fewer-v-heads": ("delta", None, (4, 4, 2), False),
     "gated_delta-head": ("gated_delta", "head", (2, 2, 2), False),
     "gated_delta-key": ("gated_delta", "key", (2, 2, 2), False),
-    "gated_delta-more-v-heads": ("gated_delta", "head", (2, 1, 2), False),  # Qwen3-Next: Hv > Hq = Hk
+    "gated_delta-more-v-heads": ("gated_delta", "head", (2, 2, 4), False),  # Qwen3-Next: Hv > Hq = Hk
     "gated_delta-gqa": ("gated_delta", "head", (4, 2, 2), False),
 }
 
@@ -238,7 +238,7 @@ def test_onnx_export_writes_one_custom_node():
     assert [(n.domain, n.op_type) for n in nodes] == [("lrexport", "LinearAttention")]
     attrs = {k: a.value for k, a in nodes[0].attributes.items()}
     assert attrs == {"rule": "gated_delta", "scale": 0.5, "decay": "head", "normalize": 0, "eps": 0.0,
-                     "q_heads": 2, "k_heads": 1, "v_heads": 2}
+                     "q_heads": 2, "k_heads": 2, "v_heads": 4}
     assert model.graph.inputs[0].shape[1] == model.graph.outputs[0].shape[1]  # T stays symbolic
     assert not isinstance(model.graph.inputs[0].shape[1], int)
 
