@@ -36,7 +36,7 @@ def reference(q, k, v, g, beta, scale, s0, normalize=False, eps=0.0):
     v = v[:, :, [i * v.shape[2] // hs for i in range(hs)]]
     q = q[:, :, [i * hq // h for i in range(h)]]
     state_of = [i * hs // h for i in range(h)]
-    S = torch.zeros(b, hs, DK, v.shape[-1], dtype=torch.float64) if s0 is None else s0.double().clone()
+    S = torch.zeros(b, hs, q.shape[3], v.shape[-1], dtype=torch.float64) if s0 is None else s0.double().clone()
     out = torch.zeros(b, t, h, v.shape[-1], dtype=torch.float64)
     for i in range(t):
         if g is not None:
@@ -281,3 +281,20 @@ def test_ort_lowering_runs_half_inputs_in_float32():
     assert out.dtype == np.float16 and state.dtype == np.float32
     want_out, want_state = reference(*half[:5], 0.5, half[5])
     assert rel_err(out, want_out) < 2e-3 and rel_err(state, want_state) < 1e-5
+
+
+def test_readme_example_runs(tmp_path, monkeypatch):
+    """The README's "Linear-attention op (preview)" example, as written: the saved model runs on ORT."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "LinearAttentionOrtPass" in b]
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(block, scope)
+    sess = ort.InferenceSession(str(tmp_path / "gated_delta.onnx"), providers=["CPUExecutionProvider"])
+    args = [a[:, :1].numpy() if a.dim() > 2 else a for a in scope["args"]]  # T = 1: the range reaches 1
+    (out,) = sess.run(None, {i.name: a for i, a in zip(sess.get_inputs(), args)})
+    want, _ = reference(*[torch.from_numpy(a) for a in args], 0.25, None)
+    assert rel_err(out, want) < 2e-5
