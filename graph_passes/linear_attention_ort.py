@@ -55,13 +55,13 @@ class _Builder:
     def packed(self, x: ir.Value) -> ir.Value:
         return self.op("Reshape", [x, self.const([0, 0, -1])])
 
-    def repeat_heads(self, x: ir.Value, r: int) -> ir.Value:
-        """(B,T,h,d) -> (B,T,h*r,d), each head repeated r times in place (``repeat_interleave``)."""
+    def repeat_heads(self, x: ir.Value, heads: int, r: int) -> ir.Value:
+        """(B,T,heads,d) -> (B,T,heads*r,d), each head repeated r times in place (``repeat_interleave``)."""
         if r == 1:
             return x
         u = self.op("Unsqueeze", [x, self.const([3])])
         e = self.op("Expand", [u, self.const([1, 1, 1, r, 1])])
-        return self.op("Reshape", [e, self.const([0, 0, -1, 0])])
+        return self.op("Reshape", [e, self.const([0, 0, heads * r, -1])])
 
     def to_float(self, x: ir.Value | None) -> ir.Value | None:
         if x is None or x.dtype in (None, ir.DataType.FLOAT):
@@ -108,6 +108,8 @@ class LinearAttentionOrtPass(GraphPass):
                                "normalize": bool(_attr(node, "normalize", 0))}))
         if changed:
             model.opset_imports.setdefault(ORT_DOMAIN, 1)
+        if changed and not any(n.domain == DOMAIN for n in model.graph.all_nodes()):
+            model.opset_imports.pop(DOMAIN, None)
         return changed
 
 
@@ -124,8 +126,8 @@ def _lower(node: ir.Node, label: str) -> tuple[list[ir.Node], list[ir.Value]]:
     out_dtype = q.dtype
     b = _Builder(label)
     q, k, v, g, beta = (b.to_float(x) for x in (q, k, v, g, beta))
-    k = b.repeat_heads(k, hs // hk)
-    v = b.repeat_heads(v, hs // hv)
+    k = b.repeat_heads(k, hk, hs // hk)
+    v = b.repeat_heads(v, hv, hs // hv)
     if normalize:  # ones column: the state's last column accumulates z = sum k
         shape = b.op("Shape", [v], {"start": 0, "end": 3})
         ones_shape = b.op("Concat", [shape, b.const([1])], {"axis": 0})

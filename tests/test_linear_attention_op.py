@@ -17,6 +17,7 @@ from exporter.linear_attention.chunked import DEFAULT_CHUNK
 from exporter.linear_attention.onnx_export import TRANSLATION_TABLE
 from exporter.linear_attention.op import KEY_DECAY_CHUNK
 from graph_passes.linear_attention_ort import LinearAttentionOrtPass
+from graph_passes.linear_attention_portable import LinearAttentionPortablePass
 
 DK, DV = 4, 3
 
@@ -59,6 +60,8 @@ CASES = {
     "linear-normalized": ("linear", None, (2, 2, 2), True),
     "gated-head": ("gated", "head", (2, 2, 2), False),
     "gated-key": ("gated", "key", (2, 2, 2), False),
+    "gated-head-gqa": ("gated", "head", (4, 2, 2), False),
+    "gated-head-more-v-heads": ("gated", "head", (2, 2, 4), False),
     "delta": ("delta", None, (2, 2, 2), False),
     "delta-fewer-v-heads": ("delta", None, (4, 4, 2), False),
     "gated_delta-head": ("gated_delta", "head", (2, 2, 2), False),
@@ -243,7 +246,7 @@ def test_onnx_export_writes_one_custom_node():
     assert not isinstance(model.graph.inputs[0].shape[1], int)
 
 
-ORT_CASES = ["linear", "linear-gqa", "linear-normalized", "gated-head", "gated-key", "delta",
+ORT_CASES = ["linear", "linear-gqa", "linear-normalized", "gated-head", "gated-key", "gated-head-gqa", "delta",
              "delta-fewer-v-heads", "gated_delta-head", "gated_delta-key", "gated_delta-more-v-heads",
              "gated_delta-gqa"]
 
@@ -298,3 +301,35 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     (out,) = sess.run(None, {i.name: a for i, a in zip(sess.get_inputs(), args)})
     want, _ = reference(*[torch.from_numpy(a) for a in args], 0.25, None)
     assert rel_err(out, want) < 2e-5
+
+
+PORTABLE_CASES = ["linear", "linear-gqa", "linear-normalized", "gated-head", "gated-head-gqa",
+                  "gated-head-more-v-heads"]
+
+
+@pytest.mark.parametrize("case", PORTABLE_CASES)
+def test_portable_lowering_matches_float64(case):
+    """Standard ops only, loop-free, one CumSum axis, opset <= 25; any length from 1."""
+    with_state = case != "linear-gqa"
+    model, kw = _onnx(case, with_state)
+    p = LinearAttentionPortablePass()
+    p(model)
+    assert p.matches == 1 and p.records[0].rewritten
+    ops = [n.op_type for n in model.graph]
+    assert all(n.domain == "" for n in model.graph) and model.opset_imports[""] <= 25
+    assert not {"Loop", "Scan"} & set(ops) and ops.count("CumSum") <= 1
+    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    for t in (1, 63, 64, 65, 130):
+        args, _ = make_inputs(case, t, seed=2, with_state=with_state)
+        out, state = sess.run(None, dict(zip(names, [a.numpy() for a in args if a is not None])))
+        want_out, want_state = reference(*args[:5], kw["scale"], args[5], kw["normalize"], kw["eps"])
+        assert rel_err(out, want_out) < 2e-5 and rel_err(state, want_state) < 2e-5, (case, t)
+
+
+def test_portable_lowering_leaves_the_delta_rules_with_a_reason():
+    model, _ = _onnx("gated_delta-head")
+    p = LinearAttentionPortablePass()
+    p(model)
+    assert p.matches == 0 and "only ('linear', 'gated')" in p.records[0].reason
+    assert [n.op_type for n in model.graph] == ["LinearAttention"]
