@@ -5,7 +5,10 @@ ORT pass lowers it to ``com.microsoft.LinearAttention`` with the same outputs an
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
@@ -228,11 +231,17 @@ def test_torch_export_keeps_one_node_without_guards():
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-def _onnx(case: str, with_state: bool = True):
+@functools.lru_cache(maxsize=None)
+def _onnx_bytes(case: str, with_state: bool) -> bytes:
     args, kw = make_inputs(case, 9, with_state=with_state)
     prog = torch.onnx.export(_Model(kw).eval(), args, dynamic_shapes=_dynamic(args), dynamo=True,
                              custom_translation_table=TRANSLATION_TABLE, verbose=False)
-    return ir.from_proto(prog.model_proto), kw
+    return prog.model_proto.SerializeToString()
+
+
+def _onnx(case: str, with_state: bool = True):
+    """A fresh copy of the case's exported model (each export is made once per session)."""
+    return ir.from_proto(onnx.load_from_string(_onnx_bytes(case, with_state))), make_inputs(case, 1)[1]
 
 
 def test_onnx_export_writes_one_custom_node():

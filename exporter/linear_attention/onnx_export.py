@@ -2,7 +2,8 @@
 
 Why one custom-domain node rather than ops: which form runs best depends on the backend (ONNX Runtime
 has a native contrib kernel; TensorRT needs a portable chunked form at opset <= 25), so export keeps
-the recurrence whole and a graph pass lowers it (``graph_passes/linear_attention_ort.py``). The node's
+the recurrence whole and a graph pass lowers it (``graph_passes/linear_attention_ort.py`` for ONNX Runtime,
+``graph_passes/linear_attention_portable.py`` to standard ops). The node's
 inputs are the op's, in (B, T, heads, dim) layout, empty names for absent optional inputs:
 ``q, k, v, g, beta, initial_state`` -> ``out, final_state``. Attributes: ``rule``, ``scale``,
 ``decay`` ("none" | "head" | "key"), ``normalize`` (0/1), ``eps``, and the head layout ``q_heads``,
