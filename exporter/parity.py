@@ -22,6 +22,7 @@ from exporter.errors import LrexportError
 from exporter.loading import LoadedModel
 from exporter.memory_budget import MemoryBudget, MemoryPlanner, plan_feeds, planner_for_runners, run_planned
 from exporter.runners import OnnxRuntimeRunner, TorchRunner
+from exporter.served_range import guard_error
 from exporter.specs import InputSpec, build_specs, parity_cases, random_feeds
 from exporter.table import fmt_num, fmt_shapes, format_table
 from graph_passes.name_scopes import module_path, name_scopes
@@ -179,7 +180,10 @@ def run_parity(reference: TorchRunner, backends: Sequence[Runner], specs: Sequen
         feeds = plan_feeds(specs, plan, plan.seed)
         shapes = {k: list(v.shape) for k, v in feeds.items()}
         say(f"parity {i + 1}/{len(cases)}: {case} {' '.join('x'.join(map(str, s)) for s in shapes.values())}")
-        expected = run_planned(functools.partial(reference.run, float64=not plan.reference_float32), feeds, plan)
+        try:
+            expected = run_planned(functools.partial(reference.run, float64=not plan.reference_float32), feeds, plan)
+        except AssertionError as err:  # a torch.export guard: a size the program does not serve
+            raise (guard_error(err, shapes, case) or err) from None
         for name, arr in expected.items():
             if arr.dtype.kind == "f" and not np.isfinite(arr).all():
                 raise LrexportError(f"the PyTorch model itself produces NaN/Inf in output {name!r} at shape "

@@ -260,3 +260,44 @@ def lat_causal_lm_long(seed: int = 0, max_seq_len: int = 4096) -> nn.Module:
     return LinearAttentionTransformerLM(num_tokens=256, dim=64, heads=4, depth=2, max_seq_len=max_seq_len,
                                         causal=True, blindspot_size=1, n_local_attn_heads=0, ff_chunks=1,
                                         reversible=False).eval()
+
+
+# ------------------------------------------------------------------- a Python loop over chunks (issue 15)
+SPECS["gated_deltanet"] = (["x:1x10x64:float32"], ["x:min=1x2x64,opt=1x10x64,max=2x40x64"])
+
+
+class GatedDeltaNet(nn.Module):
+    """transformers' gated-DeltaNet layer (``Qwen3NextGatedDeltaNet``, the linear attention of Qwen3-Next /
+    Qwen3.5 / OLMo-hybrid) on its PyTorch fallback ``torch_chunk_gated_delta_rule``: a Python loop over chunks,
+    which torch.export unrolls to the example's chunk count. The fallback is called with a chunk of
+    ``chunk_size`` (the library's 64 makes the unrolled export minutes long), and always the fallback: with
+    flash-linear-attention importable, transformers would pick fla's Triton kernel, which has no CPU path."""
+
+    def __init__(self, seed: int = 0, chunk_size: int = 4):
+        super().__init__()
+        from transformers import Qwen3NextConfig
+        from transformers.models.qwen3_next import modeling_qwen3_next as mq
+
+        torch.manual_seed(seed)
+        cfg = Qwen3NextConfig(vocab_size=128, hidden_size=64, num_hidden_layers=1, linear_key_head_dim=16,
+                              linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                              layer_types=["linear_attention"], use_cache=False)
+        self.attn = mq.Qwen3NextGatedDeltaNet(cfg, 0)
+        self.chunk_size = chunk_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import functools
+
+        from transformers.models.qwen3_next import modeling_qwen3_next as mq
+
+        dispatch = mq.torch_chunk_gated_delta_rule
+        fallback = getattr(dispatch, "__wrapped__", dispatch)  # the torch code under the kernel dispatch
+        mq.torch_chunk_gated_delta_rule = functools.partial(fallback, chunk_size=self.chunk_size)
+        try:
+            return self.attn(x)
+        finally:
+            mq.torch_chunk_gated_delta_rule = dispatch
+
+
+def gated_deltanet(seed: int = 0, chunk_size: int = 4) -> nn.Module:
+    return GatedDeltaNet(seed, chunk_size).eval()
