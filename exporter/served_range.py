@@ -74,6 +74,16 @@ class GuardChecker:
         by_name = {s.name: i for i, s in enumerate(self.specs)}
         # the program's flat inputs, in its order: a spec by name where the names match, else by position
         self.order = [by_name.get(n, i) for i, n in enumerate(user)] if len(user) == len(self.specs) else []
+        # axes the program holds equal (one symbol: src and tgt of one batch) move together
+        by_expr: dict[str, list[tuple[int, int]]] = {}
+        placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+        for pos, name in enumerate(user if self.order else []):
+            val = placeholders[name].meta.get("val") if name in placeholders else None
+            for axis, dim in enumerate(getattr(val, "shape", ())):
+                expr = getattr(getattr(dim, "node", None), "expr", None)
+                if expr is not None and not isinstance(dim, int):
+                    by_expr.setdefault(str(expr), []).append((self.order[pos], axis))
+        self.tied = {key: group for group in by_expr.values() for key in group}
 
     @property
     def usable(self) -> bool:
@@ -124,14 +134,28 @@ def probe_axis(check: GuardChecker, index: int, axis: int) -> tuple[list[tuple[i
     base = [list(s.opt) for s in check.specs]
     first_fail = ""
 
+    group = check.tied.get((index, axis), [(index, axis)])
+    others = [(i, a) for i, s in enumerate(check.specs) for a in s.dynamic_axes if (i, a) not in group]
+
     def ok(size: int) -> bool:
+        """Served at ``size``: the guards hold with the other axes at opt, or with one other axis at the same
+        size (a guard that ties two inputs' axes without torch making them one symbol: ``64*b0*n == 64*b1*n``)."""
         nonlocal first_fail
         shapes = [list(b) for b in base]
-        shapes[index][axis] = size
+        for i, a in group:
+            shapes[i][a] = size
         fail = check.failure(shapes)
-        if fail and not first_fail:
-            first_fail = fail
-        return fail is None
+        if fail is None:
+            return True
+        for i, a in others:
+            spec_i = check.specs[i]
+            if spec_i.min[a] <= size <= spec_i.max[a] and size % spec_i.step(a) == 0 and shapes[i][a] != size:
+                tied = [list(t) for t in shapes]
+                tied[i][a] = size
+                if check.failure(tied) is None:
+                    return True
+        first_fail = first_fail or fail
+        return False
 
     sizes = _candidates(spec, axis, check.chunk_sizes())
     results = [(s, ok(s)) for s in sizes]

@@ -116,6 +116,28 @@ def test_chunk_size_larger_than_the_longest_sequence_is_clamped_and_said(cli, sa
     warnings = data["passes"]["warnings"]
     assert warnings == ["--chunk-size 4096 is larger than the longest sequence the inputs allow (64): chunks of 64 "
                         "instead (a larger chunk only pads every sequence up to it)"]
-    chunks = {m["info"]["chunk"] for p in data["passes"]["report"]["passes"] for m in p.get("matches_detail", [])
-              if "chunk" in (m.get("info") or {})}
+    chunks = {m["chunk"] for p in data["passes"]["report"]["passes"] for m in p["details"] if "chunk" in m}
     assert chunks == {64}, data["passes"]["report"]
+
+
+def test_dim_auto_archive_serves_batch_one_and_one_token(cli, tmp_path):
+    """torch writes [2, inf) for Dim.AUTO (its 0/1 specialization); the program runs at 1, so 1 is served."""
+    from samples.models import causal_lm
+
+    from exporter.loading import load_model
+
+    model = causal_lm(d_model=64, layers=1).eval()
+    path = tmp_path / "auto.pt2"
+    auto = torch.export.Dim.AUTO
+    ep = torch.export.export(model, (torch.randint(0, 256, (2, 32)),), dynamic_shapes=({0: auto, 1: auto},),
+                             strict=False)
+    assert {(int(v.lower)) for v in ep.range_constraints.values()} == {2}
+    torch.export.save(ep, str(path))
+    (spec,) = load_model(path).inferred_specs
+    assert spec.min == (1, 1)
+    res = cli("build", path, "--out", tmp_path / "out", "--shapes", "ids:min=1x1,opt=2x32,max=2x64", "--no-passes",
+              "--backend", "onnxruntime", "--cases", "min,odd", "--json", "-q")
+    assert res.code == 0, res.err[-2000:]
+    data = json.loads(res.out)
+    assert [c["shapes"]["ids"] for c in data["parity"]["results"] if c["case"] == "min"] == [[1, 1]]
+    assert data["parity"]["ok"]
