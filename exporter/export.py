@@ -379,7 +379,7 @@ def export_onnx(loaded: LoadedModel | nn.Module, specs: Sequence[InputSpec], pat
                                 f"{str(err).strip().splitlines()[0][:300]})",
                                 "check --input names, shapes and dtypes against the model's forward()") from None
     if loaded.exported_program is not None:  # the archive's own guards, before any slow re-export
-        check_served(loaded.exported_program, specs)
+        check_served(loaded.exported_program, specs, module)
     start = time.perf_counter()
     warnings_out: list[str] = list(loaded.notes)
     for patch in chosen:

@@ -65,9 +65,9 @@ def _short(text: str, limit: int = 160) -> str:
 class GuardChecker:
     """Evaluates an exported program's guards at given input shapes (None: they hold; else the failing guard)."""
 
-    def __init__(self, ep: Any, specs: Sequence[InputSpec]):
+    def __init__(self, ep: Any, specs: Sequence[InputSpec], module: Any = None):
         self.specs = list(specs)
-        module = ep.module() if hasattr(ep, "module") else ep
+        module = module if module is not None else ep.module()  # ep.module() rebuilds the graph module: reuse one
         self.fn: Callable[..., Any] | None = getattr(module, "_guards_fn", None)
         self.code = " ".join(getattr(ep, "_guards_code", None) or [])
         user = list(ep.graph_signature.user_inputs)
@@ -184,9 +184,10 @@ def probe_axis(check: GuardChecker, index: int, axis: int) -> tuple[list[tuple[i
     return served, first_fail
 
 
-def unserved_axes(ep: Any, specs: Sequence[InputSpec]) -> list[ServedAxis]:
-    """Every dynamic axis of ``specs`` whose requested range the program's guards do not wholly allow."""
-    check = GuardChecker(ep, specs)
+def unserved_axes(ep: Any, specs: Sequence[InputSpec], module: Any = None) -> list[ServedAxis]:
+    """Every dynamic axis of ``specs`` whose requested range the program's guards do not wholly allow
+    (``module``: ``ep.module()`` where the caller has it)."""
+    check = GuardChecker(ep, specs, module)
     if not check.usable:
         return []
     found = []
@@ -199,10 +200,10 @@ def unserved_axes(ep: Any, specs: Sequence[InputSpec]) -> list[ServedAxis]:
     return found
 
 
-def check_served(ep: Any, specs: Sequence[InputSpec]) -> None:
+def check_served(ep: Any, specs: Sequence[InputSpec], module: Any = None) -> None:
     """Refuse (exit 2, one line naming the axis, the requested range and what is served) a program whose
     guards do not allow the whole requested range of every dynamic axis."""
-    found = unserved_axes(ep, specs)
+    found = unserved_axes(ep, specs, module)
     if found:
         raise found[0].error(specs)
 
