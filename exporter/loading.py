@@ -302,7 +302,7 @@ def _runs_at(module: nn.Module, specs: list[InputSpec], shapes: list[tuple[int, 
 def _serve_size_one(module: nn.Module, specs: list[InputSpec], limits: dict[tuple[str, int], tuple[int, int | None]],
                     notes: list[str]) -> list[InputSpec]:
     """Axes that start at 2 only by torch's 0/1 specialization start at 1 where the program runs there (one
-    forward at the smallest sizes), so an engine serves batch 1 and one token. ``Dim.AUTO`` writes ``[2, inf)``:
+    forward, the other axes at the example's sizes), so an engine serves batch 1 and one token. ``Dim.AUTO`` writes ``[2, inf)``:
     torch assumes sizes 0 and 1 are special and adds no guard for them. A ``Dim`` with ``min=2`` has a ``max``
     (lrexport's own archives always do) and is left as asked."""
     from dataclasses import replace
@@ -311,7 +311,7 @@ def _serve_size_one(module: nn.Module, specs: list[InputSpec], limits: dict[tupl
             if spec.min[axis] == 2 and spec.step(axis) == 1 and limits.get((spec.name, axis)) == (2, None)]
     if not ones:
         return specs
-    base = [list(s.min) for s in specs]
+    base = [list(s.opt) for s in specs]  # the example's sizes: the other axes where the guards surely hold
     together = [list(b) for b in base]
     for i, axis in ones:
         together[i][axis] = 1

@@ -144,3 +144,17 @@ def test_dim_auto_archive_serves_batch_one_and_one_token(cli, tmp_path):
     data = json.loads(res.out)
     assert [c["shapes"]["ids"] for c in data["parity"]["results"] if c["case"] == "min"] == [[1, 1]]
     assert data["parity"]["ok"]
+
+
+def test_minimax_block_loop_refused_with_the_lengths_its_guards_allow(cli, tmp_path):
+    """MiniMax's lightning attention loops over blocks of 16; exported at 56 tokens (4 blocks), torch's guards
+    hold for 50..63 only (4 blocks, and the last block neither 1 nor 16 long: calling the exported program
+    itself fails at 49 and 64). Its range_constraints say 48..inf, which lrexport used to report."""
+    inputs, shapes = tpm.SPECS["minimax_lm"]
+    res = cli("export", "--factory", "third_party_models:minimax_lm", "--input", inputs[0], "--shapes", shapes[0],
+              "--out", tmp_path / "m.onnx", "-q")
+    assert res.code == 2, res.err
+    line = error_line(res)
+    assert "axis 1 of input 'ids' was requested as 16..160, but the exported model serves only 50..63" in line
+    assert "--shapes ids:min=1x50,opt=1x56,max=2x63" in line
+    assert not (tmp_path / "m.onnx").exists()

@@ -301,3 +301,28 @@ class GatedDeltaNet(nn.Module):
 
 def gated_deltanet(seed: int = 0, chunk_size: int = 4) -> nn.Module:
     return GatedDeltaNet(seed, chunk_size).eval()
+
+
+SPECS["minimax_lm"] = (["ids:1x56:int64:0..127"], ["ids:min=1x16,opt=1x56,max=2x160"])
+
+
+class MiniMaxLM(nn.Module):
+    """transformers' MiniMax (lightning attention: a Python loop over blocks of ``block_size``) returning logits."""
+
+    def __init__(self, seed: int = 0, block_size: int = 16):
+        super().__init__()
+        from transformers import MiniMaxConfig, MiniMaxForCausalLM
+
+        torch.manual_seed(seed)
+        cfg = MiniMaxConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=2, head_dim=32, num_local_experts=2,
+                            num_experts_per_tok=1, layer_types=["linear_attention"], block_size=block_size,
+                            use_cache=False)
+        self.lm = MiniMaxForCausalLM(cfg)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=ids, use_cache=False).logits
+
+
+def minimax_lm(seed: int = 0, block_size: int = 16) -> nn.Module:
+    return MiniMaxLM(seed, block_size).eval()
