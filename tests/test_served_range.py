@@ -61,7 +61,7 @@ def test_chunk_loop_archive_refused_naming_the_range_it_serves(cli, deltanet, tm
 def test_chunk_loop_archive_inside_its_range_is_right_at_every_length(cli, deltanet, tmp_path):
     model, path = deltanet
     res = cli("build", path, "--out", tmp_path / "out", "--shapes", "x:min=2x9x64,opt=2x10x64,max=4x11x64",
-              "--backend", "onnxruntime", "--json", "-q")
+              "--backend", "onnxruntime", "--no-passes", "--cases", "min", "--json", "-q")
     assert res.code == 0, res.err[-3000:]
     session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
@@ -146,15 +146,20 @@ def test_dim_auto_archive_serves_batch_one_and_one_token(cli, tmp_path):
     assert data["parity"]["ok"]
 
 
-def test_minimax_block_loop_refused_with_the_lengths_its_guards_allow(cli, tmp_path):
-    """MiniMax's lightning attention loops over blocks of 16; exported at 56 tokens (4 blocks), torch's guards
-    hold for 50..63 only (4 blocks, and the last block neither 1 nor 16 long: calling the exported program
-    itself fails at 49 and 64). Its range_constraints say 48..inf, which lrexport used to report."""
-    inputs, shapes = tpm.SPECS["minimax_lm"]
-    res = cli("export", "--factory", "third_party_models:minimax_lm", "--input", inputs[0], "--shapes", shapes[0],
+@pytest.mark.parametrize("name, requested, serves, fits", [
+    ("minimax_lm", "16..160", "50..63", "ids:min=1x50,opt=1x56,max=2x63"),
+    ("xlstm_lm", "16..160", "72", "ids:min=1x72,opt=1x72,max=2x72"),
+])
+def test_block_loop_models_refused_with_the_lengths_their_guards_allow(cli, tmp_path, name, requested, serves, fits):
+    """transformers' MiniMax (lightning attention, a loop over blocks of 16) exported at 56 tokens, and xLSTM
+    (mLSTM chunkwise over chunks of 16) at 72. Calling the exported program itself (torch's own guard check)
+    runs MiniMax at 50..63 only (4 blocks, the last neither 1 nor 16 long) and xLSTM at 72 only (4 chunks and a
+    remainder of 8). Their range_constraints say 48..inf and 64..128, which lrexport used to report."""
+    inputs, shapes = tpm.SPECS[name]
+    res = cli("export", "--factory", f"third_party_models:{name}", "--input", inputs[0], "--shapes", shapes[0],
               "--out", tmp_path / "m.onnx", "-q")
     assert res.code == 2, res.err
     line = error_line(res)
-    assert "axis 1 of input 'ids' was requested as 16..160, but the exported model serves only 50..63" in line
-    assert "--shapes ids:min=1x50,opt=1x56,max=2x63" in line
+    assert f"axis 1 of input 'ids' was requested as {requested}, but the exported model serves only {serves} (" in line
+    assert f"--shapes {fits}" in line
     assert not (tmp_path / "m.onnx").exists()

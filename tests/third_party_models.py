@@ -326,3 +326,27 @@ class MiniMaxLM(nn.Module):
 
 def minimax_lm(seed: int = 0, block_size: int = 16) -> nn.Module:
     return MiniMaxLM(seed, block_size).eval()
+
+
+SPECS["xlstm_lm"] = (["ids:1x72:int64:0..127"], ["ids:min=1x16,opt=1x72,max=2x160"])
+
+
+class XLSTMLM(nn.Module):
+    """transformers' xLSTM (mLSTM, native chunkwise kernels over chunks of ``chunk_size``) returning logits."""
+
+    def __init__(self, seed: int = 0, chunk_size: int = 16):
+        super().__init__()
+        from transformers import xLSTMConfig, xLSTMForCausalLM
+
+        torch.manual_seed(seed)
+        cfg = xLSTMConfig(vocab_size=128, hidden_size=64, num_hidden_layers=1, num_heads=2, chunk_size=chunk_size,
+                          use_cache=False, autocast_kernel_dtype="float32", inference_state_dtype="float32",
+                          max_inference_chunksize=chunk_size * 8)
+        self.lm = xLSTMForCausalLM(cfg)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=ids, use_cache=False).logits
+
+
+def xlstm_lm(seed: int = 0, chunk_size: int = 16) -> nn.Module:
+    return XLSTMLM(seed, chunk_size).eval()
