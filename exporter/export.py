@@ -369,6 +369,8 @@ def export_onnx(loaded: LoadedModel | nn.Module, specs: Sequence[InputSpec], pat
     say = progress or (lambda _msg: None)
     module = loaded.module
     specs = order_specs(module, specs)
+    if loaded.exported_program is not None:  # the archive's own guards, before it runs or is exported again
+        check_served(loaded.exported_program, specs, module)
     args = example_args(specs)
     chosen = select_patches(module) if patches else []
     with applied(module, chosen, eager_only=True):
@@ -378,8 +380,6 @@ def export_onnx(loaded: LoadedModel | nn.Module, specs: Sequence[InputSpec], pat
             raise LrexportError(f"the model does not run on the given inputs ({type(err).__name__}: "
                                 f"{str(err).strip().splitlines()[0][:300]})",
                                 "check --input names, shapes and dtypes against the model's forward()") from None
-    if loaded.exported_program is not None:  # the archive's own guards, before any slow re-export
-        check_served(loaded.exported_program, specs, module)
     start = time.perf_counter()
     warnings_out: list[str] = list(loaded.notes)
     for patch in chosen:

@@ -84,10 +84,30 @@ class GuardChecker:
                 if expr is not None and not isinstance(dim, int):
                     by_expr.setdefault(str(expr), []).append((self.order[pos], axis))
         self.tied = {key: group for group in by_expr.values() for key in group}
+        self.base = [list(s.opt) for s in self.specs]
 
     @property
     def usable(self) -> bool:
         return self.fn is not None and bool(self.order)
+
+    def judges_example(self, ep: Any) -> bool:
+        """Whether the guards hold at the program's own example inputs, as they must (a guard on something
+        other than sizes, strides say, would fail on the zero-stride tensors used here)."""
+        example = getattr(ep, "example_inputs", None)
+        if not example:
+            return True
+        args, kwargs = example
+        flat = [t for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor)]
+        if len(flat) != len(self.order):
+            return True
+        shapes = [list(s.opt) for s in self.specs]
+        for pos, i in enumerate(self.order):
+            if len(flat[pos].shape) == self.specs[i].rank:
+                shapes[i] = list(flat[pos].shape)
+        if self.failure(shapes) is not None:
+            return False
+        self.base = shapes  # the other axes sit here while one axis is probed: sizes the guards allow
+        return True
 
     def chunk_sizes(self) -> list[int]:
         """Sizes the guards divide an axis by (``% 64``, ``// 64``): a chunk loop's chunk."""
@@ -128,10 +148,10 @@ def _candidates(spec: InputSpec, axis: int, chunks: Sequence[int]) -> list[int]:
 
 def probe_axis(check: GuardChecker, index: int, axis: int) -> tuple[list[tuple[int, int]], str]:
     """The sub-ranges of ``specs[index]``'s ``axis`` (inside its requested range) that the guards allow, the
-    other axes at their opt sizes; and the first failing guard."""
+    other axes at the program's example sizes (else opt); and the first failing guard."""
     spec = check.specs[index]
     step = spec.step(axis)
-    base = [list(s.opt) for s in check.specs]
+    base = check.base
     first_fail = ""
 
     group = check.tied.get((index, axis), [(index, axis)])
@@ -188,7 +208,7 @@ def unserved_axes(ep: Any, specs: Sequence[InputSpec], module: Any = None) -> li
     """Every dynamic axis of ``specs`` whose requested range the program's guards do not wholly allow
     (``module``: ``ep.module()`` where the caller has it)."""
     check = GuardChecker(ep, specs, module)
-    if not check.usable or check.failure([s.opt for s in check.specs]) is not None:
+    if not check.usable or not check.judges_example(ep):
         return []  # no guards, or guards this checker cannot judge (they fail even at the example's sizes)
     found = []
     for index, spec in enumerate(check.specs):

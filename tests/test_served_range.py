@@ -53,6 +53,10 @@ def test_chunk_loop_archive_refused_naming_the_range_it_serves(cli, deltanet, tm
     line = error_line(res)
     assert "axis 1 of input 'x' was requested as 2..80, but the exported model serves only 9..11" in line, line
     assert not (tmp_path / "out").exists()
+    # asked on the command line (batch 1 included: the program runs there), opt outside what it serves
+    res = cli("build", path, "--out", tmp_path / "out", "--shapes", "x:min=1x2x64,opt=2x30x64,max=4x40x64", "-q")
+    assert res.code == 2, res.err
+    assert "axis 1 of input 'x' was requested as 2..40, but the exported model serves only 9..11" in error_line(res)
     # what torch itself says: the archive's program runs at 9 and 11, and not at 8 or 12 (chunk boundary)
     module = program.module()
     assert [_runs(module, t) for t in (8, 9, 11, 12)] == [False, True, True, False]
@@ -60,12 +64,12 @@ def test_chunk_loop_archive_refused_naming_the_range_it_serves(cli, deltanet, tm
 
 def test_chunk_loop_archive_inside_its_range_is_right_at_every_length(cli, deltanet, tmp_path):
     model, path = deltanet
-    res = cli("build", path, "--out", tmp_path / "out", "--shapes", "x:min=2x9x64,opt=2x10x64,max=4x11x64",
+    res = cli("build", path, "--out", tmp_path / "out", "--shapes", "x:min=1x9x64,opt=2x10x64,max=4x11x64",
               "--backend", "onnxruntime", "--no-passes", "--cases", "min", "--json", "-q")
     assert res.code == 0, res.err[-3000:]
     session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
-    for batch, t in ((2, 9), (2, 10), (3, 11), (4, 11)):  # every length the build states
+    for batch, t in ((1, 9), (2, 10), (3, 11), (4, 11), (1, 11)):  # every length the build states
         x = rng.standard_normal((batch, t, 64)).astype(np.float32)
         with torch.no_grad():
             want = model(torch.from_numpy(x)).numpy()  # the library's eager code, not the exported program
