@@ -34,14 +34,18 @@ class ServedAxis:
     requested: tuple[int, int]
     served: list[tuple[int, int]]  # disjoint, sorted; empty: no size of the range
     guard: str  # the first guard that failed, as torch words it
+    example: int | None = None  # the program's example size of this axis (served, by its guards)
 
     def served_text(self) -> str:
-        return ", ".join(f"{lo}" if lo == hi else f"{lo}..{hi}" for lo, hi in self.served) or "none of it"
+        text = ", ".join(f"{lo}" if lo == hi else f"{lo}..{hi}" for lo, hi in self.served)
+        if text:
+            return f"only {text}"
+        return "none of it" + (f" (it serves its example size {self.example})" if self.example else "")
 
     def message(self) -> str:
         lo, hi = self.requested
         return (f"axis {self.axis} of input {self.input!r} was requested as {lo}..{hi}, but the exported model "
-                f"serves only {self.served_text()} (torch's guard fails outside: {_short(self.guard)})")
+                f"serves {self.served_text()} (torch's guard fails outside: {_short(self.guard)})")
 
     def error(self, specs: Sequence[InputSpec]) -> LrexportError:
         hint = "ask for sizes inside that range with --shapes"
@@ -130,10 +134,12 @@ class GuardChecker:
         return None
 
 
-def _candidates(spec: InputSpec, axis: int, chunks: Sequence[int]) -> list[int]:
+def _candidates(spec: InputSpec, axis: int, chunks: Sequence[int], example: int) -> list[int]:
+    """The size classes of one axis: its ends and their neighbours, opt and the program's example size (a
+    chunk loop serves only the example's chunk count), odd sizes, and each chunk multiple +-1."""
     lo, hi, opt, step = spec.min[axis], spec.max[axis], spec.opt[axis], spec.step(axis)
-    sizes = {lo, lo + 1, hi - 1, hi, opt, opt - 1, opt + 1, odd_size(lo, hi, opt, step), (lo + hi) // 2 | 1,
-             (lo + 2 * hi) // 3 | 1}
+    sizes = {lo, lo + 1, hi - 1, hi, opt, opt - 1, opt + 1, example, odd_size(lo, hi, opt, step),
+             (lo + hi) // 2 | 1, (lo + 2 * hi) // 3 | 1}
     for c in chunks:
         first, last = -(-lo // c), hi // c
         ks = range(first, last + 1)
@@ -177,7 +183,7 @@ def probe_axis(check: GuardChecker, index: int, axis: int) -> tuple[list[tuple[i
         first_fail = first_fail or fail
         return False
 
-    sizes = _candidates(spec, axis, check.chunk_sizes())
+    sizes = _candidates(spec, axis, check.chunk_sizes(), base[index][axis])
     results = [(s, ok(s)) for s in sizes]
     served: list[tuple[int, int]] = []
     start = None
@@ -216,7 +222,7 @@ def unserved_axes(ep: Any, specs: Sequence[InputSpec], module: Any = None) -> li
             served, guard = probe_axis(check, index, axis)
             want = (spec.min[axis], spec.max[axis])
             if served != [want]:
-                found.append(ServedAxis(spec.name, axis, want, served, guard))
+                found.append(ServedAxis(spec.name, axis, want, served, guard, check.base[index][axis]))
     return found
 
 
