@@ -418,8 +418,8 @@ def optimize(in_onnx, out_onnx, force, passes, chunk_size, merge_threshold, inpu
     passes = optimize_onnx(src, dst, passes=_passes(passes), specs=build_specs(inputs, shapes) or None,
                            chunk_size=chunk_size, merge_threshold=merge_threshold, seed=seed, force=force,
                            progress=say, explicit_dtypes=explicit_dtypes(inputs))
-    _emit(as_json, {"in": str(src), "out": str(dst), **passes.report.to_dict()},
-          passes.report.format_table() + f"\nwrote {dst}")
+    _emit(as_json, {"in": str(src), "out": str(dst), **passes.report.to_dict(), "warnings": passes.warnings},
+          "\n".join(passes.text_lines()) + f"\nwrote {dst}")
     return 0
 
 

@@ -28,6 +28,7 @@ from torch import nn
 from exporter.errors import LrexportError
 from exporter.loading import LoadedModel
 from exporter.patches import applied, select_patches
+from exporter.served_range import check_served
 from exporter.specs import InputSpec, parse_dim_expr
 from graph_passes.ort_session import PROTO_LIMIT, has_external_data, held_bytes, proto_tensors, tensor_bytes
 
@@ -74,28 +75,31 @@ class ExportResult:
                 "warnings": self.warnings, "patches": self.patches}
 
 
-def dim_names(specs: Sequence[InputSpec]) -> dict[tuple[str, int], str]:
-    """Name each dynamic axis; axes with the same position and range share a name (and a torch Dim)."""
+def dim_names(specs: Sequence[InputSpec],
+              equal: dict[tuple[str, int], tuple[str, int]] | None = None) -> dict[tuple[str, int], str]:
+    """Name each dynamic axis (axis 0 ``batch``, axis 1 ``seq``; ``seq_2`` for a second input's). Axes are
+    independent unless ``equal`` says one must equal another (torch's suggested fix ``seq_2 = seq``): two
+    inputs with the same range may still differ in length (an encoder's source and a decoder's target)."""
     names: dict[tuple[str, int], str] = {}
-    by_range: dict[tuple[int, int, int], str] = {}
     used: set[str] = set()
     for spec in specs:
         for axis in spec.dynamic_axes:
-            key = (axis, spec.min[axis], spec.max[axis])
-            if key not in by_range:
-                base = _AXIS_NAMES.get(axis, f"dim{axis}")
-                name, k = base, 2
-                while name in used:
-                    name, k = f"{base}_{k}", k + 1
-                used.add(name)
-                by_range[key] = name
-            names[(spec.name, axis)] = by_range[key]
+            base = _AXIS_NAMES.get(axis, f"dim{axis}")
+            name, k = base, 2
+            while name in used:
+                name, k = f"{base}_{k}", k + 1
+            used.add(name)
+            names[(spec.name, axis)] = name
+    for key, other in (equal or {}).items():
+        if key in names and other in names:
+            names[key] = names[other]
     return names
 
 
-def torch_dynamic_shapes(specs: Sequence[InputSpec], auto: bool = False) -> tuple[dict[int, Any], ...]:
+def torch_dynamic_shapes(specs: Sequence[InputSpec], auto: bool = False,
+                         equal: dict[tuple[str, int], tuple[str, int]] | None = None) -> tuple[dict[int, Any], ...]:
     """torch.export dynamic_shapes for positional inputs in ``specs`` order."""
-    names = dim_names(specs)
+    names = dim_names(specs, equal)
     dims: dict[str, Any] = {}
     out = []
     for spec in specs:
@@ -221,18 +225,22 @@ def _torch_export(module: nn.Module, args: tuple, specs: Sequence[InputSpec]
     automatic dims and keep torch's explanation as the reason. Returns the specs as exported."""
     reasons: dict[str, str] = {}
     specs = list(specs)
-    for attempt in range(2):
+    equal: dict[tuple[str, int], tuple[str, int]] = {}
+    for attempt in range(3):
         try:
             with _quiet():
-                ep = torch.export.export(module, args, dynamic_shapes=torch_dynamic_shapes(specs), strict=False)
+                ep = torch.export.export(module, args, dynamic_shapes=torch_dynamic_shapes(specs, equal=equal),
+                                         strict=False)
             return ep, reasons, specs
         except Exception as err:  # constraint violations come as torch._dynamo.exc.UserError
             text = str(err)
             if "Constraints violated" not in text and "constraint" not in text.lower():
                 raise
             multiples = _suggested_multiples(text, specs)
-            if attempt or not multiples:
+            equals = _suggested_equal(text, specs, equal)
+            if attempt == 2 or not (multiples or equals):
                 break
+            equal.update(equals)  # the model says these axes are one size (an add of two inputs, say)
             for (name, axis), step in multiples.items():  # a size the model cannot take is a one-line error
                 specs = [spec.with_multiple(axis, step) if spec.name == name else spec for spec in specs]
     guards = [ln.strip()[2:] for ln in text.splitlines() if ln.strip().startswith("- Not all values")]
@@ -257,6 +265,23 @@ def _suggested_multiples(text: str, specs: Sequence[InputSpec]) -> dict[tuple[st
         key = by_dim.get(m.group(1))
         if key is not None:
             found[key] = int(m.group(2))
+    return found
+
+
+def _suggested_equal(text: str, specs: Sequence[InputSpec], equal: dict[tuple[str, int], tuple[str, int]]
+                     ) -> dict[tuple[str, int], tuple[str, int]]:
+    """(input, axis) -> the (input, axis) torch's suggested fixes say it equals (``seq_2 = seq``), where both
+    ranges agree (else the model cannot serve what was asked, which the export then reports)."""
+    by_dim = {name: key for key, name in dim_names(specs, equal).items()}
+    spec_of = {s.name: s for s in specs}
+    found = {}
+    for m in re.finditer(r"^\s*(\w+) = (\w+)\s*$", text.split("Suggested fixes:")[-1], re.M):
+        key, other = by_dim.get(m.group(1)), by_dim.get(m.group(2))
+        if key is None or other is None or key == other:
+            continue
+        a, b = spec_of[key[0]], spec_of[other[0]]
+        if (a.min[key[1]], a.max[key[1]]) == (b.min[other[1]], b.max[other[1]]):
+            found[key] = other
     return found
 
 
@@ -422,6 +447,8 @@ def export_onnx(loaded: LoadedModel | nn.Module, specs: Sequence[InputSpec], pat
     say = progress or (lambda _msg: None)
     module = loaded.module
     specs = order_specs(module, specs)
+    if loaded.exported_program is not None:  # the archive's own guards, before it runs or is exported again
+        check_served(loaded.exported_program, specs, module)
     args = example_args(specs)
     chosen = select_patches(module) if patches else []
     with applied(module, chosen, eager_only=True):
@@ -508,6 +535,10 @@ def _export_dynamo(source: Any, args: tuple, specs: list[InputSpec], opset: int,
         raise LrexportError(f"torch.export failed ({type(err).__name__}: {first})",
                             "fix the model for torch.export, or try --exporter torchscript") from None
     pinned = _static_axes(ep, specs, reasons)
+    served_specs = list(specs)
+    for pin in pinned:  # a pinned axis is reported as such; the other axes must serve their whole range
+        served_specs = [s.with_static_axis(pin.axis, pin.size) if s.name == pin.input else s for s in served_specs]
+    check_served(ep, served_specs)
     narrowed = _narrowed_axes(ep, specs, reasons)
     if narrowed:
         raise LrexportError(narrowed[0], "ask for sizes inside that range with --shapes")

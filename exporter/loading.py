@@ -291,6 +291,54 @@ def _specs_from_exported_program(ep: Any, notes: list[str],
     return specs
 
 
+def _runs_at(module: nn.Module, specs: list[InputSpec], shapes: list[tuple[int, ...]]) -> bool:
+    """Whether the program runs at these input shapes (guards included) with finite float outputs."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    args = [torch.from_numpy(s.random(shape, rng)) for s, shape in zip(specs, shapes)]
+    try:
+        with torch.no_grad():
+            out = module(*args)
+    except Exception:  # a guard, or an op that needs the size >= 2
+        return False
+    leaves = [t for t in torch.utils._pytree.tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+    return all(torch.isfinite(t).all() for t in leaves if t.is_floating_point())
+
+
+def _serve_size_one(module: nn.Module, specs: list[InputSpec], limits: dict[tuple[str, int], tuple[int, int | None]],
+                    notes: list[str]) -> list[InputSpec]:
+    """Axes that start at 2 only by torch's 0/1 specialization start at 1 where the program runs there (one
+    forward, the other axes at the example's sizes), so an engine serves batch 1 and one token. ``Dim.AUTO`` writes ``[2, inf)``:
+    torch assumes sizes 0 and 1 are special and adds no guard for them. A ``Dim`` with ``min=2`` has a ``max``
+    (lrexport's own archives always do) and is left as asked."""
+    from dataclasses import replace
+
+    ones = [(i, axis) for i, spec in enumerate(specs) for axis in spec.dynamic_axes
+            if spec.min[axis] == 2 and spec.step(axis) == 1 and limits.get((spec.name, axis)) == (2, None)]
+    if not ones:
+        return specs
+    base = [list(s.opt) for s in specs]  # the example's sizes: the other axes where the guards surely hold
+    together = [list(b) for b in base]
+    for i, axis in ones:
+        together[i][axis] = 1
+    fine = ones if _runs_at(module, specs, [tuple(t) for t in together]) else []
+    if not fine and len(ones) > 1:
+        for i, axis in ones:
+            shapes = [list(b) for b in base]
+            shapes[i][axis] = 1
+            if _runs_at(module, specs, [tuple(t) for t in shapes]):
+                fine.append((i, axis))
+    specs = list(specs)
+    for i, axis in fine:
+        spec = specs[i]
+        specs[i] = replace(spec, min=tuple(1 if a == axis else d for a, d in enumerate(spec.min)))
+        limits[(spec.name, axis)] = (1, limits[(spec.name, axis)][1])
+        notes.append(f"axis {axis} of input {spec.name!r}: the archive's lower bound 2 is torch's 0/1 "
+                     "specialization and the program runs at 1, so it starts at 1")
+    return specs
+
+
 def load_model(path: str | Path | None, *, factory: str | None = None, factory_kwargs: dict | str | None = None,
                trust_pickle: bool = False) -> LoadedModel:
     """Load a model file (or build one from a factory alone when ``path`` is None)."""
@@ -321,7 +369,9 @@ def load_model(path: str | Path | None, *, factory: str | None = None, factory_k
         notes: list[str] = []
         limits: dict[tuple[str, int], tuple[int, int | None]] = {}
         specs = _specs_from_exported_program(ep, notes, limits)
-        return LoadedModel(ep.module(), "exported-program", str(p), ep, specs, notes, limits)
+        module = ep.module()
+        specs = _serve_size_one(module, specs, limits, notes)
+        return LoadedModel(module, "exported-program", str(p), ep, specs, notes, limits)
     if kind == "unknown-zip":
         raise LrexportError(f"{p} is a zip archive but not a TorchScript, torch.export or torch.save file",
                             "save the model with torch.jit.save, torch.export.save or torch.save")

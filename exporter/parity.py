@@ -24,6 +24,7 @@ from exporter.model_errors import describe_model, fails_in_pytorch
 from exporter.memory_budget import (MemoryBudget, MemoryPlanner, budget_too_small, plan_feeds, planner_for_runners,
                                     run_planned)
 from exporter.runners import OnnxRuntimeRunner, TorchRunner
+from exporter.served_range import guard_error
 from exporter.specs import InputSpec, build_specs, parity_cases, random_feeds
 from exporter.table import fmt_num, fmt_shapes, format_table
 from graph_passes.name_scopes import module_path, name_scopes
@@ -197,6 +198,9 @@ def run_parity(reference: TorchRunner, backends: Sequence[Runner], specs: Sequen
         except (LrexportError, MemoryError):
             raise
         except Exception as err:  # the model's own code fails at a size inside its range: not lrexport's bug
+            guard = guard_error(err, shapes, case)
+            if guard is not None:  # a torch.export guard: a size the program does not serve
+                raise guard from None
             raise fails_in_pytorch(getattr(reference, "what", "the model"), f"shape case {case} ({fmt_shapes(shapes)})",
                                    err, getattr(reference, "archive", False)) from None
         for name, arr in expected.items():

@@ -118,13 +118,15 @@ class PassesStage:
     model: onnx.ModelProto = field(repr=False)
     report: PipelineReport
     memory: list[str]
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"report": self.report.to_dict(), "table": self.report.format_table(), "memory": self.memory}
+        return {"report": self.report.to_dict(), "table": self.report.format_table(), "memory": self.memory,
+                "warnings": self.warnings}
 
     def text_lines(self) -> list[str]:
         table = self.report.format_table()
-        return [table] if table else []
+        return [f"warning: {w}" for w in self.warnings] + ([table] if table else [])
 
     def notes(self) -> list[str]:
         return [f"pass checks {m}" for m in self.memory]
@@ -157,7 +159,8 @@ def run_passes_on(model: onnx.ModelProto, options: BuildOptions, specs: Sequence
     from exporter.model_errors import explain_input_model_error
 
     feeds, memory = pass_check_feeds(model, options, specs, budget, base_dir)
-    opts = graph_passes.PassOptions(chunk_size=options.chunk_size, merge_threshold=options.merge_threshold)
+    chunk, warnings = clamp_chunk(options.chunk_size, specs)
+    opts = graph_passes.PassOptions(chunk_size=chunk, merge_threshold=options.merge_threshold)
     try:
         new_model, report = graph_passes.run_passes(model, options.passes, options=opts, feeds=feeds,
                                                     progress=progress, base_dir=base_dir)
@@ -168,7 +171,17 @@ def run_passes_on(model: onnx.ModelProto, options: BuildOptions, specs: Sequence
                             "rerun with --no-passes (or leave that pass out with --passes) and report the bug") from None
     except ValueError as err:
         raise LrexportError(str(err), "see `lrexport optimize --help` for the pass names") from None
-    return PassesStage(new_model, report, memory)
+    return PassesStage(new_model, report, memory, warnings)
+
+
+def clamp_chunk(chunk_size: int, specs: Sequence[InputSpec]) -> tuple[int, list[str]]:
+    """The causal-chunk pass's chunk, at most the longest sequence (axis 1) the inputs allow: a larger chunk
+    only pads every sequence up to it (4096 for a max of 512: 600x the FLOPs), so it is clamped, and said."""
+    longest = max((s.max[1] for s in specs if s.rank >= 2), default=0)
+    if not longest or chunk_size <= longest:
+        return chunk_size, []
+    return longest, [f"--chunk-size {chunk_size} is larger than the longest sequence the inputs allow ({longest}): "
+                     f"chunks of {longest} instead (a larger chunk only pads every sequence up to it)"]
 
 
 def passes_stage(model: onnx.ModelProto, specs: Sequence[InputSpec], options: BuildOptions, say: Say,

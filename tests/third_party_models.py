@@ -319,3 +319,91 @@ class Qwen3NextTiny(nn.Module):
 
 def qwen3_next_tiny(seed: int = 0) -> nn.Module:
     return Qwen3NextTiny(seed).eval()
+# ------------------------------------------------------------------- a Python loop over chunks (issue 15)
+SPECS["gated_deltanet"] = (["x:1x10x64:float32"], ["x:min=1x2x64,opt=1x10x64,max=2x40x64"])
+
+
+class GatedDeltaNet(nn.Module):
+    """transformers' gated-DeltaNet layer (``Qwen3NextGatedDeltaNet``, the linear attention of Qwen3-Next /
+    Qwen3.5 / OLMo-hybrid) on its PyTorch fallback ``torch_chunk_gated_delta_rule``: a Python loop over chunks,
+    which torch.export unrolls to the example's chunk count. The fallback is called with a chunk of
+    ``chunk_size`` (the library's 64 makes the unrolled export minutes long), and always the fallback: with
+    flash-linear-attention importable, transformers would pick fla's Triton kernel, which has no CPU path."""
+
+    def __init__(self, seed: int = 0, chunk_size: int = 4):
+        super().__init__()
+        from transformers import Qwen3NextConfig
+        from transformers.models.qwen3_next import modeling_qwen3_next as mq
+
+        torch.manual_seed(seed)
+        cfg = Qwen3NextConfig(vocab_size=128, hidden_size=64, num_hidden_layers=1, linear_key_head_dim=16,
+                              linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                              layer_types=["linear_attention"], use_cache=False)
+        self.attn = mq.Qwen3NextGatedDeltaNet(cfg, 0)
+        self.chunk_size = chunk_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import functools
+
+        from transformers.models.qwen3_next import modeling_qwen3_next as mq
+
+        dispatch = mq.torch_chunk_gated_delta_rule
+        fallback = getattr(dispatch, "__wrapped__", dispatch)  # the torch code under the kernel dispatch
+        mq.torch_chunk_gated_delta_rule = functools.partial(fallback, chunk_size=self.chunk_size)
+        try:
+            return self.attn(x)
+        finally:
+            mq.torch_chunk_gated_delta_rule = dispatch
+
+
+def gated_deltanet(seed: int = 0, chunk_size: int = 4) -> nn.Module:
+    return GatedDeltaNet(seed, chunk_size).eval()
+
+
+SPECS["minimax_lm"] = (["ids:1x56:int64:0..127"], ["ids:min=1x16,opt=1x56,max=2x160"])
+
+
+class MiniMaxLM(nn.Module):
+    """transformers' MiniMax (lightning attention: a Python loop over blocks of ``block_size``) returning logits."""
+
+    def __init__(self, seed: int = 0, block_size: int = 16):
+        super().__init__()
+        from transformers import MiniMaxConfig, MiniMaxForCausalLM
+
+        torch.manual_seed(seed)
+        cfg = MiniMaxConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=2, head_dim=32, num_local_experts=2,
+                            num_experts_per_tok=1, layer_types=["linear_attention"], block_size=block_size,
+                            use_cache=False)
+        self.lm = MiniMaxForCausalLM(cfg)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=ids, use_cache=False).logits
+
+
+def minimax_lm(seed: int = 0, block_size: int = 16) -> nn.Module:
+    return MiniMaxLM(seed, block_size).eval()
+
+
+SPECS["xlstm_lm"] = (["ids:1x72:int64:0..127"], ["ids:min=1x16,opt=1x72,max=2x160"])
+
+
+class XLSTMLM(nn.Module):
+    """transformers' xLSTM (mLSTM, native chunkwise kernels over chunks of ``chunk_size``) returning logits."""
+
+    def __init__(self, seed: int = 0, chunk_size: int = 16):
+        super().__init__()
+        from transformers import xLSTMConfig, xLSTMForCausalLM
+
+        torch.manual_seed(seed)
+        cfg = xLSTMConfig(vocab_size=128, hidden_size=64, num_hidden_layers=1, num_heads=2, chunk_size=chunk_size,
+                          use_cache=False, autocast_kernel_dtype="float32", inference_state_dtype="float32",
+                          max_inference_chunksize=chunk_size * 8)
+        self.lm = xLSTMForCausalLM(cfg)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=ids, use_cache=False).logits
+
+
+def xlstm_lm(seed: int = 0, chunk_size: int = 16) -> nn.Module:
+    return XLSTMLM(seed, chunk_size).eval()
