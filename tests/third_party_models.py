@@ -319,7 +319,9 @@ class Qwen3NextTiny(nn.Module):
 
 def qwen3_next_tiny(seed: int = 0) -> nn.Module:
     return Qwen3NextTiny(seed).eval()
-# ------------------------------------------------------------------- a Python loop over chunks (issue 15)
+
+
+# ------------------------------------------------------------------- a Python loop over chunks
 SPECS["gated_deltanet"] = (["x:1x10x64:float32"], ["x:min=1x2x64,opt=1x10x64,max=2x40x64"])
 
 
