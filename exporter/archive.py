@@ -75,7 +75,7 @@ def archive_error(p: Path, err: BaseException) -> LrexportError:
                              "the file was cut or changed after torch.export.save; save it again")
     m = re.search(r"[Nn]ode(?:\.meta)? '?(\w+)'?", text)
     target = _node_target(p, m.group(1)) if m else None
-    if target:
+    if m is not None and target:
         op = target.rsplit(".", 1)[-1]
         what = f": {_HIGHER_ORDER[op]}" if op in _HIGHER_ORDER else ""
         return LrexportError(

@@ -630,7 +630,8 @@ class _ErrorLineTee:
     encoding, errors = "utf-8", "strict"
 
     def __init__(self, stream: Any) -> None:
-        self.stream, self.error, self._line = stream, None, ""
+        self.stream, self._line = stream, ""
+        self.error: str | None = None
 
     def write(self, text: str) -> int:
         if not isinstance(text, str):

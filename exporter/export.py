@@ -28,7 +28,7 @@ from torch import nn
 from exporter.errors import LrexportError
 from exporter.loading import LoadedModel
 from exporter.patches import applied, select_patches
-from exporter.served_range import check_served
+from exporter.served_range import ServedAxis, check_served, confirm_outside_guards, unserved_axes
 from exporter.specs import InputSpec, parse_dim_expr
 from graph_passes.ort_session import PROTO_LIMIT, has_external_data, held_bytes, proto_tensors, tensor_bytes
 
@@ -477,9 +477,11 @@ def export_onnx(loaded: LoadedModel | nn.Module, specs: Sequence[InputSpec], pat
             warnings_out.append(f"TorchScript->torch.export conversion failed ({_chain_text(err)}); "
                                 "used the TorchScript exporter instead")
             exporter = "torchscript"
+    unserved: list[ServedAxis] = []  # guards narrower than asked: checked against the eager model below
     with applied(module, chosen):
         if exporter == "dynamo":
-            model, program, specs, pinned = _export_dynamo(source, args, specs, opset, out_names, say, warnings_out)
+            model, program, specs, pinned = _export_dynamo(source, args, specs, opset, out_names, say, warnings_out,
+                                                           unserved)
         else:
             model, pinned, specs = _export_torchscript(module, args, specs, opset, out_names, say)
             program = None
@@ -500,6 +502,9 @@ def export_onnx(loaded: LoadedModel | nn.Module, specs: Sequence[InputSpec], pat
     else:  # past 2 GB no message may hold the weights: written from the torch tensors, checked from the file
         save_onnx(model, path)
         _verify(path, say, warnings_out)
+    if unserved:
+        say("checking the sizes torch's guards exclude")
+        confirm_outside_guards(path, module, exported_specs, unserved, warnings_out)
     seconds = time.perf_counter() - start
     return ExportResult(path, exporter, written, seconds, exported_specs, out_names, pinned, warnings_out, program,
                         [p.label for p in chosen])
@@ -522,9 +527,10 @@ def _verify(model: onnx.ModelProto | Path, say: Callable[[str], None], warnings_
 
 
 def _export_dynamo(source: Any, args: tuple, specs: list[InputSpec], opset: int, out_names: list[str],
-                   say: Callable[[str], None], warnings_out: list[str]
+                   say: Callable[[str], None], warnings_out: list[str], unserved: list[ServedAxis],
                    ) -> tuple[ir.Model, Any, list[InputSpec], list[PinnedAxis]]:
-    """torch.export ourselves (so every pinned or narrowed axis is seen), then torch.onnx on the program."""
+    """torch.export ourselves (so every pinned or narrowed axis is seen), then torch.onnx on the program.
+    Axes whose guards allow less than asked go to ``unserved``, for the caller to check the ONNX there."""
     say("torch.export")
     try:
         ep, reasons, specs = _torch_export(source, args, specs)
@@ -538,7 +544,7 @@ def _export_dynamo(source: Any, args: tuple, specs: list[InputSpec], opset: int,
     served_specs = list(specs)
     for pin in pinned:  # a pinned axis is reported as such; the other axes must serve their whole range
         served_specs = [s.with_static_axis(pin.axis, pin.size) if s.name == pin.input else s for s in served_specs]
-    check_served(ep, served_specs)
+    unserved.extend(unserved_axes(ep, served_specs))
     narrowed = _narrowed_axes(ep, specs, reasons)
     if narrowed:
         raise LrexportError(narrowed[0], "ask for sizes inside that range with --shapes")

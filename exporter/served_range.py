@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -142,7 +142,7 @@ def _candidates(spec: InputSpec, axis: int, chunks: Sequence[int], example: int)
              (lo + hi) // 2 | 1, (lo + 2 * hi) // 3 | 1}
     for c in chunks:
         first, last = -(-lo // c), hi // c
-        ks = range(first, last + 1)
+        ks: list[int] = list(range(first, last + 1))
         if len(ks) > _MAX_MULTIPLES:
             mid = opt // c
             ks = sorted({*range(first, first + 8), *range(last - 7, last + 1), *range(mid - 2, mid + 3),
@@ -234,7 +234,7 @@ def check_served(ep: Any, specs: Sequence[InputSpec], module: Any = None) -> Non
         raise found[0].error(specs)
 
 
-def guard_error(err: BaseException, shapes: dict[str, Sequence[int]], case: str) -> LrexportError | None:
+def guard_error(err: BaseException, shapes: Mapping[str, Sequence[int]], case: str) -> LrexportError | None:
     """A guard of the exported program failing while it runs (parity's reference): a size the model does not
     serve, said in one line, not a crash."""
     text = str(err).strip()
@@ -246,3 +246,60 @@ def guard_error(err: BaseException, shapes: dict[str, Sequence[int]], case: str)
     return LrexportError(f"the model does not serve shape case {case} ({where}): {axis}is outside what its "
                          f"torch.export guards allow ({_short(text)})",
                          "ask for sizes the model serves with --shapes")
+
+
+def _outside(axis: ServedAxis, step: int) -> list[int]:
+    """The sizes of the requested range the guards exclude that are worth running: both ends and the middle
+    of every excluded stretch, on the axis' multiples."""
+    lo, hi = axis.requested
+    gaps, start = [], lo
+    for a, b in axis.served:
+        if a > start:
+            gaps.append((start, a - 1))
+        start = b + 1
+    if start <= hi:
+        gaps.append((start, hi))
+    sizes: list[int] = []
+    for a, b in gaps:
+        for size in (a, (a + b) // 2, b):
+            size = -(-size // step) * step
+            if a <= size <= b and size not in sizes:
+                sizes.append(size)
+    return sizes
+
+
+def confirm_outside_guards(onnx_path: Any, module: Any, specs: Sequence[InputSpec], found: Sequence[ServedAxis],
+                           warnings_out: list[str], seed: int = 0) -> None:
+    """Guards are sufficient conditions, not the truth: a branch the trace did not take may compute the same
+    thing (a padder that pads by zero at the full length). Where the eager model is at hand, the ONNX is run
+    against it at the sizes the guards exclude (other axes at opt); all agreeing, the requested range stands
+    with a warning; any disagreement, failure or non-finite output refuses the axis as before (exit 2)."""
+    import numpy as np
+
+    from exporter.export import flatten_outputs
+    from graph_passes.ort_session import ort_session
+
+    if not found:
+        return
+    session = ort_session(str(onnx_path))
+    names = [i.name for i in session.get_inputs()]
+    rng = np.random.default_rng(seed)
+    for axis in found:
+        spec = next(s for s in specs if s.name == axis.input)
+        sizes = _outside(axis, spec.multiple[axis.axis] if spec.multiple else 1)
+        for size in sizes:
+            feeds = {s.name: s.random([size if (s.name == axis.input and a == axis.axis) else d
+                                       for a, d in enumerate(s.opt)], rng) for s in specs}
+            try:
+                with torch.no_grad():
+                    ref = [t.detach().float().numpy() for _n, t in
+                           flatten_outputs(module(*(torch.from_numpy(feeds[s.name]) for s in specs)))]
+                got = session.run(None, {n: feeds[n] for n in names})
+            except Exception:
+                raise axis.error(specs) from None
+            for r, g in zip(ref, got):
+                scale = max(1.0, float(np.abs(r).max()) if r.size else 1.0)
+                if r.shape != g.shape or not np.isfinite(g).all() or float(np.abs(r - g).max()) > 1e-3 * scale:
+                    raise axis.error(specs) from None
+        warnings_out.append(f"{axis.message()}; the ONNX matches PyTorch at the sizes outside "
+                            f"({', '.join(map(str, sizes))}), so the requested range stands: parity checks it too")

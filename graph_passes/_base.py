@@ -121,12 +121,16 @@ def record(match: Match, key: object = None, *, weak: bool = False) -> None:
     """Report a site to the active collector (a no-op under a stock rewrite). A rule's check may run
     more than once on the same nodes (commuted variants, overlapping patterns): records sharing a
     ``key`` keep the last one, in the place of the first. A ``weak`` record (a refusal that another
-    rule of the set may still overrule by taking the site) never replaces a record that is not weak."""
+    rule of the set may still overrule by taking the site) never replaces a record that is not weak, and a
+    record of no rewrite never replaces one of a rewrite: rules applied again (a stock rewrite runs its rule
+    set to a fixed point) see the nodes their own rewrite left, which are that rewrite's site."""
     collector = _ACTIVE.get()
     if collector is None:
         return
     key = object() if key is None else key
     if weak and key in collector.records and key not in collector.weak:
+        return
+    if not match.rewritten and key in collector.records and collector.records[key].rewritten:
         return
     collector.records[key] = match
     if weak:

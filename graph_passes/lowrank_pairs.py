@@ -297,7 +297,7 @@ class GemmPairRule(_PairRule):
         return wa, wb, *biases
 
     @property
-    def form(self) -> str:  # type: ignore[override]
+    def form(self) -> str:
         return "Gemm->Gemm" if self.first == "gemm" else "MatMul->Gemm"
 
     def check_pair(self, context, x, a, b, h, y, **_):
