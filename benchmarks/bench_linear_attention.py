@@ -11,7 +11,7 @@ Variants, each timed in its own process (median latency, peak RSS = VmHWM), 2 th
  - portable: ``LinearAttentionPortablePass`` (standard ops; loop-free for linear / per-head gated,
    a Scan over chunks of 16 for the delta rules and per-key decay);
  - per-token Scan: the recurrence as written, one ``Scan`` step per position (standard ops);
- - pytorch: the eager op (chunked, ``torch.no_grad``).
+ - pytorch: the eager op (chunked, ``torch.no_grad``, OpenMP threads waiting passively like ORT's).
 Error: max |out - ref| / max(1, max |ref|) against the recurrence token by token in float64 (PyTorch).
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -28,6 +29,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# PyTorch's OpenMP threads spin while they wait, as ORT's do unless told not to (_bench_case.py turns ORT's off):
+# on a shared 2-core machine the spinning threads take turns and one eager call measured 524 ms against 14 ms
+# passive (n = 1024, linear). Set before torch is imported, here and in the worker processes.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 H, D = 8, 64
 # name -> (op rule, decay kind)
