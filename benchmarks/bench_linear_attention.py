@@ -29,10 +29,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# PyTorch's OpenMP threads spin while they wait, as ORT's do unless told not to (_bench_case.py turns ORT's off):
-# on a shared 2-core machine the spinning threads take turns and one eager call measured 524 ms against 14 ms
-# passive (n = 1024, linear). Set before torch is imported, here and in the worker processes.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 H, D = 8, 64
 # name -> (op rule, decay kind)
@@ -218,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument("--worker", nargs=3, metavar=("RULE", "N", "OUTPUTS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    # PyTorch's OpenMP threads spin while they wait, as ORT's do unless told not to (_bench_case.py turns
+    # ORT's off): on a shared 2-core machine spinning threads take turns, and one eager call measured 524 ms
+    # against 14 ms passive (n = 1024, linear). Set before torch is imported; the workers inherit it.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     sys.path.insert(0, str(ROOT / "benchmarks"))
     if args.worker:
         torch_worker(args.worker[0], int(args.worker[1]), args.repeats, args.worker[2])
