@@ -41,6 +41,7 @@ PORTABLE_RULES = ("linear", "gated", "delta", "gated_delta")
 # the delta rules' product-form inverse loses float32 precision as C grows (delta rule, unit keys of dk = 4,
 # max error vs float64: 3.5e-7 at C = 16, 1.7e-6 at C = 32, 1.7e-4 at C = 64)
 SCAN_CHUNK = 16
+SUB_CHUNK = 4  # per-key decay: pairs inside a sub-chunk of 4 are the only [., ., dk] products built
 
 
 def _refusal(node: ir.Node) -> str | None:
@@ -260,14 +261,41 @@ def _lower_scan(node: ir.Node, label: str, C: int) -> tuple[list[ir.Node], list[
         """P[i, j] = sum_d a_id k_jd exp(b_id - b_jd) where mask[i, j], else 0: (B,h,nc,C,C)."""
         if bcum is None:
             return b.op("Where", [mask, b.op("MatMul", [a, tr(K)]), zero])
-        if per_key:  # [C, C, dk] per chunk, every exponent <= 0 (or -inf, masked before Exp)
-            diff = b.op("Sub", [b.op("Unsqueeze", [bcum, c([4])]), b.op("Unsqueeze", [bcum, c([3])])])
-            w = b.op("Exp", [b.op("Where", [b.op("Unsqueeze", [mask, c([2])]), diff, neg_inf])])
-            prod = b.op("Mul", [b.op("Mul", [b.op("Unsqueeze", [a, c([4])]), b.op("Unsqueeze", [K, c([3])])]), w])
-            return b.op("ReduceSum", [prod, c([5])], {"keepdims": 0})
+        if per_key:
+            return sub_chunked(a, mask is strict)
         b0 = b.op("Squeeze", [bcum, c([4])])
         diff = b.op("Sub", [b.op("Unsqueeze", [b0, c([4])]), b.op("Unsqueeze", [b0, c([3])])])
         return b.op("Mul", [b.op("MatMul", [a, tr(K)]), b.op("Exp", [b.op("Where", [mask, diff, neg_inf])])])
+
+    def sub_chunked(a: ir.Value, strict_diag: bool) -> ir.Value:
+        """The per-key ``decayed``, with sub-chunks of ``sc`` positions so no [C, C, dk] tensor is built:
+        pairs inside one sub-chunk explicitly ([sc, sc, dk]); a pair with j before i's sub-chunk as
+        ``(a_i exp(b_i - r)) . (k_j exp(r - b_j))`` with ``r`` the log decay just before i's sub-chunk
+        (both exponents <= 0; [C/sc, C, dk] per chunk)."""
+        sc = min(C, SUB_CHUNK)
+        ns = C // sc
+        split = c([0, 0, 0, ns, sc, -1])
+        a_s, k_s, b_s = (b.op("Reshape", [x, split]) for x in (a, K, bcum))  # (B,h,nc,ns,sc,dk)
+        # inside a sub-chunk
+        ii = np.arange(sc)
+        sub_mask = c((ii[None, :] < ii[:, None]) if strict_diag else (ii[None, :] <= ii[:, None]), np.bool_)
+        diff = b.op("Sub", [b.op("Unsqueeze", [b_s, c([5])]), b.op("Unsqueeze", [b_s, c([4])])])
+        w = b.op("Exp", [b.op("Where", [b.op("Unsqueeze", [sub_mask, c([2])]), diff, neg_inf])])
+        prod = b.op("Mul", [b.op("Mul", [b.op("Unsqueeze", [a_s, c([5])]), b.op("Unsqueeze", [k_s, c([4])])]), w])
+        diag = b.op("ReduceSum", [prod, c([6])], {"keepdims": 0})  # (B,h,nc,ns,sc,sc)
+        block = c(np.eye(ns, dtype=np.float32).reshape(ns, 1, ns, 1), np.float32)
+        P = b.op("Reshape", [b.op("Mul", [b.op("Unsqueeze", [diag, c([5])]), block]), c([0, 0, 0, C, C])])
+        if ns == 1:
+            return P
+        # across sub-chunks: r_s = b just before sub-chunk s (0 before the chunk)
+        b_prev = b.op("Pad", [bcum, c([0, 0, 0, 1, 0, 0, 0, 0, 0, 0])])
+        r = b.op("Slice", [b_prev, c([0]), c([C]), c([3]), c([sc])])  # (B,h,nc,ns,dk)
+        a_r = b.op("Mul", [a_s, b.op("Exp", [b.op("Sub", [b_s, b.op("Unsqueeze", [r, c([4])])])])])
+        before = c((np.arange(C)[None, :] < (np.arange(ns) * sc)[:, None])[:, :, None], np.bool_)  # (ns,C,1)
+        e = b.op("Sub", [b.op("Unsqueeze", [r, c([4])]), b.op("Unsqueeze", [bcum, c([3])])])  # (B,h,nc,ns,C,dk)
+        k_r = b.op("Mul", [b.op("Unsqueeze", [K, c([3])]), b.op("Exp", [b.op("Where", [before, e, neg_inf])])])
+        cross = b.op("MatMul", [a_r, b.op("Transpose", [k_r], {"perm": [0, 1, 2, 3, 5, 4]})])  # (B,h,nc,ns,sc,C)
+        return b.op("Add", [P, b.op("Reshape", [cross, c([0, 0, 0, C, C])])])
 
     QK = decayed(Q, incl)
     if bcum is not None:
