@@ -385,3 +385,18 @@ def test_portable_scan_lowering_strong_decay_stays_finite():
     want_out, want_state = reference(q, k, v, g, beta, kw["scale"], s0)
     assert np.isfinite(out).all() and np.isfinite(state).all()
     assert rel_err(out, want_out) < 2e-5 and rel_err(state, want_state) < 2e-5
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 8])
+def test_portable_scan_lowering_smaller_chunks(chunk):
+    """A chunk below the default (1: no pair inside a chunk but the diagonal; 2: one sub-chunk; 8: two)."""
+    from graph_passes._base import PassOptions
+
+    model, kw = _onnx("gated_delta-key")
+    LinearAttentionPortablePass(PassOptions(chunk_size=chunk))(model)
+    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    for t in (1, 9, 20):
+        args, _ = make_inputs("gated_delta-key", t, seed=5)
+        out, state = sess.run(None, {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)})
+        want_out, want_state = reference(*args[:5], kw["scale"], args[5])
+        assert rel_err(out, want_out) < 2e-5 and rel_err(state, want_state) < 2e-5, (chunk, t)
