@@ -336,9 +336,67 @@ def test_portable_lowering_matches_float64(case):
         assert rel_err(out, want_out) < 2e-5 and rel_err(state, want_state) < 2e-5, (case, t)
 
 
-def test_portable_lowering_leaves_the_delta_rules_with_a_reason():
+def test_portable_lowering_leaves_a_chunk_that_is_not_a_power_of_two():
+    """The delta rules' inverse is a product of log2(C) factors: a chunk of 12 is refused, with the reason."""
+    from graph_passes._base import PassOptions
+
     model, _ = _onnx("gated_delta-head")
+    p = LinearAttentionPortablePass(PassOptions(chunk_size=12))
+    p(model)
+    assert p.matches == 0 and "not a power of 2" in p.records[0].reason
+    assert [n.op_type for n in model.graph] == ["LinearAttention"]
+
+
+SCAN_CASES = ["gated-key", "delta", "delta-fewer-v-heads", "gated_delta-head", "gated_delta-key",
+              "gated_delta-more-v-heads", "gated_delta-gqa"]
+
+
+@pytest.mark.parametrize("case", SCAN_CASES)
+def test_portable_scan_lowering_matches_float64(case):
+    """Delta rules and per-key decay: standard ops, a Scan over chunks (no loop over positions), one
+    CumSum axis, opset <= 25; any length from 1, with and without an initial state."""
+    with_state = case != "gated_delta-gqa"
+    model, kw = _onnx(case, with_state)
     p = LinearAttentionPortablePass()
     p(model)
-    assert p.matches == 0 and "only ('linear', 'gated')" in p.records[0].reason
-    assert [n.op_type for n in model.graph] == ["LinearAttention"]
+    assert p.matches == 1 and p.records[0].rewritten
+    ops = [n.op_type for n in model.graph]
+    assert all(n.domain == "" for n in model.graph.all_nodes()) and model.opset_imports[""] <= 25
+    assert ops.count("Scan") == 1 and "Loop" not in ops and ops.count("CumSum") <= 1
+    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    for t in (1, 63, 64, 65, 130):
+        args, _ = make_inputs(case, t, seed=2, with_state=with_state)
+        out, state = sess.run(None, dict(zip(names, [a.numpy() for a in args if a is not None])))
+        want_out, want_state = reference(*args[:5], kw["scale"], args[5], kw["normalize"], kw["eps"])
+        assert rel_err(out, want_out) < 2e-5 and rel_err(state, want_state) < 2e-5, (case, t)
+
+
+def test_portable_scan_lowering_strong_decay_stays_finite():
+    """Per-key decays of e^-60 per token: every exponent is masked or <= 0, so no inf/NaN reaches Exp."""
+    model, kw = _onnx("gated_delta-key")
+    LinearAttentionPortablePass()(model)
+    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    (q, k, v, g, beta, s0), _ = make_inputs("gated_delta-key", 67, seed=4)
+    g = torch.full_like(g, -60.0)
+    g[..., ::2] = -1e-3
+    args = (q, k, v, g, beta, s0)
+    out, state = sess.run(None, {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)})
+    want_out, want_state = reference(q, k, v, g, beta, kw["scale"], s0)
+    assert np.isfinite(out).all() and np.isfinite(state).all()
+    assert rel_err(out, want_out) < 2e-5 and rel_err(state, want_state) < 2e-5
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 8])
+def test_portable_scan_lowering_smaller_chunks(chunk):
+    """A chunk below the default (1: no pair inside a chunk but the diagonal; 2: one sub-chunk; 8: two)."""
+    from graph_passes._base import PassOptions
+
+    model, kw = _onnx("gated_delta-key")
+    LinearAttentionPortablePass(PassOptions(chunk_size=chunk))(model)
+    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    for t in (1, 9, 20):
+        args, _ = make_inputs("gated_delta-key", t, seed=5)
+        out, state = sess.run(None, {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)})
+        want_out, want_state = reference(*args[:5], kw["scale"], args[5])
+        assert rel_err(out, want_out) < 2e-5 and rel_err(state, want_state) < 2e-5, (chunk, t)
