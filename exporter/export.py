@@ -546,7 +546,7 @@ def _export_dynamo(source: Any, args: tuple, specs: list[InputSpec], opset: int,
         served_specs = [s.with_static_axis(pin.axis, pin.size) if s.name == pin.input else s for s in served_specs]
     unserved.extend(unserved_axes(ep, served_specs))
     narrowed = _narrowed_axes(ep, specs, reasons)
-    if narrowed:
+    if narrowed and not unserved:  # the guard probe is the finer account; the caller checks what it found
         raise LrexportError(narrowed[0], "ask for sizes inside that range with --shapes")
     if _GUARDS in reasons:
         warnings_out.append(f"torch.export narrowed the requested ranges ({reasons[_GUARDS][:300]}) and exported "
@@ -558,6 +558,8 @@ def _export_dynamo(source: Any, args: tuple, specs: list[InputSpec], opset: int,
             onnx_program = torch.onnx.export(ep, (), dynamo=True, opset_version=opset, optimize=True,
                                              input_names=[s.name for s in specs], output_names=out_names)
     except Exception as err:
+        if unserved:  # the range it serves is the first thing to fix; there is no ONNX to check it on
+            raise unserved[0].error(specs) from None
         raise (_unsupported_op(err, ep) or LrexportError(
             f"ONNX translation failed ({type(err).__name__}: {str(err).strip().splitlines()[0][:300]})",
             "try --exporter torchscript")) from None

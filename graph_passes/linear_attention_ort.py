@@ -84,33 +84,54 @@ def _refusal(node: ir.Node) -> str | None:
     return None
 
 
-class LinearAttentionOrtPass(GraphPass):
-    """Rewrite every ``lrexport.LinearAttention`` node of the main graph to ``com.microsoft.LinearAttention``."""
+Lowered = tuple[list[ir.Node], list[ir.Value], str, dict]  # nodes, outputs, action, info
 
-    name = "linear-attention-ort"
+
+class LinearAttentionLowering(GraphPass):
+    """Every ``lrexport.LinearAttention`` node of the main graph lowered by :meth:`lower`, one record each:
+    the lowering's action, or the reason the node is left (a string from :meth:`lower`)."""
+
+    extra_opsets: dict[str, int] = {}
+
+    def lower(self, node: ir.Node, label: str) -> Lowered | str:
+        raise NotImplementedError
 
     def run(self, model: ir.Model) -> bool:
-        graph = model.graph
         changed = False
-        for node in list(graph):
+        for node in list(model.graph):
             if node.domain != DOMAIN or node.op_type != OP_TYPE:
                 continue
             label = node_label(node)
-            reason = _refusal(node)
-            if reason is not None:
-                record(Match("linear-attention", "left", [label], reason=reason, matched=False))
+            lowered = self.lower(node, label)
+            if isinstance(lowered, str):
+                record(Match("linear-attention", "left", [label], reason=lowered, matched=False))
                 continue
-            new_nodes, outs = _lower(node, label)
-            ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, list(node.outputs), outs)
+            new_nodes, outs, action, info = lowered
+            ir.convenience.replace_nodes_and_values(model.graph, node, [node], new_nodes, list(node.outputs), outs)
             changed = True
-            record(Match("linear-attention", f"lowered ({ORT_DOMAIN}.LinearAttention)", [label], rewritten=True,
-                         info={"rule": _attr(node, "rule"), "decay": _attr(node, "decay", "none"),
-                               "normalize": bool(_attr(node, "normalize", 0))}))
+            record(Match("linear-attention", action, [label], rewritten=True, info=info))
         if changed:
-            model.opset_imports.setdefault(ORT_DOMAIN, 1)
-        if changed and not any(n.domain == DOMAIN for n in model.graph.all_nodes()):
-            model.opset_imports.pop(DOMAIN, None)
+            for domain, version in self.extra_opsets.items():
+                model.opset_imports.setdefault(domain, version)
+            if not any(n.domain == DOMAIN for n in model.graph.all_nodes()):
+                model.opset_imports.pop(DOMAIN, None)
         return changed
+
+
+class LinearAttentionOrtPass(LinearAttentionLowering):
+    """Rewrite every ``lrexport.LinearAttention`` node of the main graph to ``com.microsoft.LinearAttention``."""
+
+    name = "linear-attention-ort"
+    extra_opsets = {ORT_DOMAIN: 1}
+
+    def lower(self, node: ir.Node, label: str) -> Lowered | str:
+        reason = _refusal(node)
+        if reason is not None:
+            return reason
+        new_nodes, outs = _lower(node, label)
+        return new_nodes, outs, f"lowered ({ORT_DOMAIN}.LinearAttention)", {
+            "rule": _attr(node, "rule"), "decay": _attr(node, "decay", "none"),
+            "normalize": bool(_attr(node, "normalize", 0))}
 
 
 def _lower(node: ir.Node, label: str) -> tuple[list[ir.Node], list[ir.Value]]:

@@ -33,9 +33,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes._base import GraphPass, Match, record
-from graph_passes._util import node_label
-from graph_passes.linear_attention_ort import DOMAIN, OP_TYPE, _attr, _Builder
+from graph_passes.linear_attention_ort import LinearAttentionLowering, Lowered, _attr, _Builder
 
 PORTABLE_RULES = ("linear", "gated", "delta", "gated_delta")
 # the Scan forms' chunk: per-key decay builds [C/4, C, dk] re-based keys per chunk (a small C bounds them), and
@@ -62,40 +60,27 @@ def _needs_scan(node: ir.Node) -> bool:
     return _attr(node, "rule") in ("delta", "gated_delta") or _attr(node, "decay", "none") == "key"
 
 
-class LinearAttentionPortablePass(GraphPass):
+class LinearAttentionPortablePass(LinearAttentionLowering):
     """Rewrite ``lrexport.LinearAttention`` (every rule) to standard ops."""
 
     name = "linear-attention-portable"
     min_opset = 18  # Pad with an axes-free pads input, ReduceSum-free; Where, Range, Less, Trilu-free
 
-    def run(self, model: ir.Model) -> bool:
-        changed = False
-        for node in list(model.graph):
-            if node.domain != DOMAIN or node.op_type != OP_TYPE:
-                continue
-            label = node_label(node)
-            reason = _refusal(node)
-            if reason is not None:
-                record(Match("linear-attention", "left", [label], reason=reason, matched=False))
-                continue
-            scan = _needs_scan(node)
-            chunk = self.options.chunk_size
-            if scan:
-                chunk = min(chunk, SCAN_CHUNK)
-                if chunk & (chunk - 1):
-                    record(Match("linear-attention", "left", [label], matched=False,
-                                 reason=f"chunk size {chunk} is not a power of 2 (the UT inverse needs one)"))
-                    continue
-                new_nodes, outs = _lower_scan(node, label, chunk)
-            else:
-                new_nodes, outs = _lower(node, label, chunk)
-            ir.convenience.replace_nodes_and_values(model.graph, node, [node], new_nodes, list(node.outputs), outs)
-            changed = True
-            record(Match("linear-attention", "lowered (standard ops, chunked" + (", Scan over chunks)" if scan else ")"),
-                         [label], rewritten=True, info={"rule": _attr(node, "rule"), "chunk": chunk}))
-        if changed and not any(n.domain == DOMAIN for n in model.graph.all_nodes()):
-            model.opset_imports.pop(DOMAIN, None)
-        return changed
+    def lower(self, node: ir.Node, label: str) -> Lowered | str:
+        reason = _refusal(node)
+        if reason is not None:
+            return reason
+        scan = _needs_scan(node)
+        chunk = self.options.chunk_size
+        if scan:
+            chunk = min(chunk, SCAN_CHUNK)
+            if chunk & (chunk - 1):
+                return f"chunk size {chunk} is not a power of 2 (the UT inverse needs one)"
+            new_nodes, outs = _lower_scan(node, label, chunk)
+        else:
+            new_nodes, outs = _lower(node, label, chunk)
+        action = "lowered (standard ops, chunked" + (", Scan over chunks)" if scan else ")")
+        return new_nodes, outs, action, {"rule": _attr(node, "rule"), "chunk": chunk}
 
 
 def _lower(node: ir.Node, label: str, C: int) -> tuple[list[ir.Node], list[ir.Value]]:

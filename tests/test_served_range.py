@@ -167,3 +167,23 @@ def test_block_loop_models_refused_with_the_lengths_their_guards_allow(cli, tmp_
     assert f"axis 1 of input 'ids' was requested as {requested}, but the exported model serves only {serves} (" in line
     assert f"--shapes {fits}" in line
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("factory, same", [("same_at_full", True), ("differs_at_full", False)])
+def test_sizes_the_guards_exclude_are_checked_against_the_eager_model(cli, tmp_path, factory, same):
+    """A branch on the length (``if T == 64``) leaves the guard ``T != 64``: where the eager model is at hand,
+    the ONNX is run against it there. Agreeing, the requested 1..64 stands (a warning says why); disagreeing,
+    the build is refused naming the lengths the program serves, and nothing is written."""
+    res = cli("build", "--factory", f"guard_models:{factory}", "--input", "x:2x16x8:float32",
+              "--shapes", "x:min=1x1x8,opt=2x16x8,max=2x64x8", "--out", tmp_path / "out",
+              "--backend", "onnxruntime", "--json", "-q")
+    if same:
+        assert res.code == 0, res.err[-3000:]
+        data = json.loads(res.out)
+        assert data["ok"] and data["export"]["inputs"][0]["max"][1] == 64
+        assert any("serves only 1..63" in w and "matches PyTorch at the sizes outside (64)" in w
+                   for w in data["export"]["warnings"]), data["export"]["warnings"]
+    else:
+        assert res.code == 2
+        assert "was requested as 1..64, but the exported model serves only 1..63" in error_line(res)
+        assert not (tmp_path / "out").exists()
