@@ -316,6 +316,17 @@ PORTABLE_CASES = ["linear", "linear-gqa", "linear-normalized", "gated-head", "ga
                   "gated-head-more-v-heads"]
 
 
+def _assert_lowered_matches_float64(model, case: str, kw: dict, with_state: bool) -> None:
+    """The lowered model in ONNX Runtime against the float64 recurrence at T = 1, 63, 64, 65, 130."""
+    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    for t in (1, 63, 64, 65, 130):
+        args, _ = make_inputs(case, t, seed=2, with_state=with_state)
+        out, state = sess.run(None, dict(zip(names, [a.numpy() for a in args if a is not None])))
+        want_out, want_state = reference(*args[:5], kw["scale"], args[5], kw["normalize"], kw["eps"])
+        assert rel_err(out, want_out) < 2e-5 and rel_err(state, want_state) < 2e-5, (case, t)
+
+
 @pytest.mark.parametrize("case", PORTABLE_CASES)
 def test_portable_lowering_matches_float64(case):
     """Standard ops only, loop-free, one CumSum axis, opset <= 25; any length from 1."""
@@ -327,13 +338,7 @@ def test_portable_lowering_matches_float64(case):
     ops = [n.op_type for n in model.graph]
     assert all(n.domain == "" for n in model.graph) and model.opset_imports[""] <= 25
     assert not {"Loop", "Scan"} & set(ops) and ops.count("CumSum") <= 1
-    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
-    names = [i.name for i in sess.get_inputs()]
-    for t in (1, 63, 64, 65, 130):
-        args, _ = make_inputs(case, t, seed=2, with_state=with_state)
-        out, state = sess.run(None, dict(zip(names, [a.numpy() for a in args if a is not None])))
-        want_out, want_state = reference(*args[:5], kw["scale"], args[5], kw["normalize"], kw["eps"])
-        assert rel_err(out, want_out) < 2e-5 and rel_err(state, want_state) < 2e-5, (case, t)
+    _assert_lowered_matches_float64(model, case, kw, with_state)
 
 
 def test_portable_lowering_leaves_a_chunk_that_is_not_a_power_of_two():
@@ -363,13 +368,7 @@ def test_portable_scan_lowering_matches_float64(case):
     ops = [n.op_type for n in model.graph]
     assert all(n.domain == "" for n in model.graph.all_nodes()) and model.opset_imports[""] <= 25
     assert ops.count("Scan") == 1 and "Loop" not in ops and ops.count("CumSum") <= 1
-    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
-    names = [i.name for i in sess.get_inputs()]
-    for t in (1, 63, 64, 65, 130):
-        args, _ = make_inputs(case, t, seed=2, with_state=with_state)
-        out, state = sess.run(None, dict(zip(names, [a.numpy() for a in args if a is not None])))
-        want_out, want_state = reference(*args[:5], kw["scale"], args[5], kw["normalize"], kw["eps"])
-        assert rel_err(out, want_out) < 2e-5 and rel_err(state, want_state) < 2e-5, (case, t)
+    _assert_lowered_matches_float64(model, case, kw, with_state)
 
 
 def test_portable_scan_lowering_strong_decay_stays_finite():
