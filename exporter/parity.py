@@ -201,8 +201,8 @@ def run_parity(reference: TorchRunner, backends: Sequence[Runner], specs: Sequen
             guard = guard_error(err, shapes, case)
             if guard is not None:  # a torch.export guard: a size the program does not serve
                 raise guard from None
-            raise fails_in_pytorch(getattr(reference, "what", "the model"), f"shape case {case} ({fmt_shapes(shapes)})",
-                                   err, getattr(reference, "archive", False)) from None
+            raise fails_in_pytorch(reference.what, f"shape case {case} ({fmt_shapes(shapes)})", err,
+                                   reference.archive) from None
         for name, arr in expected.items():
             if arr.dtype.kind == "f" and not np.isfinite(arr).all():
                 raise LrexportError(f"the PyTorch model itself produces NaN/Inf in output {name!r} at shape "
@@ -221,6 +221,16 @@ def run_parity(reference: TorchRunner, backends: Sequence[Runner], specs: Sequen
             report.results.append(CaseResult(backend.name, case, shapes, comps, seconds, list(plan.steps)))
     report.reference = f"pytorch {reference.precision}"
     return report
+
+
+def torch_reference(model: nn.Module | LoadedModel, output_names: Sequence[str],
+                    specs: Sequence[InputSpec]) -> TorchRunner:
+    """Parity's PyTorch reference for ``model``, named for error lines (an archive as the archive)."""
+    module = model.module if isinstance(model, LoadedModel) else model
+    reference = TorchRunner(module, output_names, [s.name for s in specs])
+    reference.what = describe_model(model)
+    reference.archive = isinstance(model, LoadedModel) and model.kind == "exported-program"
+    return reference
 
 
 def check_parity(model: nn.Module | LoadedModel, onnx_path: str | Path, *,
@@ -251,8 +261,7 @@ def check_parity(model: nn.Module | LoadedModel, onnx_path: str | Path, *,
     ort_runner = OnnxRuntimeRunner(onnx_path)
     check_output_tolerances(per_output or {}, ort_runner.output_names)
     specs = align_specs(specs, ort_runner.input_names)
-    reference = TorchRunner(module, ort_runner.output_names, [s.name for s in specs])
-    reference.what, reference.archive = describe_model(model), getattr(model, "kind", "") == "exported-program"
+    reference = torch_reference(model, ort_runner.output_names, specs)
     tols = {ort_runner.name: Tolerances.for_precision(precision if precision != "fp32" else "fp32",
                                                       atol, rtol, per_output)}
     backends: list[Runner] = [ort_runner]

@@ -272,17 +272,19 @@ def confirm_outside_guards(onnx_path: Any, module: Any, specs: Sequence[InputSpe
                            warnings_out: list[str], seed: int = 0) -> None:
     """Guards are sufficient conditions, not the truth: a branch the trace did not take may compute the same
     thing (a padder that pads by zero at the full length). Where the eager model is at hand, the ONNX is run
-    against it at the sizes the guards exclude (other axes at opt); all agreeing, the requested range stands
-    with a warning; any disagreement, failure or non-finite output refuses the axis as before (exit 2)."""
+    against it at the sizes the guards exclude (other axes at opt), with parity's runners and its fp32
+    tolerances; all agreeing, the requested range stands with a warning; any disagreement, failure or
+    non-finite output refuses the axis as before (exit 2)."""
     import numpy as np
 
-    from exporter.export import flatten_outputs
-    from graph_passes.ort_session import ort_session
+    from exporter.compare import Tolerances, compare_outputs
+    from exporter.runners import OnnxRuntimeRunner, TorchRunner
 
     if not found:
         return
-    session = ort_session(str(onnx_path))
-    names = [i.name for i in session.get_inputs()]
+    onnx_runner = OnnxRuntimeRunner(onnx_path)
+    reference = TorchRunner(module, onnx_runner.output_names, [s.name for s in specs], prefer_float64=False)
+    tolerances = Tolerances.for_precision("fp32")
     rng = np.random.default_rng(seed)
     for axis in found:
         spec = next(s for s in specs if s.name == axis.input)
@@ -291,15 +293,10 @@ def confirm_outside_guards(onnx_path: Any, module: Any, specs: Sequence[InputSpe
             feeds = {s.name: s.random([size if (s.name == axis.input and a == axis.axis) else d
                                        for a, d in enumerate(s.opt)], rng) for s in specs}
             try:
-                with torch.no_grad():
-                    ref = [t.detach().float().numpy() for _n, t in
-                           flatten_outputs(module(*(torch.from_numpy(feeds[s.name]) for s in specs)))]
-                got = session.run(None, {n: feeds[n] for n in names})
+                agree = all(c.ok for c in compare_outputs(onnx_runner.run(feeds), reference.run(feeds), tolerances))
             except Exception:
+                agree = False
+            if not agree:
                 raise axis.error(specs) from None
-            for r, g in zip(ref, got):
-                scale = max(1.0, float(np.abs(r).max()) if r.size else 1.0)
-                if r.shape != g.shape or not np.isfinite(g).all() or float(np.abs(r - g).max()) > 1e-3 * scale:
-                    raise axis.error(specs) from None
         warnings_out.append(f"{axis.message()}; the ONNX matches PyTorch at the sizes outside "
                             f"({', '.join(map(str, sizes))}), so the requested range stands: parity checks it too")

@@ -21,12 +21,12 @@ from exporter.compare import Tolerance, Tolerances
 from exporter.errors import LrexportError
 from exporter.export import DEFAULT_OPSET, ExportResult, export_onnx, save_onnx
 from exporter.loading import LoadedModel
-from exporter.model_errors import describe_model
 from exporter.memory_budget import (GraphCost, MemoryBudget, MemoryPlanner, batch_slices, localization_fits,
                                     plan_feeds, planner_for_runners)
 from exporter.outputs import relocated
-from exporter.parity import ParityReport, Runner, align_specs, case_feeds, output_modules, run_parity
-from exporter.runners import OnnxRuntimeRunner, TorchRunner
+from exporter.parity import (ParityReport, Runner, align_specs, case_feeds, output_modules, run_parity,
+                             torch_reference)
+from exporter.runners import OnnxRuntimeRunner
 from exporter.specs import InputSpec, parity_cases
 from exporter.trt_backend import BACKEND_CHOICES
 from graph_passes.ort_session import has_external_data
@@ -352,8 +352,7 @@ def parity_stage(loaded: LoadedModel, exported: ExportResult, exported_model: on
     say("[parity] comparing with PyTorch")
     ort_runner = OnnxRuntimeRunner(model_path)
     specs = align_specs(exported.specs, ort_runner.input_names)
-    reference = TorchRunner(loaded.module, ort_runner.output_names, [s.name for s in specs])
-    reference.what, reference.archive = describe_model(loaded), loaded.kind == "exported-program"
+    reference = torch_reference(loaded, ort_runner.output_names, specs)
     backends = _Backends([ort_runner], {ort_runner.name: options.tolerances("fp32")})
     if cast is not None:
         _low_precision_backends(cast, specs, options, backends, say)
