@@ -520,7 +520,7 @@ def run(engine, inputs, shapes, repeats, seed, as_json, quiet, debug):
 # Exit codes: 0 parity holds, 1 an output drifts, 2 bad input (one `error:` line saying what to do),
 # 3 an internal error (a bug), 128 + the signal when interrupted, as a shell reports a process the signal
 # killed: 130 Ctrl-C (SIGINT), 143 SIGTERM, 129 SIGHUP; each cleans up as Ctrl-C does.
-EXIT_INTERNAL, EXIT_INTERRUPTED = 3, 128 + signal.SIGINT
+EXIT_INTERNAL = 3
 # Errors of the machine the user controls (disk full, read-only or forbidden path), not bugs of lrexport.
 _USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG}
 _NoArgsIsHelp = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
