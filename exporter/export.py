@@ -27,6 +27,7 @@ from torch import nn
 
 from exporter.errors import LrexportError
 from exporter.loading import LoadedModel
+from exporter.linear_attention.onnx_export import TRANSLATION_TABLE as LINEAR_ATTENTION_TRANSLATION
 from exporter.patches import applied, select_patches
 from exporter.served_range import ServedAxis, check_served, confirm_outside_guards, unserved_axes
 from exporter.specs import InputSpec, parse_dim_expr
@@ -556,7 +557,8 @@ def _export_dynamo(source: Any, args: tuple, specs: list[InputSpec], opset: int,
     try:
         with _quiet():
             onnx_program = torch.onnx.export(ep, (), dynamo=True, opset_version=opset, optimize=True,
-                                             input_names=[s.name for s in specs], output_names=out_names)
+                                             input_names=[s.name for s in specs], output_names=out_names,
+                                             custom_translation_table=LINEAR_ATTENTION_TRANSLATION)
     except Exception as err:
         if unserved:  # the range it serves is the first thing to fix; there is no ONNX to check it on
             raise unserved[0].error(specs) from None

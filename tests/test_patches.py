@@ -108,7 +108,7 @@ def test_fla_ops_patch_equals_fla_reference():
     pytest.importorskip("fla")
     from fla.ops.linear_attn.naive import naive_recurrent_linear_attn
 
-    from exporter.patches_fla import linear_attn_cumsum
+    from exporter.patches.fla.linear_attn import linear_attn_cumsum
 
     torch.manual_seed(0)
     for n in (1, 37, 64, 100, 129):

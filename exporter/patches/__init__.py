@@ -68,16 +68,20 @@ def instances(model: nn.Module, cls: type | None) -> list[tuple[str, nn.Module]]
     return [(name or "<root>", m) for name, m in model.named_modules() if isinstance(m, cls)]
 
 
-def _registry() -> list[Patch]:
-    from exporter import patches_fast_transformers, patches_fla, patches_performer
+def _libraries() -> list[ModuleType]:
+    """One module per library; each has ``PATCHES`` and may have ``refusals(model)``. Imported here, not at
+    the top, because they import this module's ``Patch``."""
+    from exporter.patches import fast_transformers, fla, performer
 
-    return [*patches_performer.PATCHES, *patches_fast_transformers.PATCHES, *patches_fla.PATCHES]
+    return [performer, fast_transformers, fla]
+
+
+def _registry() -> list[Patch]:
+    return [p for lib in _libraries() for p in lib.PATCHES]
 
 
 def _refusals(model: nn.Module) -> list[str]:
-    from exporter import patches_fla
-
-    return patches_fla.refusals(model)
+    return [r for lib in _libraries() if hasattr(lib, "refusals") for r in lib.refusals(model)]
 
 
 def select_patches(model: nn.Module) -> list[Patch]:
