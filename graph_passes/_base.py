@@ -55,6 +55,7 @@ class PassOptions:
     fold_inner_bias: bool = True  # fold the inner bias of a kept pair into the outer one
     sibling_min_group: int = 2  # concatenate first factors when at least this many pairs share an input
     flops_shapes: dict[str, tuple[int, ...]] | None = None  # input shapes to count FLOPs at
+    linear_attention: str = "portable"  # how lrexport.LinearAttention nodes are lowered (linear_attention.py)
 
 
 _FIELDS = ("kind", "action", "nodes", "reason", "matched", "rewritten")
