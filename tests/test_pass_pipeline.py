@@ -27,7 +27,7 @@ NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 
 
 def test_registry():
-    assert set(PASS_NAMES) == {"lowrank", "sibling", "causal-chunk", "linear-attention", "einsum", "cleanup"}
+    assert set(PASS_NAMES) == {"lowrank", "sibling", "causal-chunk", "einsum", "quadratic-causal", "linear-attention", "cleanup"}
     assert set(DEFAULT_PASSES) <= set(PASS_NAMES)
     assert "sibling" not in DEFAULT_PASSES  # measured: does not pay beyond very short sequences
     assert DEFAULT_PASSES[-1] == "cleanup"
