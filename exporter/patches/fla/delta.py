@@ -17,7 +17,9 @@ The layers also run Triton modules: every ``ShortConvolution`` gets a torch forw
 ``conv1d`` over the cache's last W-1 inputs or zeros, activation, residual; with ``output_final_state`` the
 last W inputs as the new cache, as fla's step kernel returns it; the cache is not updated in place), every
 ``FusedRMSNormGated`` (``rms_norm(x) * w * act(g)``) and ``L2Norm`` one in float32. fla's plain
-``RMSNorm`` is patched by :mod:`exporter.patches.fla.linear_attn`.
+``RMSNorm`` is patched by :mod:`exporter.patches.fla.linear_attn`. Instance forwards are bound methods, not
+closures over the instance: parity's float64 reference is a deep copy made while the patches are applied,
+and a bound method is rebound to the copy (a closure would keep running the float32 original).
 
 The layers pick their op by length (``mode = 'fused_recurrent' if q_len <= 64``), which under torch.export
 would guard the sequence length at 64; both ops are the same recurrence, so each layer's forward runs with
@@ -34,12 +36,14 @@ import contextlib
 import functools
 import inspect
 import sys
+import types
 from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from exporter.errors import LrexportError
 from exporter.linear_attention import linear_attention
 from exporter.patches import Patch, Swap, instances, loaded_module
 
@@ -232,45 +236,40 @@ def causal_conv1d_form(fn: Callable) -> Callable:
     return _like(fn)(body)
 
 
-def _short_conv_forward(conv: nn.Module) -> Callable:
-    """``ShortConvolution.forward`` in torch: every length (one token too) through the same causal conv."""
-    def forward(x: torch.Tensor, residual: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+def _short_conv_forward(conv: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 cache: torch.Tensor | None = None, output_final_state: bool = False,
                 cu_seqlens: torch.Tensor | None = None, chunk_indices: torch.Tensor | None = None,
-                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if cu_seqlens is not None:
-            raise _unsupported("ShortConvolution", "variable-length packing (cu_seqlens)")
-        if mask is not None:
-            x = x * mask.unsqueeze(-1)
-        return causal_conv1d_torch(x, conv.weight[:, 0], conv.bias, residual, cache, output_final_state,
-                                   conv.activation)
-    return forward
+                        **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``ShortConvolution.forward`` in torch: every length (one token too) through the same causal conv."""
+    if cu_seqlens is not None:
+        raise _unsupported("ShortConvolution", "variable-length packing (cu_seqlens)")
+    if mask is not None:
+        x = x * mask.unsqueeze(-1)
+    return causal_conv1d_torch(x, conv.weight[:, 0], conv.bias, residual, cache, output_final_state,
+                               conv.activation)
 
 
-def _gated_norm_forward(norm: nn.Module) -> Callable:
+def _gated_norm_forward(norm: nn.Module, x: torch.Tensor, g: torch.Tensor, residual: torch.Tensor | None = None,
+                        prenorm: bool = False, residual_in_fp32: bool = False) -> Any:
     """``FusedRMSNormGated.forward``: ``rms_norm(x) * weight (+ bias) * act(g)``, act silu/swish or sigmoid."""
-    def forward(x: torch.Tensor, g: torch.Tensor, residual: torch.Tensor | None = None, prenorm: bool = False,
-                residual_in_fp32: bool = False) -> Any:
-        dtype = x.dtype
-        if residual is not None:
-            x = _compute(x) + _compute(residual) if residual_in_fp32 else x + residual
-        xc = _compute(x)
-        y = F.rms_norm(xc, (xc.shape[-1],), None, norm.eps)
-        if norm.weight is not None:
-            y = y * norm.weight.to(y.dtype)
-        if getattr(norm, "bias", None) is not None:
-            y = y + norm.bias.to(y.dtype)
-        gc = _compute(g).to(y.dtype)
-        y = y * (torch.sigmoid(gc) if norm.activation == "sigmoid" else F.silu(gc))
-        return (y.to(dtype), x) if prenorm else y.to(dtype)
-    return forward
+    dtype = x.dtype
+    if residual is not None:
+        x = _compute(x) + _compute(residual) if residual_in_fp32 else x + residual
+    xc = _compute(x)
+    y = F.rms_norm(xc, (xc.shape[-1],), None, norm.eps)
+    if norm.weight is not None:
+        y = y * norm.weight.to(y.dtype)
+    if getattr(norm, "bias", None) is not None:
+        y = y + norm.bias.to(y.dtype)
+    gc = _compute(g).to(y.dtype)
+    y = y * (torch.sigmoid(gc) if norm.activation == "sigmoid" else F.silu(gc))
+    return (y.to(dtype), x) if prenorm else y.to(dtype)
 
 
-def _l2norm_forward(mod: nn.Module) -> Callable:
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        y = l2norm(x, mod.eps)
-        return y if mod.output_dtype is None else y.to(mod.output_dtype)
-    return forward
+def _l2norm_forward(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``L2Norm.forward``."""
+    y = l2norm(x, mod.eps)
+    return y if mod.output_dtype is None else y.to(mod.output_dtype)
 
 
 # --- finders ---------------------------------------------------------------------------------------------
@@ -316,24 +315,35 @@ def _find_ops(model: nn.Module) -> list[Swap]:
             maker = table.get(id(value))
             if maker is not None:
                 swaps.append(Swap(mod, name, maker(value)))
-        swaps += [Swap(layer, "forward", _unguarded_length(layer)) for _, layer in layers]
+        swaps += [Swap(layer, "forward", types.MethodType(functools.partial(_unguarded_length, path=path), layer))
+                  for path, layer in layers]
     return swaps
 
 
-def _unguarded_length(layer: nn.Module) -> Callable:
+def _unguarded_length(layer: nn.Module, *args: Any, path: str, **kwargs: Any) -> Any:
     """The layer's own forward, with the tests its own code makes on tensor sizes answered without a guard.
 
     fla's delta layers choose their op by length (``mode = 'fused_recurrent' if q_len <= 64 else
     self.mode``). Both ops are the same torch form here, so the answer cannot change the graph, but under
     torch.export the test would record the guard ``T <= 64`` and pin the exported sequence range to one
     side of 64. Only comparisons evaluated directly in the forward's own frame are answered guard-free
-    (by their example value); every guard raised in a function it calls (einops, torch, the op) stays."""
-    forward = type(layer).forward
+    (by their example value); every guard raised in a function it calls (einops, torch, the op) stays.
 
-    def run(*args: Any, **kwargs: Any) -> Any:
-        with _own_frame_unguarded(forward.__code__, args, kwargs):
-            return forward(layer, *args, **kwargs)
-    return run
+    A call with an ``attention_mask`` (or ``cu_seqlens``) is refused here, naming the layer: fla unpads the
+    batch into variable-length sequences, which the op (one state per batch row, from position 0) cannot run."""
+    forward = type(layer).forward
+    call = inspect.signature(forward).bind(layer, *args, **kwargs).arguments
+    given = [n for n in ("attention_mask", "cu_seqlens")
+             if call.get(n, (call.get("kwargs") or {}).get(n)) is not None]
+    if given:
+        raise LrexportError(
+            f"fla {type(layer).__name__} in module {path!r} is called with {given[0]}: fla then unpacks the batch "
+            "into variable-length sequences (cu_seqlens), which lrexport's linear-attention op cannot run (one "
+            "state per batch row, from its first position)",
+            "call the layer without it for export (the recurrence is causal, so right-padded rows need no mask), "
+            "or export with --no-patches to see fla's own error")
+    with _own_frame_unguarded(forward.__code__, args, kwargs):
+        return forward(layer, *args, **kwargs)
 
 
 def _in_torch(frame: Any) -> bool:
@@ -377,7 +387,8 @@ def _find_modules(model: nn.Module) -> list[Swap]:
                                      ("fla.modules.norm", "L2Norm", _l2norm_forward)):
         mod = loaded_module(mod_name)
         cls = getattr(mod, cls_name, None) if mod is not None else None
-        swaps += [Swap(m, "forward", make(m)) for _, m in instances(model, cls if isinstance(cls, type) else None)]
+        cls = cls if isinstance(cls, type) else None
+        swaps += [Swap(m, "forward", types.MethodType(make, m)) for _, m in instances(model, cls)]
     return swaps
 
 
