@@ -26,8 +26,9 @@ would guard the sequence length at 64; both ops are the same recurrence, so each
 that length test answered without a guard (:func:`_unguarded_length`): the only change to the layer's own
 code path is which of two equal torch forms it calls.
 
-What the op cannot run is refused: ``cu_seqlens`` (variable-length packing; an ``attention_mask`` unpads
-into it), a per-value decay ``gv``, a per-value-dim ``beta``, ``return_intermediate_states``.
+What the op cannot run is refused: a layer called with ``attention_mask`` (fla unpads the batch into
+variable-length sequences) is one ``error:`` line naming the layer; the torch forms raise on ``cu_seqlens``,
+a per-value decay ``gv``, a per-value-dim ``beta`` and ``return_intermediate_states``.
 """
 
 from __future__ import annotations
@@ -75,9 +76,8 @@ def _check_common(name: str, a: dict[str, Any]) -> None:
         raise _unsupported(name, "context parallelism (cp_context)")
     if a.get("return_intermediate_states"):
         raise _unsupported(name, "return_intermediate_states")
-    if a["allow_neg_eigval"] if "allow_neg_eigval" in a else False:
-        if not a.get("use_beta_sigmoid_in_kernel"):
-            raise ValueError("`allow_neg_eigval=True` requires `use_beta_sigmoid_in_kernel=True`.")
+    if a.get("allow_neg_eigval") and not a.get("use_beta_sigmoid_in_kernel"):  # as fla refuses it
+        raise ValueError("`allow_neg_eigval=True` requires `use_beta_sigmoid_in_kernel=True`.")
 
 
 def _beta(beta: torch.Tensor, sigmoid: bool, neg_eigval: bool) -> torch.Tensor:
@@ -122,6 +122,7 @@ def run_delta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     h0 = initial_state
     if h0 is not None:
         h0 = _compute(h0.transpose(-1, -2) if state_v_first else h0)
+    out_dtype = v.dtype
     dt = torch.promote_types(_compute(q).dtype, v.dtype)
     q, k, v, beta = q.to(dt), k.to(dt), v.to(dt), beta.to(dt)
     if h0 is not None:
@@ -129,7 +130,7 @@ def run_delta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     rule = "delta" if g is None else "gated_delta"
     o, state = linear_attention(q, k, v, g=None if g is None else g.to(dt), beta=beta, initial_state=h0,
                                 rule=rule, scale=scale)
-    o = o.to(v.dtype)
+    o = o.to(out_dtype)
     if not output_final_state:
         return o, None
     return o, (state.transpose(-1, -2) if state_v_first else state).contiguous()
@@ -150,7 +151,6 @@ def _like(fn: Callable) -> Callable[[Callable[[dict], Any]], Callable]:
         @functools.wraps(fn)
         def form(*args: Any, **kwargs: Any) -> Any:
             return body(_bind(fn, args, kwargs))
-        form.__wrapped_by_lrexport__ = True  # type: ignore[attr-defined]
         return form
     return wrap
 
@@ -195,7 +195,8 @@ def kda_form(fn: Callable) -> Callable:
         g = a["g"]
         if a.get("use_gate_in_kernel"):
             if a.get("A_log") is None and a.get("lower_bound") is None:
-                raise ValueError("`A_log` must be provided when `use_gate_in_kernel=True` and `lower_bound` is not set.")
+                raise ValueError("`A_log` must be provided when `use_gate_in_kernel=True` and `lower_bound` is "
+                                 "not set.")
             g = kda_gate(g, a.get("A_log"), a.get("dt_bias"), a.get("lower_bound"))
         beta = _beta(a["beta"], a.get("use_beta_sigmoid_in_kernel", False), a.get("allow_neg_eigval", False))
         return run_delta(a["q"], a["k"], a["v"], g, beta, a["scale"], a["initial_state"], a["output_final_state"],
@@ -236,10 +237,11 @@ def causal_conv1d_form(fn: Callable) -> Callable:
     return _like(fn)(body)
 
 
-def _short_conv_forward(conv: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                cache: torch.Tensor | None = None, output_final_state: bool = False,
-                cu_seqlens: torch.Tensor | None = None, chunk_indices: torch.Tensor | None = None,
-                        **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _short_conv_forward(conv: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None,
+                        mask: torch.Tensor | None = None, cache: torch.Tensor | None = None,
+                        output_final_state: bool = False, cu_seqlens: torch.Tensor | None = None,
+                        chunk_indices: torch.Tensor | None = None, **kwargs: Any,
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``ShortConvolution.forward`` in torch: every length (one token too) through the same causal conv."""
     if cu_seqlens is not None:
         raise _unsupported("ShortConvolution", "variable-length packing (cu_seqlens)")
