@@ -274,8 +274,28 @@ def gated_delta_net_masked():
 LAYERS = {"DeltaNet": delta_net, "GatedDeltaNet": gated_delta_net, "KimiDeltaAttention": kimi_delta_attention}
 
 
+def _variant(cls, **kw):
+    def make():
+        torch.manual_seed(1)
+        return Wrap(cls(hidden_size=32, num_heads=2, layer_idx=0, **kw)).eval()
+    return make
+
+
+# the layers' other options (eager equality only): activations, norms, beta, gates, conv bias
+VARIANTS = {
+    "DeltaNet-elu-sum-gate-nobeta": _variant(DeltaNet, qk_activation="elu", qk_norm="sum", use_gate=True,
+                                             use_beta=False, conv_bias=True),
+    "DeltaNet-relu-negeig": _variant(DeltaNet, qk_activation="relu", allow_neg_eigval=True),
+    "GatedDeltaNet-nogate-negeig-bias": _variant(GatedDeltaNet, head_dim=16, use_gate=False,
+                                                   allow_neg_eigval=True, conv_bias=True),
+    "GatedDeltaNet-sigmoid-gate": _variant(GatedDeltaNet, head_dim=16, output_gate_activation="sigmoid"),
+    "KimiDeltaAttention-safe-gate": _variant(KimiDeltaAttention, head_dim=16, num_v_heads=4, safe_gate=True,
+                                             lower_bound=-5.0, allow_neg_eigval=True),
+}
+
+
 def _randomize(model: nn.Module) -> None:
-    """Norm weights and conv biases away from their init values, so a wrong use of them shows."""
+    """Norm weights away from their init value 1, so a wrong use of them shows."""
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, (RMSNorm, FusedRMSNormGated)) and m.weight is not None:
@@ -312,16 +332,17 @@ def _on_fla_naive(model: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
                                                                            upcast=True))
 
 
-@pytest.mark.parametrize("name", list(LAYERS))
+@pytest.mark.parametrize("name", list(LAYERS) + list(VARIANTS))
 def test_patched_layer_equals_layer_on_fla_naive(name, monkeypatch):
     """Whole layer (projections, short convs, gates, norms) patched vs run on fla's naive functions, at
     every length (the layers switch to fused_recurrent at T <= 64); then decoding: the patched layer fed in
     two pieces through fla's Cache (recurrent and conv state carried) equals the whole sequence."""
     from fla.models.utils import Cache
 
-    model = LAYERS[name]()
+    model = {**LAYERS, **VARIANTS}[name]()
     _randomize(model)
-    xs = {t: torch.randn(2, t, 32, generator=torch.Generator().manual_seed(t)) for t in LENGTHS}
+    lengths = LENGTHS if name in LAYERS else (1, 17, 65, 130)
+    xs = {t: torch.randn(2, t, 32, generator=torch.Generator().manual_seed(t)) for t in lengths}
     patches = select_patches(model)
     assert {p.target for p in patches} >= {p.target for p in delta.PATCHES}
     with torch.no_grad(), applied(model, patches):

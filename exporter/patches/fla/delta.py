@@ -375,11 +375,15 @@ def _own_frame_unguarded(code: Any, args: tuple, kwargs: dict) -> Any:
                 return evaluate(*a, **k)
         return evaluate(*a, **k)
 
+    before = shape_env.__dict__.get("evaluate_expr")  # another layer's, when one forward calls another
     shape_env.evaluate_expr = evaluate_expr
     try:
         yield
     finally:
-        del shape_env.evaluate_expr
+        if before is None:
+            del shape_env.evaluate_expr
+        else:
+            shape_env.evaluate_expr = before
 
 
 def _find_modules(model: nn.Module) -> list[Swap]:
