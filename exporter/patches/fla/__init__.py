@@ -1,14 +1,14 @@
 """flash-linear-attention / fla-core: torch forms of the Triton code its layers run, one module per family
-of layers (``linear_attn``: ``LinearAttention`` and fla's Triton norms). ``PATCHES`` and ``refusals`` are the
+of layers (``linear_attn``: ``LinearAttention`` and fla's Triton norms; ``delta``: the delta-rule layers). ``PATCHES`` and ``refusals`` are the
 library's entries in the registry of :mod:`exporter.patches`."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from exporter.patches.fla import linear_attn
+from exporter.patches.fla import delta, linear_attn
 
-_FAMILIES = [linear_attn]
+_FAMILIES = [linear_attn, delta]
 
 PATCHES = [p for family in _FAMILIES for p in family.PATCHES]
 
