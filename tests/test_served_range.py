@@ -169,7 +169,8 @@ def test_block_loop_models_refused_with_the_lengths_their_guards_allow(cli, tmp_
     assert not (tmp_path / "m.onnx").exists()
 
 
-@pytest.mark.parametrize("factory, same", [("same_at_full", True), ("differs_at_full", False)])
+@pytest.mark.parametrize("factory, same", [("same_at_full", True), ("differs_at_full", False),
+                                           ("recurrence_same_at_full", True)])
 def test_sizes_the_guards_exclude_are_checked_against_the_eager_model(cli, tmp_path, factory, same):
     """A branch on the length (``if T == 64``) leaves the guard ``T != 64``: where the eager model is at hand,
     the ONNX is run against it there. Agreeing, the requested 1..64 stands (a warning says why); disagreeing,
