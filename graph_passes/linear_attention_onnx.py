@@ -76,6 +76,7 @@ class LinearAttentionOnnxPass(LinearAttentionLowering):
 
     name = "linear-attention-onnx"
     min_opset = 0
+    _opset_problem: str | None = None
 
     def run(self, model: ir.Model) -> bool:
         if not any(n.domain == DOMAIN and n.op_type == OP_TYPE for n in model.graph):
@@ -83,8 +84,9 @@ class LinearAttentionOnnxPass(LinearAttentionLowering):
         why = missing_schema()
         if why is not None:
             raise LrexportError(why, "upgrade onnx, or lower with --linear-attention onnxruntime or portable")
+        before = dict(model.opset_imports)
         self._opset_problem = _raise_opset(model)
-        return super().run(model)
+        return super().run(model) or dict(model.opset_imports) != before
 
     def lower(self, node: ir.Node, label: str) -> Lowered | str:
         if self._opset_problem:
