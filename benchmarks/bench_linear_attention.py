@@ -11,6 +11,8 @@ Variants, each timed in its own process (median latency, peak RSS = VmHWM), 2 th
  - portable: ``LinearAttentionPortablePass`` (standard ops; loop-free for linear / per-head gated,
    a Scan over chunks of 16 for the delta rules and per-key decay);
  - per-token Scan: the recurrence as written, one ``Scan`` step per position (standard ops);
+ - ai-onnx: ``LinearAttentionOnnxPass`` (the standard ``LinearAttention`` op, opset 27; ONNX Runtime 1.32
+   runs it through the op's function body, itself a per-token ``Scan``);
  - pytorch: the eager op (chunked, ``torch.no_grad``, OpenMP threads waiting passively like ORT's).
 Error: max |out - ref| / max(1, max |ref|) against the recurrence token by token in float64 (PyTorch).
 """
@@ -34,7 +36,7 @@ H, D = 8, 64
 # name -> (op rule, decay kind)
 RULES = {"linear": ("linear", None), "gated-head": ("gated", "head"), "gated-key": ("gated", "key"),
          "delta": ("delta", None), "gated_delta-head": ("gated_delta", "head")}
-VARIANTS = ("ort-native", "portable", "per-token-scan", "pytorch")
+VARIANTS = ("ort-native", "portable", "per-token-scan", "ai-onnx", "pytorch")
 
 
 def input_shapes(name: str, n: int) -> list[str]:
@@ -157,6 +159,7 @@ def export(name: str, folder: Path) -> dict[str, Path]:
 
     from _bench_case import make_feeds
     from exporter.linear_attention.onnx_export import TRANSLATION_TABLE
+    from graph_passes.linear_attention_onnx import LinearAttentionOnnxPass
     from graph_passes.linear_attention_ort import LinearAttentionOrtPass
     from graph_passes.linear_attention_portable import LinearAttentionPortablePass
 
@@ -170,7 +173,8 @@ def export(name: str, folder: Path) -> dict[str, Path]:
     paths = {}
     for variant, lower in (("ort-native", lambda m: LinearAttentionOrtPass()(m)),
                            ("portable", lambda m: LinearAttentionPortablePass()(m)),
-                           ("per-token-scan", per_token_scan)):
+                           ("per-token-scan", per_token_scan),
+                           ("ai-onnx", lambda m: LinearAttentionOnnxPass()(m))):
         model = ir.from_proto(onnx.load_from_string(raw))
         lower(model)
         assert not [n for n in model.graph if n.domain == "lrexport"], (name, variant)

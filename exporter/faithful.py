@@ -19,6 +19,14 @@ overridden to accumulate in float32 and round the result, which is what GPU tens
   summation order);
 - ml_dtypes bfloat16 sums accumulate in bfloat16 (4096 ones sum to 256), which no GPU reduction does.
 
+ONNX Runtime's ``com.microsoft.LinearAttention`` (the ``linear-attention`` pass's ``onnxruntime`` lowering,
+kept float32 by the cast) runs as onnx's reference of the standard ``LinearAttention``, which has the
+contrib op's inputs, attributes and float32 state; a query with fewer heads than the state (which only
+the contrib op takes) is repeated to the state heads first, as the contrib op reads it.
+
+onnx's reference ``Scan`` scans axis 0 only; the override moves other scan axes to 0 and back (the
+portable linear-attention lowering scans its chunk axis, 2).
+
 Cost with the overrides: at most 0.4 s per shape case on the samples' min and odd shapes, about 2.5 s
 for the causal samples at n = 4096. torch CPU half ops were not chosen: they would run the PyTorch
 module, not the cast ONNX graph (its float32 keep-list, the graph passes), so they check another program.
@@ -73,10 +81,53 @@ def _gather_elements(base: Any) -> type:
     return type("GatherElements", (base,), {"_run": _run, "op_domain": ""})
 
 
+def _contrib_linear_attention(base: Any) -> type:
+    """``com.microsoft.LinearAttention`` as the standard op's reference (module doc)."""
+
+    def _run(self: Any, query: np.ndarray, *args: Any, q_num_heads: int = 0, kv_num_heads: int = 0,
+             **kwargs: Any) -> tuple:
+        if 0 < q_num_heads < kv_num_heads:
+            b, t, _ = query.shape
+            query = np.repeat(query.reshape(b, t, q_num_heads, -1), kv_num_heads // q_num_heads, axis=2)
+            query, q_num_heads = query.reshape(b, t, -1), kv_num_heads
+        return base._run(self, query, *args, q_num_heads=q_num_heads, kv_num_heads=kv_num_heads, **kwargs)
+
+    return type("LinearAttention", (base,), {"_run": _run, "op_domain": "com.microsoft"})
+
+
+def _scan_any_axes(base: Any) -> type:
+    """Scan over any axis: the stock one (axis 0 only) on inputs and outputs moved to axis 0 and back."""
+
+    def __init__(self: Any, onnx_node: onnx.NodeProto, run_params: Any) -> None:
+        axes = {a.name: list(a.ints) for a in onnx_node.attribute if a.name in ("scan_input_axes", "scan_output_axes")}
+        node = onnx.NodeProto()
+        node.CopyFrom(onnx_node)
+        kept = [a for a in node.attribute if a.name not in axes]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+        base.__init__(self, node, run_params)
+        self._in_axes, self._out_axes = axes.get("scan_input_axes", []), axes.get("scan_output_axes", [])
+
+    def _run(self: Any, *args: Any, **kwargs: Any) -> tuple:
+        states = len(args) - self.num_scan_inputs
+        moved = [np.moveaxis(a, self._in_axes[i - states] % a.ndim, 0)
+                 if i >= states and i - states < len(self._in_axes) else a for i, a in enumerate(args)]
+        outs = list(base._run(self, *moved, **kwargs))
+        for i, axis in enumerate(self._out_axes):
+            outs[states + i] = np.moveaxis(outs[states + i], 0, axis)
+        return tuple(outs)
+
+    return type("Scan", (base,), {"__init__": __init__, "_run": _run, "op_domain": ""})
+
+
 def _overrides(opset: int) -> list[type]:
     from onnx.reference.ops import load_op
 
-    ops = [_gather_elements(load_op("", "GatherElements", opset))]
+    ops = [_gather_elements(load_op("", "GatherElements", opset)), _scan_any_axes(load_op("", "Scan", opset))]
+    try:
+        ops.append(_contrib_linear_attention(load_op("", "LinearAttention")))
+    except Exception:  # an onnx without the standard op: a model with the contrib op is not evaluated
+        pass
     for name in ACCUMULATING_OPS:
         try:
             ops.append(_accumulating(load_op("", name, opset), name))

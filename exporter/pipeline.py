@@ -25,8 +25,8 @@ from exporter.parity import ParityReport
 from exporter.specs import (InputSpec, build_specs, merge_specs, parse_input, read_sidecar,
                             refuse_unknown_names)
 from exporter.stages import (BACKENDS, BuildOptions, CastStage, EngineStage, PassesStage, cast_stage, check_options,
-                             engine_backend_notes, engine_stage, export_stage, parity_stage, pass_check_feeds,
-                             passes_stage, run_passes_on)
+                             choose_linear_attention, engine_backend_notes, engine_stage, export_stage, parity_stage,
+                             pass_check_feeds, passes_stage, run_passes_on)
 from graph_passes.precisions import PRECISIONS
 
 __all__ = ["BACKENDS", "PRECISIONS", "BuildOptions", "BuildReport", "build", "pass_check_feeds", "resolve_specs",
@@ -154,6 +154,7 @@ def build(loaded: LoadedModel, specs: Sequence[InputSpec], options: BuildOptions
     check_options(options)
     budget = MemoryBudget.resolve(options.memory_budget)  # read once; a bad value fails before any work
     with_engine, notes = engine_backend_notes(options)
+    lowering = choose_linear_attention(options, with_engine)  # model.onnx is lowered for what runs it
     seconds: dict[str, float] = {}
 
     def timed(name: str, stage: Callable[..., _T], *args: Any) -> _T:
@@ -170,7 +171,8 @@ def build(loaded: LoadedModel, specs: Sequence[InputSpec], options: BuildOptions
         check_output_tolerances(options.per_output, exported.output_names)
         # weights past 2 GB stay in exported.onnx.data: the passes read them lazily, model.onnx refers to them
         exported_model = onnx.load(str(exported.onnx_path), load_external_data=False)
-        passes = timed("passes", passes_stage, exported_model, exported.specs, options, say, budget, loaded, tmp)
+        passes = timed("passes", passes_stage, exported_model, exported.specs, options, say, budget, loaded, tmp,
+                       lowering)
         model = passes.model if passes else exported_model
         save_onnx(model, tmp / "model.onnx", base_dir=tmp)
         cast = timed("precision", cast_stage, model, exported.specs, options, tmp, say, tmp)

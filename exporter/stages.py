@@ -63,6 +63,7 @@ class BuildOptions:
     fp16_keep: Sequence[str] = ()  # module globs kept in float32 by the precision cast
     fp16_force: bool = False  # no automatic (range-analysis) float32 keep-list
     patches: bool = True  # export patches for known libraries (exporter/patches.py)
+    linear_attention: str = "auto"  # lowering of lrexport.LinearAttention nodes: auto or a LOWERINGS name
 
     def tolerances(self, precision: str) -> Tolerances:
         return Tolerances.for_precision(precision, self.atol, self.rtol, self.per_output)
@@ -73,6 +74,7 @@ def check_options(options: BuildOptions) -> None:
     options.precision = normalize_precision(options.precision)
     if options.backend not in BACKENDS:
         raise LrexportError(f"unknown backend {options.backend!r}", f"use one of {', '.join(BACKENDS)}")
+    check_linear_attention(options.linear_attention)
     if (options.fp16_keep or options.fp16_force) and options.precision == "fp32":
         raise LrexportError("--fp16-keep / --fp16-force choose what the precision cast keeps in float32, "
                             "and this build is float32", "add --fp16 (or --bf16), or leave them out")
@@ -100,6 +102,47 @@ def engine_backend_notes(options: BuildOptions) -> tuple[bool, list[str]]:
     return True, []
 
 
+def check_linear_attention(choice: str) -> None:
+    """Refuse a lowering that is not one, or the standard op where the installed onnx lacks it."""
+    from graph_passes.linear_attention import LOWERINGS
+    from graph_passes.linear_attention_onnx import missing_schema
+
+    if choice != "auto" and choice not in LOWERINGS:
+        raise LrexportError(f"unknown linear-attention lowering {choice!r}", f"use one of auto, {', '.join(LOWERINGS)}")
+    why = missing_schema() if choice == "ai.onnx" else None
+    if why:
+        raise LrexportError(f"--linear-attention ai.onnx: {why}",
+                            "upgrade onnx, or use --linear-attention onnxruntime (ONNX Runtime) or portable")
+
+
+def choose_linear_attention(options: BuildOptions, with_engine: bool | None) -> tuple[str, str]:
+    """The lowering of ``lrexport.LinearAttention`` nodes (graph_passes/linear_attention.py) and why.
+
+    ``auto`` follows what runs ``model.onnx``: a TensorRT engine (``with_engine``) takes the portable form
+    (TensorRT cannot run com.microsoft ops); ONNX Runtime alone takes its native contrib op, the fastest on
+    its CPU (README: "Linear-attention op"); where the runtime is not known (``lrexport optimize``:
+    ``with_engine`` None), the portable form, which every runtime runs. An asked-for contrib op is refused
+    where an engine is built from the model."""
+    choice = options.linear_attention
+    check_linear_attention(choice)
+    if choice == "onnxruntime" and with_engine:
+        raise LrexportError(f"--linear-attention onnxruntime writes com.microsoft.LinearAttention, which TensorRT "
+                            f"cannot run, and this build makes a TensorRT engine from the model (--backend "
+                            f"{options.backend})", "use --linear-attention portable (or auto), or --backend onnxruntime")
+    if choice != "auto":
+        return choice, "asked for with --linear-attention"
+    if with_engine is None:
+        return "portable", ("the runtime is not known here and standard ops run on every one; --linear-attention "
+                            "onnxruntime is the fastest on ONNX Runtime (CPU)")
+    if with_engine:
+        return "portable", "a TensorRT engine is built from the model, and TensorRT cannot run com.microsoft ops"
+    return "onnxruntime", "ONNX Runtime (CPU) is this build's only backend, and its native op is the fastest there"
+
+
+LOWERED_TO = {"onnxruntime": "com.microsoft.LinearAttention", "portable": "standard ops (opset <= 25)",
+              "ai.onnx": "the standard LinearAttention op (opset 27)"}
+
+
 # ------------------------------------------------------------------------------------------ export
 
 def export_stage(loaded: LoadedModel, specs: Sequence[InputSpec], tmp: Path, options: BuildOptions,
@@ -119,14 +162,24 @@ class PassesStage:
     report: PipelineReport
     memory: list[str]
     warnings: list[str] = field(default_factory=list)
+    # the linear-attention lowering: {"lowering", "to", "why", "nodes"} (nodes lowered; 0: the model has none)
+    linear_attention: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"report": self.report.to_dict(), "table": self.report.format_table(), "memory": self.memory,
-                "warnings": self.warnings}
+                "warnings": self.warnings, "linear_attention": self.linear_attention}
 
     def text_lines(self) -> list[str]:
         table = self.report.format_table()
-        return [f"warning: {w}" for w in self.warnings] + ([table] if table else [])
+        return [f"warning: {w}" for w in self.warnings] + self.lowering_lines() + ([table] if table else [])
+
+    def lowering_lines(self) -> list[str]:
+        """One line naming the linear-attention lowering that ran and why (none where nothing was lowered)."""
+        la = self.linear_attention
+        if not la.get("nodes"):
+            return []
+        return [f"linear-attention: {la['nodes']} node{'s' if la['nodes'] > 1 else ''} lowered to {la['to']} "
+                f"({la['lowering']}): {la['why']}"]
 
     def notes(self) -> list[str]:
         return [f"pass checks {m}" for m in self.memory]
@@ -150,17 +203,20 @@ def pass_check_feeds(model: onnx.ModelProto, options: BuildOptions, specs: Seque
 
 def run_passes_on(model: onnx.ModelProto, options: BuildOptions, specs: Sequence[InputSpec], progress: Say,
                   budget: MemoryBudget | None = None, loaded: LoadedModel | None = None,
-                  base_dir: Path | None = None) -> PassesStage:
+                  base_dir: Path | None = None, lowering: tuple[str, str] | None = None) -> PassesStage:
     """The graph passes on ``model``, each checked in ONNX Runtime (also ``lrexport optimize``). ``loaded``,
     the PyTorch model ``model`` was exported from, tells a model that fails (or gives NaN/Inf) on the check
     inputs by itself from an export bug. ``base_dir``: where the external data of a model loaded without
-    it lies (the result refers to it too)."""
+    it lies (the result refers to it too). ``lowering``: the linear-attention lowering and why
+    (:func:`choose_linear_attention`; default: its choice where the runtime is not known)."""
     import graph_passes
     from exporter.model_errors import explain_input_model_error
 
+    lowering = lowering or choose_linear_attention(options, None)
     feeds, memory = pass_check_feeds(model, options, specs, budget, base_dir)
     chunk, warnings = clamp_chunk(options.chunk_size, specs)
-    opts = graph_passes.PassOptions(chunk_size=chunk, merge_threshold=options.merge_threshold)
+    opts = graph_passes.PassOptions(chunk_size=chunk, merge_threshold=options.merge_threshold,
+                                    linear_attention=lowering[0])
     try:
         new_model, report = graph_passes.run_passes(model, options.passes, options=opts, feeds=feeds,
                                                     progress=progress, base_dir=base_dir)
@@ -171,7 +227,10 @@ def run_passes_on(model: onnx.ModelProto, options: BuildOptions, specs: Sequence
                             "rerun with --no-passes (or leave that pass out with --passes) and report the bug") from None
     except ValueError as err:
         raise LrexportError(str(err), "see `lrexport optimize --help` for the pass names") from None
-    return PassesStage(new_model, report, memory, warnings)
+    lowered = sum(1 for p in report.passes if p.name == "linear-attention" for d in p.details
+                  if d.get("kind") == "linear-attention" and d.get("rewritten"))
+    return PassesStage(new_model, report, memory, warnings, {"lowering": lowering[0], "to": LOWERED_TO[lowering[0]],
+                                                             "why": lowering[1], "nodes": lowered})
 
 
 def clamp_chunk(chunk_size: int, specs: Sequence[InputSpec]) -> tuple[int, list[str]]:
@@ -186,11 +245,11 @@ def clamp_chunk(chunk_size: int, specs: Sequence[InputSpec]) -> tuple[int, list[
 
 def passes_stage(model: onnx.ModelProto, specs: Sequence[InputSpec], options: BuildOptions, say: Say,
                  budget: MemoryBudget | None, loaded: LoadedModel | None = None,
-                 base_dir: Path | None = None) -> PassesStage | None:
+                 base_dir: Path | None = None, lowering: tuple[str, str] | None = None) -> PassesStage | None:
     if options.passes is not None and not len(options.passes):
         return None
     say("[passes] running graph passes")
-    return run_passes_on(model, options, specs, lambda m: say(f"[passes] {m}"), budget, loaded, base_dir)
+    return run_passes_on(model, options, specs, lambda m: say(f"[passes] {m}"), budget, loaded, base_dir, lowering)
 
 
 # -------------------------------------------------------------------------------------------- cast
@@ -410,7 +469,13 @@ def _localize_against_torch(parity: ParityReport, program: Any, exported_model: 
     """For the first failing case of the float32 ONNX model, name the first operation that departs from
     PyTorch (on the model as exported: the passes were each checked against it already)."""
     from exporter.localize import localize_against_torch
+    from graph_passes.linear_attention_ort import DOMAIN
 
+    if any(n.domain == DOMAIN for n in exported_model.graph.node):  # lrexport's own ops: no runtime runs them
+        for r in [r for r in parity.results if r.backend == "onnxruntime" and not r.ok][:1]:
+            _add_drift(parity, r, None, "not localized against PyTorch: the exported model holds lrexport's own "
+                       f"ops ({DOMAIN} domain), which only the graph passes' lowering makes runnable")
+        return
     for r, feeds in _failing_with_feeds(parity, specs, lambda b: b == "onnxruntime",
                                         [exported_model, exported_model], budget)[:1]:
         loc = localize_against_torch(program, exported_model, feeds, [s.name for s in specs])

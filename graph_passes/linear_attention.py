@@ -1,10 +1,20 @@
 """``linear-attention``: lower every ``lrexport.LinearAttention`` node for the backend that will run it.
 
 Export writes each recurrence as one custom-domain node (``exporter/linear_attention``); no runtime runs
-that domain, so the default pipeline always lowers it. ``PassOptions.linear_attention`` names the form:
-``portable`` (standard ops at opset <= 25, which every runtime and TensorRT parses) or ``onnxruntime``
-(ONNX Runtime's ``com.microsoft.LinearAttention`` contrib op, fastest on its CPU). A model without the node
-is left as it is.
+that domain, so the default pipeline always lowers it. ``PassOptions.linear_attention`` names the form
+(``lrexport build`` picks it from its backends, ``exporter/stages.py``):
+
+* ``onnxruntime``: ONNX Runtime's ``com.microsoft.LinearAttention`` contrib op, the fastest on its CPU;
+* ``portable``: standard ops at opset <= 25, which every runtime and TensorRT parses;
+* ``ai.onnx``: the standard ``LinearAttention`` op of opset 27 (ONNX Runtime 1.32 runs it as a per-token
+  Scan, 3-5x slower than its contrib op).
+
+Every node a lowering writes is tagged to stay float32 under the precision cast
+(``precision_cast.FLOAT32_TAG``): the recurrence's state and decays accumulate over the whole sequence
+(the contrib op's CPU kernel is float32 only; the portable form's chunk-to-chunk state sums, its
+``CumSum`` of log decays whose differences feed ``Exp``, and the delta rules' inverse would lose their
+precision in fp16), so the cast runs them in float32 with Casts at the boundary, as it keeps the
+causal-chunk pass's running sums. A model without the node is left as it is.
 """
 
 from __future__ import annotations
@@ -14,29 +24,39 @@ from pathlib import Path
 import onnx_ir as ir
 
 from graph_passes._base import GraphPass, PassOptions
+from graph_passes.linear_attention_onnx import LinearAttentionOnnxPass
 from graph_passes.linear_attention_ort import DOMAIN, OP_TYPE, LinearAttentionOrtPass
 from graph_passes.linear_attention_portable import LinearAttentionPortablePass
+from graph_passes.precision_cast import keep_float32
 
 LOWERINGS: dict[str, type[GraphPass]] = {
     "portable": LinearAttentionPortablePass,
     "onnxruntime": LinearAttentionOrtPass,
+    "ai.onnx": LinearAttentionOnnxPass,
 }
+FLOAT32_WHY = "linear-attention recurrence (state and decays accumulate in float32)"
+
+
+def has_linear_attention(model: ir.Model) -> bool:
+    return any(n.domain == DOMAIN and n.op_type == OP_TYPE for n in model.graph.all_nodes())
 
 
 class LinearAttentionPass(GraphPass):
-    """Dispatch to the lowering that ``options.linear_attention`` names."""
+    """Dispatch to the lowering that ``options.linear_attention`` names; tag what it wrote float32."""
 
     name = "linear-attention"
     min_opset = 0
 
     def run(self, model: ir.Model) -> bool:
-        if not any(n.domain == DOMAIN and n.op_type == OP_TYPE for n in model.graph.all_nodes()):
+        if not has_linear_attention(model):
             return False
         target = self.options.linear_attention
         if target not in LOWERINGS:
             raise ValueError(f"unknown linear-attention lowering {target!r}; choose from: {', '.join(LOWERINGS)}")
-        lowering = LOWERINGS[target](self.options)
-        return lowering.run(model)
+        before = set(model.graph)
+        changed = LOWERINGS[target](self.options).run(model)
+        keep_float32([n for n in model.graph if n not in before], FLOAT32_WHY)
+        return changed
 
 
 def has_linear_attention(model: ir.Model) -> bool:

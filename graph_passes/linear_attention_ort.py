@@ -14,7 +14,8 @@ What the rewrite adds around it, and why:
 * its CPU kernel is float32 only: other float types are cast to float32 around it (the state is float32);
 * the normalizer (``normalize=1``) runs as the linear rule on ``[v, 1]`` and divides by the last column.
 
-Not in the default pass list yet: ``LinearAttentionOrtPass`` runs only when called.
+The default pipeline runs it through the ``linear-attention`` pass (``graph_passes/linear_attention.py``)
+where ONNX Runtime alone runs the model (``lrexport build --backend onnxruntime``, ``--linear-attention``).
 """
 
 from __future__ import annotations

@@ -45,10 +45,13 @@ from graph_passes._base import GraphPass, Match, PassOptions, record
 from graph_passes.errors import LrexportError
 from graph_passes.precisions import LOW_PRECISIONS as PRECISIONS, normalize_low_precision as normalize_precision
 
-DEFAULT_KEEP_FP32_OPS: tuple[str, ...] = ("LayerNormalization", "CumSum", "ReduceSum", "Softmax")
+DEFAULT_KEEP_FP32_OPS: tuple[str, ...] = ("LayerNormalization", "CumSum", "ReduceSum", "Softmax", "LinearAttention")
 # Why a kept op stays float32 (the report names the reason of every kept node).
 _WHY = {"LayerNormalization": "LayerNorm (an fp16 variance overflows)",
-        "Softmax": "Softmax (exp and row sum in float32)", "LogSoftmax": "LogSoftmax (exp and row sum in float32)"}
+        "Softmax": "Softmax (exp and row sum in float32)", "LogSoftmax": "LogSoftmax (exp and row sum in float32)",
+        "LinearAttention": "LinearAttention (its state accumulates over the sequence)"}
+# Node metadata key: the pass that wrote the node keeps it float32; the value says why.
+FLOAT32_TAG = "lrexport.keep_float32"
 
 # From a growing running/normalizer sum, fp32 spreads forward through these ops until a Div/Reciprocal.
 _SUM_OPS = frozenset({"CumSum", "ReduceSum"})
@@ -87,6 +90,12 @@ def _is_float(value: ir.Value | None) -> bool:
 
 def _label(node: ir.Node) -> str:
     return node.name or f"<{node.op_type}>"
+
+
+def keep_float32(nodes: Collection[ir.Node], why: str) -> None:
+    """Tag ``nodes`` (written by a pass) to stay float32 under the cast, ``why`` being the report's reason."""
+    for node in nodes:
+        node.metadata_props[FLOAT32_TAG] = why
 
 
 # ---------------------------------------------------------------------------------------------- plan
@@ -141,15 +150,15 @@ def plan_cast(model: ir.Model, precision: str, keep_fp32_ops: Sequence[str] = DE
     """Decide the float32 nodes (module doc) without changing the model (shape inference may annotate it)."""
     precision = normalize_precision(precision)
     graph = model.graph
+    _infer_types(model)
+    structural = structural_fp32(graph, frozenset(keep_fp32_ops))
     for node in graph:
-        if any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for attr in node.attributes.values()):
+        if _has_subgraph(node) and (node not in structural or _reads_outer_floats(node)):
             raise LrexportError(f"precision cast does not handle control flow (node {node.name!r}, {node.op_type})",
                                 "build in fp32, or inline/unroll the If/Loop/Scan before casting")
-    _infer_types(model)
     floats = {v for v in (*graph.inputs, *graph.initializers.values()) if _is_float(v)}
     floats.update(v for node in graph for v in (*node.inputs, *node.outputs) if _is_float(v))
-    plan = CastPlan(precision, PRECISIONS[precision], structural_fp32(graph, frozenset(keep_fp32_ops)),
-                    float_values=floats)
+    plan = CastPlan(precision, PRECISIONS[precision], structural, float_values=floats)
     for node, why in _requested(graph, keep_nodes, keep_values).items():
         if node not in plan.fp32:
             plan.fp32[node] = why
@@ -161,7 +170,9 @@ def structural_fp32(graph: ir.Graph, keep_ops: Collection[str]) -> dict[ir.Node,
     """The nodes the structural rules keep in float32 (module doc), each with why."""
     keep: dict[ir.Node, str] = {}
     for node in graph:
-        if node.domain not in _STANDARD:
+        if FLOAT32_TAG in node.metadata_props and (_has_subgraph(node) or any(_is_float(o) for o in node.outputs)):
+            keep[node] = node.metadata_props[FLOAT32_TAG]
+        elif node.domain not in _STANDARD:
             keep[node] = "custom op (runs as exported)"
         elif node.op_type in _SUM_OPS:
             if node.op_type in keep_ops and node not in keep and _sum_grows(node):
@@ -170,6 +181,25 @@ def structural_fp32(graph: ir.Graph, keep_ops: Collection[str]) -> dict[ir.Node,
         elif node.op_type in keep_ops:
             keep[node] = _WHY.get(node.op_type, f"{node.op_type} (keep_fp32_ops)")
     return keep
+
+
+def _has_subgraph(node: ir.Node) -> bool:
+    return any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for attr in node.attributes.values())
+
+
+def _reads_outer_floats(node: ir.Node) -> bool:
+    """Whether a subgraph of ``node`` reads a float value of the graph around it (the cast could retype it:
+    only a self-contained body can be left as it is)."""
+    for attr in node.attributes.values():
+        graphs = [attr.value] if attr.type == ir.AttributeType.GRAPH else \
+            list(attr.value) if attr.type == ir.AttributeType.GRAPHS else []
+        for sub in graphs:
+            own = set(sub.inputs) | set(sub.initializers.values())
+            own.update(v for n in ir.traversal.RecursiveGraphIterator(sub) for v in n.outputs)
+            if any(v is not None and v not in own and v.dtype == _FLOAT
+                   for n in ir.traversal.RecursiveGraphIterator(sub) for v in n.inputs):
+                return True
+    return False
 
 
 def _keep_sum_readers(start: ir.Node, keep: dict[ir.Node, str]) -> None:

@@ -137,3 +137,48 @@ def gain_square(d_model: int = 64, hidden: int = 128, seed: int = 0) -> nn.Modul
     """The gain-then-square model: overflows fp16 in one place (``e = h * h``) unless kept float32."""
     _seeded(seed)
     return GainSquare(d_model, hidden).eval()
+
+
+
+class RecurrentLinearAttention(nn.Module):
+    """One layer calling lrexport's linear-attention op (``exporter/linear_attention``) with one ``rule``
+    (``decay``: "head" or "key" for the gated rules), making its inputs as real layers do: log decay by
+    logsigmoid, beta by sigmoid, unit keys for the delta rules. x: (batch, seq, heads * head_dim)."""
+
+    def __init__(self, rule: str, decay: str | None, heads: int, head_dim: int, normalize: bool = False):
+        super().__init__()
+        self.rule, self.heads, self.head_dim, self.normalize = rule, heads, head_dim, normalize
+        self.decay = (decay or "head") if rule in ("gated", "gated_delta") else None
+        width = heads * head_dim
+        self.splits = [width] * 3 + [{"key": width, "head": heads, None: 0}[self.decay]] + [heads * ("delta" in rule)]
+        self.proj = nn.Linear(width, sum(self.splits))
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from exporter.linear_attention import linear_attention
+
+        b, t, width = x.shape
+        h, d = self.heads, self.head_dim
+        q, k, v, g, beta = torch.split(self.proj(x), self.splits, -1)
+        q, k, v = q.reshape(b, t, h, d), k.reshape(b, t, h, d), v.reshape(b, t, h, d)
+        if self.decay is None:
+            g = None
+        else:
+            g = nn.functional.logsigmoid(g + 2)
+            g = g.reshape(b, t, h, d) if self.decay == "key" else g
+        if "delta" in self.rule:
+            beta, k = torch.sigmoid(beta), nn.functional.normalize(k, dim=-1)
+        else:
+            beta = None
+        if self.normalize:  # Katharopoulos: positive features, outputs divided by q . sum k
+            q, k = nn.functional.elu(q) + 1, nn.functional.elu(k) + 1
+        out, _ = linear_attention(q, k, v, g=g, beta=beta, rule=self.rule, scale=d ** -0.5, normalize=self.normalize)
+        return self.out(out.reshape(b, t, width))
+
+
+def linear_attention_layer(rule: str = "gated_delta", decay: str | None = None, heads: int = 2, head_dim: int = 16,
+                           normalize: bool = False, seed: int = 0) -> nn.Module:
+    """A layer calling the linear-attention op: gated delta rule by default; ``decay`` "head" (the default
+    of the gated rules) or "key"; ``normalize`` (linear rule): the Katharopoulos normalizer."""
+    _seeded(seed)
+    return RecurrentLinearAttention(rule, decay, heads, head_dim, normalize).eval()

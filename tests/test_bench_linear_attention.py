@@ -1,5 +1,5 @@
-"""benchmarks/bench_linear_attention.py: its three ONNX Runtime models (native op, portable lowering, the
-per-token Scan baseline written by the benchmark) agree with its float64 recurrence on the seeded inputs."""
+"""benchmarks/bench_linear_attention.py: its ONNX Runtime models (native op, portable lowering, the standard
+opset-27 op, the per-token Scan baseline written by the benchmark) agree with its float64 recurrence on the seeded inputs."""
 
 from __future__ import annotations
 
