@@ -253,6 +253,21 @@ def test_pickle_only_folder_refused(cli, hf_folder, tmp_path):
     line = error_line(res)
     assert "only as pytorch_model.bin, a pickle" in line and "--trust-pickle" in line
     assert not (tmp_path / "o").exists()
+    from exporter.loading import load_model
+
+    ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(4))
+    loaded = load_model(folder, trust_pickle=True)  # trusted: transformers reads the .bin
+    torch.testing.assert_close(_logits(loaded.module.model, ids), _logits(hf_folder("llama")[1], ids), rtol=0, atol=0)
+
+
+def test_export_step_folder_loads_then_refuses_softmax_attention(cli, hf_folder, tmp_path):
+    """export-step takes the folder like the other commands; a softmax-attention model has no step form (one
+    line naming the node), and nothing is written."""
+    folder, _ = hf_folder("gpt2")
+    res = cli("export-step", folder, "--shapes", "input_ids:min=1x1,opt=1x8,max=2x16", "--out", tmp_path / "s.onnx")
+    assert res.code == 2, res.err[-3000:]
+    assert "cannot export a step model" in error_line(res) and "mixes positions along the sequence axis" in res.err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_folder_without_config_refused(cli, tmp_path):
