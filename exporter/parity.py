@@ -17,7 +17,8 @@ import onnx
 import onnx_ir as ir
 from torch import nn
 
-from exporter.compare import OutputComparison, Tolerance, Tolerances, check_output_tolerances, compare_outputs
+from exporter.compare import (OutputComparison, Tolerance, Tolerances, check_output_tolerances, compare_outputs,
+                              tokens_only)
 from exporter.errors import LrexportError
 from exporter.loading import LoadedModel
 from exporter.model_errors import describe_model, fails_in_pytorch
@@ -222,26 +223,6 @@ def run_parity(reference: TorchRunner, backends: Sequence[Runner], specs: Sequen
             report.results.append(CaseResult(backend.name, case, shapes, comps, seconds, list(plan.steps)))
     report.reference = f"pytorch {reference.precision}"
     return report
-
-
-def tokens_only(outputs: dict[str, np.ndarray], feeds: Mapping[str, np.ndarray],
-                specs: Sequence[InputSpec]) -> dict[str, np.ndarray]:
-    """``outputs`` with the positions a padding mask (``InputSpec.mask_for``) marks as padding set to 0: what a
-    model computes there (a query that may attend to nothing) is meaningless, so parity compares the tokens only.
-    Outputs whose leading (batch, seq) axes are not the mask's are left as they are."""
-    masks = [np.asarray(feeds[s.name]) == 0 for s in specs if s.mask_for and s.name in feeds
-             and np.asarray(feeds[s.name]).ndim == 2]
-    masks = [m for m in masks if m.any()]
-    if not masks:
-        return outputs
-    out = {}
-    for name, arr in outputs.items():
-        for pad in masks:
-            if arr.ndim >= 2 and arr.shape[:2] == pad.shape:
-                arr = arr.copy() if arr is outputs[name] else arr
-                arr[pad] = 0
-        out[name] = arr
-    return out
 
 
 def torch_reference(model: nn.Module | LoadedModel, output_names: Sequence[str],

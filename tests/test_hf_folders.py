@@ -278,6 +278,12 @@ def test_folder_without_config_refused(cli, tmp_path):
     assert "folder without a config.json" in error_line(res)
 
 
+def test_factory_with_folder_refused(cli, hf_folder):
+    res = cli("inspect", hf_folder("llama")[0], "--factory", "samples.models:lowrank_mlp")
+    assert res.code == 2
+    assert "Hugging Face folder, which builds its model from config.json, not --factory" in error_line(res)
+
+
 def test_safetensors_state_dict_with_factory(cli, tmp_path):
     """A safetensors state dict outside a Hugging Face folder loads into the model --factory builds."""
     import samples

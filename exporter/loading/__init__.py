@@ -67,6 +67,9 @@ def load_model(path: str | Path | None, *, factory: str | None = None, factory_k
     if not p.exists():
         raise LrexportError(f"model file {p} does not exist", "check the path")
     folder = hf_folder(p) if not (factory and p.is_file()) else None  # a factory takes a weights file as a state dict
+    if folder is not None and factory:
+        raise LrexportError(f"{p} is a Hugging Face folder, which builds its model from config.json, not --factory",
+                            "leave out --factory, or pass a weights file in it with --factory to load it as a state dict")
     if folder is not None:
         return load_hf_folder(folder, trust_remote_code=trust_remote_code, trust_pickle=trust_pickle)
     if p.is_dir():
