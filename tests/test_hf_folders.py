@@ -296,3 +296,22 @@ def test_safetensors_state_dict_with_factory(cli, tmp_path):
     assert json.loads(res.out)["kind"] == "state-dict"
     res = cli("inspect", tmp_path / "w.safetensors")
     assert res.code == 2 and "is a state dict" in error_line(res)
+
+
+@pytest.mark.parametrize("given", ["input_ids", "attention_mask"])
+def test_shapes_of_one_input_set_both(given):
+    """--shapes for the tokens or for their padding mask alone: the other takes the same range."""
+    from torch import nn
+
+    from exporter.loading import LoadedModel
+    from exporter.loading.huggingface import default_specs
+    from exporter.pipeline import resolve_specs
+
+    config = transformers.LlamaConfig(**TINY, max_position_embeddings=2048)
+    loaded = LoadedModel(nn.Identity(), "huggingface", "x", inferred_specs=default_specs(config, []))
+    assert [(s.min, s.max) for s in loaded.inferred_specs] == [((1, 1), (4, 2048))] * 2
+    specs = resolve_specs(loaded, (), (f"{given}:min=1x3,opt=2x9,max=3x40",))
+    by_name = {s.name: s for s in specs}
+    assert {n: (s.min, s.opt, s.max, s.dtype) for n, s in by_name.items()} == {
+        "input_ids": ((1, 3), (2, 9), (3, 40), "int64"), "attention_mask": ((1, 3), (2, 9), (3, 40), "int64")}
+    assert by_name["input_ids"].high == 127 and by_name["attention_mask"].mask_for == "input_ids"
