@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 
 from exporter.errors import LrexportError
-from exporter.loading.common import LoadedModel, _short, _source
+from exporter.loading.common import LoadedModel, _short, _source  # noqa: F401  (_short, _source: exporter/archive.py)
 from exporter.loading.embeddings import embedding_sizes, module_embedding_sizes
 from exporter.loading.exported_program import MAX_DEFAULT_SIZE, UNBOUNDED_SPAN, load_exported_program
 from exporter.loading.factory import build_from_factory, import_factory
