@@ -95,6 +95,9 @@ model_options = _compose(
     click.option("--factory-kwargs", metavar="JSON", help="Keyword arguments for --factory, as a JSON object."),
     click.option("--trust-pickle", is_flag=True,
                  help="Allow loading a fully pickled module (unpickling runs code from the file)."),
+    click.option("--trust-remote-code", is_flag=True, expose_value=False,
+                 callback=lambda ctx, _p, v: ctx.meta.__setitem__("lrexport.trust_remote_code", v),
+                 help="Allow a Hugging Face folder's own model code (config.json's auto_map) to run."),
 )
 input_options = _compose(
     click.option("--input", "inputs", multiple=True, metavar="NAME:DIMS[:DTYPE[:LO..HI]]",
@@ -214,10 +217,15 @@ def _load(model: str | None, factory, factory_kwargs, trust_pickle, say):
 
     path = None if model in (None, "-") else model
     say(f"[load] {path or factory}")
-    loaded = load_model(path, factory=factory, factory_kwargs=factory_kwargs, trust_pickle=trust_pickle)
+    loaded = load_model(path, factory=factory, factory_kwargs=factory_kwargs, trust_pickle=trust_pickle,
+                        trust_remote_code=_trust_remote_code())
     if factory:  # the factory's source file is an input too
         add_inputs(getattr(sys.modules.get(factory.split(":")[0]), "__file__", None))
     return loaded
+
+
+def _trust_remote_code() -> bool:
+    return bool(click.get_current_context().meta.get("lrexport.trust_remote_code"))
 
 
 def _load_with_specs(model, factory, factory_kwargs, trust_pickle, inputs, shapes, pad_to_length, say):
@@ -239,7 +247,9 @@ def _load_with_specs(model, factory, factory_kwargs, trust_pickle, inputs, shape
 
 def _model_name(model: str | None, factory: str | None) -> str:
     if model not in (None, "-"):
-        return Path(model).name.split(".")[0]
+        from exporter.loading import hf_folder
+
+        return (hf_folder(Path(model)) or Path(model)).resolve().name.split(".")[0]
     return (factory or "model").rsplit(":", 1)[-1]
 
 
@@ -255,7 +265,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("model", type=click.Path(dir_okay=False), required=False)
+@click.argument("model", type=click.Path(), required=False)
 @click.option("--out", "-o", type=_OutputPath(file_okay=False), help="Output folder (default: <model>.lrexport).")
 @click.option("--force", is_flag=True, help="Replace a --out that an earlier lrexport build wrote.")
 @_precision_options("Build in")
@@ -326,7 +336,7 @@ def _check_timing_cache(cache: Path, out_dir: Path) -> None:
 
 
 @cli.command()
-@click.argument("model", type=click.Path(dir_okay=False), required=False)
+@click.argument("model", type=click.Path(), required=False)
 @click.option("--out", "-o", type=_OutputPath(dir_okay=False), required=True, help="ONNX file to write.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out.")
 @click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True)
@@ -360,7 +370,7 @@ def export(model, out, force, exporter, opset, pad_to_length, no_patches, factor
 
 
 @cli.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @click.argument("onnx_file", type=click.Path(dir_okay=False))
 @_precision_options("Use the tolerances of")
 @click.option("--report", "report_path", type=_OutputPath(dir_okay=False), help="Also write the report as JSON here.")
@@ -396,14 +406,15 @@ def check(model, onnx_file, precision, report_path, force, factory, factory_kwar
 
 
 @cli.command()
-@click.argument("path", type=click.Path(dir_okay=False))
+@click.argument("path", type=click.Path())
 @model_options
 @common_options
 def inspect(path, factory, factory_kwargs, trust_pickle, as_json, quiet, debug):
     """Inputs, outputs, dynamic axes, op histogram and parameter count of an ONNX or model file."""
     from exporter.inspect_model import format_inspection, inspect_path
 
-    info = inspect_path(path, factory=factory, factory_kwargs=factory_kwargs, trust_pickle=trust_pickle)
+    info = inspect_path(path, factory=factory, factory_kwargs=factory_kwargs, trust_pickle=trust_pickle,
+                        trust_remote_code=_trust_remote_code())
     _emit(as_json, info, format_inspection(info))
     return 0
 
@@ -473,7 +484,7 @@ def factorize(model, out, fmt, force, rank, fraction, energy, include, exclude, 
 
 
 @cli.command("export-step")
-@click.argument("model", type=click.Path(dir_okay=False), required=False)
+@click.argument("model", type=click.Path(), required=False)
 @click.option("--out", "-o", type=_OutputPath(dir_okay=False), required=True, help="Step-model ONNX file to write.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out (and its engine).")
 @click.option("--chunk-max", type=click.IntRange(1), default=64, show_default=True,

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
 from exporter.errors import LrexportError
 from graph_passes.tolerance import Tolerance, errors, failing
+
+if TYPE_CHECKING:
+    from exporter.specs import InputSpec
 
 DEFAULT_TOLERANCES = {
     "fp32": Tolerance(atol=1e-4, rtol=1e-3),
@@ -147,3 +150,23 @@ def compare_outputs(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.
     if missing:
         raise LrexportError(f"backend output {missing[0]!r} is missing", "the ONNX outputs do not match the model's")
     return [compare_arrays(name, actual[name], expected[name], tolerances.get(name)) for name in expected]
+
+
+def tokens_only(outputs: dict[str, np.ndarray], feeds: Mapping[str, np.ndarray],
+                specs: Sequence[InputSpec]) -> dict[str, np.ndarray]:
+    """``outputs`` with the positions a padding mask (``InputSpec.mask_for``) marks as padding set to 0: what a
+    model computes there (a query that may attend to nothing) is meaningless, so parity compares the tokens only.
+    Outputs whose leading (batch, seq) axes are not the mask's are left as they are."""
+    masks = [np.asarray(feeds[s.name]) == 0 for s in specs if s.mask_for and s.name in feeds
+             and np.asarray(feeds[s.name]).ndim == 2]
+    masks = [m for m in masks if m.any()]
+    if not masks:
+        return outputs
+    out = {}
+    for name, arr in outputs.items():
+        for pad in masks:
+            if arr.ndim >= 2 and arr.shape[:2] == pad.shape:
+                arr = arr.copy() if arr is outputs[name] else arr
+                arr[pad] = 0
+        out[name] = arr
+    return out

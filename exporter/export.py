@@ -80,7 +80,8 @@ def dim_names(specs: Sequence[InputSpec],
               equal: dict[tuple[str, int], tuple[str, int]] | None = None) -> dict[tuple[str, int], str]:
     """Name each dynamic axis (axis 0 ``batch``, axis 1 ``seq``; ``seq_2`` for a second input's). Axes are
     independent unless ``equal`` says one must equal another (torch's suggested fix ``seq_2 = seq``): two
-    inputs with the same range may still differ in length (an encoder's source and a decoder's target)."""
+    inputs with the same range may still differ in length (an encoder's source and a decoder's target); a
+    padding mask (``InputSpec.mask_for``) has its tokens' names."""
     names: dict[tuple[str, int], str] = {}
     used: set[str] = set()
     for spec in specs:
@@ -91,6 +92,12 @@ def dim_names(specs: Sequence[InputSpec],
                 name, k = f"{base}_{k}", k + 1
             used.add(name)
             names[(spec.name, axis)] = name
+    by_name = {s.name: s for s in specs}
+    for spec in specs:  # a padding mask has its tokens' shape
+        tokens = by_name.get(spec.mask_for or "")
+        if tokens is not None and (tokens.min, tokens.max) == (spec.min, spec.max):
+            for axis in spec.dynamic_axes:
+                names[(spec.name, axis)] = names[(tokens.name, axis)]
     for key, other in (equal or {}).items():
         if key in names and other in names:
             names[key] = names[other]

@@ -72,13 +72,14 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
 
 
 def inspect_path(path: str | Path, *, factory: str | None = None, factory_kwargs: str | None = None,
-                 trust_pickle: bool = False) -> dict[str, Any]:
+                 trust_pickle: bool = False, trust_remote_code: bool = False) -> dict[str, Any]:
     p = Path(path)
     if not p.exists():
         raise LrexportError(f"{p} does not exist", "check the path")
     if p.suffix == ".onnx" or is_onnx_file(p):
         return inspect_onnx(p)
-    loaded = load_model(p, factory=factory, factory_kwargs=factory_kwargs, trust_pickle=trust_pickle)
+    loaded = load_model(p, factory=factory, factory_kwargs=factory_kwargs, trust_pickle=trust_pickle,
+                        trust_remote_code=trust_remote_code)
     from exporter.specs import read_sidecar, build_specs
 
     side = read_sidecar(p)

@@ -22,7 +22,7 @@ from exporter.loading import LoadedModel, module_embedding_sizes
 from exporter.memory_budget import MemoryBudget
 from exporter.outputs import atomic_dir, reading
 from exporter.parity import ParityReport
-from exporter.specs import (InputSpec, build_specs, merge_specs, parse_input, read_sidecar,
+from exporter.specs import (InputSpec, build_specs, merge_specs, parse_input, read_sidecar, tie_masks,
                             refuse_unknown_names)
 from exporter.stages import (BACKENDS, BuildOptions, CastStage, EngineStage, PassesStage, cast_stage, check_options,
                              choose_linear_attention, engine_backend_notes, engine_stage, export_stage, parity_stage,
@@ -47,7 +47,7 @@ def resolve_specs(loaded: LoadedModel | None, inputs: Sequence[str] = (), shapes
         explicit = {parse_input(t)[0] for t in inputs if parse_input(t)[2]}
         given = build_specs(inputs, shapes)
         refuse_unknown_names(given, known, "the inputs the model archive records")
-        specs = merge_specs(given, known, explicit)
+        specs = tie_masks(merge_specs(given, known, explicit), {s.name for s in given})
         _check_limits(specs, loaded.limits if loaded is not None else {})
         if inputs and not shapes and not any(s.dynamic_axes for s in specs) and loaded is not None:
             loaded.notes.append(

@@ -59,6 +59,9 @@ class InputSpec:
     low: float | None = None
     high: float | None = None
     multiple: tuple[int, ...] = ()  # per axis: sizes must be multiples of this (a dim like 16*blocks); () = all 1
+    # The name of the token input this one is the padding mask of (same shape, 1 = token, 0 = padding): random
+    # values are rows left-padded, right-padded and unpadded in turn, and parity compares only the tokens.
+    mask_for: str | None = None
 
     def __post_init__(self) -> None:
         if not (len(self.min) == len(self.opt) == len(self.max)):
@@ -155,11 +158,14 @@ class InputSpec:
     def to_dict(self) -> dict:
         return {"name": self.name, "dtype": self.dtype, "min": list(self.min), "opt": list(self.opt),
                 "max": list(self.max), "low": self.low, "high": self.high,
-                "dynamic_axes": list(self.dynamic_axes), "multiple": [self.step(a) for a in range(self.rank)]}
+                "dynamic_axes": list(self.dynamic_axes), "multiple": [self.step(a) for a in range(self.rank)],
+                **({"mask_for": self.mask_for} if self.mask_for else {})}
 
     def random(self, shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
         """Random values of this input's dtype: ints uniform in [low, high], floats standard normal."""
         dt = self.np_dtype
+        if self.mask_for and len(shape) == 2:
+            return padding_mask(tuple(shape), rng).astype(dt)
         if np.issubdtype(dt, np.integer):
             lo = int(self.low if self.low is not None else 0)
             hi = int(self.high if self.high is not None else 100)
@@ -170,6 +176,41 @@ class InputSpec:
         if self.low is not None and self.high is not None:
             arr = rng.uniform(self.low, self.high, size=tuple(shape))
         return arr.astype(dt)
+
+
+def padding_mask(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """A (batch, seq) padding mask whose rows are, in turn, left-padded, right-padded and unpadded, each padded
+    row keeping 1..seq-1 tokens (a single token cannot be padded)."""
+    batch, seq = shape
+    mask = np.ones(shape, dtype=np.int64)
+    for row in range(batch):
+        if seq < 2 or row % 3 == 2:
+            continue
+        pad = int(rng.integers(1, seq))
+        if row % 3 == 0:
+            mask[row, :pad] = 0
+        else:
+            mask[row, seq - pad:] = 0
+    return mask
+
+
+def tie_masks(specs: Sequence[InputSpec], given: Iterable[str] = ()) -> list[InputSpec]:
+    """A padding mask has its tokens' shape range: where the command line gave the range of only one of the
+    two, the other takes it."""
+    by_name = {s.name: s for s in specs}
+    given = set(given)
+    out = []
+    for spec in specs:
+        tokens = by_name.get(spec.mask_for or "")
+        if tokens is not None and spec.name not in given:
+            spec = replace(spec, min=tokens.min, opt=tokens.opt, max=tokens.max, multiple=tokens.multiple)
+        out.append(spec)
+    by_name = {s.name: s for s in out}
+    for i, spec in enumerate(out):
+        mask = next((m for m in out if m.mask_for == spec.name), None)
+        if mask is not None and mask.name in given and spec.name not in given:
+            out[i] = replace(spec, min=mask.min, opt=mask.opt, max=mask.max, multiple=mask.multiple)
+    return out
 
 
 def odd_size(lo: int, hi: int, opt: int, step: int = 1) -> int:
@@ -334,7 +375,7 @@ def merge_specs(given: Sequence[InputSpec], known: Sequence[InputSpec], explicit
             spec = replace(spec, dtype=spec.dtype if spec.name in explicit_dtypes else base.dtype,
                            low=spec.low if spec.low is not None else base.low,
                            high=spec.high if spec.high is not None else base.high,
-                           multiple=base.multiple)
+                           multiple=base.multiple, mask_for=base.mask_for)
         out.append(spec)
     named = {s.name for s in given}
     return out + [s for s in known if s.name not in named]
