@@ -1,14 +1,15 @@
 """flash-linear-attention / fla-core: torch forms of the Triton code its layers run, one module per family
-of layers (``linear_attn``: ``LinearAttention`` and fla's Triton norms). ``PATCHES`` and ``refusals`` are the
+of layers (``linear_attn``: ``LinearAttention`` and ``RMSNorm``; ``gated``: GLA, HGRN2, simple GLA, retention;
+``modules``: the Triton norms, rotary embeddings and activations these layers share). ``PATCHES`` and ``refusals`` are the
 library's entries in the registry of :mod:`exporter.patches`."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from exporter.patches.fla import linear_attn
+from exporter.patches.fla import gated, linear_attn, modules
 
-_FAMILIES = [linear_attn]
+_FAMILIES = [linear_attn, gated, modules]
 
 PATCHES = [p for family in _FAMILIES for p in family.PATCHES]
 
