@@ -108,7 +108,7 @@ def test_fla_ops_patch_equals_fla_reference():
     pytest.importorskip("fla")
     from fla.ops.linear_attn.naive import naive_recurrent_linear_attn
 
-    from exporter.patches.fla.linear_attn import linear_attn_cumsum
+    from exporter.patches.fla.linear_attn import fla_linear_attn
 
     torch.manual_seed(0)
     for n in (1, 37, 64, 100, 129):
@@ -116,7 +116,7 @@ def test_fla_ops_patch_equals_fla_reference():
         q, k = torch.sigmoid(q), torch.sigmoid(k)  # positive features: the normalizer stays away from 0
         for normalize in (False, True):
             ref, _ = naive_recurrent_linear_attn(q, k, v, normalize=normalize)
-            got, _ = linear_attn_cumsum(q, k, v, normalize=normalize)
+            got, _ = fla_linear_attn(q, k, v, normalize=normalize)
             _close(got, ref, 1e-5)
 
 

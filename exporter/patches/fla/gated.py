@@ -23,7 +23,7 @@ Refused by name: ``RWKV7Attention`` (its generalized delta rule is none of the o
 
 from __future__ import annotations
 
-import functools
+import types
 from typing import Any, Callable
 
 import torch
@@ -199,26 +199,24 @@ def _layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if classes and isinstance(m, classes)]
 
 
-def _mode_blind_forward(layer: nn.Module) -> Callable[..., Any]:
+def _mode_blind_forward(layer: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
     """The layer's own forward, traced with guards suppressed: its one decision on the length is the kernel
     choice (``fused_recurrent`` up to 64 tokens), and ``_find`` swaps every kernel it can choose for the same
     op, so the choice changes nothing and must not narrow the exported range. Only while torch traces with
     symbolic sizes, and only for the plain call (no attention mask, cache or varlen ``cu_seqlens``, whose
-    paths do more with the length); eagerly the forward runs as it is."""
-    forward = type(layer).forward.__get__(layer)
+    paths do more with the length); eagerly the forward runs as it is. Bound to the instance (a deep copy of
+    the model, e.g. parity's float64 reference, rebinds it to the copy)."""
+    from torch._guards import detect_fake_mode
 
-    @functools.wraps(forward)
-    def run(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        from torch._guards import detect_fake_mode
-
-        mode = detect_fake_mode([hidden_states])
-        env = getattr(mode, "shape_env", None) if mode is not None else None
-        plain = not args and all(kwargs.get(k) is None for k in ("attention_mask", "past_key_values", "cu_seqlens"))
-        if env is None or not plain or kwargs.get("use_cache"):
-            return forward(hidden_states, *args, **kwargs)
-        with env.suppress_guards():
-            return forward(hidden_states, *args, **kwargs)
-    return run
+    forward = type(layer).forward
+    mode = detect_fake_mode([hidden_states])
+    env = getattr(mode, "shape_env", None) if mode is not None else None
+    plain = not args and not kwargs.get("use_cache") and all(
+        kwargs.get(k) is None for k in ("attention_mask", "past_key_values", "cu_seqlens"))
+    if env is None or not plain:
+        return forward(layer, hidden_states, *args, **kwargs)
+    with env.suppress_guards():
+        return forward(layer, hidden_states, *args, **kwargs)
 
 
 def _find(model: nn.Module) -> list[Swap]:
@@ -230,7 +228,7 @@ def _find(model: nn.Module) -> list[Swap]:
     for layer in layers:
         for s in fla_modules.function_swaps(layer, table):
             swaps.setdefault((id(s.owner), s.name), s)
-        swaps[(id(layer), "forward")] = Swap(layer, "forward", _mode_blind_forward(layer))
+        swaps[(id(layer), "forward")] = Swap(layer, "forward", types.MethodType(_mode_blind_forward, layer))
     return list(swaps.values())
 
 

@@ -13,6 +13,7 @@ form: ``[B, H, K, V]``, and with ``normalize`` the pair ``(kv_state, z_state [B,
 from __future__ import annotations
 
 import functools
+import types
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from torch.nn import functional as F
 
 from exporter.linear_attention import linear_attention
 from exporter.patches import Patch, Swap, instances, loaded_module
+from exporter.patches.fla.modules import up
 
 _OPS = {"chunk_linear_attn": True, "fused_chunk_linear_attn": True, "fused_recurrent_linear_attn": False}
 
@@ -52,20 +54,19 @@ def fla_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     return o, (ht[..., :-1] if output_final_state else None, z_state)
 
 
-def _rms_norm_forward(norm: nn.Module):
-    """fla's RMSNorm forward (residual, prenorm) with ``F.rms_norm`` in float32 instead of Triton."""
-    def forward(x: torch.Tensor, residual: torch.Tensor | None = None, prenorm: bool = False,
-                residual_in_fp32: bool = False) -> Any:
-        dtype = x.dtype
-        if residual is not None:
-            x = x.float() + residual.float() if residual_in_fp32 else x + residual
-        out = F.rms_norm(x.float(), (x.shape[-1],), None, norm.eps)
-        if norm.weight is not None:
-            out = out * norm.weight.float()
-        if norm.bias is not None:
-            out = out + norm.bias.float()
-        return (out.to(dtype), x) if prenorm else out.to(dtype)
-    return forward
+def _rms_norm_forward(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None,
+                     prenorm: bool = False, residual_in_fp32: bool = False) -> Any:
+    """fla's RMSNorm forward (residual, prenorm) with ``F.rms_norm`` in float32 (float64 stays) instead of
+    Triton; bound to the instance, so a deep copy of the model (parity's float64 reference) uses its own."""
+    dtype = x.dtype
+    if residual is not None:
+        x = up(x) + up(residual) if residual_in_fp32 else x + residual
+    out = F.rms_norm(up(x), (x.shape[-1],), None, norm.eps)
+    if norm.weight is not None:
+        out = out * up(norm.weight)
+    if norm.bias is not None:
+        out = out + up(norm.bias)
+    return (out.to(dtype), x) if prenorm else out.to(dtype)
 
 
 def _triton_unusable() -> bool:
@@ -84,7 +85,7 @@ def _find_ops(model: nn.Module) -> list[Swap]:
 def _find_norms(model: nn.Module) -> list[Swap]:
     mod = loaded_module("fla.modules.norm.layernorm")
     cls = getattr(mod, "RMSNorm", None) if mod is not None else None
-    return [Swap(m, "forward", _rms_norm_forward(m)) for _, m in instances(model, cls)]
+    return [Swap(m, "forward", types.MethodType(_rms_norm_forward, m)) for _, m in instances(model, cls)]
 
 
 PATCHES = [

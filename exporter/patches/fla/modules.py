@@ -10,6 +10,7 @@ and functions that *are* fla's (a layer's module globals, attributes a layer sto
 
 from __future__ import annotations
 
+import types
 from typing import Any, Callable
 
 import torch
@@ -17,6 +18,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from exporter.patches import Patch, Swap, instances, loaded_module
+
+
+def up(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 for the statistics, as fla's kernels compute them; float64 stays (parity's reference)."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def _triton_unusable() -> bool:
@@ -31,23 +37,24 @@ def rms_norm_gated(x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor | None
     ``g * sigmoid(g)`` (swish/silu) or ``sigmoid(g)``."""
     dtype = x.dtype
     if residual is not None:
-        x = x.float() + residual.float() if residual_in_fp32 else x + residual
-    y = F.rms_norm(x.float(), (x.shape[-1],), None, eps)
+        x = up(x) + up(residual) if residual_in_fp32 else x + residual
+    y = F.rms_norm(up(x), (x.shape[-1],), None, eps)
     if weight is not None:
-        y = y * weight.float()
+        y = y * up(weight)
     if bias is not None:
-        y = y + bias.float()
-    gf = g.float()
+        y = y + up(bias)
+    gf = up(g)
     y = y * (F.silu(gf) if activation in ("swish", "silu") else torch.sigmoid(gf))
     return (y.to(dtype), x) if prenorm else y.to(dtype)
 
 
-def _fused_rms_norm_gated_forward(norm: nn.Module) -> Callable[..., Any]:
-    def forward(x: torch.Tensor, g: torch.Tensor, residual: torch.Tensor | None = None, prenorm: bool = False,
-                residual_in_fp32: bool = False) -> Any:
-        return rms_norm_gated(x, g, norm.weight, norm.bias, norm.activation, residual, prenorm, residual_in_fp32,
-                              norm.eps)
-    return forward
+def _fused_rms_norm_gated_forward(norm: nn.Module, x: torch.Tensor, g: torch.Tensor,
+                                  residual: torch.Tensor | None = None, prenorm: bool = False,
+                                  residual_in_fp32: bool = False) -> Any:
+    """``FusedRMSNormGated.forward``; bound to the instance (a bound method: a deep copy of the model, e.g.
+    parity's float64 reference, rebinds it to the copy's weights)."""
+    return rms_norm_gated(x, g, norm.weight, norm.bias, norm.activation, residual, prenorm, residual_in_fp32,
+                          norm.eps)
 
 
 def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor | None, norm_bias: torch.Tensor | None,
@@ -55,46 +62,45 @@ def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor | None, norm_bias
                     residual: torch.Tensor | None = None, eps: float = 1e-5, prenorm: bool = False,
                     residual_in_fp32: bool = False) -> Any:
     """``fla.modules.layernorm.rms_norm_linear``: RMSNorm (float32 statistics), then ``F.linear``."""
-    dtype = x.dtype
     if residual is not None:
-        x = x.float() + residual.float() if residual_in_fp32 else x + residual
-    y = F.rms_norm(x.float(), (x.shape[-1],), None, eps)
+        x = up(x) + up(residual) if residual_in_fp32 else x + residual
+    y = F.rms_norm(up(x), (x.shape[-1],), None, eps)
     if norm_weight is not None:
-        y = y * norm_weight.float()
+        y = y * up(norm_weight)
     if norm_bias is not None:
-        y = y + norm_bias.float()
+        y = y + up(norm_bias)
     out = F.linear(y.to(linear_weight.dtype), linear_weight, linear_bias)
     return (out, x) if prenorm else out
 
 
-def _rotary_forward(rot: nn.Module) -> Callable[..., Any]:
-    """``RotaryEmbedding.forward`` without its cos/sin cache: the cache is resized by a Python comparison
-    with the sequence length (a guard on it when exported); here the table is computed for the positions at
-    hand, ``seqlen_offset .. seqlen_offset + T``, as the cache would hold them."""
-    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        r = cos.shape[-1] * 2
-        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-        xr = x[..., :r]
-        if rot.interleaved:
-            x1, x2 = xr[..., ::2], xr[..., 1::2]
-            y = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
-        else:
-            x1, x2 = xr.chunk(2, dim=-1)
-            y = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        return torch.cat((y, x[..., r:]), dim=-1) if r < x.shape[-1] else y
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    r = cos.shape[-1] * 2
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    xr = x[..., :r]
+    if interleaved:
+        x1, x2 = xr[..., ::2], xr[..., 1::2]
+        y = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    else:
+        x1, x2 = xr.chunk(2, dim=-1)
+        y = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return torch.cat((y, x[..., r:]), dim=-1) if r < x.shape[-1] else y
 
-    def forward(q: torch.Tensor, k: torch.Tensor, seqlen_offset: int | torch.Tensor = 0,
-                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
-                chunk_indices: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if cu_seqlens is not None or not isinstance(seqlen_offset, int):
-            raise NotImplementedError("lrexport's fla rotary patch takes one shared integer seqlen_offset "
-                                      "(no varlen cu_seqlens or per-sequence offsets)")
-        inv_freq = rot.inv_freq.float() if rot.pos_idx_in_fp32 else rot.inv_freq
-        t = torch.arange(q.shape[1], device=q.device, dtype=inv_freq.dtype) + seqlen_offset
-        freqs = torch.outer(t, inv_freq)
-        cos, sin = torch.cos(freqs).to(q.dtype), torch.sin(freqs).to(q.dtype)
-        return rotate(q, cos, sin), rotate(k, cos, sin)
-    return forward
+
+def _rotary_forward(rot: nn.Module, q: torch.Tensor, k: torch.Tensor, seqlen_offset: int | torch.Tensor = 0,
+                    cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                    chunk_indices: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``RotaryEmbedding.forward`` without its cos/sin cache, which is resized by a Python comparison with the
+    sequence length (a guard on it when exported): the table is computed for the positions at hand,
+    ``seqlen_offset .. seqlen_offset + T``, as the cache holds them (positions in float32, cos/sin in q's
+    dtype). Bound to the instance like the norms."""
+    if cu_seqlens is not None or not isinstance(seqlen_offset, int):
+        raise NotImplementedError("lrexport's fla rotary patch takes one shared integer seqlen_offset "
+                                  "(no varlen cu_seqlens or per-sequence offsets)")
+    inv_freq = rot.inv_freq.float() if rot.pos_idx_in_fp32 else rot.inv_freq
+    t = torch.arange(q.shape[1], device=q.device, dtype=inv_freq.dtype) + seqlen_offset
+    freqs = torch.outer(t, inv_freq)
+    cos, sin = torch.cos(freqs).to(q.dtype), torch.sin(freqs).to(q.dtype)
+    return _rotate(q, cos, sin, rot.interleaved), _rotate(k, cos, sin, rot.interleaved)
 
 
 def _logsigmoid(x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -143,13 +149,13 @@ def function_swaps(layer: nn.Module, table: dict[int, tuple[str, Callable[..., A
 def _find_fused_norms(model: nn.Module) -> list[Swap]:
     mod = loaded_module("fla.modules.norm.fused_norm_gate")
     cls = getattr(mod, "FusedRMSNormGated", None) if mod is not None else None
-    return [Swap(m, "forward", _fused_rms_norm_gated_forward(m)) for _, m in instances(model, cls)]
+    return [Swap(m, "forward", types.MethodType(_fused_rms_norm_gated_forward, m)) for _, m in instances(model, cls)]
 
 
 def _find_rotary(model: nn.Module) -> list[Swap]:
     mod = loaded_module("fla.modules.rotary.ops")
     cls = getattr(mod, "RotaryEmbedding", None) if mod is not None else None
-    return [Swap(m, "forward", _rotary_forward(m)) for _, m in instances(model, cls) if m.scale_base is None]
+    return [Swap(m, "forward", types.MethodType(_rotary_forward, m)) for _, m in instances(model, cls) if m.scale_base is None]
 
 
 def refusals(model: nn.Module) -> list[str]:
