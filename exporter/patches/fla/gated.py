@@ -199,24 +199,15 @@ def _layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if classes and isinstance(m, classes)]
 
 
-def _mode_blind_forward(layer: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-    """The layer's own forward, traced with guards suppressed: its one decision on the length is the kernel
-    choice (``fused_recurrent`` up to 64 tokens), and ``_find`` swaps every kernel it can choose for the same
-    op, so the choice changes nothing and must not narrow the exported range. Only while torch traces with
-    symbolic sizes, and only for the plain call (no attention mask, cache or varlen ``cu_seqlens``, whose
-    paths do more with the length); eagerly the forward runs as it is. Bound to the instance (a deep copy of
-    the model, e.g. parity's float64 reference, rebinds it to the copy)."""
-    from torch._guards import detect_fake_mode
-
+def _mode_blind_forward(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The layer's own forward, its kernel choice by length made without a guard
+    (:func:`exporter.patches.fla.modules.own_frame_unguarded`): ``_find`` swaps every kernel the layer can
+    choose for the same op. Bound to the instance (a deep copy of the model, e.g. parity's float64 reference,
+    rebinds it to the copy)."""
     forward = type(layer).forward
-    mode = detect_fake_mode([hidden_states])
-    env = getattr(mode, "shape_env", None) if mode is not None else None
-    plain = not args and not kwargs.get("use_cache") and all(
-        kwargs.get(k) is None for k in ("attention_mask", "past_key_values", "cu_seqlens"))
-    if env is None or not plain:
-        return forward(layer, hidden_states, *args, **kwargs)
-    with env.suppress_guards():
-        return forward(layer, hidden_states, *args, **kwargs)
+    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+    with fla_modules.own_frame_unguarded(forward.__code__, tensors):
+        return forward(layer, *args, **kwargs)
 
 
 def _find(model: nn.Module) -> list[Swap]:

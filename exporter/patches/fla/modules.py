@@ -10,8 +10,10 @@ and functions that *are* fla's (a layer's module globals, attributes a layer sto
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import types
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -144,6 +146,44 @@ def function_swaps(layer: nn.Module, table: dict[int, tuple[str, Callable[..., A
     swaps += [Swap(layer, name, table[id(val)][1]) for name, val in vars(layer).items()
               if not name.startswith("_") and id(val) in table]
     return swaps
+
+
+def _in_torch(frame: Any) -> bool:
+    name = str(frame.f_globals.get("__name__", ""))
+    return name in ("torch", "sympy") or name.startswith(("torch.", "sympy."))
+
+
+@contextlib.contextmanager
+def own_frame_unguarded(code: Any, tensors: list[torch.Tensor]) -> Iterator[None]:
+    """While torch traces with symbolic sizes: a size comparison made directly in the frame running ``code``
+    (the first caller outside torch) is answered by its example value without recording a guard; every guard
+    raised in a function it calls (einops, torch, the op) stays. For fla's layers, which choose a kernel by
+    length (``mode = 'fused_recurrent' if q_len <= 64 else self.mode``) among kernels the patches make one and
+    the same op: the answer cannot change the graph, and the guard would pin the exported range to one side
+    of 64."""
+    from torch._guards import detect_fake_mode
+
+    fake_mode = detect_fake_mode(tensors) if tensors else None
+    shape_env = getattr(fake_mode, "shape_env", None)
+    if shape_env is None:
+        yield
+        return
+    evaluate = shape_env.evaluate_expr
+
+    def evaluate_expr(*a: Any, **k: Any) -> Any:
+        frame = sys._getframe(1)
+        while frame is not None and _in_torch(frame):
+            frame = frame.f_back
+        if frame is not None and frame.f_code is code:
+            with shape_env.suppress_guards():
+                return evaluate(*a, **k)
+        return evaluate(*a, **k)
+
+    shape_env.evaluate_expr = evaluate_expr
+    try:
+        yield
+    finally:
+        del shape_env.evaluate_expr
 
 
 def _find_fused_norms(model: nn.Module) -> list[Swap]:
