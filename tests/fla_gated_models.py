@@ -46,6 +46,14 @@ def retention(seed: int = 0) -> nn.Module:
     return Layer(MultiScaleRetention(hidden_size=HIDDEN, num_heads=2)).eval()
 
 
+def simple_gla(seed: int = 0) -> nn.Module:
+    """SimpleGatedLinearAttention (one decay per head and position), without its short convolutions."""
+    from fla.layers.simple_gla import SimpleGatedLinearAttention
+
+    torch.manual_seed(seed)
+    return Layer(SimpleGatedLinearAttention(hidden_size=HIDDEN, num_heads=2, use_short_conv=False)).eval()
+
+
 def hgrn2(seed: int = 0) -> nn.Module:
     """HGRN2Attention: GLA with k = 1 - exp(g), swish on q, rms_norm_linear output."""
     from fla.layers import HGRN2Attention

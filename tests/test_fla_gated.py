@@ -1,5 +1,6 @@
-"""fla's decaying linear-attention layers (GatedLinearAttention, HGRN2Attention, MultiScaleRetention) and its
-LinearAttention on lrexport's linear-attention op (exporter/patches/fla/gated.py, linear_attn.py, modules.py).
+"""fla's decaying linear-attention layers (GatedLinearAttention, HGRN2Attention, MultiScaleRetention,
+SimpleGatedLinearAttention) and its LinearAttention on lrexport's linear-attention op
+(exporter/patches/fla/gated.py, linear_attn.py, modules.py).
 
 References are fla's own PyTorch code, never the op: each swapped op function against fla's ``naive``
 recurrence at lengths on and off the chunk sizes (the op chunks by 16 with a per-key decay, fla by 64), with an
@@ -108,6 +109,7 @@ def test_retention_ops_equal_fla_naive():
     """fla's retention is simple GLA with decay log(1 - 2^(-5-h)) per head: against ``naive_retention`` (no
     state), and with an initial state against ``naive_recurrent_simple_gla`` at that decay."""
     from fla.ops.retention.naive import naive_retention
+    from fla.ops.simple_gla.naive import naive_recurrent_simple_gla
     from fla.ops.simple_gla.naive import naive_parallel_simple_gla, naive_recurrent_simple_gla
 
     from exporter.patches.fla import gated
@@ -165,6 +167,7 @@ def _on_fla_naive(monkeypatch, model: torch.nn.Module) -> None:
     import fla.layers.hgrn2 as hgrn2_mod
     import fla.layers.linear_attn as la_mod
     import fla.layers.multiscale_retention as msr_mod
+    import fla.layers.simple_gla as sgla_mod
     import fla.modules.rotary.ops as rotary_ops
     from fla.modules import FusedRMSNormGated, RMSNorm
     from fla.modules.activations import swish
@@ -173,6 +176,7 @@ def _on_fla_naive(monkeypatch, model: torch.nn.Module) -> None:
     from fla.ops.gla.naive import naive_recurrent_gla
     from fla.ops.linear_attn.naive import naive_recurrent_linear_attn
     from fla.ops.retention.naive import naive_retention
+    from fla.ops.simple_gla.naive import naive_recurrent_simple_gla
 
     def gla(q, k, v, g=None, gk=None, initial_state=None, output_final_state=False, **_):
         return naive_recurrent_gla(q, k, v, g if g is not None else gk, initial_state, output_final_state)
@@ -188,6 +192,10 @@ def _on_fla_naive(monkeypatch, model: torch.nn.Module) -> None:
     for mod in (gla_mod, hgrn2_mod):
         for name in ("chunk_gla", "fused_chunk_gla", "fused_recurrent_gla"):
             monkeypatch.setattr(mod, name, gla)
+    for name in ("chunk_simple_gla", "fused_recurrent_simple_gla"):
+        monkeypatch.setattr(sgla_mod, name, lambda q, k, v, g, initial_state=None, output_final_state=False, **_:
+                            naive_recurrent_simple_gla(q, k, v, g, initial_state=initial_state,
+                                                       output_final_state=output_final_state))
     for name in ("chunk_retention", "fused_chunk_retention", "fused_recurrent_retention", "parallel_retention"):
         monkeypatch.setattr(msr_mod, name, retention)
     for name in ("chunk_linear_attn", "fused_chunk_linear_attn", "fused_recurrent_linear_attn"):
@@ -209,7 +217,7 @@ def _on_fla_naive(monkeypatch, model: torch.nn.Module) -> None:
                 monkeypatch.setattr(m, attr, F.silu)
 
 
-@pytest.mark.parametrize("name", ["gla", "gla_gqa", "retention", "hgrn2", "linear_attention"])
+@pytest.mark.parametrize("name", ["gla", "gla_gqa", "retention", "simple_gla", "hgrn2", "linear_attention"])
 def test_patched_layer_equals_layer_on_fla_naive(monkeypatch, name):
     """Lengths on both sides of 64, where fla's layers switch from ``fused_recurrent`` to their ``mode``."""
     model = getattr(fgm, name)()
@@ -244,7 +252,7 @@ def _op_nodes(model: onnx.ModelProto) -> int:
     return sum(n.op_type == "LinearAttention" and n.domain == "lrexport" for n in model.graph.node)
 
 
-@pytest.mark.parametrize("name", ["gla", "retention", "hgrn2", "linear_attention"])
+@pytest.mark.parametrize("name", ["gla", "retention", "simple_gla", "hgrn2", "linear_attention"])
 def test_build_dynamic_on_the_op(cli, tmp_path, name):
     out = tmp_path / "out"
     res = cli("build", "--factory", f"fla_gated_models:{name}", "--input", "x:2x64x32:float32", "--shapes", SHAPES,

@@ -159,25 +159,6 @@ def test_fla_unpatched_fails_on_cpu_and_reference_patch_runs_it():
         assert chosen == []
 
 
-def test_fla_gated_layers_refused_with_reason(cli, tmp_path):
-    pytest.importorskip("fla")
-    from fla.layers import GatedLinearAttention
-
-    class Gla(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.gla = GatedLinearAttention(hidden_size=64, num_heads=4)
-
-        def forward(self, x):
-            return self.gla(x)[0]
-
-    from exporter.errors import LrexportError
-
-    with pytest.raises(LrexportError, match=r"GatedLinearAttention in module 'gla' has no export patch: its state "
-                                            r"decays"):
-        select_patches(Gla())
-
-
 # ------------------------------------------------------------------------------------ selection, restoring
 
 
