@@ -455,6 +455,8 @@ def export_onnx(loaded: LoadedModel | nn.Module, specs: Sequence[InputSpec], pat
     with applied(module, chosen, eager_only=True):
         try:
             out_names = output_names_for(module, args)
+        except LrexportError:  # a patch refusing what it cannot export, said by the patch
+            raise
         except Exception as err:
             from exporter.model_errors import triton_without_gpu
 

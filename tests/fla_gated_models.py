@@ -76,3 +76,14 @@ def rwkv7(seed: int = 0) -> nn.Module:
 
     torch.manual_seed(seed)
     return Layer(RWKV7Attention(hidden_size=HIDDEN, head_dim=16, layer_idx=0, num_hidden_layers=2)).eval()
+
+
+class Masked(Layer):
+    """Calls the layer with an all-ones padding mask (fla unpads the batch into varlen sequences)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x, attention_mask=torch.ones(x.shape[:2], dtype=torch.long))[0]
+
+
+def gla_masked(seed: int = 0) -> nn.Module:
+    return Masked(gla(seed).layer).eval()

@@ -274,3 +274,12 @@ def test_build_dynamic_on_the_op(cli, tmp_path, name):
     assert len(onnx.load(str(tmp_path / "long.onnx")).graph.node) == len(exported.graph.node)
     if importlib.util.find_spec("tensorrt_rtx") is not None:
         assert (out / "model.engine").stat().st_size > 0 and data["engine"]["backend"] == "tensorrt-rtx"
+
+
+def test_attention_mask_refused_by_name(cli, tmp_path):
+    """A padding mask makes fla unpad the batch into varlen sequences, which the op cannot run: one line."""
+    res = cli("build", "--factory", "fla_gated_models:gla_masked", "--input", "x:1x16x32:float32", "--out",
+              tmp_path / "out", "-q")
+    assert res.code == 2
+    assert error_line(res).startswith("error: fla GatedLinearAttention is called with attention_mask: fla then "
+                                      "unpads the batch"), res.err

@@ -15,20 +15,23 @@ rotary embeddings on these layers' paths get torch forms from :mod:`exporter.pat
 fla's layers pick a kernel by length (``fused_recurrent`` up to 64 tokens, their ``mode`` above), a Python
 comparison with the sequence length that torch.export would record as a guard and narrow the dynamic range
 by. Every kernel computes the same function and every one is swapped for the same op, so the comparison
-decides nothing: the layer's forward runs with guards on the length suppressed while the mode is chosen
-(see :func:`_mode_blind_forward`).
+decides nothing: that comparison, made in the layer's own forward, is answered without a guard
+(:func:`_mode_blind_forward`). A layer called with an ``attention_mask`` (fla then unpads the batch into
+varlen sequences) is refused, naming it.
 
 Refused by name: ``RWKV7Attention`` (its generalized delta rule is none of the op's rules).
 """
 
 from __future__ import annotations
 
+import inspect
 import types
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from exporter.errors import LrexportError
 from exporter.linear_attention import linear_attention
 from exporter.patches import Patch, Swap, instances, loaded_module
 from exporter.patches.fla import modules as fla_modules
@@ -205,12 +208,23 @@ def _mode_blind_forward(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
     choose for the same op. Bound to the instance (a deep copy of the model, e.g. parity's float64 reference,
     rebinds it to the copy)."""
     forward = type(layer).forward
+    call = inspect.signature(forward).bind(layer, *args, **kwargs).arguments
+    given = [n for n in ("attention_mask", "cu_seqlens") if call.get(n, (call.get("kwargs") or {}).get(n)) is not None]
+    if given:
+        raise LrexportError(
+            f"fla {type(layer).__name__} is called with {given[0]}: fla then unpads the batch into variable-length "
+            "sequences (cu_seqlens), which lrexport's linear-attention op cannot run (one state per batch row, "
+            "from its first position)",
+            "call the layer without it for export (the recurrence is causal: right-padded rows need no mask), or "
+            "export with --no-patches to see fla's own error")
     tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
     with fla_modules.own_frame_unguarded(forward.__code__, tensors):
         return forward(layer, *args, **kwargs)
 
 
 def _find(model: nn.Module) -> list[Swap]:
+    """For each layer: the fla functions its module imported and it stored on itself (ops, activations, norms:
+    by identity) -> their torch forms, and its forward -> :func:`_mode_blind_forward`."""
     layers = _layers(model)
     if not layers:
         return []
@@ -232,6 +246,6 @@ def refusals(model: nn.Module) -> list[str]:
 
 
 PATCHES = [
-    Patch("fla-core", "gla / simple_gla / retention ops (Triton)", "lrexport linear_attention op", _find,
+    Patch("fla-core", "gla / simple_gla / retention ops and activations (Triton)", "lrexport linear_attention op", _find,
           fla_modules._triton_unusable),
 ]
