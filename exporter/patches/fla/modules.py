@@ -137,8 +137,6 @@ def torch_functions() -> dict[int, tuple[str, Callable[..., Any]]]:
 def function_swaps(layer: nn.Module, table: dict[int, tuple[str, Callable[..., Any]]]) -> list[Swap]:
     """Swaps for the functions in ``table`` that ``layer`` reaches: globals of the module its class is defined
     in (what it imported by name) and attributes it stored on itself (``ACT2FN[...]`` entries)."""
-    import sys
-
     swaps = []
     mod = sys.modules.get(type(layer).__module__)
     if mod is not None:
