@@ -108,7 +108,7 @@ def test_fla_ops_patch_equals_fla_reference():
     pytest.importorskip("fla")
     from fla.ops.linear_attn.naive import naive_recurrent_linear_attn
 
-    from exporter.patches.fla.linear_attn import linear_attn_cumsum
+    from exporter.patches.fla.linear_attn import fla_linear_attn
 
     torch.manual_seed(0)
     for n in (1, 37, 64, 100, 129):
@@ -116,7 +116,7 @@ def test_fla_ops_patch_equals_fla_reference():
         q, k = torch.sigmoid(q), torch.sigmoid(k)  # positive features: the normalizer stays away from 0
         for normalize in (False, True):
             ref, _ = naive_recurrent_linear_attn(q, k, v, normalize=normalize)
-            got, _ = linear_attn_cumsum(q, k, v, normalize=normalize)
+            got, _ = fla_linear_attn(q, k, v, normalize=normalize)
             _close(got, ref, 1e-5)
 
 
@@ -157,25 +157,6 @@ def test_fla_unpatched_fails_on_cpu_and_reference_patch_runs_it():
         assert model(torch.randn(1, 8, 64)).shape == (1, 8, 64)
     with reference_patches(model, enabled=False) as chosen:
         assert chosen == []
-
-
-def test_fla_gated_layers_refused_with_reason(cli, tmp_path):
-    pytest.importorskip("fla")
-    from fla.layers import GatedLinearAttention
-
-    class Gla(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.gla = GatedLinearAttention(hidden_size=64, num_heads=4)
-
-        def forward(self, x):
-            return self.gla(x)[0]
-
-    from exporter.errors import LrexportError
-
-    with pytest.raises(LrexportError, match=r"GatedLinearAttention in module 'gla' has no export patch: its state "
-                                            r"decays"):
-        select_patches(Gla())
 
 
 # ------------------------------------------------------------------------------------ selection, restoring
