@@ -16,8 +16,8 @@ final state comes back when asked (``use_cache``), so a decoder can carry it.
 The layers also run Triton modules: every ``ShortConvolution`` gets a torch forward (a depthwise causal
 ``conv1d`` over the cache's last W-1 inputs or zeros, activation, residual; with ``output_final_state`` the
 last W inputs as the new cache, as fla's step kernel returns it; the cache is not updated in place), every
-``FusedRMSNormGated`` (``rms_norm(x) * w * act(g)``) and ``L2Norm`` one in float32. fla's plain
-``RMSNorm`` is patched by :mod:`exporter.patches.fla.linear_attn`. Instance forwards are bound methods, not
+``L2Norm`` one in float32. fla's ``RMSNorm`` and ``FusedRMSNormGated`` are patched by
+:mod:`exporter.patches.fla.linear_attn` and :mod:`exporter.patches.fla.modules`. Instance forwards are bound methods, not
 closures over the instance: parity's float64 reference is a deep copy made while the patches are applied,
 and a bound method is rebound to the copy (a closure would keep running the float32 original).
 
@@ -251,23 +251,6 @@ def _short_conv_forward(conv: nn.Module, x: torch.Tensor, residual: torch.Tensor
                                conv.activation)
 
 
-def _gated_norm_forward(norm: nn.Module, x: torch.Tensor, g: torch.Tensor, residual: torch.Tensor | None = None,
-                        prenorm: bool = False, residual_in_fp32: bool = False) -> Any:
-    """``FusedRMSNormGated.forward``: ``rms_norm(x) * weight (+ bias) * act(g)``, act silu/swish or sigmoid."""
-    dtype = x.dtype
-    if residual is not None:
-        x = _compute(x) + _compute(residual) if residual_in_fp32 else x + residual
-    xc = _compute(x)
-    y = F.rms_norm(xc, (xc.shape[-1],), None, norm.eps)
-    if norm.weight is not None:
-        y = y * norm.weight.to(y.dtype)
-    if getattr(norm, "bias", None) is not None:
-        y = y + norm.bias.to(y.dtype)
-    gc = _compute(g).to(y.dtype)
-    y = y * (torch.sigmoid(gc) if norm.activation == "sigmoid" else F.silu(gc))
-    return (y.to(dtype), x) if prenorm else y.to(dtype)
-
-
 def _l2norm_forward(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``L2Norm.forward``."""
     y = l2norm(x, mod.eps)
@@ -389,7 +372,6 @@ def _own_frame_unguarded(code: Any, args: tuple, kwargs: dict) -> Any:
 def _find_modules(model: nn.Module) -> list[Swap]:
     swaps: list[Swap] = []
     for mod_name, cls_name, make in (("fla.modules.causal_conv1d", "ShortConvolution", _short_conv_forward),
-                                     ("fla.modules.norm", "FusedRMSNormGated", _gated_norm_forward),
                                      ("fla.modules.norm", "L2Norm", _l2norm_forward)):
         mod = loaded_module(mod_name)
         cls = getattr(mod, cls_name, None) if mod is not None else None
@@ -406,6 +388,6 @@ def _triton_unusable() -> bool:
 PATCHES = [
     Patch("fla-core", "delta-rule ops of DeltaNet / GatedDeltaNet / KimiDeltaAttention (Triton)",
           "lrexport linear-attention op", _find_ops, _triton_unusable),
-    Patch("fla-core", "ShortConvolution / FusedRMSNormGated / L2Norm (Triton)", "torch conv1d / rms_norm",
+    Patch("fla-core", "ShortConvolution / L2Norm (Triton)", "torch conv1d / l2 norm",
           _find_modules, _triton_unusable),
 ]
