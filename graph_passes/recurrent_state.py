@@ -37,6 +37,15 @@ from graph_passes.shape_inference import TypedShapeInferencePass
 from graph_passes._base import GraphPass, GraphPassResult, Match, record
 from graph_passes._util import const_array, const_ints, shape_dims
 from graph_passes.name_scopes import name_scopes
+from graph_passes.recurrent_carry import (
+    CausalConv,
+    StateTap,
+    carry_conv,
+    carry_linear_attention,
+    causal_conv,
+    is_linear_attention,
+    linear_attention_refusal,
+)
 from graph_passes.seq_length import LengthUseError, PositionBound, classify_length_uses
 
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
@@ -79,12 +88,14 @@ class CarriedState:
     dtype: str  # numpy dtype name of the state
     module: str | None  # module path from the exporter's name scopes (blocks.0.attn; "" the root module)
     source: str | None  # the torch op's name inside the module (e.g. cumsum_1)
-    role: str  # "s" (running sum of outer products k v^T) or "z" (running sum of vectors)
+    role: str  # "s" (running sum of outer products k v^T), "z" (running sum of vectors), or what else it is
+    tap: StateTap | None = None  # the full model's value whose end is this state (for checks against it)
 
     def to_dict(self) -> dict[str, Any]:
         return {"index": self.index, "input": self.input, "output": self.output, "node": self.node,
                 "axis": self.axis, "shape": list(self.shape), "dtype": self.dtype, "module": self.module,
-                "source": self.source, "role": self.role}
+                "source": self.source, "role": self.role,
+                "tap": None if self.tap is None else dict(vars(self.tap))}
 
 
 @dataclass
@@ -416,7 +427,7 @@ class RecurrentStatePass(GraphPass):
             except Exception:  # best effort: the numeric check covers what shapes cannot tell
                 pass
         seq = find_seq_dim(graph, self.seq_axis)
-        sums, ranges, reads = self._survey(graph, seq)
+        carriers, ranges, reads = self._survey(graph, seq)
         try:
             bounds = classify_length_uses(graph, seq, ranges)
         except LengthUseError as err:
@@ -424,7 +435,7 @@ class RecurrentStatePass(GraphPass):
                                    hint="a step model knows the tokens seen so far, not the full length: use the "
                                         "length only for shapes and for masks of positions < length") from None
         # ------------------------------------------------------------------------------------- rewrite
-        states = [self._carry(graph, i, node, axis) for i, (node, axis) in enumerate(sums)]
+        states = [self._carry_site(graph, i, site) for i, site in enumerate(carriers)]
         offset = self._offset_input(graph) if ranges or reads else None
         if offset is not None:
             for node in ranges:
@@ -452,18 +463,37 @@ class RecurrentStatePass(GraphPass):
                        "slices": slice_names, "bounds": bound_names}
         return True
 
-    def _survey(self, graph: ir.Graph, seq: str) -> tuple[list[tuple[ir.Node, int]], list[ir.Node],
-                                                           list[PositionRead]]:
-        """The running sums to carry, the position Ranges and table reads to offset; refuse any other node
-        that mixes positions along the sequence."""
-        sums: list[tuple[ir.Node, int]] = []
+    def _survey(self, graph: ir.Graph, seq: str) -> tuple[list[Any], list[ir.Node], list[PositionRead]]:
+        """What carries a state, in graph order (a CumSum over the sequence as ``(node, axis)``, a linear-attention
+        node, a :class:`CausalConv`), the position Ranges and table reads to offset; refuse any other node that
+        mixes positions along the sequence."""
+        carriers: list[Any] = []
         ranges: list[ir.Node] = []
         reads: list[PositionRead] = []
+        convs: dict[ir.Node, CausalConv] = {}
         for node in graph:
+            site = causal_conv(node, seq)
+            if isinstance(site, str):
+                raise RecurrentRefusal(f"mixes positions along the sequence axis: it {site}",
+                                       node.name or "<unnamed>", node.op_type)
+            if site is not None:
+                convs.update({n: site for n in site.nodes})
+        for node in graph:
+            if node in convs:
+                if node is convs[node].conv:
+                    carriers.append(convs[node])
+                continue
+            if is_linear_attention(node):
+                why = linear_attention_refusal(node, seq)
+                if why:
+                    raise RecurrentRefusal(f"cannot carry the linear-attention state: {why}",
+                                           node.name or "<unnamed>", node.op_type)
+                carriers.append(node)
+                continue
             if node.op_type == "CumSum" and node.domain in ("", "ai.onnx"):
                 carried = self._cumsum_axis(node, seq)
                 if carried is not None:
-                    sums.append((node, carried))
+                    carriers.append((node, carried))
                     continue
             if node.op_type == "Range" and node.domain in ("", "ai.onnx"):
                 if self._is_seq_range(node, seq):
@@ -477,12 +507,12 @@ class RecurrentStatePass(GraphPass):
             if why:
                 raise RecurrentRefusal(f"mixes positions along the sequence axis: it {why}",
                                        node.name or "<unnamed>", node.op_type)
-        if not sums:
+        if not carriers:
             raise RecurrentRefusal(
-                "the graph has no CumSum over the sequence axis, so there is no running sum to carry "
-                "(a model with no mixing across positions needs no step model)",
+                "the graph has no CumSum over the sequence axis, linear-attention op or causal convolution, so "
+                "there is no state to carry (a model with no mixing across positions needs no step model)",
                 hint="export the full-sequence model; it already runs on any chunk independently")
-        return sums, ranges, reads
+        return carriers, ranges, reads
 
     def _cumsum_axis(self, node: ir.Node, seq: str) -> int | None:
         """The sequence axis a CumSum sums along, or None if it sums along another axis; refuse bad ones."""
@@ -518,9 +548,32 @@ class RecurrentStatePass(GraphPass):
         return od is not None and len(od) == 1 and od[0] == seq
 
     # ------------------------------------------------------------------------------------------ rewrite
+    def _carry_site(self, graph: ir.Graph, i: int, site: Any) -> CarriedState:
+        if isinstance(site, tuple):
+            return self._carry(graph, i, *site)
+        name_in, name_out = f"{self.state_prefix}{i}", f"{self.output_prefix}{i}"
+        if isinstance(site, CausalConv):
+            node, axis = site.conv, 2
+            label = node.name or f"conv_{i}"
+            role = f"conv window of {site.window}"
+            state, out, tap = carry_conv(graph, site, name_in, name_out)
+        else:
+            node, axis = site, 1
+            label = node.name or f"linear_attention_{i}"
+            role = f"linear attention, {_attr(node, 'rule', '?')} rule"
+            state, out, tap = carry_linear_attention(graph, node, name_in, name_out)
+        plain = [d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else str(d))
+                 for d in (state.shape or [])]
+        scopes = name_scopes(node) or []
+        module = scopes[-2] if len(scopes) >= 2 else None
+        dtype = np.dtype((state.dtype or ir.DataType.FLOAT).numpy()).name
+        return CarriedState(i, name_in, name_out, label, axis, plain, dtype, module,
+                            scopes[-1] if scopes else None, role, tap)
+
     def _carry(self, graph: ir.Graph, i: int, node: ir.Node, axis: int) -> CarriedState:
         x, y = node.inputs[0], node.outputs[0]
         assert x is not None
+        tap = StateTap(y.name or "", "last", axis)
         dims = list(y.shape) if y.shape is not None else list(x.shape or [])
         state_dims = [d for k, d in enumerate(dims) if k != axis]
         plain = [d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else str(d))
@@ -577,7 +630,7 @@ class RecurrentStatePass(GraphPass):
         module = scopes[-2] if len(scopes) >= 2 else None  # "" is the root module
         role = "s" if _is_outer_product(x.producer()) else "z"
         return CarriedState(i, state.name or "", out_state.name or "", label, axis, plain,
-                            np.dtype(sdtype.numpy()).name, module, scopes[-1] if scopes else None, role)
+                            np.dtype(sdtype.numpy()).name, module, scopes[-1] if scopes else None, role, tap)
 
     def _offset_input(self, graph: ir.Graph) -> ir.Value:
         """The int64 scalar input: the position of the chunk's first token (a data tensor, not a shape
