@@ -482,7 +482,8 @@ def factorize(model, out, fmt, force, rank, fraction, energy, include, exclude, 
 @common_options
 def export_step_cmd(model, out, force, chunk_max, with_engine, backend, length, opset, linear_attention, no_patches,
                     factory, factory_kwargs, trust_pickle, inputs, shapes, seed, as_json, quiet, debug):
-    """Export MODEL as a step model for autoregressive decoding (causal running-sum models only).
+    """Export MODEL as a step model for autoregressive decoding (causal running sums, linear-attention ops,
+    causal convolutions).
 
     The step model takes a chunk of tokens plus the per-layer running sums (state_<i>) and returns the
     chunk's outputs plus the new sums (new_state_<i>); models with absolute positions also take

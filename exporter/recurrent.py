@@ -8,6 +8,8 @@ running sums of everything before it, and returns the chunk's outputs plus the n
     inputs:  the model's inputs for tokens t0..t0+c-1, state_0..state_{k-1} [, position_offset = t0]
     outputs: the model's outputs for those tokens,     new_state_0..new_state_{k-1}
 
+Models that call lrexport's linear-attention op carry each op's state (its initial_state in, final_state out),
+and short causal convolutions carry their last inputs (``graph_passes/recurrent_carry.py``).
 Decoding costs O(1) per token instead of O(n). The rewrite itself is
 :class:`graph_passes.recurrent_state.RecurrentStatePass`; this module loads/saves, checks the step
 model numerically against the full model (full sequence with zero states, chunk by chunk, token by
@@ -238,7 +240,7 @@ def export_step(onnx_path_or_model: Any, out_path: str | Path, *, specs: Sequenc
     token_outputs = [v.name or "" for v in model.graph.outputs]
     specs = list(specs) if specs is not None else specs_from_onnx(model)
     _refuse_blocked_sequence(specs)
-    say("carrying the running sums as states")
+    say("carrying the running sums, linear-attention states and conv windows as states")
     try:
         res = RecurrentStatePass(seq_axis=SEQ_AXIS)(model)
     except RecurrentRefusal as err:
@@ -398,8 +400,8 @@ def _self_check(reference: onnx.ModelProto, step: onnx.ModelProto, info: StepExp
                         f"cannot export a step model: run on {n} tokens {how}, the step model's {what} {name!r} "
                         f"differs from the full model (max abs error {fmt_num(comp.max_abs)} at "
                         f"{list(comp.worst_index)}): the graph mixes positions along the sequence in a way that is "
-                        "not a causal recurrence (e.g. an op that reads the sequence length, a position-dependent "
-                        "mask, or a shift along the sequence)",
+                        "not a causal running sum or recurrence (e.g. an op that reads the sequence length, a "
+                        "position-dependent mask, or a shift along the sequence)",
                         "only causal recurrent models have a step form; export the full-sequence model instead")
             report["max_abs"][label] = worst
     return report

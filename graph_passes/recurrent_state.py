@@ -17,11 +17,13 @@ cannot move so (a start computed in the graph, e.g. the last n rows, or a negati
 The sequence length read from the input's shape stays the chunk's length where it is a shape, and becomes the
 number of tokens seen so far, ``position_offset + n``, where it bounds those positions (a length mask
 ``arange(n) < n``); any other use of it on per-token data is refused by name (``graph_passes.seq_length``).
+``lrexport.LinearAttention`` nodes and causal convolutions over the sequence carry states too
+(``graph_passes.recurrent_carry``: the op's initial/final state, a window of the convolution's recent inputs).
 The rewrite is only right when nothing else in the graph mixes positions along the sequence, so the
 pass first checks every node and refuses (:class:`RecurrentRefusal`, naming node, op and reason) a
 softmax over the sequence, a reduction or contraction over it, a seq x seq matrix, a reverse or
-exclusive CumSum, a convolution along it, or a static sequence axis. The check is structural (from the
-symbolic ``seq`` dimension); ``exporter.recurrent`` adds a numeric check of the result.
+exclusive CumSum, a convolution along it that reads later positions, or a static sequence axis. The check is
+structural (from the symbolic ``seq`` dimension); ``exporter.recurrent`` adds a numeric check of the result.
 """
 
 from __future__ import annotations
