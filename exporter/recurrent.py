@@ -531,7 +531,10 @@ def constant_states(step_onnx: Any) -> list[str]:
     """The step model's state outputs whose value depends on none of its inputs (a constant: e.g. cache writes
     that the export lost, leaving the initial zeros)."""
     info = read_step_info(step_onnx)
-    model = _load_ir(info.onnx_path if not isinstance(step_onnx, (onnx.ModelProto, ir.Model)) else step_onnx)
+    if isinstance(step_onnx, (onnx.ModelProto, ir.Model)):
+        model = _load_ir(step_onnx)
+    else:
+        model = ir.load(str(info.onnx_path))  # weights stay on disk
     inputs = set(model.graph.inputs)
     found = []
     outputs = {v.name: v for v in model.graph.outputs}

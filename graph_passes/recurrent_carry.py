@@ -67,7 +67,7 @@ def linear_attention_refusal(node: ir.Node, seq: str) -> str | None:
     if _seq_at(q, seq) != [1]:
         return f"its q ({'x'.join(map(str, shape_dims(q) or ['?']))}) does not have the sequence on axis 1"
     s0 = node.inputs[5] if len(node.inputs) > 5 else None
-    if s0 is not None:
+    if s0 is not None and not _zeros(s0):
         return ("it starts from an initial_state computed in the model, so the step model cannot feed it the "
                 "state of the earlier tokens")
     if len(node.outputs) < 2:
@@ -79,10 +79,30 @@ def linear_attention_refusal(node: ir.Node, seq: str) -> str | None:
     return None
 
 
+_RESHAPES = frozenset({"Expand", "Tile", "Reshape", "Unsqueeze", "Squeeze", "Cast", "Identity", "Flatten"})
+
+
+def _zeros(value: ir.Value | None) -> bool:
+    """Zeros whatever the shape (a constant of zeros, ConstantOfShape of 0, either expanded or reshaped, as
+    ``torch.zeros(b, ...)`` exports): the same as no initial state."""
+    arr = const_array(value)
+    if arr is not None:
+        return not arr.any()
+    node = value.producer() if value is not None else None
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type in _RESHAPES:
+        return _zeros(node.inputs[0])
+    if node.op_type != "ConstantOfShape":
+        return False
+    fill = node.attributes.get("value")
+    return fill is None or not fill.value.numpy().any()
+
+
 def carry_linear_attention(graph: ir.Graph, node: ir.Node, state_name: str, out_name: str
                            ) -> tuple[ir.Value, ir.Value, StateTap]:
-    """Feed graph input ``state_name`` as the node's initial_state and return its final_state as graph output
-    ``out_name`` (through an Identity: the node's own output may have other users)."""
+    """Feed graph input ``state_name`` as the node's initial_state (instead of nothing or zeros) and return its
+    final_state as graph output ``out_name`` (through an Identity: the node's own output may have other users)."""
     final = node.outputs[1]
     tap = StateTap(final.name or "", "final")
     state = ir.Value(name=state_name, shape=ir.Shape(list(final.shape or [])),
@@ -118,7 +138,8 @@ def carry_linear_attention(graph: ir.Graph, node: ir.Node, state_name: str, out_
 class CausalConv:
     """A convolution over the sequence (its input's last axis) with ``window`` zeros before the sequence and
     no later input read: ``pad`` (a Pad of its input, or None) -> ``conv`` -> ``crop`` (a Slice of its output
-    along the sequence, or None). ``reach`` = dilation * (kernel - 1) <= ``window``."""
+    along the sequence, or None). ``reach`` = dilation * (kernel - 1) <= ``window``; a window of 0 (a pointwise
+    convolution) reads no other position and carries nothing."""
 
     conv: ir.Node
     pad: ir.Node | None
@@ -226,17 +247,13 @@ def causal_conv(node: ir.Node, seq: str) -> CausalConv | str | None:
             if ends is None or ends[0] >= 0 or extra + ends[0] - start != 0:
                 return ("convolves along the sequence axis and slices the result to a length lrexport cannot "
                         "tell is the input's")
-    elif extra != 0 or before == 0 and reach == 0:
-        if extra != 0:
-            return (f"convolves along the sequence axis with {before} + {after} padding for a reach of {reach}: "
-                    "its output is not one value per input position")
-        return None  # a pointwise convolution: no position sees another
+    elif extra != 0:
+        return (f"convolves along the sequence axis with {before} + {after} padding for a reach of {reach}: "
+                "its output is not one value per input position")
     window = before - start
     if window < reach:
         return (f"convolves along the sequence axis reading {reach - window} later position(s) (anti-causal: "
                 "a step model cannot know the tokens after the chunk)")
-    if window == 0:
-        return None
     return CausalConv(node, pad, crop, data, window, reach)
 
 

@@ -482,7 +482,7 @@ class RecurrentStatePass(GraphPass):
                 convs.update({n: site for n in site.nodes})
         for node in graph:
             if node in convs:
-                if node is convs[node].conv:
+                if node is convs[node].conv and convs[node].window:
                     carriers.append(convs[node])
                 continue
             if is_linear_attention(node):

@@ -50,10 +50,12 @@ class ShortConv(nn.Module):
 class TinyLinearAttention(nn.Module):
     """x -> [short conv -> silu] -> q, k, v (+ g, beta) -> lrexport linear attention -> out projection."""
 
-    def __init__(self, rule: str, normalize: bool = False, decay: str | None = None, conv: str | None = None):
+    def __init__(self, rule: str, normalize: bool = False, decay: str | None = None, conv: str | None = None,
+                 init: str | None = None, kernel: int = 4):
         super().__init__()
-        self.rule, self.normalize, self.decay = rule, normalize, decay
-        self.conv = ShortConv(D, 4, conv) if conv else None
+        self.rule, self.normalize, self.decay, self.init = rule, normalize, decay, init
+        self.s0 = nn.Parameter(torch.randn(1, H, DK, DK) * 0.1) if init == "learned" else None
+        self.conv = ShortConv(D, kernel, conv) if conv else None
         n_g = {None: 0, "head": H, "key": H * DK}[decay]
         n_beta = H if rule in ("delta", "gated_delta") else 0
         self.proj = nn.Linear(D, 3 * H * DK + n_g + n_beta)
@@ -76,15 +78,19 @@ class TinyLinearAttention(nn.Module):
             kwargs["g"] = -nn.functional.softplus(g)
         elif self.decay == "key":
             kwargs["g"] = -nn.functional.softplus(g).reshape(b, t, H, DK)
+        if self.init == "zeros":
+            kwargs["initial_state"] = torch.zeros(b, H, DK, DK)
+        elif self.s0 is not None:
+            kwargs["initial_state"] = self.s0.expand(b, -1, -1, -1)
         out, _ = linear_attention(q, k, v, rule=self.rule, scale=DK ** -0.5, normalize=self.normalize,
                                   eps=1e-6 if self.normalize else 0.0, **kwargs)
         return self.out(out.reshape(b, t, H * DK))
 
 
-def make_model(rule: str = "linear", normalize: bool = False, decay: str | None = None, conv: str | None = None
-               ) -> nn.Module:
+def make_model(rule: str = "linear", normalize: bool = False, decay: str | None = None, conv: str | None = None,
+               init: str | None = None, kernel: int = 4) -> nn.Module:
     torch.manual_seed(0)
-    return TinyLinearAttention(rule, normalize, decay, conv).eval()
+    return TinyLinearAttention(rule, normalize, decay, conv, init, kernel).eval()
 
 
 CASES = {
@@ -95,6 +101,7 @@ CASES = {
     "delta": {"rule": "delta"},
     "gated_delta": {"rule": "gated_delta", "decay": "head"},
     "conv-gated_delta": {"rule": "gated_delta", "decay": "head", "conv": "slice"},
+    "delta-zero-initial-state": {"rule": "delta", "init": "zeros"},  # zeros in the graph: the same as none
 }
 
 
@@ -161,6 +168,16 @@ def test_conv_window_continues_any_chunk(tmp_path, form):
     np.testing.assert_array_equal(c["new_state_0"], x[:, -3:].transpose(0, 2, 1))
 
 
+def test_pointwise_conv_carries_nothing(tmp_path):
+    """A kernel-1 convolution over the sequence reads no other position: no window, only the op's state."""
+    model = make_model("gated_delta", decay="head", conv="slice", kernel=1)
+    specs = build_specs([f"x:2x20x{D}:float32"], [f"x:min=1x1x{D},opt=2x20x{D},max=2x160x{D}"])
+    exported = export_onnx(model, specs, tmp_path / "full.onnx")
+    step = export_step(exported.onnx_path, tmp_path / "step.onnx", specs=exported.specs)
+    assert [s.role for s in step.states] == ["linear attention, gated_delta rule"]
+    check_step_parity(model, step.onnx_path, exported.specs, chunks=(1, 7), length=20).assert_ok()
+
+
 def test_constant_state_fails(tmp_path):
     """A step model whose state output is a constant (the state writes lost, as when cache updates through
     aliasing export as zeros) fails step parity: the state is flagged and compared with the full model's."""
@@ -205,3 +222,14 @@ def test_anticausal_conv_refused(cli, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: cannot export a step model: node ")
     assert "(Conv) mixes positions along the sequence axis" in lines[0] and "later position" in lines[0]
     assert not out.exists()
+
+
+def test_learned_initial_state_refused(cli, tmp_path):
+    """An initial_state the model computes (a learned one) cannot take the earlier tokens' state: exit 2."""
+    out = tmp_path / "step.onnx"
+    res = cli("export-step", "--factory", FACTORY, "--factory-kwargs", json.dumps({"rule": "delta", "init": "learned"}),
+              *INPUT, "--out", out, "-q")
+    assert res.code == 2
+    lines = res.err.strip().splitlines()
+    assert len(lines) == 1 and "(LinearAttention) cannot carry the linear-attention state" in lines[0]
+    assert "initial_state computed in the model" in lines[0] and not out.exists()
