@@ -233,3 +233,20 @@ def test_learned_initial_state_refused(cli, tmp_path):
     lines = res.err.strip().splitlines()
     assert len(lines) == 1 and "(LinearAttention) cannot carry the linear-attention state" in lines[0]
     assert "initial_state computed in the model" in lines[0] and not out.exists()
+
+
+def test_conv_and_op_step_engine_builds_with_tensorrt_rtx(tmp_path):
+    """The portable step model (conv window Concat/Slice, the op's Scan with a state input) parses and builds
+    with TensorRT-RTX for chunks of 1..16 tokens."""
+    pytest.importorskip("tensorrt_rtx")
+    from exporter.recurrent import step_specs
+    from exporter.trt_build import build_engine
+
+    model = make_model("gated_delta", decay="head", conv="slice")
+    specs = build_specs([f"x:2x20x{D}:float32"], [f"x:min=1x1x{D},opt=2x20x{D},max=2x160x{D}"])
+    exported = export_onnx(model, specs, tmp_path / "full.onnx")
+    step = export_step(exported.onnx_path, tmp_path / "step.onnx", specs=exported.specs, check=False)
+    built = build_engine(step.onnx_path, tmp_path / "step.engine", specs=step_specs(step, (1, 2), (1, 16)),
+                         precision="fp32", backend="tensorrt-rtx", force=True)
+    assert {i["name"] for i in built.inputs} == {"x", "state_0", "state_1"} and built.engine_bytes > 0
+    assert {o["name"] for o in built.outputs} == {"output", "new_state_0", "new_state_1"}
