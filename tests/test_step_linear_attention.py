@@ -250,3 +250,16 @@ def test_conv_and_op_step_engine_builds_with_tensorrt_rtx(tmp_path):
                          precision="fp32", backend="tensorrt-rtx", force=True)
     assert {i["name"] for i in built.inputs} == {"x", "state_0", "state_1"} and built.engine_bytes > 0
     assert {o["name"] for o in built.outputs} == {"output", "new_state_0", "new_state_1"}
+
+
+def test_two_layers_each_carry_their_states(tmp_path):
+    """Two GatedDeltaNet-like layers: each layer's conv window and op state, in graph order, named by module."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(TinyLinearAttention("gated_delta", decay="key", conv="pad") for _ in range(2))).eval()
+    specs = build_specs([f"x:2x20x{D}:float32"], [f"x:min=1x1x{D},opt=2x20x{D},max=2x160x{D}"])
+    exported = export_onnx(model, specs, tmp_path / "full.onnx")
+    step = export_step(exported.onnx_path, tmp_path / "step.onnx", specs=exported.specs)
+    assert [s.role for s in step.states] == ["conv window of 3", "linear attention, gated_delta rule"] * 2
+    assert step.layers == {"0.conv.conv": ["state_0"], "0": ["state_1"], "1.conv.conv": ["state_2"], "1": ["state_3"]}
+    check_step_parity(model, step.onnx_path, exported.specs, chunks=(1, 7), length=40,
+                      full_model=exported.onnx_path).assert_ok()
