@@ -500,8 +500,10 @@ class StepParityReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "reference": self.reference, "length": self.length, "batch": self.batch,
-                "results": [{"length": n, "chunk": chunk, "outputs": [c.to_dict() for c in comps]}
-                            for n, chunk, comps in self._all()],
+                "results": [{"length": self.length, "chunk": chunk, "outputs": [c.to_dict() for c in comps]}
+                            for chunk, comps in self.results],
+                "runs": [{"length": n, "chunk": chunk, "outputs": [c.to_dict() for c in comps]}
+                         for n, chunk, comps in self.runs],
                 "constant_states": self.constant_states}
 
     def __str__(self) -> str:

@@ -205,8 +205,8 @@ def causal_conv(node: ir.Node, seq: str) -> CausalConv | str | None:
         return None
     x = node.inputs[0]
     dims = shape_dims(x)
-    if dims is None or seq not in dims:
-        return None
+    if dims is None or not [p for p in _seq_at(x, seq) if p >= 2]:
+        return None  # not over the sequence (a sequence on the batch axis: each token convolved on its own)
     if len(dims) != 3 or _seq_at(x, seq) != [2]:
         return "convolves along the sequence axis, but not as a 1-D convolution over the last axis"
     if not isinstance(dims[1], int):

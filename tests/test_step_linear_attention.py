@@ -120,7 +120,8 @@ def test_export_step_every_rule(cli, tmp_path, case):
     assert res.code == 0, res.err
     data = json.loads(res.out)
     assert data["parity"]["ok"] is True
-    runs = {(r["length"], r["chunk"]): {o["output"]: o for o in r["outputs"]} for r in data["parity"]["results"]}
+    runs = {(r["length"], r["chunk"]): {o["output"]: o for o in r["outputs"]}
+            for r in data["parity"]["results"] + data["parity"]["runs"]}
     assert {n for n, _ in runs} == {1, 63, 64, 65, 100, 130} and {c for _, c in runs} == {1, 7, 16}
     states = data["step"]["states"]
     la = [s for s in states if s["role"].startswith("linear attention")]
