@@ -92,12 +92,13 @@ class CarriedState:
     source: str | None  # the torch op's name inside the module (e.g. cumsum_1)
     role: str  # "s" (running sum of outer products k v^T), "z" (running sum of vectors), or what else it is
     tap: StateTap | None = None  # the full model's value whose end is this state (for checks against it)
+    kind: str = "running-sum"  # what carries it: "running-sum" (a CumSum), "linear-attention", "conv-window"
 
     def to_dict(self) -> dict[str, Any]:
         return {"index": self.index, "input": self.input, "output": self.output, "node": self.node,
                 "axis": self.axis, "shape": list(self.shape), "dtype": self.dtype, "module": self.module,
                 "source": self.source, "role": self.role,
-                "tap": None if self.tap is None else dict(vars(self.tap))}
+                "tap": None if self.tap is None else dict(vars(self.tap)), "kind": self.kind}
 
 
 @dataclass
@@ -447,7 +448,7 @@ class RecurrentStatePass(GraphPass):
             for bound in bounds:
                 self._offset_bound(graph, bound, offset)
         for s in states:
-            record(Match("running-sum", "carried", [s.node], rewritten=True,
+            record(Match(s.kind, "carried", [s.node], rewritten=True,
                          info={"state": s.input, "new_state": s.output, "axis": s.axis, "role": s.role}))
         offset_name = offset.name if offset is not None else None
         range_names = [r.name or "<unnamed>" for r in ranges]
@@ -557,12 +558,12 @@ class RecurrentStatePass(GraphPass):
         if isinstance(site, CausalConv):
             node, axis = site.conv, 2
             label = node.name or f"conv_{i}"
-            role = f"conv window of {site.window}"
+            role, kind = f"conv window of {site.window}", "conv-window"
             state, out, tap = carry_conv(graph, site, name_in, name_out)
         else:
             node, axis = site, 1
             label = node.name or f"linear_attention_{i}"
-            role = f"linear attention, {_attr(node, 'rule', '?')} rule"
+            role, kind = f"linear attention, {_attr(node, 'rule', '?')} rule", "linear-attention"
             state, out, tap = carry_linear_attention(graph, node, name_in, name_out)
         plain = [d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else str(d))
                  for d in (state.shape or [])]
@@ -570,7 +571,7 @@ class RecurrentStatePass(GraphPass):
         module = scopes[-2] if len(scopes) >= 2 else None
         dtype = np.dtype((state.dtype or ir.DataType.FLOAT).numpy()).name
         return CarriedState(i, name_in, name_out, label, axis, plain, dtype, module,
-                            scopes[-1] if scopes else None, role, tap)
+                            scopes[-1] if scopes else None, role, tap, kind)
 
     def _carry(self, graph: ir.Graph, i: int, node: ir.Node, axis: int) -> CarriedState:
         x, y = node.inputs[0], node.outputs[0]

@@ -124,7 +124,7 @@ def test_export_step_every_rule(cli, tmp_path, case):
             for r in data["parity"]["results"] + data["parity"]["runs"]}
     assert {n for n, _ in runs} == {1, 63, 64, 65, 100, 130} and {c for _, c in runs} == {1, 7, 16}
     states = data["step"]["states"]
-    la = [s for s in states if s["role"].startswith("linear attention")]
+    la = [s for s in states if s["kind"] == "linear-attention"]
     assert len(la) == 1
     dv = DK + (1 if CASES[case].get("normalize") else 0)
     assert la[0]["shape"] == ["batch", H, DK, dv] and la[0]["dtype"] == "float32"
@@ -132,7 +132,7 @@ def test_export_step_every_rule(cli, tmp_path, case):
     for s in states:  # every state is checked against the full model, token by token too
         comp = runs[(130, 1)][s["output"]]
         assert comp["max_abs"] < 1e-4 and comp["total"] > 0
-    convs = [s for s in states if s["role"].startswith("conv window")]
+    convs = [s for s in states if s["kind"] == "conv-window"]
     assert [s["shape"] for s in convs] == ([["batch", D, 3]] if "conv" in CASES[case] else [])
     step = onnx.load(str(out))
     assert not [n for n in step.graph.node if n.domain == "lrexport"]  # lowered
@@ -157,6 +157,7 @@ def test_conv_window_continues_any_chunk(tmp_path, form):
     exported = export_onnx(model, specs, tmp_path / "full.onnx")
     step = export_step(exported.onnx_path, tmp_path / "step.onnx", specs=exported.specs)
     assert [s.role for s in step.states] == ["conv window of 3", "linear attention, gated_delta rule"]
+    assert [s.kind for s in step.states] == ["conv-window", "linear-attention"]
     x = np.random.default_rng(1).standard_normal((2, 23, D)).astype(np.float32)
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).numpy()
