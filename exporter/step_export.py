@@ -90,6 +90,10 @@ def export_step_model(loaded: LoadedModel, specs: Sequence[InputSpec], out: str 
     Parity runs at ``length`` tokens and at :data:`~exporter.recurrent.CHECK_LENGTHS`, outputs against PyTorch and
     states against the full-sequence export's values of them."""
     say = progress or (lambda _m: None)
+    if engine and linear_attention == "onnxruntime":
+        raise LrexportError("--engine builds a TensorRT engine, and TensorRT cannot run ONNX Runtime's "
+                            "com.microsoft.LinearAttention (--linear-attention onnxruntime)",
+                            "use --linear-attention portable with --engine")
     out = check_step_output(out, force, engine)
     with atomic_files(out, force, "onnx") as tmp, reference_patches(loaded.module, patches):
         full_dir = tmp / ".full"  # the whole model's export: an intermediate, removed before the move

@@ -265,3 +265,14 @@ def test_two_layers_each_carry_their_states(tmp_path):
     assert step.layers == {"0.conv.conv": ["state_0"], "0": ["state_1"], "1.conv.conv": ["state_2"], "1": ["state_3"]}
     check_step_parity(model, step.onnx_path, exported.specs, chunks=(1, 7), length=40,
                       full_model=exported.onnx_path).assert_ok()
+
+
+def test_engine_with_the_onnxruntime_lowering_refused(cli, tmp_path):
+    """TensorRT cannot run com.microsoft.LinearAttention: the flag pair is refused up front, exit 2."""
+    out = tmp_path / "step.onnx"
+    res = cli("export-step", "--factory", FACTORY, *INPUT, "--out", out, "--engine", "--linear-attention",
+              "onnxruntime", "-q")
+    assert res.code == 2
+    (line,) = res.err.strip().splitlines()
+    assert line.startswith("error: --engine builds a TensorRT engine") and "--linear-attention portable" in line
+    assert not out.exists()
