@@ -37,9 +37,10 @@ from exporter.compare import OutputComparison, Tolerance, Tolerances, compare_ar
 from exporter.errors import LrexportError
 from exporter.specs import InputSpec, specs_from_onnx
 from exporter.table import fmt_num, format_table
+from graph_passes._util import shape_dims
 from graph_passes.ort_session import PROTO_LIMIT, held_bytes, ort_session
 from graph_passes.recurrent_carry import StateTap
-from graph_passes.recurrent_state import CarriedState, RecurrentRefusal, RecurrentStatePass
+from graph_passes.recurrent_state import CarriedState, RecurrentRefusal, RecurrentStatePass, find_seq_dim
 
 META_KEY = "lrexport.recurrent"
 SEQ_AXIS = 1  # lrexport names axis 1 of the inputs "seq"
@@ -184,6 +185,20 @@ def _load_ir(source: Any) -> ir.Model:
         raise LrexportError(f"{path} is not a readable ONNX file ({type(err).__name__})", "re-export it") from None
 
 
+def _recurrences(model: ir.Model) -> None:
+    """Write the masked quadratic form of causal linear attention (``(q k^T).tril() @ v``, a seq x seq matrix
+    that has no step form as it is) as the linear-attention node it equals (``graph_passes/quadratic_causal.py``),
+    which carries its state like any other."""
+    from graph_passes.quadratic_causal import QuadraticCausalPass
+
+    try:
+        seq = find_seq_dim(model.graph, SEQ_AXIS)
+    except RecurrentRefusal:
+        return  # the pass says why, naming the input
+    if any((shape_dims(v) or []).count(seq) > 1 for n in model.graph for v in n.outputs):
+        QuadraticCausalPass()(model)  # only where a seq x seq tensor would be refused anyway
+
+
 def _seq_axes(values: Sequence[ir.Value], seq: str) -> dict[str, int]:
     out = {}
     for v in values:
@@ -235,6 +250,7 @@ def export_step(onnx_path_or_model: Any, out_path: str | Path, *, specs: Sequenc
     start = time.perf_counter()
     out_path = Path(out_path)
     model = _load_ir(onnx_path_or_model)
+    _recurrences(model)
     original = ir.to_proto(model)  # the full model, for the self-check (the pass rewrites ``model``)
     token_inputs = [v.name or "" for v in model.graph.inputs]
     token_outputs = [v.name or "" for v in model.graph.outputs]

@@ -73,10 +73,25 @@ def linear_attention_refusal(node: ir.Node, seq: str) -> str | None:
     if len(node.outputs) < 2:
         return "it has no final_state output"
     state = node.outputs[1]
+    if shape_dims(state) is None:  # a node a pass wrote (no shape inference for lrexport's domain)
+        known = _state_shape(node)
+        if known is not None:
+            state.shape, state.type = ir.Shape(known), ir.TensorType(ir.DataType.FLOAT)
     dims = shape_dims(state)
     if dims is None or len(dims) != 4 or not all(isinstance(d, int) for d in dims[1:]):
         return f"its final_state shape ({dims}) is not (batch, heads, dk, dv) with static heads and dims"
     return None
+
+
+def _state_shape(node: ir.Node) -> list[Any] | None:
+    """(batch, state heads, dk, dv [+1 with the normalizer]) from the node's inputs and head attributes."""
+    q, v = node.inputs[0], node.inputs[2] if len(node.inputs) > 2 else None
+    if q is None or v is None or q.shape is None or v.shape is None or len(q.shape) != 4 or len(v.shape) != 4:
+        return None
+    heads = [_attr(node, a) for a in ("k_heads", "v_heads")]
+    if None in heads or not isinstance(q.shape[3], int) or not isinstance(v.shape[3], int):
+        return None
+    return [q.shape[0], max(int(h) for h in heads), q.shape[3], v.shape[3] + int(bool(_attr(node, "normalize", 0)))]
 
 
 _RESHAPES = frozenset({"Expand", "Tile", "Reshape", "Unsqueeze", "Squeeze", "Cast", "Identity", "Flatten"})

@@ -47,6 +47,27 @@ class ShortConv(nn.Module):
         return y.transpose(1, 2)
 
 
+class QuadraticCausal(nn.Module):
+    """Causal linear attention written the short way: ``(phi(q) phi(k)^T).tril() @ v`` over the row sums."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(D, 3 * H * DK), nn.Linear(H * DK, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, H, DK).permute(2, 0, 3, 1, 4)
+        q, k = nn.functional.elu(q) + 1, nn.functional.elu(k) + 1
+        a = (q @ k.transpose(-1, -2)).tril()
+        y = (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+        return self.out(y.transpose(1, 2).reshape(b, t, H * DK))
+
+
+def make_quadratic() -> nn.Module:
+    torch.manual_seed(0)
+    return QuadraticCausal().eval()
+
+
 class TinyLinearAttention(nn.Module):
     """x -> [short conv -> silu] -> q, k, v (+ g, beta) -> lrexport linear attention -> out projection."""
 
@@ -276,3 +297,16 @@ def test_engine_with_the_onnxruntime_lowering_refused(cli, tmp_path):
     (line,) = res.err.strip().splitlines()
     assert line.startswith("error: --engine builds a TensorRT engine") and "--linear-attention portable" in line
     assert not out.exists()
+
+
+def test_quadratic_causal_form_gets_a_step_model(cli, tmp_path):
+    """The masked quadratic form (a seq x seq matrix, refused as it is) is the linear-attention op it equals
+    (the quadratic-causal pass), whose state the step model carries: normalizer column included."""
+    out = tmp_path / "step.onnx"
+    res = cli("export-step", "--factory", "test_step_linear_attention:make_quadratic", *INPUT, "--out", out,
+              "--length", "100", "--chunk-max", "16", "--json", "-q")
+    assert res.code == 0, res.err
+    data = json.loads(res.out)
+    assert data["parity"]["ok"] is True
+    (state,) = data["step"]["states"]
+    assert state["kind"] == "linear-attention" and state["shape"] == ["batch", H, DK, DK + 1]
