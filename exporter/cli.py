@@ -496,14 +496,17 @@ def factorize(model, out, fmt, force, rank, fraction, energy, include, exclude, 
 @click.option("--length", type=click.IntRange(1), default=100, show_default=True,
               help="Sequence length of the step-parity check.")
 @click.option("--opset", type=int, default=18, show_default=True)
+@click.option("--linear-attention", type=click.Choice(["portable", "onnxruntime"]), default="portable",
+              show_default=True, help="Lowering of linear-attention ops: standard ops, or ONNX Runtime's contrib op.")
 @no_patches_option
 @model_options
 @input_options
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for the random inputs.")
 @common_options
-def export_step_cmd(model, out, force, chunk_max, with_engine, backend, length, opset, no_patches, factory, factory_kwargs,
-                    trust_pickle, inputs, shapes, seed, as_json, quiet, debug):
-    """Export MODEL as a step model for autoregressive decoding (causal running-sum models only).
+def export_step_cmd(model, out, force, chunk_max, with_engine, backend, length, opset, linear_attention, no_patches,
+                    factory, factory_kwargs, trust_pickle, inputs, shapes, seed, as_json, quiet, debug):
+    """Export MODEL as a step model for autoregressive decoding (causal running sums, linear-attention ops,
+    causal convolutions).
 
     The step model takes a chunk of tokens plus the per-layer running sums (state_<i>) and returns the
     chunk's outputs plus the new sums (new_state_<i>); models with absolute positions also take
@@ -518,7 +521,7 @@ def export_step_cmd(model, out, force, chunk_max, with_engine, backend, length, 
     loaded, specs = _load_with_specs(model, factory, factory_kwargs, trust_pickle, inputs, shapes, None, say)
     result = export_step_model(loaded, specs, out_path, chunk_max=chunk_max, engine=with_engine, backend=backend,
                                length=length, opset=opset, seed=seed, force=force, patches=not no_patches,
-                               progress=say)
+                               linear_attention=linear_attention, progress=say)
     _emit(as_json, result.to_dict(), result.format_text())
     return 0 if result.ok else 1
 

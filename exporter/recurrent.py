@@ -8,6 +8,8 @@ running sums of everything before it, and returns the chunk's outputs plus the n
     inputs:  the model's inputs for tokens t0..t0+c-1, state_0..state_{k-1} [, position_offset = t0]
     outputs: the model's outputs for those tokens,     new_state_0..new_state_{k-1}
 
+Models that call lrexport's linear-attention op carry each op's state (its initial_state in, final_state out),
+and short causal convolutions carry their last inputs (``graph_passes/recurrent_carry.py``).
 Decoding costs O(1) per token instead of O(n). The rewrite itself is
 :class:`graph_passes.recurrent_state.RecurrentStatePass`; this module loads/saves, checks the step
 model numerically against the full model (full sequence with zero states, chunk by chunk, token by
@@ -35,11 +37,16 @@ from exporter.compare import OutputComparison, Tolerance, Tolerances, compare_ar
 from exporter.errors import LrexportError
 from exporter.specs import InputSpec, specs_from_onnx
 from exporter.table import fmt_num, format_table
+from graph_passes._util import shape_dims
 from graph_passes.ort_session import PROTO_LIMIT, held_bytes, ort_session
-from graph_passes.recurrent_state import CarriedState, RecurrentRefusal, RecurrentStatePass
+from graph_passes.recurrent_carry import StateTap
+from graph_passes.recurrent_state import CarriedState, RecurrentRefusal, RecurrentStatePass, find_seq_dim
 
 META_KEY = "lrexport.recurrent"
 SEQ_AXIS = 1  # lrexport names axis 1 of the inputs "seq"
+# lengths the self-check runs: 1 token, and both sides of the linear-attention lowerings' chunk of 64 (the
+# per-key and delta forms chunk by 16, which these cross too) and of two chunks
+CHECK_LENGTHS = (1, 63, 64, 65, 130)
 RULE_TAG = "pkg.onnxscript.rewriter.rule_name"  # set by the graph passes on the nodes they write
 
 
@@ -128,8 +135,14 @@ def _meta_from_result(r: StepExportResult) -> dict[str, Any]:
             "input_specs": [s.to_dict() for s in r.input_specs]}
 
 
+def _state_from_meta(d: Mapping[str, Any]) -> CarriedState:
+    d = dict(d)
+    tap = d.pop("tap", None)
+    return CarriedState(**d, tap=StateTap(**tap) if tap else None)
+
+
 def _result_from_meta(meta: Mapping[str, Any], path: Path) -> StepExportResult:
-    states = [CarriedState(**s) for s in meta["states"]]
+    states = [_state_from_meta(s) for s in meta["states"]]
     specs = [InputSpec(d["name"], d["dtype"], tuple(d["min"]), tuple(d["opt"]), tuple(d["max"]), d.get("low"),
                        d.get("high")) for d in meta.get("input_specs", [])]
     return StepExportResult(path, meta["seq_dim"], meta.get("batch_dim"), list(meta["inputs"]),
@@ -172,6 +185,20 @@ def _load_ir(source: Any) -> ir.Model:
         raise LrexportError(f"{path} is not a readable ONNX file ({type(err).__name__})", "re-export it") from None
 
 
+def _recurrences(model: ir.Model) -> None:
+    """Write the masked quadratic form of causal linear attention (``(q k^T).tril() @ v``, a seq x seq matrix
+    that has no step form as it is) as the linear-attention node it equals (``graph_passes/quadratic_causal.py``),
+    which carries its state like any other."""
+    from graph_passes.quadratic_causal import QuadraticCausalPass
+
+    try:
+        seq = find_seq_dim(model.graph, SEQ_AXIS)
+    except RecurrentRefusal:
+        return  # the pass says why, naming the input
+    if any((shape_dims(v) or []).count(seq) > 1 for n in model.graph for v in n.outputs):
+        QuadraticCausalPass()(model)  # only where a seq x seq tensor would be refused anyway
+
+
 def _seq_axes(values: Sequence[ir.Value], seq: str) -> dict[str, int]:
     out = {}
     for v in values:
@@ -204,27 +231,32 @@ def _refuse_blocked_sequence(specs: Sequence[InputSpec]) -> None:
 
 
 def export_step(onnx_path_or_model: Any, out_path: str | Path, *, specs: Sequence[InputSpec] | None = None,
-                check: bool = True, check_length: int = 13, check_chunk: int = 5, seed: int = 0,
+                check: bool = True, check_lengths: Sequence[int] = CHECK_LENGTHS, check_chunk: int = 5,
+                seed: int = 0, linear_attention: str = "portable",
                 progress: Callable[[str], None] | None = None) -> StepExportResult:
     """Derive the step model of a causal running-sum model and write it to ``out_path``.
 
     ``onnx_path_or_model``: the full-sequence model as lrexport exported it (path, ModelProto or
     ir.Model). ``specs``: its input specs (value ranges for the check and for :func:`step_specs`;
-    read from the ONNX file when None). With ``check`` the step model is run on a random sequence
-    of ``check_length`` tokens in one go (zero states), token by token and ``check_chunk`` tokens at
-    a time, against the full model; any difference refuses the export (it means the graph mixes
-    positions in a way the structural check did not see).
+    read from the ONNX file when None). ``linear_attention`` names the lowering of the model's
+    ``lrexport.LinearAttention`` nodes (``graph_passes/linear_attention.py``: "portable" or "onnxruntime").
+    With ``check`` the step model is run on random sequences of each of ``check_lengths`` tokens (inside
+    the specs' range) in one go (zero states), token by token and ``check_chunk`` tokens at a time, against
+    the full model, outputs and states (each state against the full model's value it stands for); any
+    difference refuses the export (it means the graph mixes positions in a way the structural check did
+    not see).
     """
     say = progress or (lambda _m: None)
     start = time.perf_counter()
     out_path = Path(out_path)
     model = _load_ir(onnx_path_or_model)
+    _recurrences(model)
     original = ir.to_proto(model)  # the full model, for the self-check (the pass rewrites ``model``)
     token_inputs = [v.name or "" for v in model.graph.inputs]
     token_outputs = [v.name or "" for v in model.graph.outputs]
     specs = list(specs) if specs is not None else specs_from_onnx(model)
     _refuse_blocked_sequence(specs)
-    say("carrying the running sums as states")
+    say("carrying the running sums, linear-attention states and conv windows as states")
     try:
         res = RecurrentStatePass(seq_axis=SEQ_AXIS)(model)
     except RecurrentRefusal as err:
@@ -261,6 +293,7 @@ def export_step(onnx_path_or_model: Any, out_path: str | Path, *, specs: Sequenc
     result = StepExportResult(out_path, seq, batch_dim, token_inputs, in_axes, token_outputs, out_axes,
                               res.states, res.position_offset, [by_name[n] for n in token_inputs])
     model.metadata_props[META_KEY] = json.dumps(_meta_from_result(result))
+    lower_linear_attention(model, linear_attention)
     proto = ir.to_proto(model)
     try:
         if held_bytes(proto) < PROTO_LIMIT:  # the in-memory checker cannot take more than 2 GB
@@ -270,7 +303,8 @@ def export_step(onnx_path_or_model: Any, out_path: str | Path, *, specs: Sequenc
                             "report this as an lrexport bug with the model") from None
     if check:
         say("checking the step model against the full model")
-        result.check = _self_check(original, proto, result, check_length, check_chunk, seed)
+        reference = state_reference_model(original, result.states, linear_attention)
+        result.check = _self_check(reference, proto, result, check_lengths, check_chunk, seed)
     from exporter.export import save_onnx
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -302,30 +336,90 @@ def _seq_length(spec_list: Sequence[InputSpec], axes: Mapping[str, int], want: i
     return max(lo, min(want, hi))
 
 
-def _self_check(original: onnx.ModelProto, step: onnx.ModelProto, info: StepExportResult, n: int, chunk: int,
-                seed: int) -> dict[str, Any]:
-    n = _seq_length(info.input_specs, info.input_seq_axes, n)
-    feeds = _sequence_feeds(info.input_specs, info.input_seq_axes, n, None, seed)
-    full = ort_session(original)
-    expected = dict(zip([o.name for o in full.get_outputs()], full.run(None, feeds)))
+def lower_linear_attention(model: ir.Model, form: str) -> None:
+    """Lower the model's ``lrexport.LinearAttention`` nodes in place (no runtime has lrexport's domain)."""
+    from graph_passes import PassOptions
+    from graph_passes.linear_attention import LOWERINGS, LinearAttentionPass
+
+    if form not in LOWERINGS:
+        raise LrexportError(f"unknown linear-attention lowering {form!r}", f"choose from: {', '.join(LOWERINGS)}")
+    LinearAttentionPass(PassOptions(linear_attention=form))(model)
+
+
+def state_reference_model(full: Any, states: Sequence[CarriedState], linear_attention: str = "portable"
+                          ) -> onnx.ModelProto:
+    """The full-sequence model with, for each carried state, an output named like the state's output (its
+    ``new_state_<i>``) holding what that state must be after the whole sequence (the value its tap reads,
+    in the state's dtype), linear attention lowered: the reference a step model's states are checked
+    against. A state without a tap gets no output."""
+    model = _load_ir(full)
+    graph = model.graph
+    values = {v.name: v for n in graph for v in n.outputs}
+    values.update({v.name: v for v in graph.inputs})
+    for s in states:
+        tap = s.tap
+        if tap is None or tap.value not in values:
+            continue
+        value = values[tap.value]
+        label = f"{s.output}_reference"
+
+        def const(name: str, arr: list[int]) -> ir.Value:
+            v = ir.Value(name=f"{label}_{name}", const_value=ir.tensor(np.array(arr, dtype=np.int64)),
+                         shape=ir.Shape([len(arr)]), type=ir.TensorType(ir.DataType.INT64))
+            graph.register_initializer(v)
+            return v
+
+        nodes: list[ir.Node] = []
+        if tap.kind == "last":
+            nodes.append(ir.node("Gather", [value, const("last", [-1])], {"axis": tap.axis}))
+            nodes.append(ir.node("Squeeze", [nodes[-1].outputs[0], const("axis", [tap.axis])]))
+        elif tap.kind == "window":
+            rank = len(value.shape or [])
+            pads = [0] * (2 * rank)
+            pads[tap.axis] = tap.size
+            nodes.append(ir.node("Pad", [value, const("pads", pads)]))
+            nodes.append(ir.node("Slice", [nodes[-1].outputs[0], const("start", [-tap.size]),
+                                           const("end", [np.iinfo(np.int64).max]), const("axis", [tap.axis])]))
+        else:
+            nodes.append(ir.node("Identity", [value]))
+        nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], {"to": ir.DataType.from_numpy(np.dtype(s.dtype))}))
+        out = nodes[-1].outputs[0]
+        out.name = s.output
+        graph.extend(nodes)
+        graph.outputs.append(out)
+    lower_linear_attention(model, linear_attention)
+    return ir.to_proto(model)
+
+
+def _self_check(reference: onnx.ModelProto, step: onnx.ModelProto, info: StepExportResult, lengths: Sequence[int],
+                chunk: int, seed: int) -> dict[str, Any]:
+    full = ort_session(reference)
+    full_names = [o.name for o in full.get_outputs()]
     sess = ort_session(step)
     tol = Tolerance(atol=1e-4, rtol=1e-3)
-    report: dict[str, Any] = {"length": n, "max_abs": {}}
-    for label, c in (("full", n), ("token", 1), (f"chunk{chunk}", chunk)):
-        got = run_stepwise(info, feeds, c, session=sess)
-        worst = 0.0
-        for name in info.outputs:
-            comp = compare_arrays(name, got[name], expected[name], tol)
-            worst = max(worst, comp.max_abs)
-            if not comp.ok:
-                how = "in one go with zero states" if label == "full" else f"{c} token(s) at a time"
-                raise LrexportError(
-                    f"cannot export a step model: run {how}, the step model's output {name!r} differs from the "
-                    f"full model (max abs error {fmt_num(comp.max_abs)} at {list(comp.worst_index)}): the graph "
-                    "mixes positions along the sequence in a way that is not a causal running sum (e.g. an op that "
-                    "reads the sequence length, a position-dependent mask, or a shift along the sequence)",
-                    "only causal running-sum models have a step form; export the full-sequence model instead")
-        report["max_abs"][label] = worst
+    sizes = sorted({_seq_length(info.input_specs, info.input_seq_axes, n) for n in lengths})
+    report: dict[str, Any] = {"lengths": sizes, "max_abs": {}}
+    for n in sizes:
+        feeds = _sequence_feeds(info.input_specs, info.input_seq_axes, n, None, seed + n)
+        expected = dict(zip(full_names, full.run(None, feeds)))
+        names = list(info.outputs) + [s.output for s in info.states if s.output in expected]
+        for label, c in (("full", n), ("token", 1), (f"chunk{chunk}", chunk)):
+            got = run_stepwise(info, feeds, c, session=sess)
+            worst = report["max_abs"].get(label, 0.0)
+            for name in names:
+                comp = compare_arrays(name, got[name], expected[name], tol)
+                worst = max(worst, comp.max_abs)
+                if not comp.ok:
+                    how = "in one go with zero states" if label == "full" else f"{c} token(s) at a time"
+                    what = "output" if name in info.outputs else "state"
+                    raise LrexportError(
+                        f"cannot export a step model: run on {n} tokens {how}, the step model's {what} {name!r} "
+                        f"differs from the full model (max abs error {fmt_num(comp.max_abs)} at "
+                        f"{list(comp.worst_index)}): the graph mixes positions along the sequence in a way that is "
+                        "not a causal running sum or recurrence (e.g. an op that reads the sequence length, a "
+                        "position-dependent mask, or a shift along the sequence)",
+                        "only causal recurrent models have a step form; export the full-sequence model instead")
+            report["max_abs"][label] = worst
     return report
 
 
@@ -399,50 +493,97 @@ def run_stepwise(step_onnx: Any, feeds: Mapping[str, np.ndarray], chunk: int, *,
 
 @dataclass
 class StepParityReport:
-    """Step model run token by token / chunk by chunk vs the PyTorch model on the full sequence."""
+    """Step model run token by token / chunk by chunk vs the PyTorch model on the full sequence (outputs), and,
+    where the full-sequence ONNX model is given, vs its values of the states after that sequence."""
 
     reference: str
     length: int
     batch: int
     results: list[tuple[int, list[OutputComparison]]] = field(default_factory=list)  # (chunk, per output)
+    runs: list[tuple[int, int, list[OutputComparison]]] = field(default_factory=list)  # other lengths: (n, chunk, ..)
+    constant_states: list[str] = field(default_factory=list)  # state outputs that depend on no input
+
+    def _all(self) -> list[tuple[int, int, list[OutputComparison]]]:
+        return [(self.length, chunk, comps) for chunk, comps in self.results] + list(self.runs)
 
     @property
     def ok(self) -> bool:
-        return bool(self.results) and all(c.ok for _, comps in self.results for c in comps)
+        return bool(self.results) and not self.constant_states and all(
+            c.ok for _, _, comps in self._all() for c in comps)
 
     def max_abs(self) -> dict[int, float]:
         return {chunk: max(c.max_abs for c in comps) for chunk, comps in self.results}
 
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "reference": self.reference, "length": self.length, "batch": self.batch,
-                "results": [{"chunk": chunk, "outputs": [c.to_dict() for c in comps]}
-                            for chunk, comps in self.results]}
+                "results": [{"length": self.length, "chunk": chunk, "outputs": [c.to_dict() for c in comps]}
+                            for chunk, comps in self.results],
+                "runs": [{"length": n, "chunk": chunk, "outputs": [c.to_dict() for c in comps]}
+                         for n, chunk, comps in self.runs],
+                "constant_states": self.constant_states}
 
     def __str__(self) -> str:
         return self.format_table()
 
     def format_table(self) -> str:
-        headers = ["chunk", "steps", "output", "max abs", "min rtol", "rel L2", "cosine", "fail/total", "status"]
+        headers = ["length", "chunk", "steps", "output", "max abs", "min rtol", "rel L2", "cosine", "fail/total",
+                   "status"]
         rows = []
-        for chunk, comps in self.results:
-            steps = -(-self.length // chunk)
+        for n, chunk, comps in self._all():
+            steps = -(-n // chunk)
             for c in comps:  # min rtol, not max rel: see ParityReport.format_table
-                rows.append([chunk, steps, c.output, c.max_abs, c.min_rtol, c.rel_l2, f"{c.cosine:.6f}",
+                rows.append([n, chunk, steps, c.output, c.max_abs, c.min_rtol, c.rel_l2, f"{c.cosine:.6f}",
                              f"{c.mismatches + c.nonfinite}/{c.total}", "ok" if c.ok else "FAIL"])
         title = f"step parity vs {self.reference} (sequence of {self.length}, batch {self.batch})"
-        return format_table(headers, rows, title=title) + f"\nstep parity: {'PASS' if self.ok else 'FAIL'}"
+        lines = [format_table(headers, rows, title=title)]
+        lines += [f"state {name} is a constant of the step model (it depends on no input): the step model drops "
+                  "what the tokens write into it" for name in self.constant_states]
+        return "\n".join(lines) + f"\nstep parity: {'PASS' if self.ok else 'FAIL'}"
 
     def assert_ok(self) -> None:
         if not self.ok:
             raise AssertionError("lrexport step parity failed\n" + self.format_table())
 
 
+def constant_states(step_onnx: Any) -> list[str]:
+    """The step model's state outputs whose value depends on none of its inputs (a constant: e.g. cache writes
+    that the export lost, leaving the initial zeros)."""
+    info = read_step_info(step_onnx)
+    if isinstance(step_onnx, (onnx.ModelProto, ir.Model)):
+        model = _load_ir(step_onnx)
+    else:
+        model = ir.load(str(info.onnx_path))  # weights stay on disk
+    inputs = set(model.graph.inputs)
+    found = []
+    outputs = {v.name: v for v in model.graph.outputs}
+    for s in info.states:
+        seen: set[int] = set()
+        todo = [outputs.get(s.output)]
+        reaches = False
+        while todo and not reaches:
+            v = todo.pop()
+            if v is None or id(v) in seen:
+                continue
+            seen.add(id(v))
+            if v in inputs:
+                reaches = True
+            elif v.producer() is not None:
+                todo += list(v.producer().inputs)
+        if not reaches:
+            found.append(s.output)
+    return found
+
+
 def check_step_parity(module: Any, step_onnx: Any, specs: Sequence[InputSpec] | None = None,
-                      chunks: Sequence[int] = (1, 7, 64), *, length: int = 100, batch: int | None = None,
+                      chunks: Sequence[int] = (1, 7, 64), *, length: int = 100, lengths: Sequence[int] = (),
+                      full_model: Any = None, linear_attention: str = "portable", batch: int | None = None,
                       seed: int = 0, precision: str = "fp32", atol: float | None = None,
                       rtol: float | None = None) -> StepParityReport:
-    """Run the PyTorch ``module`` on a full random sequence of ``length`` tokens and the step model on the
-    same sequence ``chunk`` tokens at a time, for every chunk; compare per output."""
+    """Run the PyTorch ``module`` on a full random sequence of ``length`` tokens (and of each of ``lengths``)
+    and the step model on the same sequence ``chunk`` tokens at a time, for every chunk; compare per output.
+    With ``full_model`` (the full-sequence ONNX the step model was derived from; its linear attention lowered
+    with ``linear_attention``) the states the step model ends with are compared with that model's values of
+    them after the sequence. A state output that is a constant of the step model always fails."""
     from exporter.loading import LoadedModel
     from exporter.runners import TorchRunner
 
@@ -455,17 +596,34 @@ def check_step_parity(module: Any, step_onnx: Any, specs: Sequence[InputSpec] | 
         raise LrexportError(f"no input spec for {missing[0]!r}", f"give specs for {', '.join(info.inputs)}")
     specs = [by_name[n] for n in info.inputs]
     n = _seq_length(specs, info.input_seq_axes, length)
-    feeds = _sequence_feeds(specs, info.input_seq_axes, n, batch, seed)
-    b = next(iter(feeds.values())).shape[0]
+    others = sorted({_seq_length(specs, info.input_seq_axes, t) for t in lengths} - {n})
     reference = TorchRunner(module, info.outputs, info.inputs)
-    expected = reference.run(feeds)
     tols = Tolerances.for_precision(precision, atol, rtol)
     path = info.onnx_path if not isinstance(step_onnx, onnx.ModelProto) else step_onnx
     session = ort_session(path)
-    report = StepParityReport(f"pytorch {reference.precision}", n, b)
-    for chunk in chunks:
-        got = run_stepwise(info, feeds, chunk, session=session)
-        report.results.append((chunk, [compare_arrays(o, got[o], expected[o], tols.get(o)) for o in info.outputs]))
+    states_ref = None
+    if full_model is not None:
+        ref_model = state_reference_model(full_model, info.states, linear_attention)
+        states_ref = ort_session(ref_model)
+    report = StepParityReport(f"pytorch {reference.precision}", n, 0, constant_states=constant_states(step_onnx))
+    for t in [n, *others]:
+        feeds = _sequence_feeds(specs, info.input_seq_axes, t, batch, seed + (0 if t == n else t))
+        report.batch = next(iter(feeds.values())).shape[0]
+        expected = reference.run(feeds)
+        names = list(info.outputs)
+        if states_ref is not None:
+            ref_names = [o.name for o in states_ref.get_outputs()]
+            full_feeds = {k: v for k, v in feeds.items() if k in {i.name for i in states_ref.get_inputs()}}
+            expected.update({k: v for k, v in zip(ref_names, states_ref.run(None, full_feeds))
+                             if k not in expected})
+            names += [s.output for s in info.states if s.output in expected]
+        for chunk in chunks:
+            got = run_stepwise(info, feeds, chunk, session=session)
+            comps = [compare_arrays(o, got[o], expected[o], tols.get(o)) for o in names]
+            if t == n:
+                report.results.append((chunk, comps))
+            else:
+                report.runs.append((t, chunk, comps))
     return report
 
 

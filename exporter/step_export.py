@@ -18,7 +18,14 @@ from exporter.export import DEFAULT_OPSET, export_onnx
 from exporter.loading import LoadedModel
 from exporter.outputs import atomic_files, check_new_file, relocated
 from exporter.patches import patch_lines, reference_patches
-from exporter.recurrent import StepExportResult, StepParityReport, check_step_parity, export_step, step_specs
+from exporter.recurrent import (
+    CHECK_LENGTHS,
+    StepExportResult,
+    StepParityReport,
+    check_step_parity,
+    export_step,
+    step_specs,
+)
 from exporter.specs import InputSpec
 
 if TYPE_CHECKING:
@@ -76,10 +83,17 @@ def step_engine_specs(step: StepExportResult, specs: Sequence[InputSpec], chunk_
 
 def export_step_model(loaded: LoadedModel, specs: Sequence[InputSpec], out: str | Path, *, chunk_max: int = 64,
                       engine: bool = False, backend: str = "auto", length: int = 100, opset: int = DEFAULT_OPSET,
-                      seed: int = 0, force: bool = False, patches: bool = True,
+                      seed: int = 0, force: bool = False, patches: bool = True, linear_attention: str = "portable",
                       progress: Callable[[str], None] | None = None) -> StepModelBuild:
-    """Export ``loaded`` as a step model at ``out`` (.onnx; with ``engine``, also ``<out stem>.engine``)."""
+    """Export ``loaded`` as a step model at ``out`` (.onnx; with ``engine``, also ``<out stem>.engine``).
+    ``linear_attention``: how ``lrexport.LinearAttention`` nodes are lowered ("portable" or "onnxruntime").
+    Parity runs at ``length`` tokens and at :data:`~exporter.recurrent.CHECK_LENGTHS`, outputs against PyTorch and
+    states against the full-sequence export's values of them."""
     say = progress or (lambda _m: None)
+    if engine and linear_attention == "onnxruntime":
+        raise LrexportError("--engine builds a TensorRT engine, and TensorRT cannot run ONNX Runtime's "
+                            "com.microsoft.LinearAttention (--linear-attention onnxruntime)",
+                            "use --linear-attention portable with --engine")
     out = check_step_output(out, force, engine)
     with atomic_files(out, force, "onnx") as tmp, reference_patches(loaded.module, patches):
         full_dir = tmp / ".full"  # the whole model's export: an intermediate, removed before the move
@@ -87,11 +101,12 @@ def export_step_model(loaded: LoadedModel, specs: Sequence[InputSpec], out: str 
         exported = export_onnx(loaded, specs, full_dir / "full.onnx", opset=opset,
                                progress=lambda m: say(f"[export] {m}"), patches=patches)
         step = export_step(exported.onnx_path, tmp / out.name, specs=exported.specs, seed=seed,
-                           progress=lambda m: say(f"[step] {m}"))
-        shutil.rmtree(full_dir)
+                           linear_attention=linear_attention, progress=lambda m: say(f"[step] {m}"))
         say("[parity] step model token by token and chunk by chunk vs PyTorch")
         parity = check_step_parity(loaded, step.onnx_path, exported.specs, chunks=sorted({1, 7, chunk_max}),
-                                   length=length, seed=seed)
+                                   length=length, lengths=CHECK_LENGTHS, full_model=exported.onnx_path,
+                                   linear_attention=linear_attention, seed=seed)
+        shutil.rmtree(full_dir)
         result = StepModelBuild(step, parity, chunk_max, warnings=list(exported.warnings),
                                 patches=list(exported.patches))
         if engine:

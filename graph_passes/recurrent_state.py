@@ -17,11 +17,13 @@ cannot move so (a start computed in the graph, e.g. the last n rows, or a negati
 The sequence length read from the input's shape stays the chunk's length where it is a shape, and becomes the
 number of tokens seen so far, ``position_offset + n``, where it bounds those positions (a length mask
 ``arange(n) < n``); any other use of it on per-token data is refused by name (``graph_passes.seq_length``).
+``lrexport.LinearAttention`` nodes and causal convolutions over the sequence carry states too
+(``graph_passes.recurrent_carry``: the op's initial/final state, a window of the convolution's recent inputs).
 The rewrite is only right when nothing else in the graph mixes positions along the sequence, so the
 pass first checks every node and refuses (:class:`RecurrentRefusal`, naming node, op and reason) a
 softmax over the sequence, a reduction or contraction over it, a seq x seq matrix, a reverse or
-exclusive CumSum, a convolution along it, or a static sequence axis. The check is structural (from the
-symbolic ``seq`` dimension); ``exporter.recurrent`` adds a numeric check of the result.
+exclusive CumSum, a convolution along it that reads later positions, or a static sequence axis. The check is
+structural (from the symbolic ``seq`` dimension); ``exporter.recurrent`` adds a numeric check of the result.
 """
 
 from __future__ import annotations
@@ -37,6 +39,15 @@ from graph_passes.shape_inference import TypedShapeInferencePass
 from graph_passes._base import GraphPass, GraphPassResult, Match, record
 from graph_passes._util import const_array, const_ints, shape_dims
 from graph_passes.name_scopes import name_scopes
+from graph_passes.recurrent_carry import (
+    CausalConv,
+    StateTap,
+    carry_conv,
+    carry_linear_attention,
+    causal_conv,
+    is_linear_attention,
+    linear_attention_refusal,
+)
 from graph_passes.seq_length import LengthUseError, PositionBound, classify_length_uses
 
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
@@ -79,12 +90,15 @@ class CarriedState:
     dtype: str  # numpy dtype name of the state
     module: str | None  # module path from the exporter's name scopes (blocks.0.attn; "" the root module)
     source: str | None  # the torch op's name inside the module (e.g. cumsum_1)
-    role: str  # "s" (running sum of outer products k v^T) or "z" (running sum of vectors)
+    role: str  # "s" (running sum of outer products k v^T), "z" (running sum of vectors), or what else it is
+    tap: StateTap | None = None  # the full model's value whose end is this state (for checks against it)
+    kind: str = "running-sum"  # what carries it: "running-sum" (a CumSum), "linear-attention", "conv-window"
 
     def to_dict(self) -> dict[str, Any]:
         return {"index": self.index, "input": self.input, "output": self.output, "node": self.node,
                 "axis": self.axis, "shape": list(self.shape), "dtype": self.dtype, "module": self.module,
-                "source": self.source, "role": self.role}
+                "source": self.source, "role": self.role,
+                "tap": None if self.tap is None else dict(vars(self.tap)), "kind": self.kind}
 
 
 @dataclass
@@ -416,7 +430,7 @@ class RecurrentStatePass(GraphPass):
             except Exception:  # best effort: the numeric check covers what shapes cannot tell
                 pass
         seq = find_seq_dim(graph, self.seq_axis)
-        sums, ranges, reads = self._survey(graph, seq)
+        carriers, ranges, reads = self._survey(graph, seq)
         try:
             bounds = classify_length_uses(graph, seq, ranges)
         except LengthUseError as err:
@@ -424,7 +438,7 @@ class RecurrentStatePass(GraphPass):
                                    hint="a step model knows the tokens seen so far, not the full length: use the "
                                         "length only for shapes and for masks of positions < length") from None
         # ------------------------------------------------------------------------------------- rewrite
-        states = [self._carry(graph, i, node, axis) for i, (node, axis) in enumerate(sums)]
+        states = [self._carry_site(graph, i, site) for i, site in enumerate(carriers)]
         offset = self._offset_input(graph) if ranges or reads else None
         if offset is not None:
             for node in ranges:
@@ -434,7 +448,7 @@ class RecurrentStatePass(GraphPass):
             for bound in bounds:
                 self._offset_bound(graph, bound, offset)
         for s in states:
-            record(Match("running-sum", "carried", [s.node], rewritten=True,
+            record(Match(s.kind, "carried", [s.node], rewritten=True,
                          info={"state": s.input, "new_state": s.output, "axis": s.axis, "role": s.role}))
         offset_name = offset.name if offset is not None else None
         range_names = [r.name or "<unnamed>" for r in ranges]
@@ -452,18 +466,37 @@ class RecurrentStatePass(GraphPass):
                        "slices": slice_names, "bounds": bound_names}
         return True
 
-    def _survey(self, graph: ir.Graph, seq: str) -> tuple[list[tuple[ir.Node, int]], list[ir.Node],
-                                                           list[PositionRead]]:
-        """The running sums to carry, the position Ranges and table reads to offset; refuse any other node
-        that mixes positions along the sequence."""
-        sums: list[tuple[ir.Node, int]] = []
+    def _survey(self, graph: ir.Graph, seq: str) -> tuple[list[Any], list[ir.Node], list[PositionRead]]:
+        """What carries a state, in graph order (a CumSum over the sequence as ``(node, axis)``, a linear-attention
+        node, a :class:`CausalConv`), the position Ranges and table reads to offset; refuse any other node that
+        mixes positions along the sequence."""
+        carriers: list[Any] = []
         ranges: list[ir.Node] = []
         reads: list[PositionRead] = []
+        convs: dict[ir.Node, CausalConv] = {}
         for node in graph:
+            site = causal_conv(node, seq)
+            if isinstance(site, str):
+                raise RecurrentRefusal(f"mixes positions along the sequence axis: it {site}",
+                                       node.name or "<unnamed>", node.op_type)
+            if site is not None:
+                convs.update({n: site for n in site.nodes})
+        for node in graph:
+            if node in convs:
+                if node is convs[node].conv and convs[node].window:
+                    carriers.append(convs[node])
+                continue
+            if is_linear_attention(node):
+                why = linear_attention_refusal(node, seq)
+                if why:
+                    raise RecurrentRefusal(f"cannot carry the linear-attention state: {why}",
+                                           node.name or "<unnamed>", node.op_type)
+                carriers.append(node)
+                continue
             if node.op_type == "CumSum" and node.domain in ("", "ai.onnx"):
                 carried = self._cumsum_axis(node, seq)
                 if carried is not None:
-                    sums.append((node, carried))
+                    carriers.append((node, carried))
                     continue
             if node.op_type == "Range" and node.domain in ("", "ai.onnx"):
                 if self._is_seq_range(node, seq):
@@ -477,12 +510,12 @@ class RecurrentStatePass(GraphPass):
             if why:
                 raise RecurrentRefusal(f"mixes positions along the sequence axis: it {why}",
                                        node.name or "<unnamed>", node.op_type)
-        if not sums:
+        if not carriers:
             raise RecurrentRefusal(
-                "the graph has no CumSum over the sequence axis, so there is no running sum to carry "
-                "(a model with no mixing across positions needs no step model)",
+                "the graph has no CumSum over the sequence axis, linear-attention op or causal convolution, so "
+                "there is no state to carry (a model with no mixing across positions needs no step model)",
                 hint="export the full-sequence model; it already runs on any chunk independently")
-        return sums, ranges, reads
+        return carriers, ranges, reads
 
     def _cumsum_axis(self, node: ir.Node, seq: str) -> int | None:
         """The sequence axis a CumSum sums along, or None if it sums along another axis; refuse bad ones."""
@@ -518,9 +551,32 @@ class RecurrentStatePass(GraphPass):
         return od is not None and len(od) == 1 and od[0] == seq
 
     # ------------------------------------------------------------------------------------------ rewrite
+    def _carry_site(self, graph: ir.Graph, i: int, site: Any) -> CarriedState:
+        if isinstance(site, tuple):
+            return self._carry(graph, i, *site)
+        name_in, name_out = f"{self.state_prefix}{i}", f"{self.output_prefix}{i}"
+        if isinstance(site, CausalConv):
+            node, axis = site.conv, 2
+            label = node.name or f"conv_{i}"
+            role, kind = f"conv window of {site.window}", "conv-window"
+            state, out, tap = carry_conv(graph, site, name_in, name_out)
+        else:
+            node, axis = site, 1
+            label = node.name or f"linear_attention_{i}"
+            role, kind = f"linear attention, {_attr(node, 'rule', '?')} rule", "linear-attention"
+            state, out, tap = carry_linear_attention(graph, node, name_in, name_out)
+        plain = [d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else str(d))
+                 for d in (state.shape or [])]
+        scopes = name_scopes(node) or []
+        module = scopes[-2] if len(scopes) >= 2 else None
+        dtype = np.dtype((state.dtype or ir.DataType.FLOAT).numpy()).name
+        return CarriedState(i, name_in, name_out, label, axis, plain, dtype, module,
+                            scopes[-1] if scopes else None, role, tap, kind)
+
     def _carry(self, graph: ir.Graph, i: int, node: ir.Node, axis: int) -> CarriedState:
         x, y = node.inputs[0], node.outputs[0]
         assert x is not None
+        tap = StateTap(y.name or "", "last", axis)
         dims = list(y.shape) if y.shape is not None else list(x.shape or [])
         state_dims = [d for k, d in enumerate(dims) if k != axis]
         plain = [d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else str(d))
@@ -577,7 +633,7 @@ class RecurrentStatePass(GraphPass):
         module = scopes[-2] if len(scopes) >= 2 else None  # "" is the root module
         role = "s" if _is_outer_product(x.producer()) else "z"
         return CarriedState(i, state.name or "", out_state.name or "", label, axis, plain,
-                            np.dtype(sdtype.numpy()).name, module, scopes[-1] if scopes else None, role)
+                            np.dtype(sdtype.numpy()).name, module, scopes[-1] if scopes else None, role, tap)
 
     def _offset_input(self, graph: ir.Graph) -> ir.Value:
         """The int64 scalar input: the position of the chunk's first token (a data tensor, not a shape
