@@ -1,0 +1,19 @@
+"""Hugging Face transformers: export forms of its own code, one module per family of layers
+(``gated_delta``: the gated DeltaNet of Qwen3-Next / Qwen3.5 / OLMo-hybrid; ``moe``: the experts blocks). Each finds what to swap by
+identity in the modeling modules of the model's classes (looked up in ``sys.modules``), whether transformers
+dispatches to fla's Triton kernels or to its own torch code. ``PATCHES`` and ``refusals`` are the library's
+entries in the registry of :mod:`exporter.patches`."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from exporter.patches.transformers import gated_delta, moe
+
+_FAMILIES = [gated_delta, moe]
+
+PATCHES = [p for family in _FAMILIES for p in family.PATCHES]
+
+
+def refusals(model: nn.Module) -> list[str]:
+    return [r for family in _FAMILIES if hasattr(family, "refusals") for r in family.refusals(model)]

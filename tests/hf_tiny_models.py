@@ -1,0 +1,54 @@
+"""Tiny Hugging Face transformers causal LMs (built from configs, no downloads) returning logits, usable as
+``--factory hf_tiny_models:<name>`` (tests/ is on sys.path under pytest). Each builder seeds torch and
+returns an eval-mode module taking ``ids`` (int64, batch x sequence) and calling the model with
+``use_cache=False``. ``SPECS`` holds the ``--input``/``--shapes`` each is built with in the tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+VOCAB = 128
+SPECS: dict[str, tuple[str, str]] = {}
+
+
+class Logits(nn.Module):
+    """``model(input_ids=ids, use_cache=False).logits``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.lm = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=ids, use_cache=False).logits
+
+
+def _lm(config_cls: str, model_cls: str, seed: int, **cfg) -> nn.Module:
+    import transformers
+
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(vocab_size=VOCAB, use_cache=False, **cfg)
+    return Logits(getattr(transformers, model_cls)(config)).eval()
+
+
+SPECS["qwen3_next_lm"] = ("ids:2x70:int64:0..127", "ids:min=1x1,opt=2x70,max=4x130")
+
+
+def qwen3_next_lm(seed: int = 0) -> nn.Module:
+    """Qwen3-Next: a gated-DeltaNet layer (2 key heads, 4 value heads) and a full-attention layer, MoE MLPs."""
+    return _lm("Qwen3NextConfig", "Qwen3NextForCausalLM", seed, hidden_size=32, intermediate_size=64,
+               num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+               linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=8,
+               num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+               layer_types=["linear_attention", "full_attention"])
+
+
+SPECS["qwen3_5_lm"] = ("ids:2x70:int64:0..127", "ids:min=1x1,opt=2x70,max=4x130")
+
+
+def qwen3_5_lm(seed: int = 0) -> nn.Module:
+    """Qwen3.5 (text): a gated-DeltaNet layer (2 key heads, 4 value heads) and a full-attention layer."""
+    return _lm("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", seed, hidden_size=32, intermediate_size=64,
+               num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+               linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=8,
+               layer_types=["linear_attention", "full_attention"])

@@ -1,0 +1,159 @@
+"""Patches for Hugging Face transformers' own code (exporter/patches/transformers/): each replacement equals
+transformers' own torch code (never fla's Triton kernel, never lrexport's op as its own reference) at lengths
+that are and are not multiples of the model's chunk, is chosen by what the model's modules are and undone
+after, and a whole tiny model builds with the sequence dynamic from 1 token and parity at min/opt/max/odd.
+"""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import hf_tiny_models as hf  # noqa: E402
+from exporter.patches import applied, reference_patches, select_patches  # noqa: E402
+
+LENGTHS = (1, 63, 64, 65, 130)  # transformers' gated-delta chunk is 64
+
+
+def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+# ------------------------------------------------------------------------------------------- gated DeltaNet
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("n", LENGTHS)
+def test_gated_delta_rule_equals_transformers_torch_code(n, with_state):
+    """Both transformers functions (chunked and per-token), 2 key heads serving 4 value heads, q/k L2-normalised
+    in the kernel, an initial state carried in and the final state out."""
+    from transformers.models.qwen3_next import modeling_qwen3_next as mq
+
+    from exporter.patches.transformers.gated_delta import gated_delta_rule
+
+    torch.manual_seed(n)
+    q, k = torch.randn(2, n, 2, 16), torch.randn(2, n, 2, 16)
+    v = torch.randn(2, n, 4, 8)
+    g, beta = -2 * torch.rand(2, n, 4), torch.rand(2, n, 4)
+    state = torch.randn(2, 4, 16, 8) if with_state else None
+    kw = dict(g=g, beta=beta, initial_state=state, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    out, final = gated_delta_rule(q, k, v, **kw)
+    for fn in (mq.torch_chunk_gated_delta_rule, mq.torch_recurrent_gated_delta_rule):
+        ref_out, ref_final = fn.__wrapped__(q, k, v, **kw)  # the torch code under transformers' kernel dispatch
+        assert out.shape == ref_out.shape and final.shape == ref_final.shape
+        assert _max_err(out, ref_out) < 2e-5 and _max_err(final, ref_final) < 2e-5
+    # no state asked for: none returned, as transformers
+    assert gated_delta_rule(q, k, v, g=g, beta=beta)[1] is None
+
+
+def test_gated_delta_patch_chosen_by_identity_and_reference_is_transformers_torch_code():
+    """The swap is found from the model's own modeling module; export swaps in the op, the eager reference
+    transformers' torch code (with fla importable transformers dispatches to fla's Triton kernel, which has
+    no CPU path here); both undone on exit."""
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as mq
+
+    from exporter.patches.transformers.gated_delta import gated_delta_rule
+
+    model = hf.qwen3_5_lm()
+    dispatch = mq.torch_chunk_gated_delta_rule
+    patches = select_patches(model)
+    assert [p.replacement for p in patches] == ["lrexport linear_attention gated_delta"]
+    ids = torch.randint(0, hf.VOCAB, (2, 65))
+    with torch.no_grad():
+        with reference_patches(model):
+            assert mq.torch_chunk_gated_delta_rule is dispatch.__wrapped__
+            ref = model(ids)
+        with applied(model, patches):
+            assert mq.torch_chunk_gated_delta_rule is gated_delta_rule
+            assert mq.torch_recurrent_gated_delta_rule is gated_delta_rule
+            got = model(ids)
+    assert mq.torch_chunk_gated_delta_rule is dispatch  # restored
+    assert _max_err(got, ref) < 1e-5
+
+
+def test_fla_kernel_fails_on_cpu_unpatched():
+    """Why the reference needs the patch: with fla importable, transformers runs fla's Triton kernel."""
+    pytest.importorskip("fla")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: fla's Triton kernels run unpatched")
+    with pytest.raises(RuntimeError, match="active drivers"), torch.no_grad():
+        hf.qwen3_5_lm()(torch.randint(0, hf.VOCAB, (1, 8)))
+
+
+def _build(cli, tmp_path, name: str, *extra: str):
+    inputs, shapes = hf.SPECS[name]
+    res = cli("build", "--factory", f"hf_tiny_models:{name}", "--input", inputs, "--shapes", shapes,
+              "--out", tmp_path / name, "--json", "-q", *extra)
+    assert res.code == 0, res.err[-3000:]
+    return json.loads(res.out)
+
+
+def _check_served_from_one(data: dict, max_len: int) -> None:
+    (spec,) = data["export"]["inputs"]
+    assert spec["min"] == [1, 1] and spec["max"][1] == max_len and spec["dynamic_axes"] == [0, 1]
+    assert not data["export"]["pinned_axes"] and data["parity"]["ok"]
+    cases = {c["case"]: c for c in data["parity"]["results"] if c["backend"] == "onnxruntime"}
+    assert set(cases) >= {"min", "opt", "max", "odd"} and all(c["ok"] for c in cases.values())
+    assert cases["min"]["shapes"]["ids"] == [1, 1] and cases["max"]["shapes"]["ids"][1] == max_len
+
+
+def _nodes(path) -> int:
+    return len(onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def test_qwen3_5_builds_dynamic_from_one_token(cli, tmp_path):
+    """Before: export unrolled transformers' chunk loop (10 min at real size) and stopped on a guard. Now one
+    op per layer: exit 0, every length 1..130, parity at min/opt/max/odd, and the same graph exported from a
+    20-token example as from a 70-token one."""
+    data = _build(cli, tmp_path, "qwen3_5_lm", "--backend", "onnxruntime")
+    _check_served_from_one(data, 130)
+    assert data["export"]["patches"] == [p.label for p in select_patches(hf.qwen3_5_lm())]
+    res = cli("export", "--factory", "hf_tiny_models:qwen3_5_lm", "--input", "ids:1x20:int64:0..127",
+              "--shapes", "ids:min=1x1,opt=1x20,max=4x130", "--out", tmp_path / "short.onnx", "-q")
+    assert res.code == 0, res.err[-2000:]
+    assert _nodes(tmp_path / "short.onnx") == _nodes(tmp_path / "qwen3_5_lm" / "exported.onnx")
+
+
+def test_qwen3_next_moe_builds_dynamic_from_one_token(cli, tmp_path):
+    """Qwen3-Next (gated DeltaNet and MoE experts): before, 'the ONNX exporter cannot handle op
+    transformers.grouped_mm_fallback'; now exit 0 with a TensorRT engine, parity PASS from 1 token."""
+    data = _build(cli, tmp_path, "qwen3_next_lm")
+    _check_served_from_one(data, 130)
+    assert len(data["export"]["patches"]) == 2
+    assert (tmp_path / "qwen3_next_lm" / "model.engine").exists()
+
+
+# ------------------------------------------------------------------------------------------------------- MoE
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "eager"])
+@pytest.mark.parametrize("n", [1, 7, 64])
+def test_dense_experts_equal_transformers_experts(n, impl):
+    """transformers' experts (its default ``grouped_mm``, eager on CPU, and the per-expert ``eager`` loop)
+    against the dense form, top-2 of 4."""
+    from transformers import Qwen3NextConfig
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextSparseMoeBlock
+
+    from exporter.patches.transformers.moe import PATCHES
+
+    torch.manual_seed(n)
+    cfg = Qwen3NextConfig(hidden_size=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                          shared_expert_intermediate_size=16)
+    cfg._experts_implementation = impl
+    block = Qwen3NextSparseMoeBlock(cfg).eval()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, n, 32)
+    with torch.no_grad():
+        ref = block(x)
+        (patch,) = PATCHES
+        with applied(block, [patch]):
+            assert "forward" in vars(block.experts)
+            got = block(x)
+    assert "forward" not in vars(block.experts)
+    assert _max_err(got, ref) < 1e-5
