@@ -52,3 +52,12 @@ def qwen3_5_lm(seed: int = 0) -> nn.Module:
                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
                linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=8,
                layer_types=["linear_attention", "full_attention"])
+
+
+SPECS["mamba2_lm"] = ("ids:2x40:int64:0..127", "ids:min=1x1,opt=2x40,max=4x130")
+
+
+def mamba2_lm(seed: int = 0) -> nn.Module:
+    """Mamba-2: 2 SSD layers, 4 heads of 16 in 2 groups, state 16, chunks of 16."""
+    return _lm("Mamba2Config", "Mamba2ForCausalLM", seed, hidden_size=32, num_hidden_layers=2, expand=2,
+               num_heads=4, head_dim=16, n_groups=2, state_size=16, chunk_size=16)

@@ -157,3 +157,38 @@ def test_dense_experts_equal_transformers_experts(n, impl):
             got = block(x)
     assert "forward" not in vars(block.experts)
     assert _max_err(got, ref) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- Mamba-2 SSD
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 40])
+def test_ssd_chunk_scan_equals_transformers_torch_code(n, with_state):
+    """Mamba-2's scan as the gated rule (q = C, k = dt B, v = x, g = dt A, plus D x) against transformers'
+    ``mamba2_chunk_scan`` torch code with chunks of 16: 4 heads in 2 groups, softplus'd dt with bias."""
+    from transformers.models.mamba2 import modeling_mamba2 as mm
+
+    from exporter.patches.transformers.mamba2 import ssd_chunk_scan
+
+    torch.manual_seed(n)
+    x, dt = torch.randn(2, n, 4, 8), torch.randn(2, n, 4)
+    A, D, dt_bias = -3 * torch.rand(4), torch.randn(4), torch.randn(4)
+    B, C = torch.randn(2, n, 2, 16), torch.randn(2, n, 2, 16)
+    state = torch.randn(2, 4, 8, 16) if with_state else None
+    kw = dict(chunk_size=16, D=D, dt_bias=dt_bias, initial_states=state, dt_softplus=True, return_final_states=True)
+    out, final = ssd_chunk_scan(x, dt, A, B, C, **kw)
+    ref_out, ref_final = mm.mamba2_chunk_scan.__wrapped__(x, dt, A, B, C, **kw)
+    assert out.shape == ref_out.shape and final.shape == ref_final.shape
+    scale = ref_out.abs().max().item()
+    assert _max_err(out, ref_out) < 2e-6 * scale and _max_err(final, ref_final) < 2e-6 * ref_final.abs().max().item()
+
+
+def test_mamba2_builds_dynamic_from_one_token(cli, tmp_path):
+    """Before: torch.export served multiples of the chunk only (padding computed with Python ints). Now every
+    length 1..130 with chunks of 16, parity at min/opt/max/odd."""
+    data = _build(cli, tmp_path, "mamba2_lm")
+    _check_served_from_one(data, 130)
+    assert any("Mamba-2 SSD" in p for p in data["export"]["patches"])
+    odd = next(c for c in data["parity"]["results"] if c["case"] == "odd")
+    assert odd["shapes"]["ids"][1] % 16
