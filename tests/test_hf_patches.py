@@ -194,3 +194,35 @@ def test_mamba2_builds_dynamic_from_one_token(cli, tmp_path):
     assert any("Mamba-2 SSD" in p for p in data["export"]["patches"])
     odd = next(c for c in data["parity"]["results"] if c["case"] == "odd")
     assert odd["shapes"]["ids"][1] % 16
+
+
+# ------------------------------------------------------------------------------------------------- hybrids
+
+_EXPECTED = {"bamba": ["gated"], "falcon_h1": ["gated"], "granite_moe_hybrid": ["gated", "dense"],
+             "nemotron_h": ["gated"], "zamba2": ["gated"], "olmo_hybrid": ["gated_delta"],
+             "qwen3_5_moe": ["gated_delta", "dense"]}
+
+
+@pytest.mark.parametrize("family", sorted(_EXPECTED))
+def test_hybrid_patched_equals_transformers(family):
+    """Every family that defines transformers' scans (its own copy of ``mamba2_chunk_scan`` or the gated
+    delta rule) or decorated experts gets the patch, and the whole patched model equals transformers' own
+    torch code at a length that is not a multiple of the chunk (37) and at 1 token."""
+    model = hf.hybrid_lm(family)
+    patches = select_patches(model)
+    assert [p.replacement.split()[-1] if "linear_attention" in p.replacement else p.replacement.split()[0]
+            for p in patches] == _EXPECTED[family]
+    for n in (1, 37):
+        ids = torch.randint(0, hf.VOCAB, (2, n), generator=torch.Generator().manual_seed(n))
+        with torch.no_grad():
+            with reference_patches(model):
+                ref = model(ids)
+            with applied(model, patches):
+                got = model(ids)
+        assert _max_err(got, ref) < 1e-5 * max(1.0, ref.abs().max().item()), family
+
+
+def test_bamba_builds_dynamic_from_one_token(cli, tmp_path):
+    """A Mamba-2 hybrid (SSD layer, attention layer): exit 0, 1..130 tokens, parity at min/opt/max/odd."""
+    data = _build(cli, tmp_path, "bamba_lm", "--backend", "onnxruntime")
+    _check_served_from_one(data, 130)
