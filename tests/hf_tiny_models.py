@@ -109,3 +109,15 @@ SPECS["bamba_lm"] = ("ids:2x40:int64:0..127", "ids:min=1x1,opt=2x40,max=4x130")
 
 def bamba_lm(seed: int = 0) -> nn.Module:
     return hybrid_lm("bamba", seed)
+
+
+SPECS["kimi_linear_lm"] = ("ids:2x70:int64:0..127", "ids:min=1x1,opt=2x70,max=4x130")
+
+
+def kimi_linear_lm(seed: int = 0) -> nn.Module:
+    """Kimi-Linear: a KDA layer (2 heads of 16, per-key decay) and an MLA layer, MoE MLPs."""
+    return _lm("KimiLinearConfig", "KimiLinearForCausalLM", seed, init_std=0.3, hidden_size=32, intermediate_size=64,
+               moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+               kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, num_local_experts=4,
+               num_experts_per_tok=2, n_shared_experts=1, linear_head_dim=16, linear_num_heads=2,
+               layer_types=["linear_attention", "full_attention"], pad_token_id=0, bos_token_id=1, eos_token_id=2)

@@ -226,3 +226,33 @@ def test_bamba_builds_dynamic_from_one_token(cli, tmp_path):
     """A Mamba-2 hybrid (SSD layer, attention layer): exit 0, 1..130 tokens, parity at min/opt/max/odd."""
     data = _build(cli, tmp_path, "bamba_lm", "--backend", "onnxruntime")
     _check_served_from_one(data, 130)
+
+
+# ---------------------------------------------------------------------------------------- Kimi delta attention
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("n", LENGTHS)
+def test_kimi_delta_attention_equals_transformers_torch_code(n, with_state):
+    """KDA (gated delta rule, decay per key dim) against both transformers functions, chunks of 64."""
+    from transformers.models.kimi_linear import modeling_kimi_linear as mk
+
+    from exporter.patches.transformers.kda import kimi_delta_attention
+
+    torch.manual_seed(n)
+    q, k, v = torch.randn(2, n, 2, 16), torch.randn(2, n, 2, 16), torch.randn(2, n, 2, 8)
+    g, beta = -torch.rand(2, n, 2, 16), torch.rand(2, n, 2)
+    state = torch.randn(2, 2, 16, 8) if with_state else None
+    kw = dict(g=g, beta=beta, initial_state=state, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    out, final = kimi_delta_attention(q, k, v, **kw)
+    for fn in (mk.chunk_kimi_delta_attention, mk.recurrent_kimi_delta_attention):
+        ref_out, ref_final = fn.__wrapped__(q, k, v, **kw)
+        assert _max_err(out, ref_out) < 2e-5 and _max_err(final, ref_final) < 2e-5
+
+
+def test_kimi_linear_builds_dynamic_from_one_token(cli, tmp_path):
+    """Kimi-Linear (KDA, MLA, MoE): before, the sequence was fixed at the example's length (transformers'
+    chunk loop unrolled; with fla importable, Triton with no CPU path). Now 1..130 tokens, parity PASS."""
+    data = _build(cli, tmp_path, "kimi_linear_lm", "--backend", "onnxruntime")
+    _check_served_from_one(data, 130)
+    assert any("Kimi delta attention" in p for p in data["export"]["patches"])

@@ -69,3 +69,33 @@ def fla_function(module: str, name: str) -> Any:
 def no_cuda() -> bool:
     """Without a CUDA GPU fla's Triton kernels cannot run at all."""
     return not torch.cuda.is_available()
+
+
+def kernel_map(torch_names: tuple[str, ...], fla: tuple[tuple[str, str], ...] = ()) -> dict[Any, Any]:
+    """Each form a layer may call -> transformers' torch code for it (the parity reference): the dispatch
+    wrappers named ``torch_names`` in the loaded modeling modules and their torch code, and fla's kernels
+    (``fla[i]`` pairs with ``torch_names[i]``) when fla is imported."""
+    ref: dict[Any, Any] = {}
+    for name in torch_names:
+        for fn in loaded_models_attr(name):
+            ref[fn] = ref[torch_code(fn)] = torch_code(fn)
+    for (module, name), torch_name in zip(fla, torch_names):
+        fn = fla_function(module, name)
+        torch_fns = [torch_code(f) for f in loaded_models_attr(torch_name)]
+        if fn is not None and torch_fns:
+            ref[fn] = torch_fns[0]
+    return ref
+
+
+def swap_finders(torch_names: tuple[str, ...], fla: tuple[tuple[str, str], ...], replacement: Callable
+                 ) -> tuple[Callable[[nn.Module], list[Swap]], Callable[[nn.Module], list[Swap]]]:
+    """(find, reference): swap every form of the kernels for ``replacement`` (export), or for transformers'
+    torch code (the eager reference)."""
+    def find(model: nn.Module) -> list[Swap]:
+        return kernel_swaps(model, kernel_map(torch_names, fla), lambda _k: replacement)
+
+    def reference(model: nn.Module) -> list[Swap]:
+        ref = kernel_map(torch_names, fla)
+        return kernel_swaps(model, ref, ref.__getitem__)
+
+    return find, reference

@@ -19,11 +19,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
-
 from exporter.linear_attention import linear_attention
-from exporter.patches import Patch, Swap
-from exporter.patches.transformers.common import fla_function, kernel_swaps, loaded_models_attr, torch_code
+from exporter.patches import Patch
+from exporter.patches.transformers.common import swap_finders
 
 _TORCH = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule")
 _FLA = (("fla.ops.gated_delta_rule", "chunk_gated_delta_rule"),
@@ -53,28 +51,7 @@ def gated_delta_rule(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return out.to(dtype), (final if output_final_state else None)
 
 
-def _kernels() -> dict[Any, Any]:
-    """Each form a layer may call -> transformers' torch code for it (the parity reference)."""
-    ref: dict[Any, Any] = {}
-    for name in _TORCH:
-        for fn in loaded_models_attr(name):
-            ref[fn] = torch_code(fn)
-            ref[torch_code(fn)] = torch_code(fn)
-    torch_of = {n: next((torch_code(f) for f in loaded_models_attr(n)), None) for n in _TORCH}
-    for (module, name), torch_name in zip(_FLA, _TORCH):
-        fn = fla_function(module, name)
-        if fn is not None and torch_of[torch_name] is not None:
-            ref[fn] = torch_of[torch_name]
-    return ref
-
-
-def _find(model: nn.Module) -> list[Swap]:
-    return kernel_swaps(model, _kernels(), lambda _k: gated_delta_rule)
-
-
-def _find_reference(model: nn.Module) -> list[Swap]:
-    ref = _kernels()
-    return kernel_swaps(model, ref, ref.__getitem__)
+_find, _find_reference = swap_finders(_TORCH, _FLA, gated_delta_rule)
 
 
 PATCHES = [

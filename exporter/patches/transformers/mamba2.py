@@ -17,12 +17,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from exporter.linear_attention import linear_attention
-from exporter.patches import Patch, Swap
-from exporter.patches.transformers.common import kernel_swaps, loaded_models_attr, torch_code
+from exporter.patches import Patch
+from exporter.patches.transformers.common import swap_finders
 
 _TORCH = ("mamba2_chunk_scan",)
 
@@ -53,22 +52,7 @@ def ssd_chunk_scan(hidden_states: torch.Tensor, dt: torch.Tensor, A: torch.Tenso
     return out
 
 
-def _kernels() -> dict[Any, Any]:
-    """Each form a layer may call -> transformers' torch code for it (the parity reference)."""
-    ref: dict[Any, Any] = {}
-    for name in _TORCH:
-        for fn in loaded_models_attr(name):
-            ref[fn] = ref[torch_code(fn)] = torch_code(fn)
-    return ref
-
-
-def _find(model: nn.Module) -> list[Swap]:
-    return kernel_swaps(model, _kernels(), lambda _k: ssd_chunk_scan)
-
-
-def _find_reference(model: nn.Module) -> list[Swap]:
-    ref = _kernels()
-    return kernel_swaps(model, ref, ref.__getitem__)
+_find, _find_reference = swap_finders(_TORCH, (), ssd_chunk_scan)
 
 
 PATCHES = [
