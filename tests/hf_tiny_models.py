@@ -121,3 +121,13 @@ def kimi_linear_lm(seed: int = 0) -> nn.Module:
                kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, num_local_experts=4,
                num_experts_per_tok=2, n_shared_experts=1, linear_head_dim=16, linear_num_heads=2,
                layer_types=["linear_attention", "full_attention"], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+SPECS["minimax_lm"] = ("ids:2x40:int64:0..127", "ids:min=1x1,opt=2x40,max=4x130")
+
+
+def minimax_lm(seed: int = 0) -> nn.Module:
+    """MiniMax: a lightning-attention layer (blocks of 16) and a softmax-attention layer, MoE MLPs."""
+    return _lm("MiniMaxConfig", "MiniMaxForCausalLM", seed, init_std=0.3, hidden_size=32, intermediate_size=64,
+               num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_local_experts=2,
+               num_experts_per_tok=1, layer_types=["linear_attention", "full_attention"], block_size=16)

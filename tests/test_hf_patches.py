@@ -256,3 +256,27 @@ def test_kimi_linear_builds_dynamic_from_one_token(cli, tmp_path):
     data = _build(cli, tmp_path, "kimi_linear_lm", "--backend", "onnxruntime")
     _check_served_from_one(data, 130)
     assert any("Kimi delta attention" in p for p in data["export"]["patches"])
+
+
+# ------------------------------------------------------------------------------------ MiniMax lightning
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 50])
+def test_lightning_attention_equals_transformers_block_loop(n):
+    """MiniMax's lightning layer (a Python loop over blocks of 16) against the op's gated rule, whole model."""
+    model = hf.minimax_lm()
+    patches = select_patches(model)
+    assert [p.replacement for p in patches] == ["lrexport linear_attention gated", "dense routed experts"]
+    ids = torch.randint(0, hf.VOCAB, (2, n), generator=torch.Generator().manual_seed(n))
+    with torch.no_grad():
+        ref = model(ids)
+        with applied(model, patches):
+            got = model(ids)
+    assert _max_err(got, ref) < 1e-5 * max(1.0, ref.abs().max().item())
+
+
+def test_minimax_builds_dynamic_from_one_token(cli, tmp_path):
+    """Before: 'axis 1 of input 'ids' was requested as 16..160, but the exported model serves only 50..63'
+    (tests/test_served_range.py, unpatched). Now 1..130 tokens, parity PASS."""
+    data = _build(cli, tmp_path, "minimax_lm", "--backend", "onnxruntime")
+    _check_served_from_one(data, 130)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from exporter.patches.transformers import gated_delta, kda, mamba2, moe
+from exporter.patches.transformers import gated_delta, kda, lightning, mamba2, moe
 
-_FAMILIES = [gated_delta, kda, mamba2, moe]
+_FAMILIES = [gated_delta, kda, lightning, mamba2, moe]
 
 PATCHES = [p for family in _FAMILIES for p in family.PATCHES]
 
