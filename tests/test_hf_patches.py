@@ -280,3 +280,24 @@ def test_minimax_builds_dynamic_from_one_token(cli, tmp_path):
     (tests/test_served_range.py, unpatched). Now 1..130 tokens, parity PASS."""
     data = _build(cli, tmp_path, "minimax_lm", "--backend", "onnxruntime")
     _check_served_from_one(data, 130)
+
+
+def test_kernel_bound_on_the_instance_is_swapped_too():
+    """Releases that bind the kernel on the layer (``self.chunk_gated_delta_rule = chunk_gated_delta_rule``,
+    fla's when importable) get it swapped there: for the op when exporting, for transformers' torch code
+    in the eager reference; restored after."""
+    fla_gdr = pytest.importorskip("fla.ops.gated_delta_rule")
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as mq
+
+    from exporter.patches.transformers.gated_delta import gated_delta_rule
+
+    model = hf.qwen3_5_lm()
+    layer = next(m for m in model.modules() if isinstance(m, mq.Qwen3_5GatedDeltaNet))
+    layer.chunk_gated_delta_rule = fla_gdr.chunk_gated_delta_rule
+    with applied(model, select_patches(model)):
+        assert layer.chunk_gated_delta_rule is gated_delta_rule
+    with reference_patches(model):  # transformers' torch code (any modeling module's copy: they are the same)
+        ref = layer.chunk_gated_delta_rule
+        assert ref.__name__ == "torch_chunk_gated_delta_rule" and ref.__module__.startswith("transformers.models.")
+        assert not hasattr(ref, "__wrapped__")
+    assert layer.chunk_gated_delta_rule is fla_gdr.chunk_gated_delta_rule

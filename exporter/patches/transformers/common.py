@@ -15,7 +15,6 @@ import sys
 from types import ModuleType
 from typing import Any, Callable, Iterable
 
-import torch
 from torch import nn
 
 from exporter.patches import Swap
@@ -64,11 +63,6 @@ def fla_function(module: str, name: str) -> Any:
     """fla's kernel ``name`` from ``module`` if the process imported it."""
     mod = sys.modules.get(module)
     return getattr(mod, name, None) if mod is not None else None
-
-
-def no_cuda() -> bool:
-    """Without a CUDA GPU fla's Triton kernels cannot run at all."""
-    return not torch.cuda.is_available()
 
 
 def kernel_map(torch_names: tuple[str, ...], fla: tuple[tuple[str, str], ...] = ()) -> dict[Any, Any]:
