@@ -131,3 +131,15 @@ def minimax_lm(seed: int = 0) -> nn.Module:
     return _lm("MiniMaxConfig", "MiniMaxForCausalLM", seed, init_std=0.3, hidden_size=32, intermediate_size=64,
                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_local_experts=2,
                num_experts_per_tok=1, layer_types=["linear_attention", "full_attention"], block_size=16)
+
+
+class LogitsWithMask(Logits):
+    """``model(input_ids=ids, attention_mask=mask, use_cache=False).logits``."""
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.lm(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+
+def qwen3_5_lm_masked(seed: int = 0) -> nn.Module:
+    """:func:`qwen3_5_lm` taking an attention mask too."""
+    return LogitsWithMask(qwen3_5_lm(seed).lm).eval()

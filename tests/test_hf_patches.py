@@ -301,3 +301,29 @@ def test_kernel_bound_on_the_instance_is_swapped_too():
         assert ref.__name__ == "torch_chunk_gated_delta_rule" and ref.__module__.startswith("transformers.models.")
         assert not hasattr(ref, "__wrapped__")
     assert layer.chunk_gated_delta_rule is fla_gdr.chunk_gated_delta_rule
+
+
+def test_padding_mask_exported_without_a_guard(cli, tmp_path):
+    """transformers skips its all-ones mask check (``torch.all(attention_mask == 1)``, data-dependent) while
+    tracing, so the mask stays an input of the graph: the ONNX applies a left-padded mask as the eager model
+    does (the gated-DeltaNet layer zeroes the padded positions, the attention layer masks them)."""
+    import onnxruntime as ort
+
+    res = cli("build", "--factory", "hf_tiny_models:qwen3_5_lm_masked", "--input", "ids:2x20:int64:0..127",
+              "--input", "mask:2x20:int64:1..1", "--shapes", "ids:min=1x1,opt=2x20,max=4x130",
+              "--shapes", "mask:min=1x1,opt=2x20,max=4x130", "--out", tmp_path / "m", "--backend", "onnxruntime",
+              "--cases", "min", "-q")
+    assert res.code == 0, res.err[-2000:]
+    model = hf.qwen3_5_lm_masked()
+    ids = torch.randint(0, hf.VOCAB, (2, 37), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 37, dtype=torch.int64)
+    mask[0, :9] = 0  # left padding
+    with torch.no_grad(), reference_patches(model):
+        ref = model(ids, mask)
+    sess = ort.InferenceSession(str(tmp_path / "m" / "model.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = sess.run(None, {"ids": ids.numpy(), "mask": mask.numpy()})
+    keep = mask.bool()
+    assert _max_err(torch.from_numpy(got)[keep], ref[keep]) < 1e-4
+    with torch.no_grad(), reference_patches(model):
+        unpadded = model(ids, torch.ones_like(mask))
+    assert _max_err(unpadded[keep], ref[keep]) > 1e-3  # the mask does change the outputs
