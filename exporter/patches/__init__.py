@@ -41,7 +41,9 @@ class Patch:
 
     ``find`` returns the swaps for a model (none: the patch does not apply). ``eager`` marks patches the
     library also needs to run at all on this machine (Triton kernels without a GPU), so the PyTorch
-    reference of parity runs with them too. Modules no patch can make exportable are refused by their
+    reference of parity runs with them too; ``reference`` (when given) finds the swaps for those eager runs
+    instead of ``find``: the library's own torch code, so parity compares the export against the library
+    rather than against the replacement. Modules no patch can make exportable are refused by their
     library's ``refusals`` (with the reason) before any patch is chosen.
     """
 
@@ -50,6 +52,7 @@ class Patch:
     replacement: str
     find: Callable[[nn.Module], list[Swap]]
     eager: Callable[[], bool] = lambda: False
+    reference: Callable[[nn.Module], list[Swap]] | None = None
 
     @property
     def label(self) -> str:
@@ -71,9 +74,9 @@ def instances(model: nn.Module, cls: type | None) -> list[tuple[str, nn.Module]]
 def _libraries() -> list[ModuleType]:
     """One module per library; each has ``PATCHES`` and may have ``refusals(model)``. Imported here, not at
     the top, because they import this module's ``Patch``."""
-    from exporter.patches import fast_transformers, fla, performer
+    from exporter.patches import fast_transformers, fla, performer, transformers
 
-    return [performer, fast_transformers, fla]
+    return [performer, fast_transformers, fla, transformers]
 
 
 def _registry() -> list[Patch]:
@@ -115,7 +118,7 @@ def _swapped(swaps: Sequence[Swap]) -> Iterator[None]:
 def applied(model: nn.Module, patches: Sequence[Patch], eager_only: bool = False) -> Iterator[list[Patch]]:
     """Apply ``patches`` to ``model`` (only those needed for eager runs with ``eager_only``); undone on exit."""
     chosen = [p for p in patches if p.eager() or not eager_only]
-    swaps = [s for p in chosen for s in p.find(model)]
+    swaps = [s for p in chosen for s in ((p.reference or p.find) if eager_only else p.find)(model)]
     with _swapped(swaps):
         yield chosen
 
