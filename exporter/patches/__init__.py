@@ -71,9 +71,9 @@ def instances(model: nn.Module, cls: type | None) -> list[tuple[str, nn.Module]]
 def _libraries() -> list[ModuleType]:
     """One module per library; each has ``PATCHES`` and may have ``refusals(model)``. Imported here, not at
     the top, because they import this module's ``Patch``."""
-    from exporter.patches import fast_transformers, fla, performer
+    from exporter.patches import fast_transformers, fla, performer, transformers
 
-    return [performer, fast_transformers, fla]
+    return [performer, fast_transformers, fla, transformers]
 
 
 def _registry() -> list[Patch]:
