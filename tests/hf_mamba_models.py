@@ -44,3 +44,13 @@ def jamba(seed: int = 0) -> nn.Module:
                       attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
                       mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4, use_cache=False)
     return Logits(JambaForCausalLM(cfg)).eval()
+
+
+def recurrent_gemma(seed: int = 0) -> nn.Module:
+    from transformers import RecurrentGemmaConfig, RecurrentGemmaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = RecurrentGemmaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                               num_attention_heads=2, num_key_value_heads=1, lru_width=32, attention_window_size=64,
+                               conv1d_width=4, use_cache=False, head_dim=16)
+    return Logits(RecurrentGemmaForCausalLM(cfg)).eval()

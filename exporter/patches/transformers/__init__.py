@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from exporter.patches.transformers import selective_scan
+from exporter.patches.transformers import rg_lru, selective_scan
 
-_FAMILIES = [selective_scan]
+_FAMILIES = [selective_scan, rg_lru]
 
 PATCHES = [p for family in _FAMILIES for p in family.PATCHES]
 

@@ -1,6 +1,6 @@
-"""transformers' Mamba-1 selective scan (a Python loop over positions in Mamba, FalconMamba, Jamba, Zamba) is
-exported as the linear-attention op: the sequence stays dynamic from 1, and the ONNX model matches
-transformers' own loop."""
+"""transformers' per-token loops that are linear recurrences (Mamba-1's selective scan in Mamba, FalconMamba,
+Jamba, Zamba; RecurrentGemma's RG-LRU) are exported as the linear-attention op: the sequence stays dynamic
+from 1, and the ONNX model matches transformers' own loop."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from exporter.patches.transformers.rg_lru import rnn_scan_op
 from exporter.patches.transformers.selective_scan import selective_scan_op
 
 SHAPES = ["--input", "input_ids:2x64:int64:0..127", "--shapes", "input_ids:min=1x1,opt=2x64,max=4x130"]
@@ -35,13 +36,33 @@ def test_selective_scan_matches_transformers_loop(t):
     assert torch.equal(selective_scan_op(u, dt, a, bm, cm, D=d, z=z, delta_bias=bias, delta_softplus=True), y)
 
 
-@pytest.mark.parametrize("factory", ["mamba", "falcon_mamba", "jamba"])
+@pytest.mark.parametrize("t", [1, 2, 17, 64, 65, 130])
+def test_rg_lru_scan_matches_transformers_loop(t):
+    """Document starts (position id 0) inside the sequence too, and a carried initial state."""
+    from transformers.models.recurrent_gemma.modeling_recurrent_gemma import RecurrentGemmaRglru
+
+    g = torch.Generator().manual_seed(t)
+    b, w = 2, 6
+    x = torch.randn(b, t, w, generator=g)
+    a = torch.exp(-8 * torch.rand(b, t, w, generator=g) * 0.7)
+    pos = torch.arange(t).repeat(b, 1)
+    pos[1, t // 2:] -= t // 2  # the second row starts a new document half-way
+    reset = pos[:, :, None] == 0
+    s0 = torch.randn(b, w, generator=g)
+    want, want_s = RecurrentGemmaRglru._rnn_scan(None, x.double(), a.double(), reset, s0.double(),
+                                                 acc_dtype=torch.float64)
+    got, got_s = rnn_scan_op(None, x, a, reset, s0)
+    assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+    assert (got_s.double() - want_s).abs().max() <= 1e-5 * want_s.abs().max()
+
+
+@pytest.mark.parametrize("factory", ["mamba", "falcon_mamba", "jamba", "recurrent_gemma"])
 def test_build_of_mamba1_models_serves_every_length(cli, tmp_path, factory):
     r = cli("build", "--factory", f"hf_mamba_models:{factory}", *SHAPES, "--out", str(tmp_path / "out"), "--json",
             "--backend", "onnxruntime")
     assert r.code == 0, r.err
     data = json.loads(r.out)
-    assert any("mamba_selective_scan" in p for p in data["export"]["patches"]), data["export"]
+    assert any("linear-attention op" in p for p in data["export"]["patches"]), data["export"]
     assert data["parity"]["ok"]
     assert {c["case"] for c in data["parity"]["results"]} == {"min", "opt", "max", "odd"}
     lowered = next(p for p in data["passes"]["report"]["passes"] if p["name"] == "linear-attention")
