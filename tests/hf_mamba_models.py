@@ -54,3 +54,12 @@ def recurrent_gemma(seed: int = 0) -> nn.Module:
                                num_attention_heads=2, num_key_value_heads=1, lru_width=32, attention_window_size=64,
                                conv1d_width=4, use_cache=False, head_dim=16)
     return Logits(RecurrentGemmaForCausalLM(cfg)).eval()
+
+
+def rwkv(seed: int = 0) -> nn.Module:
+    from transformers import RwkvConfig, RwkvForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = RwkvConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
+                     intermediate_size=64, context_length=256, use_cache=False)
+    return Logits(RwkvForCausalLM(cfg)).eval()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from exporter.patches.transformers import rg_lru, selective_scan
+from exporter.patches.transformers import rg_lru, rwkv, selective_scan
 
-_FAMILIES = [selective_scan, rg_lru]
+_FAMILIES = [selective_scan, rg_lru, rwkv]
 
 PATCHES = [p for family in _FAMILIES for p in family.PATCHES]
 
