@@ -2,6 +2,7 @@
 
     python benchmarks/_bench_case.py MODEL.onnx --shape x=1x4096x512 [--repeats 10] [--threads 2]
                                      [--outputs OUT.npz]
+    python benchmarks/_bench_case.py MODEL.onnx --feeds IDS.npy ...   (a one-input model, the caller's values)
 
 The inputs are :func:`make_feeds`'s, seeded, so every process of a benchmark (PyTorch ones too) sees the
 same; ``--outputs`` saves the model's outputs for the caller to check that the processes agree.
@@ -58,7 +59,8 @@ def make_feeds(shapes: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
-    ap.add_argument("--shape", action="append", required=True, help="name=AxBxC[:dtype]")
+    ap.add_argument("--shape", action="append", default=[], help="name=AxBxC[:dtype]")
+    ap.add_argument("--feeds", help="a .npy file: the model's one input, as saved by the caller (instead of --shape)")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     so.log_severity_level = 3
     sess = ort.InferenceSession(args.model, so, providers=["CPUExecutionProvider"])
     session_rss = _rss_mb()
-    feeds = make_feeds(args.shape)
+    feeds = {sess.get_inputs()[0].name: np.load(args.feeds)} if args.feeds else make_feeds(args.shape)
     for _ in range(args.warmup):
         sess.run(None, feeds)
     times = []

@@ -143,3 +143,38 @@ class LogitsWithMask(Logits):
 def qwen3_5_lm_masked(seed: int = 0) -> nn.Module:
     """:func:`qwen3_5_lm` taking an attention mask too."""
     return LogitsWithMask(qwen3_5_lm(seed).lm).eval()
+
+
+# Per-token loops of transformers that are linear recurrences (exporter/patches/transformers/selective_scan.py,
+# rg_lru.py), and RWKV-4 (refused).
+_MAMBA1 = dict(hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4, time_step_rank=4)
+SPECS["mamba_lm"] = ("ids:2x64:int64:0..127", "ids:min=1x1,opt=2x64,max=4x130")
+
+
+def mamba_lm(seed: int = 0) -> nn.Module:
+    """Mamba (Mamba-1): 2 layers, inner width 64, state 8."""
+    return _lm("MambaConfig", "MambaForCausalLM", seed, **_MAMBA1)
+
+
+def falcon_mamba_lm(seed: int = 0) -> nn.Module:
+    return _lm("FalconMambaConfig", "FalconMambaForCausalLM", seed, **_MAMBA1)
+
+
+def jamba_lm(seed: int = 0) -> nn.Module:
+    """Jamba: a Mamba-1 layer and an attention layer with a (one-expert) MoE MLP."""
+    return _lm("JambaConfig", "JambaForCausalLM", seed, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=2, num_key_value_heads=1, num_experts=1, num_experts_per_tok=1,
+               attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+               mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4)
+
+
+def recurrent_gemma_lm(seed: int = 0) -> nn.Module:
+    """RecurrentGemma: two RG-LRU blocks and a local-attention block (window 64)."""
+    return _lm("RecurrentGemmaConfig", "RecurrentGemmaForCausalLM", seed, hidden_size=32, intermediate_size=64,
+               num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1, lru_width=32,
+               attention_window_size=64, conv1d_width=4, head_dim=16)
+
+
+def rwkv_lm(seed: int = 0) -> nn.Module:
+    return _lm("RwkvConfig", "RwkvForCausalLM", seed, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
+               intermediate_size=64, context_length=256)
