@@ -41,15 +41,8 @@ PORTABLE_RULES = ("linear", "gated", "delta", "gated_delta")
 DELTA_CHUNK = 16
 # per-key decay (gated rule): fewer, larger chunks mean fewer Scan steps but more sub-chunk products
 KEY_CHUNK = 16
-
-
-def sub_chunk(C: int) -> int:
-    """Per-key decay's sub-chunk: pairs inside one are built as [sc, sc, dk] products, pairs across as
-    [C/sc, C, dk] re-based keys, so sc ~ sqrt(C) keeps both small."""
-    sc = 1
-    while sc * sc < C:
-        sc *= 2
-    return min(sc, C)
+LEAF = 4  # per-key decay: the blocks whose pairs are one MatMul with a growing factor (see _SubChunks)
+MAX_LOG_DECAY = 20.0  # per-key decay: log decays per step are clipped at -MAX_LOG_DECAY (see _SubChunks)
 
 
 def _refusal(node: ir.Node) -> str | None:
@@ -256,7 +249,9 @@ def _lower_scan(p: _Prep) -> tuple[list[ir.Node], list[ir.Value]]:
     bcum = None
     if p.G is not None:
         # the one CumSum, along the chunk; per-head decay as a trailing axis of 1 (broadcasts over dk)
-        bcum = b.op("CumSum", [p.G if p.per_key else b.op("Unsqueeze", [p.G, c([4])]), c(3)])
+        G = b.op("Max", [p.G, c(np.float32(-MAX_LOG_DECAY), np.float32)]) if p.per_key else \
+            b.op("Unsqueeze", [p.G, c([4])])
+        bcum = b.op("CumSum", [G, c(3)])
         blast = b.op("Slice", [bcum, c([C - 1]), c([C]), c([3])])  # (B,h,nc,1,dk|1)
 
     if p.per_key:
@@ -345,54 +340,59 @@ def _lower_scan(p: _Prep) -> tuple[list[ir.Node], list[ir.Value]]:
 
 
 class _SubChunks:
-    """Per-key decay's ``P[i, j] = sum_d a_id k_jd exp(b_id - b_jd)`` (j <= i), fla-style by sub-chunks of
-    ``sc`` positions so no [C, C, dk] tensor is built: pairs inside one sub-chunk explicitly ([sc, sc, dk],
-    exponent ``min(b_i - b_j, 0)``, the pairs j > i masked after the sum over d); a pair with j in an earlier
-    sub-chunk as ``(a_i exp(b_i - r)) . (k_j exp(r - b_j))``, r the log decay just before i's sub-chunk: a
-    MatMul against keys re-based at each sub-chunk start ([C/sc - 1, C - sc, dk] per chunk; exponents
-    clipped at 0, the pairs they would overflow masked after). Every exponent is <= 0. The re-based keys
-    and the in-sub-chunk decays are shared by the products with q and with k (the delta rules' KK)."""
+    """Per-key decay's ``P[i, j] = sum_d a_id k_jd exp(b_id - b_jd)`` (j <= i, j < i if strict) with no
+    [C, C, dk] tensor: every part is a MatMul of keys and queries each scaled by one exponential.
+
+    * Leaves of ``LEAF`` positions: ``(a_i exp(b_i - b_f)) . (k_j exp(b_f - b_j))``, ``b_f`` the leaf's
+      first position. The second factor grows, by at most ``(LEAF - 1) * MAX_LOG_DECAY`` in the exponent,
+      because the log decay per step is clipped at ``-MAX_LOG_DECAY`` (``_lower_scan``): a decay of e^-20
+      already scales what crosses it below float32 resolution, so the clip changes no weight by more than
+      e^-20 ~ 2e-9 and bounds the exponents by 60. Pairs with j > i (finite, or inf/NaN at worst) are
+      dropped by a ``Where``.
+    * Blocks of 2m built from two blocks of m: pairs with j in the first half and i in the second as
+      ``(a_i exp(b_i - r)) . (k_j exp(r - b_j))``, r the log decay at the end of the first half: both
+      exponents <= 0 (what underflows is below 1e-38 of its term).
+    The scaled keys and exponentials are shared by the products with q and with k (the delta rules' KK)."""
 
     def __init__(self, p: _Prep, bcum: ir.Value) -> None:
+        self.p, self.bcum = p, bcum
         b, c, C = p.b, p.b.const, p.C
-        self.p, self.sc = p, sub_chunk(C)
-        sc = self.sc
-        self.ns = ns = C // sc
-        zero = c(np.float32(0), np.float32)
-        self.split = c([0, 0, 0, ns, sc, -1])
-        self.b_s = b_s = b.op("Reshape", [bcum, self.split])  # (B,h,nc,ns,sc,dk)
-        self.k_s = b.op("Reshape", [p.K, self.split])
-        diff = b.op("Sub", [b.op("Unsqueeze", [b_s, c([5])]), b.op("Unsqueeze", [b_s, c([4])])])
-        self.w = b.op("Exp", [b.op("Min", [diff, zero])])  # (B,h,nc,ns,sc,sc,dk)
-        self.wk = b.op("Mul", [self.w, b.op("Unsqueeze", [self.k_s, c([4])])])  # w_ijd k_jd
-        if ns == 1:
-            return
-        # r_s, s = 1..ns-1: the log decay at the end of sub-chunk s-1; keys j < (ns-1) sc re-based on each
-        self.r = r = b.op("Slice", [bcum, c([sc - 1]), c([C - 1]), c([3]), c([sc])])  # (B,h,nc,ns-1,dk)
-        e = b.op("Sub", [b.op("Unsqueeze", [r, c([4])]),
-                         b.op("Unsqueeze", [b.op("Slice", [bcum, c([0]), c([C - sc]), c([3])]), c([3])])])
-        k_head = b.op("Slice", [p.K, c([0]), c([C - sc]), c([3])])
-        k_r = b.op("Mul", [b.op("Unsqueeze", [k_head, c([3])]), b.op("Exp", [b.op("Min", [e, zero])])])
-        self.k_rT = b.op("Transpose", [k_r], {"perm": [0, 1, 2, 3, 5, 4]})  # (B,h,nc,ns-1,dk,C-sc)
-        s, t = np.arange(1, ns)[:, None, None], np.arange(C - sc)[None, None, :] // sc
-        self.cross_mask = p.const((t < s).astype(np.float32))  # (ns-1, 1, C-sc): j in an earlier sub-chunk
+        self.leaf = leaf = min(LEAF, C)
+        view = c([0, 0, 0, C // leaf, leaf, -1])
+        b_l = b.op("Reshape", [bcum, view])  # (B,h,nc,C/leaf,leaf,dk)
+        first = b.op("Slice", [b_l, c([0]), c([1]), c([4])])
+        d = b.op("Sub", [b_l, first])  # <= 0
+        self.e_row = b.op("Exp", [d])
+        self.leaf_view = view
+        self.k_col = b.op("Mul", [b.op("Reshape", [p.K, view]), b.op("Exp", [b.op("Neg", [d])])])
+        self.k_colT = b.op("Transpose", [self.k_col], {"perm": [0, 1, 2, 3, 5, 4]})
+        self.levels = []  # per level (half size m): exp factors of each half and the scaled first-half keys
+        m = leaf
+        while m < C:
+            view = c([0, 0, 0, C // (2 * m), 2, m, -1])
+            b_v = b.op("Reshape", [bcum, view])  # (B,h,nc,C/2m,2,m,dk)
+            b1, b2 = b.op("Split", [b_v], {"axis": 4, "num_outputs": 2}, outputs=2)
+            r = b.op("Slice", [b1, c([m - 1]), c([m]), c([5])])  # end of the first half
+            e2 = b.op("Exp", [b.op("Sub", [b2, r])])  # <= 1
+            k1 = b.op("Split", [b.op("Reshape", [p.K, view])], {"axis": 4, "num_outputs": 2}, outputs=2)[0]
+            k1T = b.op("Transpose", [b.op("Mul", [k1, b.op("Exp", [b.op("Sub", [r, b1])])])],
+                       {"perm": [0, 1, 2, 3, 4, 6, 5]})
+            self.levels.append((m, view, e2, k1T))
+            m *= 2
 
     def products(self, a: ir.Value, strict: bool) -> ir.Value:
-        p, b, c, C, sc, ns = self.p, self.p.b, self.p.b.const, self.p.C, self.sc, self.ns
-        a_s = b.op("Reshape", [a, self.split])  # (B,h,nc,ns,sc,dk)
-        # inside a sub-chunk: sum_d a_id w_ijd k_jd, as (.., i, j, dk) @ (.., i, dk, 1)
-        diag = b.op("MatMul", [self.wk, b.op("Unsqueeze", [a_s, c([6])])])  # (B,h,nc,ns,sc,sc,1)
-        diag = b.op("Reshape", [diag, c([0, 0, 0, ns, sc, 1, sc])])
-        ii = np.arange(sc)
+        p, b, c, C, leaf = self.p, self.p.b, self.p.b.const, self.p.C, self.leaf
+        a_row = b.op("Mul", [b.op("Reshape", [a, self.leaf_view]), self.e_row])
+        P = b.op("MatMul", [a_row, self.k_colT])  # (B,h,nc,C/leaf,leaf,leaf)
+        ii = np.arange(leaf)
         keep = (ii[None, :] < ii[:, None]) if strict else (ii[None, :] <= ii[:, None])
-        block = (np.eye(ns)[:, None, :, None] * keep[None, :, None, :]).astype(np.float32)  # (ns,sc,ns,sc)
-        P = b.op("Reshape", [b.op("Mul", [diag, p.const(block)]), c([0, 0, 0, C, C])])
-        if ns == 1:
-            return P
-        rest = b.op("Slice", [a_s, c([1]), c([ns]), c([3])])  # sub-chunks 1..ns-1
-        b_rest = b.op("Slice", [self.b_s, c([1]), c([ns]), c([3])])
-        a_r = b.op("Mul", [rest, b.op("Exp", [b.op("Sub", [b_rest, b.op("Unsqueeze", [self.r, c([4])])])])])
-        cross = b.op("Mul", [b.op("MatMul", [a_r, self.k_rT]), self.cross_mask])  # (B,h,nc,ns-1,sc,C-sc)
-        cross = b.op("Reshape", [cross, c([0, 0, 0, C - sc, C - sc])])
-        cross = b.op("Pad", [cross, c([0, 0, 0, sc, 0, 0, 0, 0, 0, sc])])  # rows sc.., columns ..C-sc
-        return b.op("Add", [P, cross])
+        P = b.op("Where", [p.const(keep), P, c(np.float32(0), np.float32)])
+        for m, view, e2, k1T in self.levels:
+            a2 = b.op("Split", [b.op("Reshape", [a, view])], {"axis": 4, "num_outputs": 2}, outputs=2)[1]
+            X = b.op("MatMul", [b.op("Mul", [a2, e2]), k1T])  # (B,h,nc,C/2m,1,m,m): i second half, j first
+            halves = b.op("Reshape", [P, c([0, 0, 0, C // (2 * m), 2, m, m])])
+            Pa, Pb = b.op("Split", [halves], {"axis": 4, "num_outputs": 2}, outputs=2)
+            top = b.op("Pad", [Pa, c([0] * 6 + [0] + [0] * 6 + [m])])
+            P = b.op("Concat", [top, b.op("Concat", [X, Pb], {"axis": 6})], {"axis": 5})
+            P = b.op("Reshape", [P, c([0, 0, 0, C // (2 * m), 2 * m, 2 * m])])
+        return b.op("Reshape", [P, c([0, 0, 0, C, C])])
