@@ -288,6 +288,25 @@ def _run(cmd: list[str]) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def summary(rows: list[dict]) -> list[str]:
+    """The targets per rule and n, from the medians: portable <= 3x native and >= 3x faster than the
+    per-token Scan; the ORT lowering of the op within 1.2x of the bare native node."""
+    cells = {(r["rule"], r["n"], r["variant"]): r["median_ms"] for r in rows}
+    lines = []
+    for rule, n in dict.fromkeys((r["rule"], r["n"]) for r in rows):
+        got = {v: cells.get((rule, n, v)) for v in VARIANTS}
+        parts = []
+        for label, num, den, ok in (("portable/native", "portable", "ort-native", lambda x: x <= 3),
+                                    ("scan/portable", "per-token-scan", "portable", lambda x: x >= 3),
+                                    ("op/bare", "ort-op", "ort-bare", lambda x: x <= 1.2)):
+            if got[num] and got[den]:
+                x = got[num] / got[den]
+                parts.append(f"{label} {x:.2f}{'' if ok(x) else ' (missed)'}")
+        if parts:
+            lines.append(f"{rule:<17}{n:>6}: " + ", ".join(parts))
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ns", default="1024,4096,16384")
@@ -358,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['err']:>8.1e} | {r['state_err']:>9.1e}")
     print(f"batch 1, {H} heads, head dim {D}, CPU, 2 threads; each cell its own process (median of "
           f"{args.repeats} and min, peak RSS); err: max |x - ref| / max(1, max |ref|) vs the float64 recurrence")
+    for line in summary(rows):
+        print(line)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
