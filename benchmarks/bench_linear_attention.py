@@ -9,11 +9,14 @@ so every process can feed the same seeded standard-normal inputs (benchmarks/_be
 Variants, each timed in its own process (median latency, peak RSS = VmHWM), 2 threads:
  - ort-native: ``LinearAttentionOrtPass`` (``com.microsoft.LinearAttention``);
  - portable: ``LinearAttentionPortablePass`` (standard ops; loop-free for linear / per-head gated,
-   a Scan over chunks of 16 for the delta rules and per-key decay);
+   a Scan over chunks for the delta rules and per-key decay);
  - per-token Scan: the recurrence as written, one ``Scan`` step per position (standard ops);
  - ai-onnx: ``LinearAttentionOnnxPass`` (the standard ``LinearAttention`` op, opset 27; ONNX Runtime 1.32
    runs it through the op's function body, itself a per-token ``Scan``);
- - pytorch: the eager op (chunked, ``torch.no_grad``, OpenMP threads waiting passively like ORT's).
+ - pytorch: the eager op (chunked, ``torch.no_grad``, OpenMP threads waiting passively like ORT's);
+ - ort-op / ort-bare: what the ORT lowering adds to the native node: the op alone on inputs already
+   made what the rule expects, lowered by ``LinearAttentionOrtPass`` (its Reshapes included) vs one bare
+   ``com.microsoft.LinearAttention`` node fed the same values packed ``(B, T, H*D)``.
 Error: max |out - ref| / max(1, max |ref|) against the recurrence token by token in float64 (PyTorch).
 """
 
@@ -36,7 +39,8 @@ H, D = 8, 64
 # name -> (op rule, decay kind)
 RULES = {"linear": ("linear", None), "gated-head": ("gated", "head"), "gated-key": ("gated", "key"),
          "delta": ("delta", None), "gated_delta-head": ("gated_delta", "head")}
-VARIANTS = ("ort-native", "portable", "per-token-scan", "ai-onnx", "pytorch")
+VARIANTS = ("ort-native", "portable", "per-token-scan", "ai-onnx", "pytorch", "ort-op", "ort-bare")
+PREPARED = ("ort-op", "ort-bare")  # variants fed the prepared inputs (prepared_feeds)
 
 
 def input_shapes(name: str, n: int) -> list[str]:
@@ -62,19 +66,89 @@ def prepared(name: str, feeds: list):
     return q, k, v, g, beta
 
 
+def prepared_feeds(name: str, n: int) -> dict:
+    """The seeded inputs made what the rule expects (numpy, (B,T,H[,D])): the ort-op / ort-bare feeds."""
+    import torch
+
+    from _bench_case import make_feeds
+
+    feeds = [torch.from_numpy(a) for a in make_feeds(input_shapes(name, n)).values()]
+    names = ("q", "k", "v", "g", "beta")
+    return {nm: x.numpy() for nm, x in zip(names, prepared(name, feeds)) if x is not None}
+
+
+def bare_native(name: str):
+    """One ``com.microsoft.LinearAttention`` node, inputs packed ``(B, T, H*D)`` (g per head ``(B, T, H)``)."""
+    import onnx_ir as ir
+
+    rule, decay = RULES[name]
+    f32 = ir.DataType.FLOAT
+
+    def value(nm: str, dims) -> ir.Value:
+        return ir.Value(name=nm, type=ir.TensorType(f32), shape=ir.Shape(dims))
+
+    ins = [value(x, ["B", "T", H * D]) for x in "qkv"]
+    g = value("g", ["B", "T", H * D if decay == "key" else H]) if decay else None
+    beta = value("beta", ["B", "T", H]) if rule in ("delta", "gated_delta") else None
+    node_ins = ins + [None, g, beta]
+    while node_ins[-1] is None:
+        node_ins.pop()
+    node = ir.node("LinearAttention", node_ins, {"q_num_heads": H, "kv_num_heads": H, "update_rule": rule,
+                                                 "scale": D ** -0.5}, domain="com.microsoft", num_outputs=2)
+    node.outputs[0].name, node.outputs[1].name = "out", "state"
+    graph = ir.Graph([x for x in ins + [g, beta] if x is not None], list(node.outputs), nodes=[node],
+                     opset_imports={"": 21, "com.microsoft": 1}, name="bare")
+    return ir.Model(graph, ir_version=10)
+
+
+def ort_worker(model: str, feeds: str, repeats: int, outputs: str) -> None:
+    """Its own process: ORT CPU latency of ``model`` on the npz ``feeds`` (reshaped to the model's input
+    ranks: packed for the bare node), settings as ``_bench_case.py``; saves outputs as (B, T, H, D)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from _bench_case import _hwm_mb
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    data = np.load(feeds)
+    run = {i.name: data[i.name].reshape(*data[i.name].shape[:2], -1) if len(i.shape) == 3 else data[i.name]
+           for i in sess.get_inputs()}
+    out, state = sess.run(None, run)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, run)
+        times.append((time.perf_counter() - t0) * 1e3)
+    np.savez(outputs, out.reshape(*out.shape[:2], H, -1), state)
+    print(json.dumps({"median_ms": statistics.median(times), "min_ms": min(times), "peak_rss_mb": _hwm_mb()}))
+
+
 class Layer:
     """``torch.nn.Module`` factory (built lazily so the ORT processes need not import torch)."""
 
     @staticmethod
-    def build(name: str):
+    def build(name: str, op_only: bool = False):
+        """The layer; ``op_only``: the op alone, its inputs already what the rule expects."""
         import torch
 
         from exporter.linear_attention import linear_attention
 
+        rule, decay = RULES[name]
+
         class _Layer(torch.nn.Module):
             def forward(self, *feeds):
-                q, k, v, g, beta = prepared(name, list(feeds))
-                return linear_attention(q, k, v, g=g, beta=beta, rule=RULES[name][0], scale=D ** -0.5)
+                if op_only:
+                    q, k, v, *rest = feeds
+                    g = rest.pop(0) if decay else None
+                    beta = rest.pop(0) if rule in ("delta", "gated_delta") else None
+                else:
+                    q, k, v, g, beta = prepared(name, list(feeds))
+                return linear_attention(q, k, v, g=g, beta=beta, rule=rule, scale=D ** -0.5)
 
         return _Layer().eval()
 
@@ -171,6 +245,15 @@ def export(name: str, folder: Path) -> dict[str, Path]:
                              input_names=[s.split("=")[0] for s in shapes])
     raw = prog.model_proto.SerializeToString()
     paths = {}
+    pargs = tuple(torch.from_numpy(a) for a in prepared_feeds(name, 64).values())
+    names = list(prepared_feeds(name, 1))
+    op_prog = torch.onnx.export(Layer.build(name, op_only=True), pargs, dynamic_shapes=(tuple({1: t} for _ in pargs),),
+                                dynamo=True, custom_translation_table=TRANSLATION_TABLE, verbose=False, input_names=names)
+    op_model = ir.from_proto(op_prog.model_proto)
+    LinearAttentionOrtPass()(op_model)
+    for variant, model in (("ort-op", op_model), ("ort-bare", bare_native(name))):
+        paths[variant] = folder / f"{name}.{variant}.onnx"
+        onnx.save(ir.to_proto(model), str(paths[variant]))
     for variant, lower in (("ort-native", lambda m: LinearAttentionOrtPass()(m)),
                            ("portable", lambda m: LinearAttentionPortablePass()(m)),
                            ("per-token-scan", per_token_scan),
@@ -209,20 +292,44 @@ def _run(cmd: list[str]) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def summary(rows: list[dict]) -> list[str]:
+    """The targets per rule and n: portable <= 3x native and >= 3x faster than the per-token Scan; the ORT
+    lowering of the op within 1.2x of the bare native node. From each cell's min, which a busy machine
+    perturbs less than the median."""
+    cells = {(r["rule"], r["n"], r["variant"]): r["min_ms"] for r in rows}
+    lines = []
+    for rule, n in dict.fromkeys((r["rule"], r["n"]) for r in rows):
+        got = {v: cells.get((rule, n, v)) for v in VARIANTS}
+        parts = []
+        for label, num, den, ok in (("portable/native", "portable", "ort-native", lambda x: x <= 3),
+                                    ("scan/portable", "per-token-scan", "portable", lambda x: x >= 3),
+                                    ("op/bare", "ort-op", "ort-bare", lambda x: x <= 1.2)):
+            if got[num] and got[den]:
+                x = got[num] / got[den]
+                parts.append(f"{label} {x:.2f}{'' if ok(x) else ' (missed)'}")
+        if parts:
+            lines.append(f"{rule:<17}{n:>6}: " + ", ".join(parts))
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ns", default="1024,4096")
+    ap.add_argument("--ns", default="1024,4096,16384")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--rules", default=",".join(RULES))
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument("--worker", nargs=3, metavar=("RULE", "N", "OUTPUTS"), help=argparse.SUPPRESS)
+    ap.add_argument("--ort-worker", nargs=3, metavar=("MODEL", "FEEDS", "OUTPUTS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     # PyTorch's OpenMP threads spin while they wait, as ORT's do unless told not to (_bench_case.py turns
     # ORT's off): on a shared 2-core machine spinning threads take turns, and one eager call measured 524 ms
     # against 14 ms passive (n = 1024, linear). Set before torch is imported; the workers inherit it.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     sys.path.insert(0, str(ROOT / "benchmarks"))
+    if args.ort_worker:
+        ort_worker(args.ort_worker[0], args.ort_worker[1], args.repeats, args.ort_worker[2])
+        return 0
     if args.worker:
         torch_worker(args.worker[0], int(args.worker[1]), args.repeats, args.worker[2])
         return 0
@@ -243,7 +350,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name} n={n}: float64 reference in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
                 for variant in variants:
                     outs = Path(tmp) / f"{name}.{n}.{variant}.npz"
-                    if variant == "pytorch":
+                    if variant in PREPARED:
+                        feeds = Path(tmp) / f"{name}.{n}.prepared.npz"
+                        if not feeds.exists():
+                            np.savez(feeds, **prepared_feeds(name, n))
+                        r = _run([sys.executable, __file__, "--ort-worker", str(models[variant]), str(feeds),
+                                  str(outs), "--repeats", str(args.repeats)])
+                    elif variant == "pytorch":
                         r = _run([sys.executable, __file__, "--worker", name, str(n), str(outs),
                                   "--repeats", str(args.repeats)])
                     else:
@@ -269,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['err']:>8.1e} | {r['state_err']:>9.1e}")
     print(f"batch 1, {H} heads, head dim {D}, CPU, 2 threads; each cell its own process (median of "
           f"{args.repeats} and min, peak RSS); err: max |x - ref| / max(1, max |ref|) vs the float64 recurrence")
+    for line in summary(rows):
+        print(line)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

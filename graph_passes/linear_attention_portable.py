@@ -13,19 +13,27 @@ Rules ``delta`` / ``gated_delta`` and a per-key decay (``_lower_scan``, chunks o
 chunk is batched over all chunks, and only the (dk x dv) state crosses chunks, in one ``Scan`` over the
 chunk axis (trip count ``ceil(T/C)``, dynamic). The delta rules' UT transform ``(I + diag(beta) KK)^-1``
 (``KK`` strictly lower triangular) is ``prod_{k<log2 C} (I + N^(2^k))`` with ``N = -diag(beta) KK``
-nilpotent: matmuls, no loop over positions and no triangular solve. A per-key decay's products
-``sum_d a_id k_jd exp(b_id - b_jd)`` are built fla-style by sub-chunks of 4 (explicit ``[4, 4, dk]`` inside
-a sub-chunk, a matmul against keys re-based at the sub-chunk start across them), never ``[C, C, dk]``.
-TensorRT generally takes Scan-free graphs better than Scan; the Scan is the price of the delta rules'
-state-dependent update (the per-key gated rule could use the loop-free decay-matrix form instead).
+nilpotent: matmuls, no loop over positions and no triangular solve. A per-key decay's products ``sum_d a_id
+k_jd exp(b_id - b_jd)`` are MatMuls of queries and keys each scaled by one exponential, fla-style: blocks of
+4 against their first position, then halves against the boundary between them (``_SubChunks``), never a
+``[C, C, dk]`` tensor. Without a state-dependent update (the gated rule) the Scan body only decays, adds and
+reads the state. TensorRT generally takes Scan-free graphs better than Scan; the Scan is the price of the
+delta rules' state-dependent update and of a per-key decay (a loop-free per-key form needs an nc x nc x dk
+decay matrix: memory quadratic in T).
+
+Speed (benchmarks/bench_linear_attention.py, ORT CPU): the chunk layout is a Transpose that keeps the
+last axis, then a Reshape, so the MatMuls' transposed operands are Transposes ORT folds into the MatMul;
+masks are added (0 / -inf) or multiplied rather than selected by ``Where`` on large tensors.
 
 Every exponent is masked to -inf before ``Exp`` where it does not apply, and is <= 0 where it does
-(log decay <= 0), so no inf/NaN. One ``CumSum`` axis only (inside the chunk): ``L`` is a MatMul with a
-``p < n`` mask, as TensorRT miscomputes several CumSums on different axes. ``L`` is a prefix sum in
-float32: with very strong decays over very long sequences the difference ``L_n - L_{m+1}`` loses
-absolute precision ~1e-7 |L|.
+(log decay <= 0), so no inf/NaN; the one exception, a per-key decay's in-block key factors, is bounded
+by clipping the log decay per step (``_SubChunks``). One ``CumSum`` axis only (inside the chunk): ``L`` is
+a MatMul with a ``p < n`` mask, as TensorRT miscomputes several CumSums on different axes. ``L`` is a
+prefix sum in float32: with very strong decays over very long sequences the difference ``L_n - L_{m+1}``
+loses absolute precision ~1e-7 |L|.
 
-Not in the default pass list yet.
+The default pipeline's ``linear-attention`` pass (graph_passes/linear_attention.py) runs this lowering
+unless ONNX Runtime's native op is asked for.
 """
 
 from __future__ import annotations
@@ -36,11 +44,14 @@ import onnx_ir as ir
 from graph_passes.linear_attention_ort import LinearAttentionLowering, Lowered, _attr, _Builder
 
 PORTABLE_RULES = ("linear", "gated", "delta", "gated_delta")
-# the Scan forms' chunk: per-key decay builds [C/4, C, dk] re-based keys per chunk (a small C bounds them), and
-# the delta rules' product-form inverse loses float32 precision as C grows (delta rule, unit keys of dk = 4,
-# max error vs float64: 3.5e-7 at C = 16, 1.7e-6 at C = 32, 1.7e-4 at C = 64)
-SCAN_CHUNK = 16
-SUB_CHUNK = 4  # per-key decay: pairs inside a sub-chunk of 4 are the only [., ., dk] products built
+# the delta rules' chunk: their product-form inverse loses float32 precision as C grows (delta rule, unit
+# keys of dk = 4, max error vs float64: 3.5e-7 at C = 16, 1.7e-6 at C = 32, 1.7e-4 at C = 64)
+DELTA_CHUNK = 16
+# per-key decay (gated rule): larger chunks mean fewer Scan steps but more levels of products; 16 ran
+# fastest of 16 / 32 / 64 (n = 1024 and 4096, ORT CPU, 2 threads)
+KEY_CHUNK = 16
+LEAF = 4  # per-key decay: the blocks whose pairs are one MatMul with a growing factor (see _SubChunks)
+MAX_LOG_DECAY = 20.0  # per-key decay: log decays per step are clipped at -MAX_LOG_DECAY (see _SubChunks)
 
 
 def _refusal(node: ir.Node) -> str | None:
@@ -60,6 +71,15 @@ def _needs_scan(node: ir.Node) -> bool:
     return _attr(node, "rule") in ("delta", "gated_delta") or _attr(node, "decay", "none") == "key"
 
 
+def chunk_for(node: ir.Node, chunk_size: int) -> int:
+    """The chunk a node is lowered with: ``chunk_size``, capped per form (see DELTA_CHUNK, KEY_CHUNK)."""
+    if _attr(node, "rule") in ("delta", "gated_delta"):
+        return min(chunk_size, DELTA_CHUNK)
+    if _attr(node, "decay", "none") == "key":
+        return min(chunk_size, KEY_CHUNK)
+    return chunk_size
+
+
 class LinearAttentionPortablePass(LinearAttentionLowering):
     """Rewrite ``lrexport.LinearAttention`` (every rule) to standard ops."""
 
@@ -71,80 +91,139 @@ class LinearAttentionPortablePass(LinearAttentionLowering):
         if reason is not None:
             return reason
         scan = _needs_scan(node)
-        chunk = self.options.chunk_size
+        chunk = chunk_for(node, self.options.chunk_size)
         if scan:
-            chunk = min(chunk, SCAN_CHUNK)
             if chunk & (chunk - 1):
-                return f"chunk size {chunk} is not a power of 2 (the UT inverse needs one)"
-            new_nodes, outs = _lower_scan(node, label, chunk)
+                return f"chunk size {chunk} is not a power of 2 (the UT inverse and sub-chunks need one)"
+            new_nodes, outs = _lower_scan(_Prep(node, label, chunk))
         else:
-            new_nodes, outs = _lower(node, label, chunk)
+            new_nodes, outs = _lower(_Prep(node, label, chunk))
         action = "lowered (standard ops, chunked" + (", Scan over chunks)" if scan else ")")
         return new_nodes, outs, action, {"rule": _attr(node, "rule"), "chunk": chunk}
 
 
-def _lower(node: ir.Node, label: str, C: int) -> tuple[list[ir.Node], list[ir.Value]]:
-    inputs = list(node.inputs) + [None] * (6 - len(node.inputs))
-    q, k, v, g, _beta, s0 = inputs
-    hq, hk, hv = (int(_attr(node, a)) for a in ("q_heads", "k_heads", "v_heads"))
-    hs = max(hk, hv)
-    h = max(hq, hs)
-    normalize = bool(_attr(node, "normalize", 0))
-    eps = float(_attr(node, "eps", 0.0))
-    scale = float(_attr(node, "scale", 1.0))
-    out_dtype = q.dtype
+class _Prep:
+    """What both forms share: the node's inputs in float32 on ``h`` heads, zero-padded to ``nc * C``
+    positions (k = 0 adds nothing, g = 0 decays nothing) and cut in chunks ``(B, h, nc, C[, d])``.
+
+    The chunk layout is reached by a Transpose that keeps the last axis in place, then a Reshape; the
+    transposed operands of MatMuls (``tr``) are then last-two-axes Transposes of a Reshape, which ONNX
+    Runtime folds into its MatMul (a Transpose of a Transpose it merges into one slow copy instead)."""
+
+    def __init__(self, node: ir.Node, label: str, C: int) -> None:
+        inputs = list(node.inputs) + [None] * (6 - len(node.inputs))
+        q, k, v, g, beta, s0 = inputs
+        self.rule = _attr(node, "rule")
+        self.delta = self.rule in ("delta", "gated_delta")
+        self.per_key = _attr(node, "decay", "none") == "key"
+        hq, hk, hv = (int(_attr(node, a)) for a in ("q_heads", "k_heads", "v_heads"))
+        self.hs = hs = max(hk, hv)
+        self.h = h = max(hq, hs)
+        self.normalize = bool(_attr(node, "normalize", 0))
+        self.eps = float(_attr(node, "eps", 0.0))
+        self.scale = float(_attr(node, "scale", 1.0))
+        self.dv = dv = int(v.shape[3]) + int(self.normalize)
+        self.out_dtype = q.dtype
+        self.C = C
+        self.b = b = _Builder(label)
+        c = b.const
+        q, k, v, g, beta = (b.to_float(x) for x in (q, k, v, g, beta))
+        q, k, v = b.repeat_heads(q, hq, h // hq), b.repeat_heads(k, hk, h // hk), b.repeat_heads(v, hv, h // hv)
+
+        def per_head_to_h(x: ir.Value) -> ir.Value:  # (B,T,hs) -> (B,T,h)
+            return b.op("Squeeze", [b.repeat_heads(b.op("Unsqueeze", [x, c([3])]), hs, h // hs), c([3])])
+
+        if g is not None:
+            g = b.repeat_heads(g, hs, h // hs) if self.per_key else per_head_to_h(g)
+        if beta is not None:
+            beta = per_head_to_h(beta)
+        if s0 is not None and h != hs:
+            s0 = b.op("Reshape", [b.op("Expand", [b.op("Unsqueeze", [s0, c([2])]), c([1, 1, h // hs, 1, 1])]),
+                                  c([0, h, -1, dv])])
+        if s0 is not None and s0.dtype not in (None, ir.DataType.FLOAT):
+            s0 = b.op("Cast", [s0], {"to": ir.DataType.FLOAT})
+        if self.normalize:
+            shape = b.op("Shape", [v], {"start": 0, "end": 3})
+            ones = b.op("ConstantOfShape", [b.op("Concat", [shape, c([1])], {"axis": 0})],
+                        {"value": ir.tensor(np.ones(1, np.float32))})
+            v = b.op("Concat", [v, ones], {"axis": -1})
+        self.q_in, self.s0 = q, s0
+        self.t = t = b.op("Shape", [q], {"start": 1, "end": 2})
+        self.pad = b.op("Mod", [b.op("Sub", [c([C]), b.op("Mod", [t, c([C])])]), c([C])])
+        self.nc = b.op("Div", [b.op("Add", [t, self.pad]), c([C])])
+        self.Q, self.K, self.V = (self.chunks(x) for x in (q, k, v))
+        self.G = None if g is None else self.chunks(g, 4 if self.per_key else 3)  # (B,h,nc,C[,dk])
+        self.Beta = None if beta is None else self.chunks(beta, 3)  # (B,h,nc,C)
+
+    def chunks(self, x: ir.Value, rank: int = 4) -> ir.Value:
+        """(B,T,h[,d]) -> (B,h,nc,C[,d]), zero padded."""
+        b, c = self.b, self.b.const
+        pads = b.op("Concat", [c([0] * (rank + 1)), self.pad, c([0] * (rank - 2))], {"axis": 0})
+        x = b.op("Transpose", [b.op("Pad", [x, pads])], {"perm": [0, 2, 1, 3] if rank == 4 else [0, 2, 1]})
+        if rank == 3:
+            return b.op("Reshape", [x, c([0, 0, -1, self.C])])
+        return b.op("Reshape", [x, b.op("Concat", [c([0, 0]), self.nc, c([self.C, -1])], {"axis": 0})])
+
+    def tr(self, x: ir.Value) -> ir.Value:
+        """Swap the last two axes of a rank-5 tensor."""
+        return self.b.op("Transpose", [x], {"perm": [0, 1, 2, 4, 3]})
+
+    def const(self, x: np.ndarray) -> ir.Value:
+        return self.b.const(x, x.dtype)
+
+    def finish(self, o: ir.Value, final: ir.Value, chunk_first: bool = False) -> tuple[list[ir.Node], list[ir.Value]]:
+        """o (B,h,nc,C,dv), or (nc,B,h,C,dv) with ``chunk_first``, -> (B,T,h,dv) scaled, normalized, cast."""
+        b, c, h, dv = self.b, self.b.const, self.h, self.dv
+        o = b.op("Mul", [o, c(np.float32(self.scale), np.float32)])
+        if chunk_first:
+            o = b.op("Reshape", [b.op("Transpose", [o], {"perm": [1, 0, 3, 2, 4]}), c([0, -1, h, dv])])
+        else:
+            o = b.op("Transpose", [b.op("Reshape", [o, c([0, 0, -1, dv])])], {"perm": [0, 2, 1, 3]})
+        o = b.op("Slice", [o, c([0]), self.t, c([1])])
+        if self.normalize:
+            num, den = b.op("Split", [o, c([dv - 1, 1])], {"axis": 3}, outputs=2)
+            if self.eps:
+                den = b.op("Add", [den, c(np.float32(self.eps), np.float32)])
+            o = b.op("Div", [num, den])
+        if self.out_dtype is not None and self.out_dtype != ir.DataType.FLOAT:
+            o = b.op("Cast", [o], {"to": self.out_dtype})
+        if h != self.hs:  # state head s was computed for its r query heads: take one
+            final = b.op("Slice", [final, c([0]), c([h]), c([1]), c([h // self.hs])])
+        return b.nodes, [o, final]
+
+
+def _tri(C: int, strict: bool) -> np.ndarray:
+    """(C, C) additive mask: 0 where j <= i (j < i if strict), -inf after."""
+    i = np.arange(C)
+    keep = i[None, :] < i[:, None] if strict else i[None, :] <= i[:, None]
+    return np.where(keep, 0.0, -np.inf).astype(np.float32)
+
+
+def _lower(p: _Prep) -> tuple[list[ir.Node], list[ir.Value]]:
+    """``linear`` and per-head ``gated``: loop-free."""
+    b, c, C, Q, K, V = p.b, p.b.const, p.C, p.Q, p.K, p.V
     f32 = ir.DataType.FLOAT
-    b = _Builder(label)
-    c = b.const
-    q, k, v, g = (b.to_float(x) for x in (q, k, v, g))
-    # every tensor on h heads (a state head serving r query heads is computed r times, then picked once)
-    q, k, v = b.repeat_heads(q, hq, h // hq), b.repeat_heads(k, hk, h // hk), b.repeat_heads(v, hv, h // hv)
-    if g is not None:
-        g = b.op("Squeeze", [b.repeat_heads(b.op("Unsqueeze", [g, c([3])]), hs, h // hs), c([3])])
-    if s0 is not None and h != hs:
-        s0 = b.op("Reshape", [b.op("Expand", [b.op("Unsqueeze", [s0, c([2])]), c([1, 1, h // hs, 1, 1])]),
-                              c([0, h, -1, int(node.inputs[2].shape[3]) + int(normalize)])])
-    if normalize:
-        shape = b.op("Shape", [v], {"start": 0, "end": 3})
-        ones = b.op("ConstantOfShape", [b.op("Concat", [shape, c([1])], {"axis": 0})],
-                    {"value": ir.tensor(np.ones(1, np.float32))})
-        v = b.op("Concat", [v, ones], {"axis": -1})
-    dv = int(node.inputs[2].shape[3]) + (1 if normalize else 0)
-
-    # pad T up to nc * C (zeros: k = 0 adds nothing, g = 0 decays nothing)
-    t = b.op("Shape", [q], {"start": 1, "end": 2})
-    pad = b.op("Mod", [b.op("Sub", [c([C]), b.op("Mod", [t, c([C])])]), c([C])])
-    nc = b.op("Div", [b.op("Add", [t, pad]), c([C])])
-
-    def chunks(x: ir.Value, rank: int) -> ir.Value:  # (B,T,H[,d]) -> (B,H,nc,C[,d])
-        pads = b.op("Concat", [c([0] * (rank + 1)), pad, c([0] * (rank - 2))], {"axis": 0})
-        x = b.op("Pad", [x, pads])
-        x = b.op("Reshape", [x, b.op("Concat", [c([0]), nc, c([C, h] + ([-1] if rank == 4 else []))], {"axis": 0})])
-        return b.op("Transpose", [x], {"perm": [0, 3, 1, 2, 4] if rank == 4 else [0, 3, 1, 2]})
-
-    Q, K, V = chunks(q, 4), chunks(k, 4), chunks(v, 4)  # (B,h,nc,C,d)
     neg_inf = c(np.float32(-np.inf), np.float32)
-    idx_c = b.op("Range", [c(0), c(C), c(1)])
-    incl = b.op("LessOrEqual", [b.op("Unsqueeze", [idx_c, c([0])]), b.op("Unsqueeze", [idx_c, c([1])])])  # j<=i
-    qk = b.op("MatMul", [Q, b.op("Transpose", [K], {"perm": [0, 1, 2, 4, 3]})])  # (B,h,nc,C,C)
-    if g is not None:
-        bcum = b.op("CumSum", [chunks(g, 3), c(3)])  # (B,h,nc,C): the one CumSum, along the chunk
+    qk = b.op("MatMul", [Q, p.tr(K)])  # (B,h,nc,C,C)
+    if p.G is not None:
+        bcum = b.op("CumSum", [p.G, c(3)])  # (B,h,nc,C): the one CumSum, along the chunk
         diff = b.op("Sub", [b.op("Unsqueeze", [bcum, c([4])]), b.op("Unsqueeze", [bcum, c([3])])])
-        qk = b.op("Mul", [qk, b.op("Exp", [b.op("Where", [incl, diff, neg_inf])])])
+        qk = b.op("Mul", [qk, b.op("Exp", [b.op("Add", [diff, p.const(_tri(C, False))])])])
         blast = b.op("Slice", [bcum, c([C - 1]), c([C]), c([3])])  # (B,h,nc,1): chunk totals
-        Qd = b.op("Mul", [Q, b.op("Exp", [b.op("Unsqueeze", [bcum, c([4])])])])
-        Kd = b.op("Mul", [K, b.op("Exp", [b.op("Unsqueeze", [b.op("Sub", [blast, bcum]), c([4])])])])
+        e_q = b.op("Exp", [b.op("Unsqueeze", [bcum, c([4])])])  # q_i exp(b_i) reads the chunk-start state
+        Vd = b.op("Mul", [V, b.op("Exp", [b.op("Unsqueeze", [b.op("Sub", [blast, bcum]), c([4])])])])
     else:
-        qk = b.op("Where", [incl, qk, c(np.float32(0), np.float32)])
-        Qd, Kd = Q, K
+        qk = b.op("Mul", [qk, p.const(np.tril(np.ones((C, C), np.float32)))])
+        e_q, Vd = None, V
     o = b.op("MatMul", [qk, V])  # intra-chunk, (B,h,nc,C,dv)
-    dS = b.op("MatMul", [b.op("Transpose", [Kd], {"perm": [0, 1, 2, 4, 3]}), V])  # (B,h,nc,dk,dv)
+    dS = b.op("MatMul", [p.tr(p.K), Vd])  # (B,h,nc,dk,dv): chunk n's own contribution to the next state
     dS_flat = b.op("Reshape", [dS, c([0, 0, 0, -1])])  # (B,h,nc,dk*dv)
     # chunk-start states for n = 0..nc (row nc: the final state)
-    idx_n = b.op("Range", [c(0), b.op("Add", [b.op("Squeeze", [nc, c([0])]), c(1)]), c(1)])  # nc+1
-    idx_m = b.op("Range", [c(0), b.op("Squeeze", [nc, c([0])]), c(1)])  # nc
+    nc0 = b.op("Squeeze", [p.nc, c([0])])
+    idx_n = b.op("Range", [c(0), b.op("Add", [nc0, c(1)]), c(1)])  # nc+1
+    idx_m = b.op("Range", [c(0), nc0, c(1)])  # nc
     before = b.op("Less", [b.op("Unsqueeze", [idx_m, c([1])]), b.op("Unsqueeze", [idx_n, c([0])])])  # m < n
-    if g is not None:
+    if p.G is not None:
         totals = b.op("Squeeze", [blast, c([3])])  # (B,h,nc)
         L = b.op("MatMul", [b.op("Unsqueeze", [totals, c([2])]), b.op("Cast", [before], {"to": f32})])
         L = b.op("Squeeze", [L, c([2])])  # (B,h,nc+1): log decay before chunk n
@@ -154,149 +233,65 @@ def _lower(node: ir.Node, label: str, C: int) -> tuple[list[ir.Node], list[ir.Va
     else:
         M = b.op("Cast", [b.op("Transpose", [before], {"perm": [1, 0]})], {"to": f32})  # (nc+1, nc)
     S_all = b.op("MatMul", [M, dS_flat])  # (B,h,nc+1,dk*dv)
-    S_all = b.op("Reshape", [S_all, b.op("Concat", [c([0, 0]), b.op("Add", [nc, c([1])]), c([-1, dv])],
+    S_all = b.op("Reshape", [S_all, b.op("Concat", [c([0, 0]), b.op("Add", [p.nc, c([1])]), c([-1, p.dv])],
                                          {"axis": 0})])  # (B,h,nc+1,dk,dv)
-    if s0 is not None:
-        S0 = b.op("Unsqueeze", [s0, c([2])])
-        if g is not None:
+    if p.s0 is not None:
+        S0 = b.op("Unsqueeze", [p.s0, c([2])])
+        if p.G is not None:
             S0 = b.op("Mul", [S0, b.op("Exp", [b.op("Unsqueeze", [L, c([3, 4])])])])
         S_all = b.op("Add", [S_all, S0])
-    S_start = b.op("Slice", [S_all, c([0]), nc, c([2])])
-    o = b.op("Add", [o, b.op("MatMul", [Qd, S_start])])  # inter-chunk
-    o = b.op("Mul", [o, c(np.float32(scale), np.float32)])
-    o = b.op("Transpose", [o], {"perm": [0, 2, 3, 1, 4]})  # (B,nc,C,h,dv)
-    o = b.op("Reshape", [o, c([0, -1, h, dv])])
-    o = b.op("Slice", [o, c([0]), t, c([1])])
-    if normalize:
-        num, den = b.op("Split", [o, c([dv - 1, 1])], {"axis": 3}, outputs=2)
-        if eps:
-            den = b.op("Add", [den, c(np.float32(eps), np.float32)])
-        o = b.op("Div", [num, den])
-    if out_dtype is not None and out_dtype != f32:
-        o = b.op("Cast", [o], {"to": out_dtype})
-    final = b.op("Squeeze", [b.op("Slice", [S_all, nc, b.op("Add", [nc, c([1])]), c([2])]), c([2])])
-    if h != hs:  # state head s was computed for its r query heads: take one
-        final = b.op("Slice", [final, c([0]), c([h]), c([1]), c([h // hs])])
-    return b.nodes, [o, final]
+    S_start = b.op("Slice", [S_all, c([0]), p.nc, c([2])])
+    inter = b.op("MatMul", [Q, S_start])
+    if e_q is not None:
+        inter = b.op("Mul", [inter, e_q])
+    o = b.op("Add", [o, inter])  # inter-chunk
+    final = b.op("Squeeze", [b.op("Slice", [S_all, p.nc, b.op("Add", [p.nc, c([1])]), c([2])]), c([2])])
+    return p.finish(o, final)
 
 
-def _lower_scan(node: ir.Node, label: str, C: int) -> tuple[list[ir.Node], list[ir.Value]]:
+def _lower_scan(p: _Prep) -> tuple[list[ir.Node], list[ir.Value]]:
     """Delta rules (UT transform, loop-free inside a chunk) and per-key decay; the state crosses chunks
     in a ``Scan`` over the chunk axis (its trip count follows T)."""
-    inputs = list(node.inputs) + [None] * (6 - len(node.inputs))
-    q, k, v, g, beta, s0 = inputs
-    rule = _attr(node, "rule")
-    delta = rule in ("delta", "gated_delta")
-    per_key = _attr(node, "decay", "none") == "key"
-    hq, hk, hv = (int(_attr(node, a)) for a in ("q_heads", "k_heads", "v_heads"))
-    hs = max(hk, hv)
-    h = max(hq, hs)
-    scale = float(_attr(node, "scale", 1.0))
-    dv = int(node.inputs[2].shape[3])
-    out_dtype = q.dtype
+    b, c, C, Q, K, V = p.b, p.b.const, p.C, p.Q, p.K, p.V
     f32 = ir.DataType.FLOAT
-    b = _Builder(label)
-    c = b.const
-    q, k, v, g, beta = (b.to_float(x) for x in (q, k, v, g, beta))
-    q, k, v = b.repeat_heads(q, hq, h // hq), b.repeat_heads(k, hk, h // hk), b.repeat_heads(v, hv, h // hv)
-
-    def per_head_to_h(x: ir.Value) -> ir.Value:  # (B,T,hs) -> (B,T,h)
-        return b.op("Squeeze", [b.repeat_heads(b.op("Unsqueeze", [x, c([3])]), hs, h // hs), c([3])])
-
-    if g is not None:
-        g = b.repeat_heads(g, hs, h // hs) if per_key else per_head_to_h(g)
-    if beta is not None:
-        beta = per_head_to_h(beta)
-    if s0 is not None and h != hs:
-        s0 = b.op("Reshape", [b.op("Expand", [b.op("Unsqueeze", [s0, c([2])]), c([1, 1, h // hs, 1, 1])]),
-                              c([0, h, -1, dv])])
-    if s0 is None:  # zeros (B, h, dk, dv)
-        shp = b.op("Concat", [b.op("Shape", [q], {"start": 0, "end": 1}), c([h]),
-                              b.op("Shape", [q], {"start": 3, "end": 4}), c([dv])], {"axis": 0})
-        s0 = b.op("ConstantOfShape", [shp], {"value": ir.tensor(np.zeros(1, np.float32))})
-    elif s0.dtype not in (None, f32):
-        s0 = b.op("Cast", [s0], {"to": f32})
-
-    t = b.op("Shape", [q], {"start": 1, "end": 2})
-    pad = b.op("Mod", [b.op("Sub", [c([C]), b.op("Mod", [t, c([C])])]), c([C])])
-    nc = b.op("Div", [b.op("Add", [t, pad]), c([C])])
-
-    def chunks(x: ir.Value, rank: int) -> ir.Value:  # (B,T,H[,d]) -> (B,H,nc,C[,d]), zero padded
-        pads = b.op("Concat", [c([0] * (rank + 1)), pad, c([0] * (rank - 2))], {"axis": 0})
-        x = b.op("Pad", [x, pads])
-        x = b.op("Reshape", [x, b.op("Concat", [c([0]), nc, c([C, h] + ([-1] if rank == 4 else []))], {"axis": 0})])
-        return b.op("Transpose", [x], {"perm": [0, 3, 1, 2, 4] if rank == 4 else [0, 3, 1, 2]})
-
-    def tr(x: ir.Value) -> ir.Value:  # swap the last two axes of a rank-5 tensor
-        return b.op("Transpose", [x], {"perm": [0, 1, 2, 4, 3]})
-
-    Q, K, V = chunks(q, 4), chunks(k, 4), chunks(v, 4)  # (B,h,nc,C,d)
-    neg_inf = c(np.float32(-np.inf), np.float32)
-    zero = c(np.float32(0), np.float32)
-    idx_c = b.op("Range", [c(0), c(C), c(1)])
-    row, col = b.op("Unsqueeze", [idx_c, c([1])]), b.op("Unsqueeze", [idx_c, c([0])])
-    incl = b.op("LessOrEqual", [col, row])  # j <= i
-    strict = b.op("Less", [col, row])  # j < i
+    KT = p.tr(K)
     bcum = None
-    if g is not None:
+    if p.G is not None:
         # the one CumSum, along the chunk; per-head decay as a trailing axis of 1 (broadcasts over dk)
-        bcum = b.op("CumSum", [chunks(g, 4) if per_key else b.op("Unsqueeze", [chunks(g, 3), c([4])]), c(3)])
+        G = b.op("Max", [p.G, c(np.float32(-MAX_LOG_DECAY), np.float32)]) if p.per_key else \
+            b.op("Unsqueeze", [p.G, c([4])])
+        bcum = b.op("CumSum", [G, c(3)])
         blast = b.op("Slice", [bcum, c([C - 1]), c([C]), c([3])])  # (B,h,nc,1,dk|1)
 
-    def decayed(a: ir.Value, mask: ir.Value) -> ir.Value:
-        """P[i, j] = sum_d a_id k_jd exp(b_id - b_jd) where mask[i, j], else 0: (B,h,nc,C,C)."""
-        if bcum is None:
-            return b.op("Where", [mask, b.op("MatMul", [a, tr(K)]), zero])
-        if per_key:
-            return sub_chunked(a, mask is strict)
-        b0 = b.op("Squeeze", [bcum, c([4])])
-        diff = b.op("Sub", [b.op("Unsqueeze", [b0, c([4])]), b.op("Unsqueeze", [b0, c([3])])])
-        return b.op("Mul", [b.op("MatMul", [a, tr(K)]), b.op("Exp", [b.op("Where", [mask, diff, neg_inf])])])
+    if p.per_key:
+        intra = _SubChunks(p, bcum)
+        decayed = intra.products
+    else:
+        if bcum is not None:
+            b0 = b.op("Squeeze", [bcum, c([4])])
+            diff = b.op("Sub", [b.op("Unsqueeze", [b0, c([4])]), b.op("Unsqueeze", [b0, c([3])])])
 
-    def sub_chunked(a: ir.Value, strict_diag: bool) -> ir.Value:
-        """The per-key ``decayed``, with sub-chunks of ``sc`` positions so no [C, C, dk] tensor is built:
-        pairs inside one sub-chunk explicitly ([sc, sc, dk]); a pair with j before i's sub-chunk as
-        ``(a_i exp(b_i - r)) . (k_j exp(r - b_j))`` with ``r`` the log decay just before i's sub-chunk
-        (both exponents <= 0; [C/sc, C, dk] per chunk)."""
-        sc = min(C, SUB_CHUNK)
-        ns = C // sc
-        split = c([0, 0, 0, ns, sc, -1])
-        a_s, k_s, b_s = (b.op("Reshape", [x, split]) for x in (a, K, bcum))  # (B,h,nc,ns,sc,dk)
-        # inside a sub-chunk
-        ii = np.arange(sc)
-        sub_mask = c((ii[None, :] < ii[:, None]) if strict_diag else (ii[None, :] <= ii[:, None]), np.bool_)
-        diff = b.op("Sub", [b.op("Unsqueeze", [b_s, c([5])]), b.op("Unsqueeze", [b_s, c([4])])])
-        w = b.op("Exp", [b.op("Where", [b.op("Unsqueeze", [sub_mask, c([2])]), diff, neg_inf])])
-        prod = b.op("Mul", [b.op("Mul", [b.op("Unsqueeze", [a_s, c([5])]), b.op("Unsqueeze", [k_s, c([4])])]), w])
-        diag = b.op("ReduceSum", [prod, c([6])], {"keepdims": 0})  # (B,h,nc,ns,sc,sc)
-        block = c(np.eye(ns, dtype=np.float32).reshape(ns, 1, ns, 1), np.float32)
-        P = b.op("Reshape", [b.op("Mul", [b.op("Unsqueeze", [diag, c([5])]), block]), c([0, 0, 0, C, C])])
-        if ns == 1:
-            return P
-        # across sub-chunks: r_s = b just before sub-chunk s (0 before the chunk)
-        b_prev = b.op("Pad", [bcum, c([0, 0, 0, 1, 0, 0, 0, 0, 0, 0])])
-        r = b.op("Slice", [b_prev, c([0]), c([C]), c([3]), c([sc])])  # (B,h,nc,ns,dk)
-        a_r = b.op("Mul", [a_s, b.op("Exp", [b.op("Sub", [b_s, b.op("Unsqueeze", [r, c([4])])])])])
-        before = c((np.arange(C)[None, :] < (np.arange(ns) * sc)[:, None])[:, :, None], np.bool_)  # (ns,C,1)
-        e = b.op("Sub", [b.op("Unsqueeze", [r, c([4])]), b.op("Unsqueeze", [bcum, c([3])])])  # (B,h,nc,ns,C,dk)
-        k_r = b.op("Mul", [b.op("Unsqueeze", [K, c([3])]), b.op("Exp", [b.op("Where", [before, e, neg_inf])])])
-        cross = b.op("MatMul", [a_r, b.op("Transpose", [k_r], {"perm": [0, 1, 2, 3, 5, 4]})])  # (B,h,nc,ns,sc,C)
-        return b.op("Add", [P, b.op("Reshape", [cross, c([0, 0, 0, C, C])])])
+        def decayed(a: ir.Value, strict: bool) -> ir.Value:
+            """P[i, j] = a_i . k_j exp(b_i - b_j) for j <= i (j < i if strict), else 0: (B,h,nc,C,C)."""
+            if bcum is None:
+                return b.op("Mul", [b.op("MatMul", [a, KT]), p.const(np.tril(np.ones((C, C), np.float32),
+                                                                              -1 if strict else 0))])
+            return b.op("Mul", [b.op("MatMul", [a, KT]), b.op("Exp", [b.op("Add", [diff, p.const(_tri(C, strict))])])])
 
-    QK = decayed(Q, incl)
+    QK = decayed(Q, False)
     if bcum is not None:
         eb = b.op("Exp", [bcum])
         Qd = b.op("Mul", [Q, eb])  # q_i exp(b_i): reads the chunk's initial state
-        KdT = tr(b.op("Mul", [K, b.op("Exp", [b.op("Sub", [blast, bcum])])]))  # writes the next state
-        D = tr(b.op("Exp", [blast]))  # (B,h,nc,dk|1,1): the chunk's total decay of the state
+        KdT = p.tr(b.op("Mul", [K, b.op("Exp", [b.op("Sub", [blast, bcum])])]))  # writes the next state
+        D = p.tr(b.op("Exp", [blast]))  # (B,h,nc,dk|1,1): the chunk's total decay of the state
     else:
-        Qd, KdT, D, eb = Q, tr(K), None, None
+        Qd, KdT, D, eb = Q, KT, None, None
     X, Wk = V, None
-    if delta:
-        bt = b.op("Unsqueeze", [chunks(beta, 3), c([4])])  # (B,h,nc,C,1)
+    if p.delta:
+        bt = b.op("Unsqueeze", [p.Beta, c([4])])  # (B,h,nc,C,1)
         # (I + A)^-1 with A = diag(beta) KK strictly lower triangular: N = -A is nilpotent (N^C = 0), so
         # (I - N)^-1 = sum_{p<C} N^p = prod_{k<log2 C} (I + N^(2^k)): log2(C) squarings, no loop over positions
-        N = b.op("Neg", [b.op("Mul", [bt, decayed(K, strict)])])
+        N = b.op("Neg", [b.op("Mul", [bt, decayed(K, True)])])
         inv = b.op("Add", [N, c(np.eye(C, dtype=np.float32), np.float32)])
         Np = N
         for _ in range(1, C.bit_length() - 1):
@@ -305,40 +300,108 @@ def _lower_scan(node: ir.Node, label: str, C: int) -> tuple[list[ir.Node], list[
         X = b.op("MatMul", [inv, b.op("Mul", [bt, V])])  # A^-1 beta V
         Kb = K if eb is None else b.op("Mul", [K, eb])
         Wk = b.op("MatMul", [inv, b.op("Mul", [bt, Kb])])  # A^-1 beta exp(b) K
+        o_intra = None
+    else:
+        o_intra = b.op("MatMul", [QK, V])  # no state in it: batched over all chunks, outside the Scan
+
+    s0 = p.s0
+    if s0 is None:  # zeros (B, h, dk, dv)
+        shp = b.op("Concat", [b.op("Shape", [p.q_in], {"start": 0, "end": 1}), c([p.h]),
+                              b.op("Shape", [p.q_in], {"start": 3, "end": 4}), c([p.dv])], {"axis": 0})
+        s0 = b.op("ConstantOfShape", [shp], {"value": ir.tensor(np.zeros(1, np.float32))})
 
     # the Scan body: one chunk, state S (B,h,dk,dv)
-    scan_ins = [Qd, QK, X, KdT] + ([Wk] if delta else []) + ([D] if D is not None else [])
-    body = _Builder(f"{label}/scan")
+    body = _Builder(f"{b.label}/scan")
     names = iter(range(10**6))
 
     def bval() -> ir.Value:
-        return ir.Value(name=f"{label}/scan/in{next(names)}", type=ir.TensorType(f32))
+        return ir.Value(name=f"{b.label}/scan/in{next(names)}", type=ir.TensorType(f32))
 
-    S_in, Qd_n, QK_n, X_n, KdT_n = (bval() for _ in range(5))
-    Wk_n = bval() if delta else None
-    D_n = bval() if D is not None else None
-    U = X_n if Wk_n is None else body.op("Sub", [X_n, body.op("MatMul", [Wk_n, S_in])])
-    o_n = body.op("Add", [body.op("MatMul", [Qd_n, S_in]), body.op("MatMul", [QK_n, U])])
+    S_in = bval()
+    if p.delta:  # state-dependent update: U = X - W S
+        scan_ins = [Qd, QK, X, KdT, Wk] + ([D] if D is not None else [])
+        Qd_n, QK_n, X_n, KdT_n, Wk_n = (bval() for _ in range(5))
+        D_n = bval() if D is not None else None
+        U = body.op("Sub", [X_n, body.op("MatMul", [Wk_n, S_in])])
+        o_n = body.op("Add", [body.op("MatMul", [Qd_n, S_in]), body.op("MatMul", [QK_n, U])])
+        dS_n = body.op("MatMul", [KdT_n, U])
+        body_ins = [S_in, Qd_n, QK_n, X_n, KdT_n, Wk_n] + ([D_n] if D_n is not None else [])
+    else:  # the chunk's contribution is known up front: the body only decays, adds and reads the state
+        dS = b.op("MatMul", [KdT, V])  # (B,h,nc,dk,dv)
+        scan_ins = [Qd, dS, D]
+        Qd_n, dS_n, D_n = bval(), bval(), bval()
+        o_n = body.op("MatMul", [Qd_n, S_in])
+        body_ins = [S_in, Qd_n, dS_n, D_n]
     S_dec = S_in if D_n is None else body.op("Mul", [D_n, S_in])
-    S_out = body.op("Add", [S_dec, body.op("MatMul", [KdT_n, U])])
-    S_out = body.op("Identity", [S_out])
+    S_out = body.op("Identity", [body.op("Add", [S_dec, dS_n])])
     o_n = body.op("Identity", [o_n])
-    body_ins = [S_in, Qd_n, QK_n, X_n, KdT_n] + ([Wk_n] if delta else []) + ([D_n] if D_n is not None else [])
     for i, n in enumerate(body.nodes):
         for j, out in enumerate(n.outputs):
-            out.name = f"{label}/scan/v{i}_{j}"
-    graph = ir.Graph(body_ins, [S_out, o_n], nodes=body.nodes, name=f"{label}/scan_body")
+            out.name = f"{b.label}/scan/v{i}_{j}"
+    graph = ir.Graph(body_ins, [S_out, o_n], nodes=body.nodes, name=f"{b.label}/scan_body")
     n_scan = len(scan_ins)
     S_fin, o = b.op("Scan", [s0] + scan_ins,
                     {"body": ir.AttrGraph("body", graph), "num_scan_inputs": n_scan,
                      "scan_input_axes": [2] * n_scan, "scan_output_axes": [2]}, outputs=2)
-    o = b.op("Mul", [o, c(np.float32(scale), np.float32)])  # (B,h,nc,C,dv)
-    o = b.op("Transpose", [o], {"perm": [0, 2, 3, 1, 4]})
-    o = b.op("Reshape", [o, c([0, -1, h, dv])])
-    o = b.op("Slice", [o, c([0]), t, c([1])])
-    if out_dtype is not None and out_dtype != f32:
-        o = b.op("Cast", [o], {"to": out_dtype})
-    final = S_fin
-    if h != hs:
-        final = b.op("Slice", [final, c([0]), c([h]), c([1]), c([h // hs])])
-    return b.nodes, [o, final]
+    if o_intra is not None:
+        o = b.op("Add", [o, o_intra])
+    return p.finish(o, S_fin)
+
+
+class _SubChunks:
+    """Per-key decay's ``P[i, j] = sum_d a_id k_jd exp(b_id - b_jd)`` (j <= i, j < i if strict) with no
+    [C, C, dk] tensor: every part is a MatMul of keys and queries each scaled by one exponential.
+
+    * Leaves of ``LEAF`` positions: ``(a_i exp(b_i - b_f)) . (k_j exp(b_f - b_j))``, ``b_f`` the leaf's
+      first position. The second factor grows, by at most ``(LEAF - 1) * MAX_LOG_DECAY`` in the exponent,
+      because the log decay per step is clipped at ``-MAX_LOG_DECAY`` (``_lower_scan``): a decay of e^-20
+      already scales what crosses it below float32 resolution, so the clip changes no weight by more than
+      e^-20 ~ 2e-9 and bounds the exponents by 60. Pairs with j > i (finite, or inf/NaN at worst) are
+      dropped by a ``Where``.
+    * Blocks of 2m built from two blocks of m: pairs with j in the first half and i in the second as
+      ``(a_i exp(b_i - r)) . (k_j exp(r - b_j))``, r the log decay at the end of the first half: both
+      exponents <= 0 (what underflows is below 1e-38 of its term).
+    The scaled keys and exponentials are shared by the products with q and with k (the delta rules' KK)."""
+
+    def __init__(self, p: _Prep, bcum: ir.Value) -> None:
+        self.p, self.bcum = p, bcum
+        b, c, C = p.b, p.b.const, p.C
+        self.leaf = leaf = min(LEAF, C)
+        view = c([0, 0, 0, C // leaf, leaf, -1])
+        b_l = b.op("Reshape", [bcum, view])  # (B,h,nc,C/leaf,leaf,dk)
+        first = b.op("Slice", [b_l, c([0]), c([1]), c([4])])
+        d = b.op("Sub", [b_l, first])  # <= 0
+        self.e_row = b.op("Exp", [d])
+        self.leaf_view = view
+        self.k_col = b.op("Mul", [b.op("Reshape", [p.K, view]), b.op("Exp", [b.op("Neg", [d])])])
+        self.k_colT = b.op("Transpose", [self.k_col], {"perm": [0, 1, 2, 3, 5, 4]})
+        self.levels = []  # per level (half size m): exp factors of each half and the scaled first-half keys
+        m = leaf
+        while m < C:
+            view = c([0, 0, 0, C // (2 * m), 2, m, -1])
+            b_v = b.op("Reshape", [bcum, view])  # (B,h,nc,C/2m,2,m,dk)
+            b1, b2 = b.op("Split", [b_v], {"axis": 4, "num_outputs": 2}, outputs=2)
+            r = b.op("Slice", [b1, c([m - 1]), c([m]), c([5])])  # end of the first half
+            e2 = b.op("Exp", [b.op("Sub", [b2, r])])  # <= 1
+            k1 = b.op("Split", [b.op("Reshape", [p.K, view])], {"axis": 4, "num_outputs": 2}, outputs=2)[0]
+            k1T = b.op("Transpose", [b.op("Mul", [k1, b.op("Exp", [b.op("Sub", [r, b1])])])],
+                       {"perm": [0, 1, 2, 3, 4, 6, 5]})
+            self.levels.append((m, view, e2, k1T))
+            m *= 2
+
+    def products(self, a: ir.Value, strict: bool) -> ir.Value:
+        p, b, c, C, leaf = self.p, self.p.b, self.p.b.const, self.p.C, self.leaf
+        a_row = b.op("Mul", [b.op("Reshape", [a, self.leaf_view]), self.e_row])
+        P = b.op("MatMul", [a_row, self.k_colT])  # (B,h,nc,C/leaf,leaf,leaf)
+        ii = np.arange(leaf)
+        keep = (ii[None, :] < ii[:, None]) if strict else (ii[None, :] <= ii[:, None])
+        P = b.op("Where", [p.const(keep), P, c(np.float32(0), np.float32)])
+        for m, view, e2, k1T in self.levels:
+            a2 = b.op("Split", [b.op("Reshape", [a, view])], {"axis": 4, "num_outputs": 2}, outputs=2)[1]
+            X = b.op("MatMul", [b.op("Mul", [a2, e2]), k1T])  # (B,h,nc,C/2m,1,m,m): i second half, j first
+            halves = b.op("Reshape", [P, c([0, 0, 0, C // (2 * m), 2, m, m])])
+            Pa, Pb = b.op("Split", [halves], {"axis": 4, "num_outputs": 2}, outputs=2)
+            top = b.op("Pad", [Pa, c([0] * 6 + [0] + [0] * 6 + [m])])
+            P = b.op("Concat", [top, b.op("Concat", [X, Pb], {"axis": 6})], {"axis": 5})
+            P = b.op("Reshape", [P, c([0, 0, 0, C // (2 * m), 2 * m, 2 * m])])
+        return b.op("Reshape", [P, c([0, 0, 0, C, C])])
