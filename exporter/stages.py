@@ -120,7 +120,7 @@ def choose_linear_attention(options: BuildOptions, with_engine: bool | None) -> 
 
     ``auto`` follows what runs ``model.onnx``: a TensorRT engine (``with_engine``) takes the portable form
     (TensorRT cannot run com.microsoft ops); ONNX Runtime alone takes its native contrib op, the fastest on
-    its CPU (README: "Linear-attention op"); where the runtime is not known (``lrexport optimize``:
+    its CPU (README: "Linear-attention rules"); where the runtime is not known (``lrexport optimize``:
     ``with_engine`` None), the portable form, which every runtime runs. An asked-for contrib op is refused
     where an engine is built from the model."""
     choice = options.linear_attention

@@ -296,7 +296,7 @@ def test_ort_lowering_runs_half_inputs_in_float32():
 
 
 def test_readme_example_runs(tmp_path, monkeypatch):
-    """The README's "Linear-attention op (preview)" example, as written: the saved model runs on ORT."""
+    """The README's "Linear-attention rules" example, as written: the saved model runs on ORT."""
     import re
     from pathlib import Path
 
