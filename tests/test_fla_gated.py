@@ -283,3 +283,21 @@ def test_attention_mask_refused_by_name(cli, tmp_path):
     assert res.code == 2
     assert error_line(res).startswith("error: fla GatedLinearAttention is called with attention_mask: fla then "
                                       "unpads the batch"), res.err
+
+
+@pytest.mark.parametrize("factory", ["fla_gated_models:gla", "test_fla_delta:gated_delta_net"])
+def test_export_step_of_fla_layers(cli, tmp_path, factory):
+    """fla's GLA (per-key decay) and GatedDeltaNet (short convs in front of the gated delta rule): the step
+    model carries each recurrence's state and each conv's window; token by token and in chunks it matches the
+    whole sequence in PyTorch, states included, at 1, 63, 64, 65 and 130 tokens."""
+    res = cli("export-step", "--factory", factory, "--input", "x:1x16x32:float32", "--shapes",
+              "x:min=1x1x32,opt=1x16x32,max=2x130x32", "--out", tmp_path / "step.onnx", "--json", "-q")
+    assert res.code == 0, res.err[-3000:]
+    data = json.loads(res.out)
+    assert data["ok"] and data["parity"]["ok"], data["parity"]
+    kinds = {s["kind"] for s in data["step"]["states"]}
+    assert "linear-attention" in kinds, kinds
+    if "delta" in factory:
+        assert "conv-window" in kinds, kinds
+    lengths = {r["length"] for r in data["parity"]["runs"]}
+    assert {1, 63, 64, 65, 130} <= lengths, lengths

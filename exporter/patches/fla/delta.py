@@ -214,11 +214,14 @@ def causal_conv1d_torch(x: torch.Tensor, weight: torch.Tensor | None, bias: torc
     b, _, d = x.shape
     w = weight.shape[1] if weight is not None else (initial_state.shape[-1] if initial_state is not None else 1)
     xt = _compute(x).transpose(1, 2)  # (B, D, T)
-    past = (_compute(initial_state).to(xt.dtype) if initial_state is not None
-            else xt.new_zeros(b, d, w))
-    full = torch.cat([past, xt], dim=-1)  # (B, D, W + T)
     kernel = (_compute(weight).to(xt.dtype) if weight is not None else xt.new_ones(d, w)).unsqueeze(1)
-    y = F.conv1d(full[..., 1:], kernel, None if bias is None else _compute(bias).to(xt.dtype), groups=d)
+    bias_c = None if bias is None else _compute(bias).to(xt.dtype)
+    if initial_state is not None:
+        full = torch.cat([_compute(initial_state).to(xt.dtype), xt], dim=-1)  # (B, D, W + T)
+        y = F.conv1d(full[..., 1:], kernel, bias_c, groups=d)
+    else:  # zeros in front as the conv's own padding: the causal Conv that export-step gives a window state
+        full = F.pad(xt, (w, 0))
+        y = F.conv1d(xt, kernel, bias_c, padding=w - 1, groups=d)[..., :xt.shape[-1]]
     if activation in ("silu", "swish"):
         y = F.silu(y)
     y = y.transpose(1, 2)
