@@ -25,7 +25,8 @@ def count_params(model: onnx.ModelProto | ir.Model) -> int:
     total = 0
     for name, v in _ir(model).graph.initializers.items():
         if v.dtype is not None and v.dtype.is_floating_point() and not name.startswith("lrexport_"):
-            total += int(np.prod(tuple(v.shape or ()), dtype=np.int64))
+            shape = v.const_value.shape if v.const_value is not None else v.shape  # the tensor's, never symbolic
+            total += int(np.prod([d if isinstance(d, int) else 0 for d in (shape or ())], dtype=np.int64))
     return total
 
 
@@ -66,8 +67,8 @@ def _shapes_by_running(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]
     info = {n: list(np.shape(v)) for n, v in zip(names, values)}
     for k, shape in shapes.items():
         info[k] = list(shape)
-    for name, v in graph.initializers.items():
-        info[name] = [int(d) for d in (v.shape or ())]
+    for name, v in graph.initializers.items():  # the tensor's shape: a value's may carry a symbolic dim
+        info[name] = [int(d) for d in (v.const_value.shape if v.const_value is not None else v.shape or ())]
     return info
 
 
