@@ -33,10 +33,8 @@ a per-value decay ``gv``, a per-value-dim ``beta`` and ``return_intermediate_sta
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
-import sys
 import types
 from typing import Any, Callable
 
@@ -47,6 +45,7 @@ from torch.nn import functional as F
 from exporter.errors import LrexportError
 from exporter.linear_attention import linear_attention
 from exporter.patches import Patch, Swap, instances, loaded_module
+from exporter.patches.fla.modules import own_frame_unguarded
 
 _LAYERS = {"fla.layers.delta_net": "DeltaNet", "fla.layers.gated_deltanet": "GatedDeltaNet",
            "fla.layers.kda": "KimiDeltaAttention"}
@@ -330,46 +329,10 @@ def _unguarded_length(layer: nn.Module, *args: Any, path: str, **kwargs: Any) ->
             "state per batch row, from its first position)",
             "call the layer without it for export (the recurrence is causal, so right-padded rows need no mask), "
             "or export with --no-patches to see fla's own error")
-    with _own_frame_unguarded(forward.__code__, args, kwargs):
+    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+    with own_frame_unguarded(forward.__code__, tensors):
         return forward(layer, *args, **kwargs)
 
-
-def _in_torch(frame: Any) -> bool:
-    name = str(frame.f_globals.get("__name__", ""))
-    return name in ("torch", "sympy") or name.startswith(("torch.", "sympy."))
-
-
-@contextlib.contextmanager
-def _own_frame_unguarded(code: Any, args: tuple, kwargs: dict) -> Any:
-    """While tracing with symbolic sizes: guards whose first caller outside torch is ``code`` are not kept."""
-    from torch._guards import detect_fake_mode
-
-    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
-    fake_mode = detect_fake_mode(tensors) if tensors else None
-    shape_env = getattr(fake_mode, "shape_env", None)
-    if shape_env is None:
-        yield
-        return
-    evaluate = shape_env.evaluate_expr
-
-    def evaluate_expr(*a: Any, **k: Any) -> Any:
-        frame = sys._getframe(1)
-        while frame is not None and _in_torch(frame):
-            frame = frame.f_back
-        if frame is not None and frame.f_code is code:
-            with shape_env.suppress_guards():
-                return evaluate(*a, **k)
-        return evaluate(*a, **k)
-
-    before = shape_env.__dict__.get("evaluate_expr")  # another layer's, when one forward calls another
-    shape_env.evaluate_expr = evaluate_expr
-    try:
-        yield
-    finally:
-        if before is None:
-            del shape_env.evaluate_expr
-        else:
-            shape_env.evaluate_expr = before
 
 
 def _find_modules(model: nn.Module) -> list[Swap]:

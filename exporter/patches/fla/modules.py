@@ -177,11 +177,15 @@ def own_frame_unguarded(code: Any, tensors: list[torch.Tensor]) -> Iterator[None
                 return evaluate(*a, **k)
         return evaluate(*a, **k)
 
+    before = shape_env.__dict__.get("evaluate_expr")  # another layer's, when one forward calls another
     shape_env.evaluate_expr = evaluate_expr
     try:
         yield
     finally:
-        del shape_env.evaluate_expr
+        if before is None:
+            del shape_env.evaluate_expr
+        else:
+            shape_env.evaluate_expr = before
 
 
 def _find_fused_norms(model: nn.Module) -> list[Swap]:

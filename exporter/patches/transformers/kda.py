@@ -17,35 +17,22 @@ from typing import Any
 
 import torch
 
-from exporter.linear_attention import linear_attention
 from exporter.patches import Patch
 from exporter.patches.transformers.common import swap_finders
+from exporter.patches.transformers.gated_delta import gated_delta_rule
 
 _TORCH = ("chunk_kimi_delta_attention", "recurrent_kimi_delta_attention")
 _FLA = (("fla.ops.kda", "chunk_kda"), ("fla.ops.kda", "fused_recurrent_kda"))
-
-
-def _l2norm(x: torch.Tensor) -> torch.Tensor:
-    """Kimi-Linear's ``l2norm`` (fla's form), in float32."""
-    x = x.float()
-    return x / torch.sqrt((x * x).sum(dim=-1, keepdim=True) + 1e-6)
 
 
 def kimi_delta_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, g: torch.Tensor,
                          beta: torch.Tensor, chunk_size: int = 64, initial_state: torch.Tensor | None = None,
                          output_final_state: bool = False, use_qk_l2norm_in_kernel: bool = False,
                          cu_seqlens: Any = None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``chunk_kimi_delta_attention`` (and the recurrent one) as one op."""
-    if cu_seqlens is not None:
-        raise NotImplementedError("lrexport's KDA patch exports unpacked sequences only (no cu_seqlens)")
-    dtype = query.dtype
-    if use_qk_l2norm_in_kernel:
-        query, key = _l2norm(query), _l2norm(key)
-    query, key, value = query.float(), key.float(), value.float()
-    state = None if initial_state is None else initial_state.float()
-    out, final = linear_attention(query, key, value, g=g.float(), beta=beta.float(), initial_state=state,
-                                  rule="gated_delta", scale=query.shape[-1] ** -0.5)
-    return out.to(dtype), (final if output_final_state else None)
+    """``chunk_kimi_delta_attention`` (and the recurrent one) as one op: the gated delta rule of
+    :func:`gated_delta_rule` with ``g`` per key dim ``(B, T, H, K)``, which the op takes as it is."""
+    return gated_delta_rule(query, key, value, g, beta, chunk_size, initial_state, output_final_state,
+                            use_qk_l2norm_in_kernel, cu_seqlens, **kwargs)
 
 
 _find, _find_reference = swap_finders(_TORCH, _FLA, kimi_delta_attention)
