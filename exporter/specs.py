@@ -165,7 +165,7 @@ class InputSpec:
         """Random values of this input's dtype: ints uniform in [low, high], floats standard normal."""
         dt = self.np_dtype
         if self.mask_for and len(shape) == 2:
-            return padding_mask(tuple(shape), rng).astype(dt)
+            return padding_mask((int(shape[0]), int(shape[1])), rng).astype(dt)
         if np.issubdtype(dt, np.integer):
             lo = int(self.low if self.low is not None else 0)
             hi = int(self.high if self.high is not None else 100)

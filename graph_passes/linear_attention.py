@@ -59,10 +59,6 @@ class LinearAttentionPass(GraphPass):
         return changed
 
 
-def has_linear_attention(model: ir.Model) -> bool:
-    return any(n.domain == DOMAIN and n.op_type == OP_TYPE for n in model.graph.all_nodes())
-
-
 def runnable_copy(onnx_path: str | Path, folder: str | Path, lowering: str = "portable") -> Path:
     """``onnx_path`` itself when no runtime needs anything lowered, else a copy in ``folder`` with its
     ``lrexport.LinearAttention`` nodes lowered: for the checks that run what export wrote (the served range)."""

@@ -130,7 +130,8 @@ def _same_dim(a: Any, b: Any) -> bool:
 
 class _Builder:
     def __init__(self, label: str) -> None:
-        self.label, self.nodes = label, []
+        self.label = label
+        self.nodes: list[ir.Node] = []
 
     def op(self, op_type: str, inputs: list, attrs: dict | None = None, domain: str = "", outputs: int = 1):
         node = ir.node(op_type, inputs, attributes=attrs or {}, domain=domain, num_outputs=outputs,
@@ -238,7 +239,8 @@ class QuadraticCausalPass(GraphPass):
         b = _Builder(node_label(out_mm))
         rank, heads = plan["rank"], plan["heads"]
         q, kt, v = plan["q"], plan["kt"], plan["v"]
-        k = (_producer(kt, "Transpose").inputs[0] if plan["k_transposed"]
+        transpose = _producer(kt, "Transpose") if plan["k_transposed"] else None
+        k = (transpose.inputs[0] if transpose is not None
              else b.op("Transpose", [kt], {"perm": list(range(rank - 2)) + [rank - 1, rank - 2]}))
         if rank == 4:  # (B, H, T, d) -> (B, T, H, d)
             to_op = [b.op("Transpose", [x], {"perm": [0, 2, 1, 3]}) for x in (q, k, v)]

@@ -149,9 +149,12 @@ def load_hf_folder(folder: Path, *, trust_remote_code: bool = False, trust_pickl
                                 "the model was saved with") from None
         remote = _remote_class(raw) if trust_remote_code else None
         auto = getattr(transformers, remote[0], None) if remote else auto_class(config)
-        if auto is None:
+        if auto is None and remote:
             raise LrexportError(f"config.json's auto_map names {remote[0]}, which transformers does not have",
                                 "check the folder's auto_map")
+        if auto is None:
+            raise LrexportError(f"no transformers Auto class builds a model for {type(config).__name__}",
+                                "check config.json's architectures and model_type")
         try:
             model, info = auto.from_pretrained(str(folder), config=config, use_safetensors=safetensors,
                                                dtype=torch.float32, output_loading_info=True, **kwargs)
@@ -219,6 +222,7 @@ class CausalLMLogits(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        params: Any
         try:
             params = inspect.signature(model.forward).parameters
         except (TypeError, ValueError):

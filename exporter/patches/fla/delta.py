@@ -102,6 +102,8 @@ def kda_gate(g: torch.Tensor, A_log: torch.Tensor | None, dt_bias: torch.Tensor 
     if dt_bias is not None:
         g = g + dt_bias.to(g.dtype).view(h, -1)
     if lower_bound is None:
+        if A_log is None:
+            raise NotImplementedError("KDA's decay gate without A_log needs a lower_bound")
         return -A_log.to(g.dtype).view(h, 1).exp() * F.softplus(g)
     if A_log is not None:
         g = A_log.to(g.dtype).view(h, 1).exp() * g

@@ -169,7 +169,7 @@ def own_frame_unguarded(code: Any, tensors: list[torch.Tensor]) -> Iterator[None
     evaluate = shape_env.evaluate_expr
 
     def evaluate_expr(*a: Any, **k: Any) -> Any:
-        frame = sys._getframe(1)
+        frame: Any = sys._getframe(1)
         while frame is not None and _in_torch(frame):
             frame = frame.f_back
         if frame is not None and frame.f_code is code:

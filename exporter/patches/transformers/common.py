@@ -30,7 +30,7 @@ def model_modules(model: nn.Module) -> list[ModuleType]:
 
 def loaded_models_attr(name: str) -> list[Any]:
     """``name`` in every loaded transformers modeling module that defines it."""
-    found = []
+    found: list[Any] = []
     for mod_name, mod in list(sys.modules.items()):
         if mod_name.startswith(MODELS) and mod is not None:
             value = mod.__dict__.get(name)
