@@ -48,16 +48,21 @@ def _module(name: str):
 
 
 def eager_worker(name: str, n: int, repeats: int, outputs: str) -> None:
-    """Its own process: transformers eager on the seeded ids (``torch.no_grad``, 2 threads)."""
+    """Its own process: transformers eager on the seeded ids (``torch.no_grad``, 2 threads, transformers' torch
+    code: the reference patches of parity)."""
     import numpy as np
     import torch
 
     from _bench_case import _hwm_mb
 
+    from exporter.patches import reference_patches
+
     torch.set_num_threads(2)
     model = _module(name)
     ids = torch.from_numpy(_ids(n))
-    with torch.no_grad():
+    # transformers' own torch code, as parity's reference runs it (with fla importable transformers would
+    # pick fla's Triton kernels, which have no CPU path)
+    with torch.no_grad(), reference_patches(model):
         model(ids)
         times = []
         for _ in range(repeats):
