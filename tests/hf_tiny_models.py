@@ -178,3 +178,9 @@ def recurrent_gemma_lm(seed: int = 0) -> nn.Module:
 def rwkv_lm(seed: int = 0) -> nn.Module:
     return _lm("RwkvConfig", "RwkvForCausalLM", seed, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
                intermediate_size=64, context_length=256)
+
+
+# The other hybrids, built in tests/test_hf_patches.py: one builder each for --factory.
+for _family in ("olmo_hybrid", "falcon_h1", "nemotron_h", "granite_moe_hybrid", "zamba2"):
+    SPECS[f"{_family}_lm"] = ("ids:2x40:int64:0..127", "ids:min=1x1,opt=2x40,max=4x130")
+    globals()[f"{_family}_lm"] = (lambda family: lambda seed=0: hybrid_lm(family, seed))(_family)

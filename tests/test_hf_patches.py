@@ -327,3 +327,13 @@ def test_padding_mask_exported_without_a_guard(cli, tmp_path):
     with torch.no_grad(), reference_patches(model):
         unpadded = model(ids, torch.ones_like(mask))
     assert _max_err(unpadded[keep], ref[keep]) > 1e-3  # the mask does change the outputs
+
+
+@pytest.mark.parametrize("name", ["olmo_hybrid_lm", "falcon_h1_lm", "nemotron_h_lm", "granite_moe_hybrid_lm",
+                                  "zamba2_lm"])
+def test_other_hybrids_build_dynamic_from_one_token(cli, tmp_path, name):
+    """OLMo-hybrid (gated DeltaNet), FalconH1, NemotronH, GraniteMoeHybrid (MoE) and Zamba2 (Mamba-2 SSD) next
+    to attention: the same patches make each one op per recurrent layer, served from 1 token."""
+    data = _build(cli, tmp_path, name, "--backend", "onnxruntime")
+    _check_served_from_one(data, 130)
+    assert data["passes"]["linear_attention"]["nodes"] >= 1
