@@ -45,7 +45,7 @@ from torch.nn import functional as F
 from exporter.errors import LrexportError
 from exporter.linear_attention import linear_attention
 from exporter.patches import Patch, Swap, instances, loaded_module
-from exporter.patches.fla.modules import own_frame_unguarded
+from exporter.patches.fla.modules import own_frame_unguarded, triton_unusable
 
 _LAYERS = {"fla.layers.delta_net": "DeltaNet", "fla.layers.gated_deltanet": "GatedDeltaNet",
            "fla.layers.kda": "KimiDeltaAttention"}
@@ -348,14 +348,9 @@ def _find_modules(model: nn.Module) -> list[Swap]:
     return swaps
 
 
-def _triton_unusable() -> bool:
-    """Without a CUDA GPU fla's Triton ops cannot run at all, so the PyTorch reference needs the patch too."""
-    return not torch.cuda.is_available()
-
-
 PATCHES = [
     Patch("fla-core", "delta-rule ops of DeltaNet / GatedDeltaNet / KimiDeltaAttention (Triton)",
-          "lrexport linear-attention op", _find_ops, _triton_unusable),
+          "lrexport linear-attention op", _find_ops, triton_unusable),
     Patch("fla-core", "ShortConvolution / L2Norm (Triton)", "torch conv1d / l2 norm",
-          _find_modules, _triton_unusable),
+          _find_modules, triton_unusable),
 ]

@@ -247,5 +247,5 @@ def refusals(model: nn.Module) -> list[str]:
 
 PATCHES = [
     Patch("fla-core", "gla / simple_gla / retention ops and activations (Triton)", "lrexport linear_attention op", _find,
-          fla_modules._triton_unusable),
+          fla_modules.triton_unusable),
 ]

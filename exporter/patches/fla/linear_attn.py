@@ -18,11 +18,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from exporter.linear_attention import linear_attention
 from exporter.patches import Patch, Swap, instances, loaded_module
-from exporter.patches.fla.modules import up
+from exporter.patches.fla.modules import rms_norm, triton_unusable
 
 _OPS = {"chunk_linear_attn": True, "fused_chunk_linear_attn": True, "fused_recurrent_linear_attn": False}
 
@@ -59,19 +58,8 @@ def _rms_norm_forward(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor |
     """fla's RMSNorm forward (residual, prenorm) with ``F.rms_norm`` in float32 (float64 stays) instead of
     Triton; bound to the instance, so a deep copy of the model (parity's float64 reference) uses its own."""
     dtype = x.dtype
-    if residual is not None:
-        x = up(x) + up(residual) if residual_in_fp32 else x + residual
-    out = F.rms_norm(up(x), (x.shape[-1],), None, norm.eps)
-    if norm.weight is not None:
-        out = out * up(norm.weight)
-    if norm.bias is not None:
-        out = out + up(norm.bias)
+    out, x = rms_norm(x, norm.weight, norm.bias, norm.eps, residual, residual_in_fp32)
     return (out.to(dtype), x) if prenorm else out.to(dtype)
-
-
-def _triton_unusable() -> bool:
-    """Without a CUDA GPU fla's Triton ops cannot run at all, so the PyTorch reference needs the patch too."""
-    return not torch.cuda.is_available()
 
 
 def _find_ops(model: nn.Module) -> list[Swap]:
@@ -90,6 +78,6 @@ def _find_norms(model: nn.Module) -> list[Swap]:
 
 PATCHES = [
     Patch("fla-core", "linear_attn ops (chunk/fused_chunk/fused_recurrent, Triton)", "lrexport linear_attention op", _find_ops,
-          _triton_unusable),
-    Patch("fla-core", "RMSNorm (Triton)", "F.rms_norm", _find_norms, _triton_unusable),
+          triton_unusable),
+    Patch("fla-core", "RMSNorm (Triton)", "F.rms_norm", _find_norms, triton_unusable),
 ]

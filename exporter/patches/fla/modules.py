@@ -27,9 +27,24 @@ def up(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _triton_unusable() -> bool:
+def triton_unusable() -> bool:
     """Without a CUDA GPU fla's Triton code cannot run at all, so the PyTorch reference needs the patch too."""
     return not torch.cuda.is_available()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+             residual: torch.Tensor | None = None, residual_in_fp32: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """fla's RMSNorm with its residual: ``(rms_norm(x + residual) * weight + bias`` in float32 (float64 stays),
+    ``x + residual``) -- the second is what fla's norms return with ``prenorm``."""
+    if residual is not None:
+        x = up(x) + up(residual) if residual_in_fp32 else x + residual
+    y = F.rms_norm(up(x), (x.shape[-1],), None, eps)
+    if weight is not None:
+        y = y * up(weight)
+    if bias is not None:
+        y = y + up(bias)
+    return y, x
 
 
 def rms_norm_gated(x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -38,13 +53,7 @@ def rms_norm_gated(x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor | None
     """``fla.modules.fused_norm_gate.rms_norm_gated``: RMSNorm of x (plus residual), times the gate
     ``g * sigmoid(g)`` (swish/silu) or ``sigmoid(g)``."""
     dtype = x.dtype
-    if residual is not None:
-        x = up(x) + up(residual) if residual_in_fp32 else x + residual
-    y = F.rms_norm(up(x), (x.shape[-1],), None, eps)
-    if weight is not None:
-        y = y * up(weight)
-    if bias is not None:
-        y = y + up(bias)
+    y, x = rms_norm(x, weight, bias, eps, residual, residual_in_fp32)
     gf = up(g)
     y = y * (F.silu(gf) if activation in ("swish", "silu") else torch.sigmoid(gf))
     return (y.to(dtype), x) if prenorm else y.to(dtype)
@@ -64,13 +73,7 @@ def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor | None, norm_bias
                     residual: torch.Tensor | None = None, eps: float = 1e-5, prenorm: bool = False,
                     residual_in_fp32: bool = False) -> Any:
     """``fla.modules.layernorm.rms_norm_linear``: RMSNorm (float32 statistics), then ``F.linear``."""
-    if residual is not None:
-        x = up(x) + up(residual) if residual_in_fp32 else x + residual
-    y = F.rms_norm(up(x), (x.shape[-1],), None, eps)
-    if norm_weight is not None:
-        y = y * up(norm_weight)
-    if norm_bias is not None:
-        y = y + up(norm_bias)
+    y, x = rms_norm(x, norm_weight, norm_bias, eps, residual, residual_in_fp32)
     out = F.linear(y.to(linear_weight.dtype), linear_weight, linear_bias)
     return (out, x) if prenorm else out
 
@@ -210,6 +213,6 @@ def refusals(model: nn.Module) -> list[str]:
 
 
 PATCHES = [
-    Patch("fla-core", "FusedRMSNormGated (Triton)", "torch RMSNorm * gate", _find_fused_norms, _triton_unusable),
-    Patch("fla-core", "RotaryEmbedding (Triton)", "torch rotation", _find_rotary, _triton_unusable),
+    Patch("fla-core", "FusedRMSNormGated (Triton)", "torch RMSNorm * gate", _find_fused_norms, triton_unusable),
+    Patch("fla-core", "RotaryEmbedding (Triton)", "torch rotation", _find_rotary, triton_unusable),
 ]
