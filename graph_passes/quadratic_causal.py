@@ -30,9 +30,7 @@ import onnx_ir as ir
 
 from graph_passes._base import GraphPass, Match, record
 from graph_passes._util import cleanup_unused, const_array, node_label, prepare, shape_dims
-
-DOMAIN = "lrexport"
-OP_TYPE = "LinearAttention"
+from graph_passes.linear_attention_ort import DOMAIN, OP_TYPE, _Builder
 
 
 def _producer(value: ir.Value | None, *op_types: str) -> ir.Node | None:
@@ -126,21 +124,6 @@ def _swap_last_two(node: ir.Node | None, rank: int) -> bool:
 
 def _same_dim(a: Any, b: Any) -> bool:
     return (isinstance(a, int) and a == b) or (isinstance(a, str) and bool(a) and a == b)
-
-
-class _Builder:
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.nodes: list[ir.Node] = []
-
-    def op(self, op_type: str, inputs: list, attrs: dict | None = None, domain: str = "", outputs: int = 1):
-        node = ir.node(op_type, inputs, attributes=attrs or {}, domain=domain, num_outputs=outputs,
-                       name=f"{self.label}/quadratic_{op_type}_{len(self.nodes)}")
-        self.nodes.append(node)
-        return node.outputs if outputs > 1 else node.outputs[0]
-
-    def const(self, values: list[int]) -> ir.Value:
-        return self.op("Constant", [], {"value": ir.tensor(np.array(values, dtype=np.int64))})
 
 
 class QuadraticCausalPass(GraphPass):
