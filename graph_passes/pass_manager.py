@@ -146,17 +146,9 @@ def run_model(model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]],
 _UNRUNNABLE_DOMAINS = frozenset({"lrexport"})
 
 
-def _runnable(model: onnx.ModelProto) -> bool:
+def _runnable(model: ir.Model) -> bool:
     """False while a node of lrexport's own domain is left (a pass still has to lower it)."""
-    graphs = [model.graph]
-    nodes = []
-    while graphs:
-        g = graphs.pop()
-        for n in g.node:
-            nodes.append(n)
-            for a in n.attribute:
-                graphs.extend([a.g] if a.HasField("g") else a.graphs)
-    return not any(n.domain in _UNRUNNABLE_DOMAINS for n in nodes)
+    return not any(n.domain in _UNRUNNABLE_DOMAINS for n in model.graph.all_nodes())
 
 
 def _run_input_model(model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]],
@@ -239,7 +231,7 @@ def _run_passes(model: onnx.ModelProto, passes: Sequence[str] | None, *, options
     # A model with lrexport's own ops runs only once they are lowered: the reference is then taken after the
     # pass that lowered them (what export wrote is checked by the build's parity against PyTorch). A pass that
     # writes such an op has no parity of its own; the pass that lowers it is compared with the model before.
-    ref = _run_input_model(proto, feeds, base_dir) if feeds and _runnable(proto) else None
+    ref = _run_input_model(proto, feeds, base_dir) if feeds and _runnable(ir_model) else None
     params = count_params(proto)
     flops, largest = measure(proto, flops_shapes, base_dir)
     for name in names:
@@ -253,7 +245,7 @@ def _run_passes(model: onnx.ModelProto, passes: Sequence[str] | None, *, options
         _release_external(ir_model)
         seconds = time.perf_counter() - t0
         parity = None
-        runnable = _runnable(new_proto)  # a pass that writes an lrexport op is checked with the one lowering it
+        runnable = _runnable(ir_model)  # a pass that writes an lrexport op is checked with the one lowering it
         if feeds and ref is None and runnable:
             ref = _run_input_model(new_proto, feeds, base_dir)
         elif feeds and ref is not None and same_model(new_proto, proto):
