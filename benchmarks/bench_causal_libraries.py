@@ -135,7 +135,7 @@ def bench_model(key: str, ns: list[int], out: Path, rounds: int, log) -> list[di
     lrx_path = _optimize(lrx, out / f"{key}.lrexport.onnx", small)
     naive_dyn = None if not needs_patch else out / f"{key}.export.onnx"
     if naive_dyn is not None:  # a patched export holding the linear-attention op: the standard op is its naive form
-        from graph_passes.linear_attention import runnable_copy
+        from exporter.export import runnable_copy
 
         (out / key).mkdir(exist_ok=True)
         naive_dyn = runnable_copy(naive_dyn, out / key, "ai.onnx")

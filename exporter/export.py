@@ -389,6 +389,21 @@ def save_onnx(model: onnx.ModelProto | ir.Model, path: Path, base_dir: str | Pat
         ir.save(model, path, external_data=data.name)
 
 
+def runnable_copy(onnx_path: str | Path, folder: str | Path, lowering: str = "portable") -> Path:
+    """``onnx_path`` itself when no runtime needs anything lowered, else a copy in ``folder`` with its
+    ``lrexport.LinearAttention`` nodes lowered: for the checks that run what export wrote (the served range)."""
+    from graph_passes import PassOptions
+    from graph_passes.linear_attention import LinearAttentionPass, has_linear_attention
+
+    model = ir.load(str(onnx_path))
+    if not has_linear_attention(model):
+        return Path(onnx_path)
+    LinearAttentionPass(PassOptions(linear_attention=lowering))(model)
+    out = Path(folder) / "lowered.onnx"
+    save_onnx(model, out)
+    return out
+
+
 def _link_weights(model: onnx.ModelProto, path: Path, base_dir: Path) -> bool:
     """Save a model whose weights all lie in one external-data file (a model loaded without them, after
     passes that left the weights as they were) with ``<name>.data`` a hard link to that file: no weight

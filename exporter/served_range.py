@@ -276,7 +276,7 @@ def confirm_outside_guards(onnx_path: Any, module: Any, specs: Sequence[InputSpe
     against it at the sizes the guards exclude (other axes at opt), with parity's runners and its fp32
     tolerances; all agreeing, the requested range stands with a warning; any disagreement, failure or
     non-finite output refuses the axis as before (exit 2)."""
-    from graph_passes.linear_attention import runnable_copy
+    from exporter.export import runnable_copy
 
     if not found:
         return

@@ -19,8 +19,6 @@ causal-chunk pass's running sums. A model without the node is left as it is.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import onnx_ir as ir
 
 from graph_passes._base import GraphPass, PassOptions
@@ -57,19 +55,3 @@ class LinearAttentionPass(GraphPass):
         changed = LOWERINGS[target](self.options).run(model)
         keep_float32([n for n in model.graph if n not in before], FLOAT32_WHY)
         return changed
-
-
-def runnable_copy(onnx_path: str | Path, folder: str | Path, lowering: str = "portable") -> Path:
-    """``onnx_path`` itself when no runtime needs anything lowered, else a copy in ``folder`` with its
-    ``lrexport.LinearAttention`` nodes lowered: for the checks that run what export wrote (the served range)."""
-    model = ir.load(str(onnx_path))
-    if not has_linear_attention(model):
-        return Path(onnx_path)
-    LinearAttentionPass(PassOptions(linear_attention=lowering))(model)
-    out = Path(folder) / "lowered.onnx"
-    ir.save(model, str(out), external_data="lowered.onnx.data" if _nbytes(model) > 1 << 30 else None)
-    return out
-
-
-def _nbytes(model: ir.Model) -> int:
-    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
