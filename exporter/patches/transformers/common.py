@@ -11,6 +11,7 @@ when fla is importable and the torch code (``__wrapped__``) otherwise; both coun
 
 from __future__ import annotations
 
+import inspect
 import sys
 from types import ModuleType
 from typing import Any, Callable, Iterable
@@ -26,6 +27,15 @@ def model_modules(model: nn.Module) -> list[ModuleType]:
     """The transformers modeling modules that define a class of one of ``model``'s submodules."""
     names = {type(m).__module__ for m in model.modules()}
     return [sys.modules[n] for n in sorted(names) if n.startswith(MODELS) and n in sys.modules]
+
+
+def takes_params(fn: Any, names: tuple[str, ...]) -> bool:
+    """``fn`` is callable and its parameters begin with ``names``: how a patch knows a function of which
+    transformers keeps identical copies in several modeling modules (one object each)."""
+    try:
+        return tuple(inspect.signature(fn).parameters)[:len(names)] == names
+    except (TypeError, ValueError):
+        return False
 
 
 def loaded_models_attr(name: str) -> list[Any]:

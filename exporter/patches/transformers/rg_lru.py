@@ -11,7 +11,6 @@ reference for parity.
 
 from __future__ import annotations
 
-import inspect
 import types
 from typing import Any
 
@@ -20,6 +19,7 @@ from torch import nn
 
 from exporter.linear_attention import linear_attention
 from exporter.patches import Patch, Swap
+from exporter.patches.transformers.common import MODELS, takes_params
 
 _NAME = "_rnn_scan"
 _PARAMS = ("self", "hidden_states", "recurrent_gate", "reset", "recurrent_states")
@@ -40,16 +40,9 @@ def rnn_scan_op(self: Any, hidden_states: torch.Tensor, recurrent_gate: torch.Te
     return out.squeeze(-1).to(hidden_states.dtype), state[..., 0, 0].to(acc_dtype)
 
 
-def _is_rnn_scan(fn: Any) -> bool:
-    try:
-        return tuple(inspect.signature(fn).parameters)[:len(_PARAMS)] == _PARAMS
-    except (TypeError, ValueError):
-        return False
-
-
 def _find(model: nn.Module) -> list[Swap]:
     return [Swap(m, _NAME, types.MethodType(rnn_scan_op, m)) for m in model.modules()
-            if type(m).__module__.startswith("transformers.models.") and _is_rnn_scan(getattr(type(m), _NAME, None))]
+            if type(m).__module__.startswith(MODELS) and takes_params(getattr(type(m), _NAME, None), _PARAMS)]
 
 
 PATCHES = [Patch("transformers", "RG-LRU _rnn_scan (a Python loop over positions: RecurrentGemma)",

@@ -13,6 +13,8 @@ import sys
 
 from torch import nn
 
+from exporter.patches.transformers.common import MODELS
+
 _LOOP = "rwkv_linear_attention_cpu"
 _CALL = "rwkv_linear_attention"  # what the layer's forward calls; it dispatches to the loop on a CPU
 
@@ -22,7 +24,7 @@ def refusals(model: nn.Module) -> list[str]:
     for path, m in model.named_modules():
         mod = sys.modules.get(type(m).__module__)
         forward = getattr(type(m), "forward", None)
-        if type(m).__module__.startswith("transformers.models.") and callable(getattr(mod, _LOOP, None)) \
+        if type(m).__module__.startswith(MODELS) and callable(getattr(mod, _LOOP, None)) \
                 and _CALL in getattr(getattr(forward, "__code__", None), "co_names", ()):
             found.append(f"transformers {type(m).__name__} in module {path!r} has no export patch: its WKV "
                          "recurrence is a Python loop over positions with a running max per channel (for "

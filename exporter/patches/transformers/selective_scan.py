@@ -17,8 +17,6 @@ reference for parity.
 
 from __future__ import annotations
 
-import inspect
-import sys
 from typing import Any
 
 import torch
@@ -27,6 +25,7 @@ from torch.nn import functional as F
 
 from exporter.linear_attention import linear_attention
 from exporter.patches import Patch, Swap
+from exporter.patches.transformers.common import model_modules, takes_params
 
 _NAME = "mamba_selective_scan"
 _PARAMS = ("hidden_states", "dt", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus", "return_last_state")
@@ -61,23 +60,10 @@ def selective_scan_op(hidden_states: torch.Tensor, dt: torch.Tensor, A: torch.Te
     return (y, state.squeeze(-1).to(dtype)) if return_last_state else y
 
 
-def _is_selective_scan(fn: Any) -> bool:
-    try:
-        params = tuple(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return False
-    return params[:len(_PARAMS)] == _PARAMS
-
-
 def _find(model: nn.Module) -> list[Swap]:
     """The model's own modeling modules that define a selective scan with transformers' signature."""
-    seen: dict[str, Any] = {}
-    for m in model.modules():
-        name = type(m).__module__
-        if name.startswith("transformers.models.") and name not in seen:
-            seen[name] = sys.modules.get(name)
-    return [Swap(mod, _NAME, selective_scan_op) for mod in seen.values()
-            if mod is not None and _is_selective_scan(getattr(mod, _NAME, None))]
+    return [Swap(mod, _NAME, selective_scan_op) for mod in model_modules(model)
+            if takes_params(getattr(mod, _NAME, None), _PARAMS)]
 
 
 PATCHES = [Patch("transformers", "mamba_selective_scan (a Python loop over positions: Mamba, FalconMamba, Jamba, "
