@@ -559,7 +559,7 @@ def run_stepwise(step_onnx: Any, feeds: Mapping[str, np.ndarray], chunk: int, *,
         session = ort_session(step_onnx)
     carry = dict(states) if states is not None else initial_states(info, batch)
     past = past_length(info, carry)
-    if past is not None and info.position_offset and past != position:
+    if past is not None and past != position:
         raise LrexportError(f"position {position} is not the {past} tokens the KV caches hold",
                             "pass position = the number of tokens before the chunk (the caches' length)")
     pieces: dict[str, list[np.ndarray]] = {o: [] for o in info.outputs}
@@ -731,7 +731,8 @@ def step_specs(result: Any, batch_range: tuple[int, ...] = (1, 4), chunk_range: 
                ) -> list[InputSpec]:
     """Shape ranges of the step model for a TensorRT profile: token inputs with their sequence axis in
     ``chunk_range`` and batch in ``batch_range`` ((min, max) or (min, opt, max)), the states with the
-    same batch range, and ``position_offset`` as an int64 scalar."""
+    same batch range (a KV cache's ``past`` axis: 0 .. the model's longest sequence less the longest chunk), and
+    ``position_offset`` as an int64 scalar."""
     info = read_step_info(result)
 
     def rng(r: tuple[int, ...], what: str) -> tuple[int, int, int]:
@@ -751,12 +752,14 @@ def step_specs(result: Any, batch_range: tuple[int, ...] = (1, 4), chunk_range: 
         if axis is not None:
             lo[axis], op[axis], hi[axis] = c
         out.append(InputSpec(spec.name, spec.dtype, tuple(lo), tuple(op), tuple(hi), spec.low, spec.high))
+    longest = max((s.max[a] for s in info.input_specs for n, a in info.input_seq_axes.items() if n == s.name),
+                  default=c[2])
+    past = (0, max(0, min(longest - c[2], longest // 2)), max(0, longest - c[2]))  # tokens before the chunk
     for s in info.states:
-        dims = [(d, d, d) if isinstance(d, int) else b for d in s.shape]
+        dims = [(d, d, d) if isinstance(d, int) else (past if s.kind == KV and d == PAST_DIM else b)
+                for d in s.shape]
         out.append(InputSpec(s.input, s.dtype, tuple(d[0] for d in dims), tuple(d[1] for d in dims),
                              tuple(d[2] for d in dims)))
     if info.position_offset:
-        longest = max((s.max[a] for s in info.input_specs for n, a in info.input_seq_axes.items() if n == s.name),
-                      default=c[2])
         out.append(InputSpec(info.position_offset, "int64", (), (), (), 0.0, float(max(0, longest - c[2]))))
     return out
