@@ -9,7 +9,10 @@ running sums of everything before it, and returns the chunk's outputs plus the n
     outputs: the model's outputs for those tokens,     new_state_0..new_state_{k-1}
 
 Models that call lrexport's linear-attention op carry each op's state (its initial_state in, final_state out),
-and short causal convolutions carry their last inputs (``graph_passes/recurrent_carry.py``).
+and short causal convolutions carry their last inputs (``graph_passes/recurrent_carry.py``). Softmax attention
+carries its keys and values as a KV cache that grows by each chunk (``graph_passes/kv_cache.py``: ``past_key_<j>``
+/ ``past_value_<j>`` in, starting empty, ``present_key_<j>`` / ``present_value_<j>`` out); its past length is the
+``position_offset`` of the next chunk, which :func:`run_stepwise` checks.
 Decoding costs O(1) per token instead of O(n). The rewrite itself is
 :class:`graph_passes.recurrent_state.RecurrentStatePass`; this module loads/saves, checks the step
 model numerically against the full model (full sequence with zero states, chunk by chunk, token by

@@ -18,7 +18,10 @@ The sequence length read from the input's shape stays the chunk's length where i
 number of tokens seen so far, ``position_offset + n``, where it bounds those positions (a length mask
 ``arange(n) < n``); any other use of it on per-token data is refused by name (``graph_passes.seq_length``).
 ``lrexport.LinearAttention`` nodes and causal convolutions over the sequence carry states too
-(``graph_passes.recurrent_carry``: the op's initial/final state, a window of the convolution's recent inputs).
+(``graph_passes.recurrent_carry``: the op's initial/final state, a window of the convolution's recent inputs),
+and softmax attention carries its keys and values as a cache that grows by the chunk
+(``graph_passes.kv_cache``: ``past_key_<j>``/``past_value_<j>`` in, ``present_key_<j>``/``present_value_<j>``
+out); the nodes that build only its masks run on the chunk alone, on the chunk's own positions.
 The rewrite is only right when nothing else in the graph mixes positions along the sequence, so the
 pass first checks every node and refuses (:class:`RecurrentRefusal`, naming node, op and reason) a
 softmax over the sequence, a reduction or contraction over it, a seq x seq matrix, a reverse or
@@ -30,7 +33,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -475,7 +478,7 @@ class RecurrentStatePass(GraphPass):
                        "slices": slice_names, "bounds": bound_names}
         return True
 
-    def _survey(self, graph: ir.Graph, seq: str, sites: list[AttentionSite] = []  # noqa: B006
+    def _survey(self, graph: ir.Graph, seq: str, sites: Sequence[AttentionSite] = ()
                 ) -> tuple[list[Any], list[ir.Node], list[PositionRead]]:
         """What carries a state, in graph order (a CumSum over the sequence as ``(node, axis)``, a linear-attention
         node, a :class:`CausalConv`), the position Ranges and table reads to offset; refuse any other node that
