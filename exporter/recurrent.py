@@ -495,7 +495,8 @@ def _self_check(reference: onnx.ModelProto, step: onnx.ModelProto, info: StepExp
                         f"{list(comp.worst_index)}): the graph mixes positions along the sequence in a way that is "
                         "not a causal running sum or recurrence (e.g. an op that reads the sequence length, a "
                         f"position-dependent mask, or a shift along the sequence){_kv_note(info)}",
-                        "only causal recurrent models have a step form; export the full-sequence model instead")
+                        "only causal recurrent models and causal softmax attention have a step form; export the "
+                        "full-sequence model instead")
             report["max_abs"][label] = worst
     return report
 
