@@ -17,7 +17,8 @@ The mask of the chunk's own keys stays the full model's (computed from the chunk
 key positions shifted together): the graph that builds the masks (:func:`mask_cone`) runs on the chunk alone,
 so it is exempt from the step pass's refusal of ops that mix positions. A mask that hides earlier keys (a
 sliding window, a non-causal or padding mask) makes the step model differ from the full one, which the numeric
-check of ``exporter.recurrent`` refuses, naming the Softmax.
+check of ``exporter.recurrent`` refuses, naming the Softmax. So a model's ``attention_mask`` input covers the
+chunk's tokens only, and earlier tokens are always attended: decoding with left padding is not supported.
 
 The cache is taken where the MatMuls read it, after any repeat of grouped-query heads (GQA) and after the
 scale applied to the keys: simple and independent of how the model builds its keys, but a cache of
@@ -42,7 +43,7 @@ from graph_passes._util import const_array, shape_dims
 # ops applied elementwise (with broadcasting) on the scores or the probabilities
 ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Where", "Tanh", "Cast", "Identity", "Neg", "Max", "Min",
                          "Clip", "Sigmoid", "Exp", "Relu", "Abs", "Dropout", "IsNaN", "IsInf", "Not", "And", "Or",
-                         "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "CastLike", "Softcap"})
+                         "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "CastLike"})
 PAST_DIM = "past"  # the symbolic length of the cache inputs
 
 # name -> shapes of that value at the probe's sequence lengths
