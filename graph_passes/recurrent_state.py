@@ -500,9 +500,7 @@ class RecurrentStatePass(GraphPass):
             if site is not None:
                 convs.update({n: site for n in site.nodes})
         for node in graph:
-            if node in in_sites:
-                continue
-            if node in masks:  # builds the mask of the chunk's own keys, on the chunk alone (its own positions)
+            if node in in_sites or node in masks:  # masks: of the chunk's own keys, built on the chunk alone
                 continue
             if node in convs:
                 if node is convs[node].conv and convs[node].window:
