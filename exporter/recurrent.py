@@ -9,7 +9,10 @@ running sums of everything before it, and returns the chunk's outputs plus the n
     outputs: the model's outputs for those tokens,     new_state_0..new_state_{k-1}
 
 Models that call lrexport's linear-attention op carry each op's state (its initial_state in, final_state out),
-and short causal convolutions carry their last inputs (``graph_passes/recurrent_carry.py``).
+and short causal convolutions carry their last inputs (``graph_passes/recurrent_carry.py``). Softmax attention
+carries its keys and values as a KV cache that grows by each chunk (``graph_passes/kv_cache.py``: ``past_key_<j>``
+/ ``past_value_<j>`` in, starting empty, ``present_key_<j>`` / ``present_value_<j>`` out); its past length is the
+``position_offset`` of the next chunk, which :func:`run_stepwise` checks.
 Decoding costs O(1) per token instead of O(n). The rewrite itself is
 :class:`graph_passes.recurrent_state.RecurrentStatePass`; this module loads/saves, checks the step
 model numerically against the full model (full sequence with zero states, chunk by chunk, token by
@@ -39,6 +42,7 @@ from exporter.specs import InputSpec, specs_from_onnx
 from exporter.table import fmt_num, format_table
 from graph_passes._util import shape_dims
 from graph_passes.ort_session import PROTO_LIMIT, held_bytes, ort_session
+from graph_passes.kv_cache import PAST_DIM
 from graph_passes.recurrent_carry import StateTap
 from graph_passes.recurrent_state import CarriedState, RecurrentRefusal, RecurrentStatePass, find_seq_dim
 
@@ -48,6 +52,7 @@ SEQ_AXIS = 1  # lrexport names axis 1 of the inputs "seq"
 # per-key and delta forms chunk by 16, which these cross too) and of two chunks
 CHECK_LENGTHS = (1, 63, 64, 65, 130)
 RULE_TAG = "pkg.onnxscript.rewriter.rule_name"  # set by the graph passes on the nodes they write
+KV = "kv-cache"  # CarriedState.kind of a softmax attention's keys/values (graph_passes/kv_cache.py)
 
 
 # ------------------------------------------------------------------------------------------- results
@@ -89,12 +94,18 @@ class StepExportResult:
             out.setdefault("<unknown>" if s.module is None else s.module or "<root>", []).append(s.input)
         return out
 
-    def state_bytes(self, batch: int = 1) -> int:
+    @property
+    def kv_states(self) -> list[CarriedState]:
+        """The states that grow by the chunk (softmax attention's keys and values), ``past`` long."""
+        return [s for s in self.states if s.kind == KV]
+
+    def state_bytes(self, batch: int = 1, past: int = 0) -> int:
+        """Bytes of the states of ``batch`` sequences with ``past`` earlier tokens in the KV caches."""
         total = 0
         for s in self.states:
             n = 1
             for d in s.shape:
-                n *= batch if not isinstance(d, int) else d
+                n *= d if isinstance(d, int) else (past if d == PAST_DIM and s.kind == KV else batch)
             total += n * np.dtype(s.dtype).itemsize
         return total
 
@@ -104,17 +115,21 @@ class StepExportResult:
                 "output_seq_axes": self.output_seq_axes, "position_offset": self.position_offset,
                 "states": [s.to_dict() for s in self.states], "layers": self.layers,
                 "state_bytes_per_sequence": self.state_bytes(1),
+                "kv_bytes_per_token": self.state_bytes(1, 1) - self.state_bytes(1, 0),
                 "input_specs": [s.to_dict() for s in self.input_specs], "check": self.check,
                 "seconds": round(self.seconds, 3)}
 
     def format_text(self) -> str:
+        kv = self.state_bytes(1, 1) - self.state_bytes(1, 0)
+        grows = f", KV caches {kv / 1024:.2f} KiB per token" if self.kv_states else ""
         lines = [f"wrote {self.onnx_path}: step model with {len(self.states)} carried states "
-                 f"({self.state_bytes(1) / 1024:.1f} KiB per sequence)"]
+                 f"({self.state_bytes(1) / 1024:.1f} KiB per sequence{grows})"]
         for s in self.states:
             lines.append(f"  {s.input} -> {s.output}: {' x '.join(map(str, s.shape))} {s.dtype} "
                          f"({s.role}, {_where(s)})")
         if self.position_offset:
-            lines.append(f"  {self.position_offset}: int64 scalar, the position of the chunk's first token")
+            lines.append(f"  {self.position_offset}: int64 scalar, the position of the chunk's first token"
+                         + (f" (= the KV caches' {PAST_DIM} length)" if self.kv_states else ""))
         if self.check:
             lines.append("  self-check vs the full model: " + ", ".join(
                 f"{k} max abs {fmt_num(v)}" for k, v in self.check.get("max_abs", {}).items()))
@@ -208,6 +223,57 @@ def _seq_axes(values: Sequence[ir.Value], seq: str) -> dict[str, int]:
     return out
 
 
+def _seq_name(model: ir.Model) -> str:
+    try:
+        return find_seq_dim(model.graph, SEQ_AXIS)
+    except RecurrentRefusal:
+        return "seq"
+
+
+def _probe_runs(specs: Sequence[InputSpec], axes: Mapping[str, int]) -> tuple[tuple[int, int], ...]:
+    """Two (batch, length) pairs inside the specs, as unlike each other and the model's other sizes as they can
+    be, at which the shape probe runs the model."""
+    lo_n, hi_n, lo_b, hi_b = 1, 1 << 30, 1, 1 << 30
+    for s in specs:
+        if s.rank:
+            lo_b, hi_b = max(lo_b, s.min[0]), min(hi_b, s.max[0])
+        if s.name in axes:
+            a = axes[s.name]
+            lo_n, hi_n = max(lo_n, s.min[a]), min(hi_n, s.max[a])
+    lengths = [n for n in (11, 13, 7, 5, 3, 2) if lo_n <= n <= hi_n] or [lo_n]
+    batches = [b for b in (2, 3, 1) if lo_b <= b <= hi_b] or [lo_b]
+    n1, n2 = lengths[0], (lengths[1:] or lengths)[0]
+    b1, b2 = batches[0], (batches[1:] or batches)[0]
+    return (b1, n1), (b2, n2)
+
+
+def _shape_probe(model: ir.Model, specs: Sequence[InputSpec], runs: Sequence[tuple[int, int]], linear_attention: str
+                 ) -> Callable[[Sequence[str]], dict[str, list[tuple[int, ...]]]]:
+    """A probe for the KV-cache sites (graph_passes/kv_cache.py): the shapes the named values of ``model`` (as
+    it is when called) take when the model runs at each of ``runs``, for the axes shape inference lost."""
+
+    def probe(names: Sequence[str]) -> dict[str, list[tuple[int, ...]]]:
+        copy = ir.from_proto(ir.to_proto(model))
+        values = {v.name: v for n in copy.graph for v in n.outputs}
+        wanted = [values[n] for n in names if n in values and values[n] not in copy.graph.outputs]
+        if not wanted:
+            return {}
+        copy.graph.outputs.extend(wanted)
+        lower_linear_attention(copy, linear_attention)
+        sess = ort_session(ir.to_proto(copy))
+        seq_axes = _seq_axes(list(model.graph.inputs), _seq_name(model))
+        out_names = [o.name for o in sess.get_outputs()]
+        shapes: dict[str, list[tuple[int, ...]]] = {v.name or "": [] for v in wanted}
+        for k, (b, n) in enumerate(runs):
+            feeds = _sequence_feeds(specs, seq_axes, n, b, k)
+            got = dict(zip(out_names, sess.run(None, feeds)))
+            for v in wanted:
+                shapes[v.name or ""].append(tuple(got[v.name or ""].shape))
+        return shapes
+
+    return probe
+
+
 def _from_causal_chunk(model: ir.Model, node_name: str | None) -> bool:
     """Whether the refused node came from lrexport's chunked-causal rewrite (its rule tag says so)."""
     if not node_name:
@@ -256,9 +322,11 @@ def export_step(onnx_path_or_model: Any, out_path: str | Path, *, specs: Sequenc
     token_outputs = [v.name or "" for v in model.graph.outputs]
     specs = list(specs) if specs is not None else specs_from_onnx(model)
     _refuse_blocked_sequence(specs)
-    say("carrying the running sums, linear-attention states and conv windows as states")
+    say("carrying the running sums, linear-attention states, conv windows and KV caches as states")
+    runs = _probe_runs(specs, _seq_axes(list(model.graph.inputs), _seq_name(model)))
     try:
-        res = RecurrentStatePass(seq_axis=SEQ_AXIS)(model)
+        res = RecurrentStatePass(seq_axis=SEQ_AXIS, probe=_shape_probe(model, specs, runs, linear_attention),
+                                 probe_runs=runs)(model)
     except RecurrentRefusal as err:
         hint = err.hint
         if _from_causal_chunk(model, err.node):
@@ -280,7 +348,7 @@ def export_step(onnx_path_or_model: Any, out_path: str | Path, *, specs: Sequenc
             batch_dim = v.shape[0].value
             break
     for s in res.states:
-        odd = [d for d in s.shape if not isinstance(d, int) and d != batch_dim]
+        odd = [d for d in s.shape if not isinstance(d, int) and d != batch_dim and not (s.kind == KV and d == PAST_DIM)]
         if odd:
             raise LrexportError(f"cannot export a step model: state {s.input} of node {s.node} has a dimension "
                                 f"{odd[0]!r} that is neither the batch nor a fixed size",
@@ -323,7 +391,8 @@ def _sequence_feeds(specs: Sequence[InputSpec], axes: Mapping[str, int], n: int,
             shape[axes[s.name]] = n
         if batch is not None and s.rank and s.min[0] != s.max[0]:
             shape[0] = batch
-        feeds[s.name] = s.random(shape, rng)
+        # a step model attends to every earlier token: its padding masks mark every token real
+        feeds[s.name] = np.ones(shape, s.np_dtype) if s.mask_for else s.random(shape, rng)
     return feeds
 
 
@@ -404,7 +473,15 @@ def _self_check(reference: onnx.ModelProto, step: onnx.ModelProto, info: StepExp
         expected = dict(zip(full_names, full.run(None, feeds)))
         names = list(info.outputs) + [s.output for s in info.states if s.output in expected]
         for label, c in (("full", n), ("token", 1), (f"chunk{chunk}", chunk)):
-            got = run_stepwise(info, feeds, c, session=sess)
+            try:
+                got = run_stepwise(info, feeds, c, session=sess)
+            except LrexportError:
+                raise
+            except Exception as err:  # onnxruntime: e.g. a mask op that cannot take the cache's longer axis
+                raise LrexportError(f"cannot export a step model: the step model fails to run {c} token(s) at a "
+                                    f"time ({str(err).splitlines()[0][-300:]}){_kv_note(info)}",
+                                    "only causal recurrent models and causal softmax attention have a step form; "
+                                    "export the full-sequence model instead") from None
             worst = report["max_abs"].get(label, 0.0)
             for name in names:
                 comp = compare_arrays(name, got[name], expected[name], tol)
@@ -417,10 +494,19 @@ def _self_check(reference: onnx.ModelProto, step: onnx.ModelProto, info: StepExp
                         f"differs from the full model (max abs error {fmt_num(comp.max_abs)} at "
                         f"{list(comp.worst_index)}): the graph mixes positions along the sequence in a way that is "
                         "not a causal running sum or recurrence (e.g. an op that reads the sequence length, a "
-                        "position-dependent mask, or a shift along the sequence)",
-                        "only causal recurrent models have a step form; export the full-sequence model instead")
+                        f"position-dependent mask, or a shift along the sequence){_kv_note(info)}",
+                        "only causal recurrent models and causal softmax attention have a step form; export the "
+                        "full-sequence model instead")
             report["max_abs"][label] = worst
     return report
+
+
+def _kv_note(info: StepExportResult) -> str:
+    nodes = list(dict.fromkeys(s.node for s in info.kv_states))
+    if not nodes:
+        return ""
+    return (f"; the softmax attention at node {', '.join(nodes)} (Softmax) gets a KV cache that shows every earlier "
+            "token, which a mask hiding earlier keys (a sliding window, a non-causal or padding mask) contradicts")
 
 
 # ------------------------------------------------------------------------------------------- running
@@ -431,10 +517,21 @@ def initial_states(step_model: Any, batch: int = 1) -> dict[str, np.ndarray]:
     if batch < 1:
         raise LrexportError(f"batch {batch} must be >= 1", "pass the number of sequences")
     out = {}
-    for s in info.states:
-        shape = [d if isinstance(d, int) else batch for d in s.shape]
+    for s in info.states:  # a KV cache starts empty (no earlier token)
+        shape = [d if isinstance(d, int) else (0 if s.kind == KV and d == PAST_DIM else batch) for d in s.shape]
         out[s.input] = np.zeros(shape, dtype=np.dtype(s.dtype))
     return out
+
+
+def past_length(step_model: Any, states: Mapping[str, np.ndarray]) -> int | None:
+    """The number of earlier tokens in the KV caches of ``states`` (None when the model has none); refuse caches
+    of different lengths."""
+    info = read_step_info(step_model)
+    lengths = {np.shape(states[s.input])[s.axis] for s in info.kv_states if s.input in states}
+    if len(lengths) > 1:
+        raise LrexportError(f"the KV caches hold different numbers of tokens {sorted(lengths)}",
+                            "feed back the present_* outputs of the same step")
+    return lengths.pop() if lengths else None
 
 
 def run_stepwise(step_onnx: Any, feeds: Mapping[str, np.ndarray], chunk: int, *,
@@ -445,7 +542,8 @@ def run_stepwise(step_onnx: Any, feeds: Mapping[str, np.ndarray], chunk: int, *,
     ``feeds`` holds the model's token inputs for the full sequence. States start at zero (or
     ``states``) and are carried from chunk to chunk; ``position`` is the first token's position.
     Returns the token outputs concatenated along the sequence, plus the final states under their
-    ``new_state_<i>`` names (feed them back as ``state_<i>`` to continue the sequence).
+    ``new_state_<i>`` / ``present_*`` names (feed them back as ``state_<i>`` / ``past_*`` to continue the
+    sequence). KV caches start empty; ``position`` must equal the number of tokens they hold.
     """
     info = read_step_info(step_onnx)
     if chunk < 1:
@@ -464,6 +562,10 @@ def run_stepwise(step_onnx: Any, feeds: Mapping[str, np.ndarray], chunk: int, *,
             step_onnx = step_onnx.onnx_path
         session = ort_session(step_onnx)
     carry = dict(states) if states is not None else initial_states(info, batch)
+    past = past_length(info, carry)
+    if past is not None and past != position:
+        raise LrexportError(f"position {position} is not the {past} tokens the KV caches hold",
+                            "pass position = the number of tokens before the chunk (the caches' length)")
     pieces: dict[str, list[np.ndarray]] = {o: [] for o in info.outputs}
     out_names = [o.name for o in session.get_outputs()]
     for t0 in range(0, n, chunk):
@@ -633,7 +735,8 @@ def step_specs(result: Any, batch_range: tuple[int, ...] = (1, 4), chunk_range: 
                ) -> list[InputSpec]:
     """Shape ranges of the step model for a TensorRT profile: token inputs with their sequence axis in
     ``chunk_range`` and batch in ``batch_range`` ((min, max) or (min, opt, max)), the states with the
-    same batch range, and ``position_offset`` as an int64 scalar."""
+    same batch range (a KV cache's ``past`` axis: 0 .. the model's longest sequence less the longest chunk), and
+    ``position_offset`` as an int64 scalar."""
     info = read_step_info(result)
 
     def rng(r: tuple[int, ...], what: str) -> tuple[int, int, int]:
@@ -653,12 +756,14 @@ def step_specs(result: Any, batch_range: tuple[int, ...] = (1, 4), chunk_range: 
         if axis is not None:
             lo[axis], op[axis], hi[axis] = c
         out.append(InputSpec(spec.name, spec.dtype, tuple(lo), tuple(op), tuple(hi), spec.low, spec.high))
+    longest = max((s.max[a] for s in info.input_specs for n, a in info.input_seq_axes.items() if n == s.name),
+                  default=c[2])
+    past = (0, max(0, min(longest - c[2], longest // 2)), max(0, longest - c[2]))  # tokens before the chunk
     for s in info.states:
-        dims = [(d, d, d) if isinstance(d, int) else b for d in s.shape]
+        dims = [(d, d, d) if isinstance(d, int) else (past if s.kind == KV and d == PAST_DIM else b)
+                for d in s.shape]
         out.append(InputSpec(s.input, s.dtype, tuple(d[0] for d in dims), tuple(d[1] for d in dims),
                              tuple(d[2] for d in dims)))
     if info.position_offset:
-        longest = max((s.max[a] for s in info.input_specs for n, a in info.input_seq_axes.items() if n == s.name),
-                      default=c[2])
         out.append(InputSpec(info.position_offset, "int64", (), (), (), 0.0, float(max(0, longest - c[2]))))
     return out

@@ -18,7 +18,10 @@ The sequence length read from the input's shape stays the chunk's length where i
 number of tokens seen so far, ``position_offset + n``, where it bounds those positions (a length mask
 ``arange(n) < n``); any other use of it on per-token data is refused by name (``graph_passes.seq_length``).
 ``lrexport.LinearAttention`` nodes and causal convolutions over the sequence carry states too
-(``graph_passes.recurrent_carry``: the op's initial/final state, a window of the convolution's recent inputs).
+(``graph_passes.recurrent_carry``: the op's initial/final state, a window of the convolution's recent inputs),
+and softmax attention carries its keys and values as a cache that grows by the chunk
+(``graph_passes.kv_cache``: ``past_key_<j>``/``past_value_<j>`` in, ``present_key_<j>``/``present_value_<j>``
+out); the nodes that build only its masks run on the chunk alone, on the chunk's own positions.
 The rewrite is only right when nothing else in the graph mixes positions along the sequence, so the
 pass first checks every node and refuses (:class:`RecurrentRefusal`, naming node, op and reason) a
 softmax over the sequence, a reduction or contraction over it, a seq x seq matrix, a reverse or
@@ -30,7 +33,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -38,6 +41,7 @@ from graph_passes.shape_inference import TypedShapeInferencePass
 
 from graph_passes._base import GraphPass, GraphPassResult, Match, record
 from graph_passes._util import const_array, const_ints, shape_dims
+from graph_passes.kv_cache import AttentionSite, Probe, carry_kv, find_sites, mask_cone, np_dtype
 from graph_passes.name_scopes import name_scopes
 from graph_passes.recurrent_carry import (
     CausalConv,
@@ -396,14 +400,17 @@ class RecurrentStatePass(GraphPass):
 
     def __init__(self, seq_axis: int = 1, state_dtype: ir.DataType = ir.DataType.FLOAT,
                  state_prefix: str = "state_", output_prefix: str = "new_state_",
-                 offset_name: str = "position_offset") -> None:
+                 offset_name: str = "position_offset", probe: Probe | None = None,
+                 probe_runs: tuple[tuple[int, int], ...] = ()) -> None:
         super().__init__()
+        self.probe, self.probe_runs = probe, probe_runs
         self.seq_axis = seq_axis
         self.state_dtype = state_dtype
         self.state_prefix = state_prefix
         self.output_prefix = output_prefix
         self.offset_name = offset_name
         self._found: dict[str, Any] = {}
+        self._masks: set[ir.Node] = set()
 
     def opset_too_old(self, model: ir.Model) -> bool:
         version = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
@@ -419,7 +426,8 @@ class RecurrentStatePass(GraphPass):
     def run(self, model: ir.Model) -> bool:
         graph = model.graph
         taken = [v.name for v in graph.inputs] + [v.name for v in graph.outputs]
-        ours = re.compile(rf"^({re.escape(self.state_prefix)}|{re.escape(self.output_prefix)})\d+$")
+        ours = re.compile(rf"^({re.escape(self.state_prefix)}|{re.escape(self.output_prefix)}|past_key_|past_value_|"
+                          rf"present_key_|present_value_)\d+$")
         clash = [n for n in taken if n and (ours.match(n) or n == self.offset_name)]
         if clash:
             raise RecurrentRefusal(f"the graph already has an input/output named {clash[0]!r}",
@@ -430,7 +438,9 @@ class RecurrentStatePass(GraphPass):
             except Exception:  # best effort: the numeric check covers what shapes cannot tell
                 pass
         seq = find_seq_dim(graph, self.seq_axis)
-        carriers, ranges, reads = self._survey(graph, seq)
+        batch = next((d for v in graph.inputs for d in (shape_dims(v) or [])[:1] if isinstance(d, str)), None)
+        sites = find_sites(graph, seq, self.probe, self.probe_runs, batch)
+        carriers, ranges, reads = self._survey(graph, seq, sites)
         try:
             bounds = classify_length_uses(graph, seq, ranges)
         except LengthUseError as err:
@@ -439,10 +449,12 @@ class RecurrentStatePass(GraphPass):
                                         "length only for shapes and for masks of positions < length") from None
         # ------------------------------------------------------------------------------------- rewrite
         states = [self._carry_site(graph, i, site) for i, site in enumerate(carriers)]
+        for j, site in enumerate(sites):
+            states += self._carry_attention(graph, len(states), j, site, seq)
         offset = self._offset_input(graph) if ranges or reads else None
         if offset is not None:
-            for node in ranges:
-                self._offset_range(graph, node, offset)
+            shifted = {self._offset_range(graph, node, offset): node.outputs[0] for node in ranges}
+            _unshift(graph, self._masks, shifted)
             for read in reads:
                 self._offset_slice(graph, read, offset)
             for bound in bounds:
@@ -466,15 +478,21 @@ class RecurrentStatePass(GraphPass):
                        "slices": slice_names, "bounds": bound_names}
         return True
 
-    def _survey(self, graph: ir.Graph, seq: str) -> tuple[list[Any], list[ir.Node], list[PositionRead]]:
+    def _survey(self, graph: ir.Graph, seq: str, sites: Sequence[AttentionSite] = ()
+                ) -> tuple[list[Any], list[ir.Node], list[PositionRead]]:
         """What carries a state, in graph order (a CumSum over the sequence as ``(node, axis)``, a linear-attention
         node, a :class:`CausalConv`), the position Ranges and table reads to offset; refuse any other node that
-        mixes positions along the sequence."""
+        mixes positions along the sequence. The nodes of softmax-attention ``sites`` (carried with a KV cache) and
+        those that build only their masks (run on the chunk alone) are not refused."""
         carriers: list[Any] = []
         ranges: list[ir.Node] = []
         reads: list[PositionRead] = []
         convs: dict[ir.Node, CausalConv] = {}
+        in_sites = {n for s in sites for n in s.nodes}
+        masks = self._masks = mask_cone(graph, sites)
         for node in graph:
+            if node in in_sites or node in masks:
+                continue
             site = causal_conv(node, seq)
             if isinstance(site, str):
                 raise RecurrentRefusal(f"mixes positions along the sequence axis: it {site}",
@@ -482,6 +500,8 @@ class RecurrentStatePass(GraphPass):
             if site is not None:
                 convs.update({n: site for n in site.nodes})
         for node in graph:
+            if node in in_sites or node in masks:  # masks: of the chunk's own keys, built on the chunk alone
+                continue
             if node in convs:
                 if node is convs[node].conv and convs[node].window:
                     carriers.append(convs[node])
@@ -510,7 +530,7 @@ class RecurrentStatePass(GraphPass):
             if why:
                 raise RecurrentRefusal(f"mixes positions along the sequence axis: it {why}",
                                        node.name or "<unnamed>", node.op_type)
-        if not carriers:
+        if not carriers and not sites:
             raise RecurrentRefusal(
                 "the graph has no CumSum over the sequence axis, linear-attention op or causal convolution, so "
                 "there is no state to carry (a model with no mixing across positions needs no step model)",
@@ -572,6 +592,27 @@ class RecurrentStatePass(GraphPass):
         dtype = np.dtype((state.dtype or ir.DataType.FLOAT).numpy()).name
         return CarriedState(i, name_in, name_out, label, axis, plain, dtype, module,
                             scopes[-1] if scopes else None, role, tap, kind)
+
+    def _carry_attention(self, graph: ir.Graph, i: int, j: int, site: AttentionSite, seq: str
+                         ) -> list[CarriedState]:
+        """Keys and values of softmax-attention site ``j`` as a cache: ``past_key_<j>``/``past_value_<j>`` in,
+        ``present_key_<j>``/``present_value_<j>`` out (graph_passes/kv_cache.py)."""
+        names = (f"past_key_{j}", f"past_value_{j}", f"present_key_{j}", f"present_value_{j}")
+        keys, values = site.keys, site.values
+        taps = [StateTap(keys.name or "", "final"), StateTap(values.name or "", "final")]
+        dtypes = [np_dtype(keys), np_dtype(values)]
+        ins, outs = carry_kv(graph, site, seq, names)
+        scopes = name_scopes(site.softmax) or []
+        module = scopes[-2] if len(scopes) >= 2 else None
+        label = site.softmax.name or f"softmax_{j}"
+        states = []
+        for k, (inp, out, tap, dtype, role) in enumerate(zip(ins, outs, taps, dtypes, ("keys", "values"))):
+            axis = site.key_rank - 1 if k == 0 else site.value_rank - 2
+            plain = [d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else str(d))
+                     for d in (inp.shape or [])]
+            states.append(CarriedState(i + k, inp.name or "", out.name or "", label, axis, plain, dtype, module,
+                                       scopes[-1] if scopes else None, role, tap, "kv-cache"))
+        return states
 
     def _carry(self, graph: ir.Graph, i: int, node: ir.Node, axis: int) -> CarriedState:
         x, y = node.inputs[0], node.outputs[0]
@@ -643,7 +684,7 @@ class RecurrentStatePass(GraphPass):
         return offset
 
     @staticmethod
-    def _offset_range(graph: ir.Graph, node: ir.Node, offset: ir.Value) -> None:
+    def _offset_range(graph: ir.Graph, node: ir.Node, offset: ir.Value) -> ir.Value:
         """positions = Range(start, limit, delta) + offset * delta."""
         delta, out = node.inputs[2], node.outputs[0]
         dtype = out.dtype or ir.DataType.INT64
@@ -668,6 +709,7 @@ class RecurrentStatePass(GraphPass):
             shifted.outputs[0].name = name
         for k in was_output:
             graph.outputs[k] = shifted.outputs[0]
+        return shifted.outputs[0]
 
     @staticmethod
     def _offset_bound(graph: ir.Graph, bound: PositionBound, offset: ir.Value) -> None:
@@ -725,6 +767,47 @@ class RecurrentStatePass(GraphPass):
         graph.insert_before(node, [*new, gather])
         _replace_value(graph, out, gather.outputs[0])
         graph.remove(node, safe=True)
+
+
+def _unshift(graph: ir.Graph, masks: set[ir.Node], shifted: dict[ir.Value, ir.Value]) -> None:
+    """Make the mask-building nodes read the chunk's own positions ``0 .. c-1`` (the Ranges before the offset),
+    through copies of what they read of the offset positions: they build the mask of the chunk's keys alone, a
+    chunk-sized tensor that a mask indexing it by absolute positions (``mask[b, kv_idx]``) would overrun.
+    Query and key positions move together, so a causal mask is the same either way."""
+    memo: dict[ir.Value, ir.Value] = dict(shifted)
+
+    def depends(v: ir.Value | None, seen: dict[ir.Value, bool]) -> bool:
+        if v is None:
+            return False
+        if v in shifted:
+            return True
+        if v not in seen:
+            seen[v] = False
+            p = v.producer()
+            seen[v] = p is not None and any(depends(i, seen) for i in p.inputs)
+        return seen[v]
+
+    seen: dict[ir.Value, bool] = {}
+
+    def local(v: ir.Value) -> ir.Value:
+        if v in memo:
+            return memo[v]
+        p = v.producer()
+        assert p is not None
+        ins = [None if i is None else (local(i) if depends(i, seen) else i) for i in p.inputs]
+        clone = ir.node(p.op_type, ins, dict(p.attributes), domain=p.domain, num_outputs=len(p.outputs),
+                        name=f"{p.name or p.op_type}_chunk_local", metadata_props=dict(p.metadata_props))
+        for old, new in zip(p.outputs, clone.outputs):
+            new.name = f"{old.name}_chunk_local"
+            new.shape, new.type = old.shape, old.type
+            memo[old] = new
+        graph.insert_after(p, [clone])
+        return memo[v]
+
+    for node in [n for n in graph if n in masks]:
+        for k, v in enumerate(node.inputs):
+            if v is not None and v.producer() not in masks and depends(v, seen):
+                node.replace_input_with(k, local(v))
 
 
 def _replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:

@@ -259,14 +259,17 @@ def test_pickle_only_folder_refused(cli, hf_folder, tmp_path):
     torch.testing.assert_close(_logits(loaded.module.model, ids), _logits(hf_folder("llama")[1], ids), rtol=0, atol=0)
 
 
-def test_export_step_folder_loads_then_refuses_softmax_attention(cli, hf_folder, tmp_path):
-    """export-step takes the folder like the other commands; a softmax-attention model has no step form (one
-    line naming the node), and nothing is written."""
+def test_export_step_folder_gets_kv_caches(cli, hf_folder, tmp_path):
+    """export-step takes the folder like the other commands; GPT-2's softmax attention layers carry KV caches
+    (tests/test_hf_step.py has the other models and the refusals)."""
     folder, _ = hf_folder("gpt2")
-    res = cli("export-step", folder, "--shapes", "input_ids:min=1x1,opt=1x8,max=2x16", "--out", tmp_path / "s.onnx")
-    assert res.code == 2, res.err[-3000:]
-    assert "cannot export a step model" in error_line(res) and "mixes positions along the sequence axis" in res.err
-    assert list(tmp_path.iterdir()) == []
+    res = cli("export-step", folder, "--shapes", "input_ids:min=1x1,opt=1x8,max=2x16", "--out", tmp_path / "s.onnx",
+              "--length", "16", "--chunk-max", "4", "--json", "-q")
+    assert res.code == 0, res.err[-3000:]
+    report = json.loads(res.out)
+    assert [s["input"] for s in report["step"]["states"]] == ["past_key_0", "past_value_0", "past_key_1",
+                                                              "past_value_1"]
+    assert report["parity"]["ok"] and (tmp_path / "s.onnx").is_file()
 
 
 def test_folder_without_config_refused(cli, tmp_path):
