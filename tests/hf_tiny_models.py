@@ -184,3 +184,15 @@ def rwkv_lm(seed: int = 0) -> nn.Module:
 for _family in ("olmo_hybrid", "falcon_h1", "nemotron_h", "granite_moe_hybrid", "zamba2"):
     SPECS[f"{_family}_lm"] = ("ids:2x40:int64:0..127", "ids:min=1x1,opt=2x40,max=4x130")
     globals()[f"{_family}_lm"] = (lambda family: lambda seed=0: hybrid_lm(family, seed))(_family)
+
+
+# Per-token recurrences exported as torch scans (exporter/patches/transformers/rwkv.py, mlstm.py): RWKV-4
+# (``rwkv_lm`` above) and xLSTM.
+SPECS["rwkv_lm"] = ("ids:2x64:int64:0..127", "ids:min=1x1,opt=2x64,max=4x130")
+SPECS["xlstm_lm"] = ("ids:2x64:int64:0..127", "ids:min=1x1,opt=2x64,max=4x130")
+
+
+def xlstm_lm(seed: int = 0) -> nn.Module:
+    """xLSTM: 2 mLSTM blocks, 2 heads (key dim 8, value dim 16), chunks of 16."""
+    return _lm("xLSTMConfig", "xLSTMForCausalLM", seed, hidden_size=32, num_hidden_layers=2, num_heads=2,
+               chunk_size=16)

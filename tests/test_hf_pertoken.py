@@ -1,0 +1,75 @@
+"""transformers' per-token recurrences that are not rules of the linear-attention op (RWKV-4's WKV with its
+running max, xLSTM's mLSTM whose stabilizer enters the denominator) are exported as one torch scan each (an
+ONNX ``Scan`` over positions): the sequence stays dynamic from 1, the graph does not grow with it, and the
+ONNX model matches transformers' own kernels."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+import torch
+
+from exporter.patches.transformers.mlstm import mlstm_scan
+from exporter.patches.transformers.rwkv import wkv_scan
+
+SHAPES = ["--input", "ids:2x64:int64:0..127", "--shapes", "ids:min=1x1,opt=2x64,max=4x130"]
+
+
+@pytest.mark.parametrize("t", [1, 2, 17, 64, 130])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_wkv_scan_matches_transformers_loop(t, with_state):
+    """Keys up to 120 (exp overflows float32 past ~88: the running max must hold), and a carried state."""
+    from transformers.models.rwkv.modeling_rwkv import rwkv_linear_attention_cpu
+
+    g = torch.Generator().manual_seed(t)
+    b, c = 2, 6
+    decay, first = torch.randn(c, generator=g), torch.randn(c, generator=g)
+    key = torch.randn(b, t, c, generator=g) * 3
+    key[0, t // 2] += 120
+    value = torch.randn(b, t, c, generator=g)
+    state = None
+    if with_state:
+        state = [torch.randn(b, c, generator=g).abs(), torch.rand(b, c, generator=g) + 0.5,
+                 torch.randn(b, c, generator=g)]
+    want, want_s = rwkv_linear_attention_cpu(decay.double(), first.double(), key.double(), value.double(),
+                                             state=None if state is None else [s.double() for s in state],
+                                             return_state=True)
+    got, got_s = wkv_scan(decay, first, key, value, state=state, return_state=True)
+    assert torch.isfinite(got).all()
+    assert (got.double() - want).abs().max() <= 2e-5 * want.abs().max()
+    for s, w in zip(got_s, want_s):
+        assert (s.double() - w).abs().max() <= 2e-5 * w.abs().max()
+    assert wkv_scan(decay, first, key, value)[1] is None
+
+
+@pytest.mark.parametrize("t", [1, 15, 16, 17, 63, 64, 65, 130])
+def test_mlstm_scan_matches_transformers_kernels(t):
+    """transformers' inference path (chunks of 16, then a per-token remainder; the step kernel at T = 1), in
+    float64, with input gates up to 100 (exp(i) overflows float32: the stabilizer must hold) and an initial
+    state."""
+    from transformers.models.xlstm import modeling_xlstm as mx
+
+    g = torch.Generator().manual_seed(t)
+    b, nh, dk, dv = 2, 2, 8, 4
+    q, k = torch.randn(b, nh, t, dk, generator=g), torch.randn(b, nh, t, dk, generator=g)
+    v = torch.randn(b, nh, t, dv, generator=g)
+    i, f = torch.randn(b, nh, t, generator=g) * 3, torch.randn(b, nh, t, generator=g) * 3 + 2
+    i[1, 0, t // 3] += 100
+    c0, n0, m0 = torch.randn(b, nh, dk, dv, generator=g), torch.randn(b, nh, dk, generator=g), \
+        torch.randn(b, nh, 1, generator=g)
+    ref = functools.partial(
+        mx.wrap_chunkwise_arbitrary_sequence_length, mlstm_chunkwise_kernel=mx.mlstm_chunkwise_native_autograd,
+        mlstm_sequence_kernel=functools.partial(mx.mlstm_recurrent_sequence_native, dtype_state=torch.float64),
+        mlstm_step_kernel=functools.partial(mx.mlstm_recurrent_step_native, dtype_state=torch.float64),
+        chunk_size=16, eps=1e-6, return_last_states=True)
+    for init in [(None, None, None), (c0, n0, m0)]:
+        want, want_s = ref(query=q.double(), key=k.double(), value=v.double(), igate=i.double(),
+                           fgate=f.double(), **dict(zip(("c_initial", "n_initial", "m_initial"),
+                                                        [x if x is None else x.double() for x in init])))
+        got, got_s = mlstm_scan(q, k, v, i, f, *init)
+        assert got.shape == want.shape and torch.isfinite(got).all()
+        assert (got.double() - want).abs().max() <= 2e-5 * want.abs().max()
+        for s, w in zip(got_s, want_s):
+            assert (s.double() - w).abs().max() <= 2e-5 * w.abs().max() + 1e-30
