@@ -146,7 +146,7 @@ def qwen3_5_lm_masked(seed: int = 0) -> nn.Module:
 
 
 # Per-token loops of transformers that are linear recurrences (exporter/patches/transformers/selective_scan.py,
-# rg_lru.py), and RWKV-4 (refused).
+# rg_lru.py), and RWKV-4 (a torch scan: rwkv.py).
 _MAMBA1 = dict(hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4, time_step_rank=4)
 SPECS["mamba_lm"] = ("ids:2x64:int64:0..127", "ids:min=1x1,opt=2x64,max=4x130")
 
