@@ -196,3 +196,9 @@ def xlstm_lm(seed: int = 0) -> nn.Module:
     """xLSTM: 2 mLSTM blocks, 2 heads (key dim 8, value dim 16), chunks of 16."""
     return _lm("xLSTMConfig", "xLSTMForCausalLM", seed, hidden_size=32, num_hidden_layers=2, num_heads=2,
                chunk_size=16)
+SPECS["qwen3_5_moe_lm"] = ("ids:2x70:int64:0..127", "ids:min=1x1,opt=2x70,max=4x130")
+
+
+def qwen3_5_moe_lm(seed: int = 0) -> nn.Module:
+    """Qwen3.5-MoE: a gated-DeltaNet layer and an attention layer, MoE MLPs of 4 experts, top 2."""
+    return hybrid_lm("qwen3_5_moe", seed)

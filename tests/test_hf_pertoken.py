@@ -99,3 +99,46 @@ def test_build_serves_every_length_from_one_token(cli, tmp_path, factory):
               for p in (tmp_path / "m16.onnx", tmp_path / "out" / "exported.onnx")]
     assert counts[0] == counts[1], counts
 
+
+
+class _UpcastsToFloat32(torch.nn.Module):
+    """What transformers' layers do for precision: ``.float()``, ``.to(torch.float32)``, ``softmax(...,
+    dtype=torch.float)``, a buffer made with the default dtype, ``torch.zeros(..., dtype=torch.float32)``."""
+
+    def forward(self, x):
+        probs = torch.softmax(x.float() * 3.3, dim=-1, dtype=torch.float)
+        acc = torch.zeros(x.shape[-1]) + torch.zeros(x.shape, dtype=torch.float32)
+        return (probs + x.to(torch.float32) / 7 + acc).to(x.dtype)
+
+
+def test_float64_reference_keeps_float64_through_the_models_float32_casts():
+    """Before: the float64 copy ran those casts in float32, 1e-8 from the float64 function (a tiny
+    Qwen3.5-MoE's logits: 7.8e-4, more than its float32 export's 1.4e-4)."""
+    import numpy as np
+
+    from exporter.runners import TorchRunner
+
+    x = np.random.default_rng(0).standard_normal((3, 9))
+    runner = TorchRunner(_UpcastsToFloat32(), ["y"], ["x"])
+    got = runner.run({"x": x.astype(np.float32)})["y"]
+    assert runner.precision == "float64" and got.dtype == np.float64
+    xd = x.astype(np.float32).astype(np.float64)
+    e = np.exp(3.3 * xd - (3.3 * xd).max(-1, keepdims=True))
+    want = e / e.sum(-1, keepdims=True) + xd / 7
+    assert np.abs(got - want).max() < 1e-14
+    assert torch.get_default_dtype() == torch.float32
+
+
+def test_qwen3_5_moe_build_passes_parity_against_a_float64_reference(cli, tmp_path):
+    """Before: the reference fell back to float32 (transformers' grouped_mm experts refuse float64), then,
+    once float64, kept transformers' float32 upcasts (RMSNorms, the gated delta kernel, the router): parity
+    failed on 1 to 6 of 66560 logits at 4 x 130 (max abs 1.6e-4 to 2.5e-4) at the fp32 tolerance."""
+    from hf_tiny_models import SPECS
+
+    inputs, shapes = SPECS["qwen3_5_moe_lm"]
+    r = cli("build", "--factory", "hf_tiny_models:qwen3_5_moe_lm", "--input", inputs, "--shapes", shapes,
+            "--out", str(tmp_path / "out"), "--json", "--backend", "onnxruntime")
+    assert r.code == 0, r.err[-3000:]
+    data = json.loads(r.out)
+    assert data["parity"]["ok"] and data["parity"]["reference"] == "pytorch float64"
+    assert {c["case"] for c in data["parity"]["results"]} == {"min", "opt", "max", "odd"}
