@@ -45,8 +45,9 @@ def test_wkv_scan_matches_transformers_loop(t, with_state):
 
 
 @pytest.mark.parametrize("t", [1, 15, 16, 17, 63, 64, 65, 130])
-def test_mlstm_scan_matches_transformers_kernels(t):
-    """transformers' inference path (chunks of 16, then a per-token remainder; the step kernel at T = 1), in
+@pytest.mark.parametrize("size", [16, 64])
+def test_mlstm_scan_matches_transformers_kernels(t, size):
+    """transformers' inference path (whole chunks, then a per-token remainder; the step kernel at T = 1), in
     float64, with input gates up to 100 (exp(i) overflows float32: the stabilizer must hold) and an initial
     state."""
     from transformers.models.xlstm import modeling_xlstm as mx
@@ -63,12 +64,12 @@ def test_mlstm_scan_matches_transformers_kernels(t):
         mx.wrap_chunkwise_arbitrary_sequence_length, mlstm_chunkwise_kernel=mx.mlstm_chunkwise_native_autograd,
         mlstm_sequence_kernel=functools.partial(mx.mlstm_recurrent_sequence_native, dtype_state=torch.float64),
         mlstm_step_kernel=functools.partial(mx.mlstm_recurrent_step_native, dtype_state=torch.float64),
-        chunk_size=16, eps=1e-6, return_last_states=True)
+        chunk_size=size, eps=1e-6, return_last_states=True)
     for init in [(None, None, None), (c0, n0, m0)]:
         want, want_s = ref(query=q.double(), key=k.double(), value=v.double(), igate=i.double(),
                            fgate=f.double(), **dict(zip(("c_initial", "n_initial", "m_initial"),
                                                         [x if x is None else x.double() for x in init])))
-        got, got_s = mlstm_scan(q, k, v, i, f, *init)
+        got, got_s = mlstm_scan(q, k, v, i, f, *init, chunk_size=size)
         assert got.shape == want.shape and torch.isfinite(got).all()
         assert (got.double() - want).abs().max() <= 2e-5 * want.abs().max()
         for s, w in zip(got_s, want_s):
@@ -85,7 +86,7 @@ def test_build_serves_every_length_from_one_token(cli, tmp_path, factory):
             "--backend", "onnxruntime")
     assert r.code == 0, r.err
     data = json.loads(r.out)
-    assert any("scan over positions" in p for p in data["export"]["patches"]), data["export"]
+    assert any("-> scan over" in p for p in data["export"]["patches"]), data["export"]
     (ids,) = data["export"]["inputs"]
     assert ids["min"] == [1, 1] and ids["max"] == [4, 130]
     assert data["parity"]["ok"]
