@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODELS = "qwen3_5_lm,qwen3_next_lm,mamba2_lm,mamba_lm,recurrent_gemma_lm"
+DEFAULT_MODELS = "qwen3_5_lm,qwen3_next_lm,mamba2_lm,mamba_lm,recurrent_gemma_lm,rwkv_lm,xlstm_lm"
 VARIANTS = ("lrexport", "eager", "naive")
 DECODE_VARIANTS = ("step", "generate")
 

@@ -146,7 +146,7 @@ def qwen3_5_lm_masked(seed: int = 0) -> nn.Module:
 
 
 # Per-token loops of transformers that are linear recurrences (exporter/patches/transformers/selective_scan.py,
-# rg_lru.py), and RWKV-4 (refused).
+# rg_lru.py), and RWKV-4 (a torch scan: rwkv.py).
 _MAMBA1 = dict(hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4, time_step_rank=4)
 SPECS["mamba_lm"] = ("ids:2x64:int64:0..127", "ids:min=1x1,opt=2x64,max=4x130")
 
@@ -184,3 +184,21 @@ def rwkv_lm(seed: int = 0) -> nn.Module:
 for _family in ("olmo_hybrid", "falcon_h1", "nemotron_h", "granite_moe_hybrid", "zamba2"):
     SPECS[f"{_family}_lm"] = ("ids:2x40:int64:0..127", "ids:min=1x1,opt=2x40,max=4x130")
     globals()[f"{_family}_lm"] = (lambda family: lambda seed=0: hybrid_lm(family, seed))(_family)
+
+
+# Per-token recurrences exported as torch scans (exporter/patches/transformers/rwkv.py, mlstm.py): RWKV-4
+# (``rwkv_lm`` above) and xLSTM.
+SPECS["rwkv_lm"] = ("ids:2x64:int64:0..127", "ids:min=1x1,opt=2x64,max=4x130")
+SPECS["xlstm_lm"] = ("ids:2x64:int64:0..127", "ids:min=1x1,opt=2x64,max=4x130")
+
+
+def xlstm_lm(seed: int = 0) -> nn.Module:
+    """xLSTM: 2 mLSTM blocks, 2 heads (key dim 8, value dim 16), chunks of 16."""
+    return _lm("xLSTMConfig", "xLSTMForCausalLM", seed, hidden_size=32, num_hidden_layers=2, num_heads=2,
+               chunk_size=16)
+SPECS["qwen3_5_moe_lm"] = ("ids:2x70:int64:0..127", "ids:min=1x1,opt=2x70,max=4x130")
+
+
+def qwen3_5_moe_lm(seed: int = 0) -> nn.Module:
+    """Qwen3.5-MoE: a gated-DeltaNet layer and an attention layer, MoE MLPs of 4 experts, top 2."""
+    return hybrid_lm("qwen3_5_moe", seed)

@@ -81,12 +81,3 @@ def test_node_count_does_not_grow_with_the_example_length(cli, tmp_path):
         counts.append(len(onnx.load(str(out), load_external_data=False).graph.node))
     assert counts[0] == counts[1], counts
 
-
-def test_rwkv_is_refused_by_name(cli, tmp_path):
-    from conftest import error_line
-
-    r = cli("build", "--factory", "hf_tiny_models:rwkv_lm", *SHAPES, "--out", str(tmp_path / "out"))
-    assert r.code == 2
-    line = error_line(r)
-    assert "RwkvSelfAttention in module 'lm.rwkv.blocks.0.attention' has no export patch" in line, line
-    assert "pinned" in line and not (tmp_path / "out").exists()

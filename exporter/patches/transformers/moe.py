@@ -9,6 +9,12 @@ hits (``nonzero``, data-dependent). The dense form is standard ops with static s
 ``sum_e r_{t,e} down_e(gate(up_e(x_t)))`` with ``r`` the top-k weights scattered into ``(T, E)`` (zero for the
 experts not chosen), which is what every implementation computes. The price: each token runs all ``E``
 experts (``E / top_k`` times the expert FLOPs), with a ``(T, E, intermediate)`` intermediate.
+
+The parity reference runs these blocks with transformers' ``batched_mm`` (plain torch, any dtype):
+``grouped_mm`` refuses float64 (``Expected mat_a to be Float32, BFloat16 or Float16``), which left the whole
+model's reference in float32, and transformers' float32 chunked scans (its gated delta rule, amplified by the
+experts) are off by more than the float32 tolerance on a few logits of a tiny Qwen3.5-MoE, where the export
+(the native op) is not.
 """
 
 from __future__ import annotations
@@ -76,7 +82,16 @@ def _find(model: nn.Module) -> list[Swap]:
     return [Swap(m, "forward", functools.partial(dense_experts_forward, m)) for m in _experts(model)]
 
 
+def _reference(model: nn.Module) -> list[Swap]:
+    """The eager (parity reference) form: transformers' own ``batched_mm`` experts, which run in float64."""
+    moe = loaded_module("transformers.integrations.moe")
+    batched = getattr(moe, "batched_mm_experts_forward", None)
+    if batched is None:
+        return []
+    return [Swap(m, "forward", functools.partial(batched, m)) for m in _experts(model)]
+
+
 PATCHES = [
     Patch("transformers", "MoE experts (grouped_mm / transformers::grouped_mm_fallback)", "dense routed experts",
-          _find),
+          _find, eager=lambda: True, reference=_reference),
 ]
