@@ -506,17 +506,17 @@ def _plain_linear(node: ir.Node) -> bool:
             and isinstance(node.inputs[2].shape[3], int))
 
 
-def merge_shared_keys(model: ir.Model) -> int:
+def merge_shared_keys(model: ir.Model) -> list[str]:
     """Linear-rule nodes reading the same q and k (a numerator and its normalizer, after CSE) -> one node on
     their values side by side, its output split: the op runs q . k once, the normalizer being the value
-    column of ones (as the op's ``normalize`` does it). Returns how many nodes were merged away."""
+    column of ones (as the op's ``normalize`` does it). Returns the labels of the nodes merged into another."""
     groups: dict[tuple, list[ir.Node]] = {}
     for node in model.graph:
         if _plain_linear(node):
             key = (id(node.inputs[0]), id(node.inputs[1]), _attr(node, "scale", 1.0),
                    *(_attr(node, a) for a in ("q_heads", "k_heads", "v_heads")))
             groups.setdefault(key, []).append(node)
-    merged = 0
+    merged: list[str] = []
     for nodes in groups.values():
         if len(nodes) < 2:
             continue
@@ -552,7 +552,7 @@ def merge_shared_keys(model: ir.Model) -> int:
             ir.convenience.replace_all_uses_with(node.outputs[0], part)
         for node in nodes:
             model.graph.remove(node, safe=True)
-        merged += len(nodes) - 1
+        merged += [node_label(n) for n in nodes[1:]]
     if merged:
         model.graph.sort()
     return merged
@@ -579,8 +579,8 @@ class CausalChunkPass(GraphPass):
             ir.passes.common.CommonSubexpressionEliminationPass()(model)  # the q and k the nodes share
             merged = merge_shared_keys(model)
             if merged:
-                record(Match("causal-normalizer", "merged", reason="its node reads the numerator's q and k: one "
-                             "node on [v, 1]", matched=False, info={"nodes": merged}))
+                record(Match("causal-normalizer", "merged", merged, reason="its node reads the numerator's q and k: "
+                             "one node on [v, 1]", matched=False, info={"count": len(merged)}))
         refusals = {m.nodes[0]: m.reason or "" for m in found if not m.matched}
         for m in found:
             if m.matched:

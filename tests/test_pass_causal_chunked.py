@@ -121,7 +121,7 @@ def test_samples_chunked_and_in_parity(name):
     assert kinds.count(("causal-numerator", OP_ACTION)) == layers
     assert kinds.count(("causal-normalizer", OP_ACTION)) == layers
     # numerator and normalizer read the same q and k: one node per layer, on [v, 1]
-    assert [(d["action"], d["nodes"]) for d in causal.details if d["action"] == "merged"] == [("merged", layers)]
+    assert [(d["action"], d["count"]) for d in causal.details if d["action"] == "merged"] == [("merged", layers)]
     assert [d["action"] for d in lowered.details] == ["lowered (standard ops, chunked)"] * layers
     assert 5 not in cumsum_input_ranks(out)
     assert max_err(run(model, feeds), run(out, feeds)) < 1e-4
