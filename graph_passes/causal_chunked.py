@@ -524,9 +524,9 @@ def merge_shared_keys(model: ir.Model) -> list[str]:
         widths = [int(n.inputs[2].shape[3]) for n in nodes]
         label = node_label(first) + "/merged"
 
-        def mk(op_type, inputs, attrs=None, outputs=1, domain="", _label=label):
+        def mk(op_type, inputs, attrs=None, outputs=1, domain="", _label=label, _meta=dict(first.metadata_props)):
             new = ir.node(op_type, inputs, attrs or {}, domain=domain, num_outputs=outputs,
-                          name=f"{_label}/{op_type}")
+                          name=f"{_label}/{op_type}", metadata_props=_meta)
             model.graph.append(new)
             return new
 

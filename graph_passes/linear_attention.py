@@ -28,6 +28,8 @@ from graph_passes._base import GraphPass, PassOptions
 from graph_passes.linear_attention_onnx import LinearAttentionOnnxPass
 from graph_passes.linear_attention_ort import DOMAIN, OP_TYPE, LinearAttentionOrtPass
 from graph_passes.linear_attention_portable import LinearAttentionPortablePass
+from graph_passes._util import node_label
+from graph_passes.name_scopes import SCOPES_KEY
 from graph_passes.precision_cast import keep_float32, mark_growing
 
 LOWERINGS: dict[str, type[GraphPass]] = {
@@ -56,9 +58,15 @@ class LinearAttentionPass(GraphPass):
             raise ValueError(f"unknown linear-attention lowering {target!r}; choose from: {', '.join(LOWERINGS)}")
         before = set(model.graph)
         readers = _growing_readers(model)
+        scopes = {node_label(n): n.metadata_props[SCOPES_KEY] for n in before
+                  if n.domain == DOMAIN and n.op_type == OP_TYPE and SCOPES_KEY in n.metadata_props}
         changed = LOWERINGS[target](self.options).run(model)
         new_nodes = [n for n in model.graph if n not in before]
         keep_float32(new_nodes, FLOAT32_WHY)
+        for n in new_nodes:  # the module a lowered node came from (the lowerings name them "<node>/...")
+            owner = next((s for label, s in scopes.items() if (n.name or "").startswith(label + "/")), None)
+            if owner is not None:
+                n.metadata_props.setdefault(SCOPES_KEY, owner)
         for label, (reader, idx) in readers:
             producer = reader.inputs[idx].producer() if reader.inputs[idx] is not None else None
             if producer is not None and producer in new_nodes:
