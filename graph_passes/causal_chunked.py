@@ -1,5 +1,15 @@
 # mypy: disable-error-code="override"
-"""Causal linear attention: a prefix sum of k v^T (CumSum over the sequence or its buckets) -> chunked form.
+"""Causal linear attention: a prefix sum of k v^T (CumSum over the sequence or its buckets) -> the
+linear-attention op, or the chunked form.
+
+A sum per position that includes it (``S_i = sum_{j<=i} k_j v_j^T``) is exactly the op's ``linear`` rule, so
+it becomes one ``lrexport.LinearAttention`` node (:func:`op_causal`), lowered for the backend by the
+``linear-attention`` pass like every recurrence (ONNX Runtime's native op, or the portable form) and carried
+as a state by export-step; the normalizer ``q . sum k`` is the same rule on a value column of ones, and
+a numerator and normalizer that read the same q and k are merged into one node on ``[v, 1]``
+(:func:`merge_shared_keys`: the op's own ``normalize`` runs that way). The model's own division (its eps,
+clamp or reciprocal) is left as it is. Sums per bucket and exclusive prefixes, which the op does not
+express, get the chunked form below (the record's ``why`` says which).
 
 The naive export computes S_u = sum_{j<=u} k_j v_j^T as an outer product, CumSum over the sequence, then a
 contraction with q. That materializes an n x d x e tensor per head. The chunked form splits the sequence
