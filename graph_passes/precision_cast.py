@@ -258,7 +258,8 @@ def _keep_growing_feeds(start: ir.Node, keep: dict[ir.Node, str]) -> None:
     so they are computed in float32 from the projection on: data movement, elementwise maps of one computed
     input, and the projection itself (MatMul/Gemm/Einsum, whose input then crosses into float32 with a Cast)."""
     why = start.metadata_props.get(FLOAT32_TAG)
-    group, frontier, seen = [start], [], {start}
+    group, seen = [start], {start}
+    frontier: list[ir.Node] = []
     while group:  # the lowered recurrence: its nodes carry the tag of ``start``
         node = group.pop()
         for v in node.inputs:
