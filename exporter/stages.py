@@ -217,8 +217,11 @@ def run_passes_on(model: onnx.ModelProto, options: BuildOptions, specs: Sequence
     chunk, warnings = clamp_chunk(options.chunk_size, specs)
     opts = graph_passes.PassOptions(chunk_size=chunk, merge_threshold=options.merge_threshold,
                                     linear_attention=lowering[0])
+    passes = options.passes
+    if passes is not None and "linear-attention" not in passes:  # no runtime runs lrexport's own op: it is
+        passes = [*passes, "linear-attention"]  # always lowered (causal-chunk and quadratic-causal write it)
     try:
-        new_model, report = graph_passes.run_passes(model, options.passes, options=opts, feeds=feeds,
+        new_model, report = graph_passes.run_passes(model, passes, options=opts, feeds=feeds,
                                                     progress=progress, base_dir=base_dir)
     except graph_passes.InputModelError as err:
         raise (explain_input_model_error(err, loaded, [i.name for i in model.graph.input]) or err) from None

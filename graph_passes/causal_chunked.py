@@ -1,5 +1,15 @@
 # mypy: disable-error-code="override"
-"""Causal linear attention: a prefix sum of k v^T (CumSum over the sequence or its buckets) -> chunked form.
+"""Causal linear attention: a prefix sum of k v^T (CumSum over the sequence or its buckets) -> the
+linear-attention op, or the chunked form.
+
+A sum per position that includes it (``S_i = sum_{j<=i} k_j v_j^T``) is exactly the op's ``linear`` rule, so
+it becomes one ``lrexport.LinearAttention`` node (:func:`op_causal`), lowered for the backend by the
+``linear-attention`` pass like every recurrence (ONNX Runtime's native op, or the portable form) and carried
+as a state by export-step; the normalizer ``q . sum k`` is the same rule on a value column of ones, and
+a numerator and normalizer that read the same q and k are merged into one node on ``[v, 1]``
+(:func:`merge_shared_keys`: the op's own ``normalize`` runs that way). The model's own division (its eps,
+clamp or reciprocal) is left as it is. Sums per bucket and exclusive prefixes, which the op does not
+express, get the chunked form below (the record's ``why`` says which).
 
 The naive export computes S_u = sum_{j<=u} k_j v_j^T as an outer product, CumSum over the sequence, then a
 contraction with q. That materializes an n x d x e tensor per head. The chunked form splits the sequence
@@ -33,6 +43,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common  # noqa: F401  (CSE)
 from onnxscript.optimizer import fold_constants_ir
 from onnxscript.rewriter import pattern as orp
 
@@ -40,6 +51,9 @@ from graph_passes._base import GraphPass, Match, collecting, record, rule_option
 from graph_passes._util import const_array, einsum_equation, node_label, prepare, parse_einsum
 from graph_passes.causal_canon import CANONICAL_RULES, PrefixSum, prefix_sum, single_axis
 from graph_passes.causal_plan import CausalPlan, broadcast_reason, bucket_size, plan_causal, plan_normalizer
+from graph_passes.linear_attention_ort import DOMAIN, OP_TYPE
+
+OP_ACTION = f"rewritten ({DOMAIN}.{OP_TYPE}, rule linear)"
 
 _FLOAT32 = ir.DataType.FLOAT
 
@@ -138,6 +152,109 @@ def chunked_normalizer(op, q: ir.Value, k: ir.Value, plan: CausalPlan, c: int, o
     out4 = op.Add(intra, op.MatMul(pro["q4"], zprev))  # [P, nc, C, 1]
     shape = op.Shape(pro["qc"], end=-1)  # [batch..., u, (w)]
     return _epilogue(op, out4, pro["n"], shape, _i64(op, [1]), out_dtype, plan.perm_out)
+
+
+def _dims(value: ir.Value, perm: list[int]) -> list | None:
+    """The value's dims in canonical order (symbolic dims as their names), None when its shape is unknown."""
+    if value.shape is None or len(value.shape) != len(perm):
+        return None
+    return [d.value if isinstance(d, ir.SymbolicDim) else d for d in (value.shape[p] for p in perm)]
+
+
+class _OpLayout:
+    """How the canonical [batch..., n, f] operands become the op's (B, n, H, f) and back: B the first batch
+    axis, H the product of the others when their sizes are static (a static head count; the step model's
+    state then has the batch as its only free dim), else B all batch axes flattened and H = 1."""
+
+    def __init__(self, batch: list, heads: int | None):
+        self.batch, self.heads = batch, heads
+
+    def shape(self, n, f) -> ir.Shape:
+        b0 = self.batch[0] if self.batch else 1
+        if self.heads is None:
+            b0 = b0 if len(self.batch) <= 1 else None
+        return ir.Shape([b0, n, self.heads or 1, f])
+
+    def to_op(self, op, xc: ir.Value) -> ir.Value:
+        nb = len(self.batch)
+        if nb >= 2 and self.heads is not None:  # [b0, b1.., n, f] -> [b0, n, b1.., f] -> [b0, n, H, f]
+            xt = op.Transpose(xc, perm=[0, nb] + list(range(1, nb)) + [nb + 1])
+            return op.Reshape(xt, _i64(op, [0, 0, self.heads, -1]))
+        if nb == 1:
+            return op.Unsqueeze(xc, _i64(op, [2]))
+        flat = op.Reshape(xc, op.Concat(_i64(op, [-1]), op.Shape(xc, start=-2), axis=0))
+        return op.Unsqueeze(flat, _i64(op, [2]))
+
+    def from_op(self, op, out: ir.Value, like: ir.Value) -> ir.Value:
+        """(B, n, H, e) -> canonical [batch..., n, e]; ``like`` is a canonical operand ([batch..., n, f])."""
+        nb = len(self.batch)
+        if nb >= 2 and self.heads is not None:
+            split = op.Reshape(out, _i64(op, [0, 0] + [int(d) for d in self.batch[1:]] + [-1]))
+            return op.Transpose(split, perm=[0] + list(range(2, nb + 1)) + [1, nb + 1])
+        if nb == 1:
+            return op.Squeeze(out, _i64(op, [2]))
+        return op.Reshape(out, op.Concat(op.Shape(like, end=-1), op.Shape(out, start=-1), axis=0))
+
+
+def _op_layout(m: "_Site") -> _OpLayout | str:
+    """The op layout of a site, or why it stays in the chunked form (the op is a per-token inclusive sum)."""
+    if m.bucket != 1:
+        return f"sums per bucket of {m.bucket} positions (the op sums per position)"
+    if m.prefix.exclusive:
+        return "an exclusive prefix (the op's sum includes the current position)"
+    dq, dk = _dims(m.q, m.plan.perm_q), _dims(m.k, m.plan.perm_k)
+    dv = _dims(m.v, m.plan.perm_v) if m.v is not None else [None, 1]
+    if dq is None or dk is None or dv is None:
+        return "operand ranks unknown"
+    if not isinstance(dq[-1], int) or not isinstance(dv[-1], int):
+        return "the feature dims are not static"
+    batch = dq[: len(dq) - (3 if m.plan.bucketed else 2)]
+    rest = batch[1:]
+    heads = int(np.prod(rest)) if rest and all(isinstance(d, int) for d in rest) else None
+    if len(batch) < 2:
+        heads = 1
+    return _OpLayout(batch, heads)
+
+
+def op_causal(op, m: "_Site", layout: _OpLayout, out_dtype: ir.DataType) -> ir.Value:
+    """The site as one ``lrexport.LinearAttention`` node (rule linear): the numerator's ``q . S``, or for the
+    normalizer ``q . z`` as the linear rule on a value of ones (the op's own normalizer runs it that way)."""
+    def canonical(x: ir.Value, perm: list[int]) -> ir.Value:
+        xc = _transpose(op, x, perm)
+        return op.Squeeze(xc, _i64(op, [-2])) if m.plan.bucketed else xc  # the bucket of one position
+
+    qc, kc = canonical(m.q, m.plan.perm_q), canonical(m.k, m.plan.perm_k)
+    dq = _dims(m.q, m.plan.perm_q)
+    assert dq is not None
+    n = dq[-3] if m.plan.bucketed else dq[-2]
+    q4, k4 = layout.to_op(op, qc), layout.to_op(op, kc)
+    q4.type, q4.shape = m.q.type, layout.shape(n, dq[-1])
+    k4.type, k4.shape = m.k.type, layout.shape(n, dq[-1])
+    if m.v is not None:
+        dv = _dims(m.v, m.plan.perm_v)
+        assert dv is not None
+        v4 = layout.to_op(op, canonical(m.v, m.plan.perm_v))
+        v4.type, v4.shape = m.v.type, layout.shape(n, dv[-1])
+    else:
+        assert m.k.dtype is not None
+        ones = ir.tensor(np.ones(1, dtype=m.k.dtype.numpy()))
+        v4 = op.ConstantOfShape(op.Concat(op.Shape(k4, start=0, end=3), _i64(op, [1]), axis=0), value=ones)
+        v4.type, v4.shape = m.k.type, layout.shape(n, 1)
+    h = layout.heads or 1
+    out, state = op.LinearAttention(q4, k4, v4, _domain=DOMAIN, _outputs=2, rule="linear", scale=1.0,
+                                    decay="none", normalize=0, eps=0.0, q_heads=h, k_heads=h, v_heads=h)
+    e = v4.shape[3]
+    out.type, out.shape = m.q.type, layout.shape(n, e)
+    b0 = layout.shape(n, e)[0]
+    state.type, state.shape = ir.TensorType(_FLOAT32), ir.Shape([b0, h, dq[-1], e])
+    res = layout.from_op(op, out, qc)  # [batch..., n, e]
+    if m.plan.bucketed:
+        res = op.Unsqueeze(res, _i64(op, [-2]))
+    if m.v is None:
+        res = op.Squeeze(res, _i64(op, [-1]))
+    if m.q.dtype != out_dtype:
+        res = op.Cast(res, to=out_dtype)
+    return _transpose(op, res, m.plan.perm_out)
 
 
 class _Site:
@@ -267,6 +384,13 @@ class StateContractionRule(orp.RewriteRuleClassBase):
         m = self._site
         assert m is not None
         node = result.producer()
+        cumsum = node_label(m.prefix.cumsum)
+        layout = _op_layout(m)
+        if not isinstance(layout, str):
+            out = op_causal(op, m, layout, result.dtype)
+            record(Match(f"causal-{m.kind}", OP_ACTION, [cumsum, node_label(node)], rewritten=True,
+                         info={"heads": layout.heads or 1}), key=("refused", cumsum))
+            return out
         c = chunk_for(rule_options().chunk_size, m.bucket)
         args = dict(graph=node.graph, bucket=m.bucket, exclusive=m.prefix.exclusive)
         if m.kind == "numerator":
@@ -274,12 +398,11 @@ class StateContractionRule(orp.RewriteRuleClassBase):
             out = chunked_causal(op, m.q, m.k, m.v, m.plan, c, result.dtype, **args)
         else:
             out = chunked_normalizer(op, m.q, m.k, m.plan, c, result.dtype, **args)
-        info: dict[str, object] = {"chunk": c}
+        info: dict[str, object] = {"chunk": c, "why": layout}
         if m.plan.bucketed:
             info["bucket"] = m.bucket
         if m.prefix.exclusive:
             info["prefix"] = "exclusive"
-        cumsum = node_label(m.prefix.cumsum)
         record(Match(f"causal-{m.kind}", "chunked", [cumsum, node_label(node)], rewritten=True, info=info),
                key=("refused", cumsum))  # a refusal of this CumSum by an earlier reading no longer holds
         return out
@@ -379,6 +502,72 @@ def fold_small_shape_constants(model: ir.Model) -> None:
     fold_constants_ir(model, should_fold=should_fold)
 
 
+def _attr(node: ir.Node, name: str, default=None):
+    a = node.attributes.get(name)
+    return default if a is None else a.value
+
+
+def _plain_linear(node: ir.Node) -> bool:
+    """A linear-rule node without decay, normalizer, initial state or a read final state."""
+    return (node.domain == DOMAIN and node.op_type == OP_TYPE and _attr(node, "rule") == "linear"
+            and not _attr(node, "normalize", 0) and len([x for x in node.inputs[3:] if x is not None]) == 0
+            and len(node.inputs) >= 3 and all(x is not None and x.shape is not None for x in node.inputs[:3])
+            and not node.outputs[1].uses() and not node.outputs[1].is_graph_output()
+            and isinstance(node.inputs[2].shape[3], int))
+
+
+def merge_shared_keys(model: ir.Model) -> list[str]:
+    """Linear-rule nodes reading the same q and k (a numerator and its normalizer, after CSE) -> one node on
+    their values side by side, its output split: the op runs q . k once, the normalizer being the value
+    column of ones (as the op's ``normalize`` does it). Returns the labels of the nodes merged into another."""
+    groups: dict[tuple, list[ir.Node]] = {}
+    for node in model.graph:
+        if _plain_linear(node):
+            key = (id(node.inputs[0]), id(node.inputs[1]), _attr(node, "scale", 1.0),
+                   *(_attr(node, a) for a in ("q_heads", "k_heads", "v_heads")))
+            groups.setdefault(key, []).append(node)
+    merged: list[str] = []
+    for nodes in groups.values():
+        if len(nodes) < 2:
+            continue
+        first = nodes[0]
+        widths = [int(n.inputs[2].shape[3]) for n in nodes]
+        label = node_label(first) + "/merged"
+
+        def mk(op_type, inputs, attrs=None, outputs=1, domain="", _label=label, _meta=dict(first.metadata_props)):
+            new = ir.node(op_type, inputs, attrs or {}, domain=domain, num_outputs=outputs,
+                          name=f"{_label}/{op_type}", metadata_props=_meta)
+            model.graph.append(new)
+            return new
+
+        widths_c = ir.node("Constant", [], {"value": ir.tensor(np.array(widths, np.int64))}, name=f"{label}/widths")
+        model.graph.append(widths_c)
+        cat = mk("Concat", [n.inputs[2] for n in nodes], {"axis": -1})
+        v0 = nodes[0].inputs[2]
+        cat.outputs[0].type = v0.type
+        cat.outputs[0].shape = ir.Shape([*list(v0.shape)[:3], sum(widths)])
+        attrs = {k: a for k, a in first.attributes.items()}
+        la = mk(OP_TYPE, [first.inputs[0], first.inputs[1], cat.outputs[0]], attrs, outputs=2, domain=DOMAIN)
+        out0 = first.outputs[0]
+        la.outputs[0].type = out0.type
+        la.outputs[0].shape = ir.Shape([*list(out0.shape or [None] * 4)[:3], sum(widths)])
+        st = first.outputs[1]
+        la.outputs[1].type = st.type
+        if st.shape is not None:
+            la.outputs[1].shape = ir.Shape([*list(st.shape)[:3], sum(widths)])
+        split = mk("Split", [la.outputs[0], widths_c.outputs[0]], {"axis": -1}, outputs=len(nodes))
+        for node, part, w in zip(nodes, split.outputs, widths):
+            part.type = node.outputs[0].type
+            part.shape = node.outputs[0].shape
+            ir.convenience.replace_all_uses_with(node.outputs[0], part)
+        for node in nodes:
+            model.graph.remove(node, safe=True)
+        merged += [node_label(n) for n in nodes[1:]]
+    if merged:
+        model.graph.sort()
+    return merged
+
+
 class CausalChunkPass(GraphPass):
     """Canonicalize, rewrite every causal state contraction to the chunked form; report what is left (and why)."""
 
@@ -395,6 +584,13 @@ class CausalChunkPass(GraphPass):
             count = self.apply_rules(model, CAUSAL_RULES)
             # only what the chunked rule left: fp16 normalizers in forms it does not know
             count += self.apply_rules(model, NORMALIZER_FLOAT32_RULES)
+        if any(m.matched and m.action == OP_ACTION for m in found):
+            model.opset_imports.setdefault(DOMAIN, 1)
+            ir.passes.common.CommonSubexpressionEliminationPass()(model)  # the q and k the nodes share
+            merged = merge_shared_keys(model)
+            if merged:
+                record(Match("causal-normalizer", "merged", merged, reason="its node reads the numerator's q and k: "
+                             "one node on [v, 1]", matched=False, info={"count": len(merged)}))
         refusals = {m.nodes[0]: m.reason or "" for m in found if not m.matched}
         for m in found:
             if m.matched:

@@ -14,7 +14,10 @@ Every node a lowering writes is tagged to stay float32 under the precision cast
 (the contrib op's CPU kernel is float32 only; the portable form's chunk-to-chunk state sums, its
 ``CumSum`` of log decays whose differences feed ``Exp``, and the delta rules' inverse would lose their
 precision in fp16), so the cast runs them in float32 with Casts at the boundary, as it keeps the
-causal-chunk pass's running sums. A model without the node is left as it is.
+causal-chunk pass's running sums. The output of a linear-rule node without normalizer grows with the
+sequence (no decay bounds it): its new producer is also marked (``precision_cast.mark_growing``), so its
+readers stay float32 up to the division that normalizes it, as a growing CumSum's do. A model without the
+node is left as it is.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from graph_passes._base import GraphPass, PassOptions
 from graph_passes.linear_attention_onnx import LinearAttentionOnnxPass
 from graph_passes.linear_attention_ort import DOMAIN, OP_TYPE, LinearAttentionOrtPass
 from graph_passes.linear_attention_portable import LinearAttentionPortablePass
-from graph_passes.precision_cast import keep_float32
+from graph_passes._util import node_label
+from graph_passes.name_scopes import SCOPES_KEY
+from graph_passes.precision_cast import keep_float32, mark_growing
 
 LOWERINGS: dict[str, type[GraphPass]] = {
     "portable": LinearAttentionPortablePass,
@@ -52,6 +57,31 @@ class LinearAttentionPass(GraphPass):
         if target not in LOWERINGS:
             raise ValueError(f"unknown linear-attention lowering {target!r}; choose from: {', '.join(LOWERINGS)}")
         before = set(model.graph)
+        readers = _growing_readers(model)
+        scopes = {node_label(n): n.metadata_props[SCOPES_KEY] for n in before
+                  if n.domain == DOMAIN and n.op_type == OP_TYPE and SCOPES_KEY in n.metadata_props}
         changed = LOWERINGS[target](self.options).run(model)
-        keep_float32([n for n in model.graph if n not in before], FLOAT32_WHY)
+        new_nodes = [n for n in model.graph if n not in before]
+        keep_float32(new_nodes, FLOAT32_WHY)
+        for n in new_nodes:  # the module a lowered node came from (the lowerings name them "<node>/...")
+            owner = next((s for label, s in scopes.items() if (n.name or "").startswith(label + "/")), None)
+            if owner is not None:
+                n.metadata_props.setdefault(SCOPES_KEY, owner)
+        for label, (reader, idx) in readers:
+            producer = reader.inputs[idx].producer() if reader.inputs[idx] is not None else None
+            if producer is not None and producer in new_nodes:
+                mark_growing(producer, f"the output of {label} (linear rule: no decay, no normalizer)")
         return changed
+
+
+def _growing_readers(model: ir.Model) -> list[tuple[str, tuple[ir.Node, int]]]:
+    """Where the output of each linear-rule node without normalizer is read (node label, (reader, input)):
+    that output grows with the sequence, and after the lowering its new producer is found from there."""
+    found = []
+    for node in model.graph:
+        attr = node.attributes.get("rule")
+        norm = node.attributes.get("normalize")
+        if node.domain == DOMAIN and node.op_type == OP_TYPE and attr is not None and attr.value == "linear" \
+                and not (norm is not None and norm.value):
+            found += [(node.name or OP_TYPE, (u.node, u.idx)) for u in node.outputs[0].uses()]
+    return found

@@ -8,7 +8,10 @@ node and why; :func:`apply_cast` rewrites the graph):
   (the sum of d squares passes 65504 once d |x|^2 does: d = 512 and |x| = 12 are enough),
 * running and normalizer sums that grow with the sequence: a ``CumSum`` / ``ReduceSum`` along an axis
   whose length is not fixed in the graph, and the ops reading it, up to and including the ``Div`` /
-  ``Reciprocal`` that normalizes (linear attention's S_i and Z_i grow with n). A sum along static axes
+  ``Reciprocal`` that normalizes (linear attention's S_i and Z_i grow with n; so does the output of a
+  lowered linear-rule recurrence without normalizer, whose lowering marks it: :func:`mark_growing`,
+  ``graph_passes/linear_attention.py``: an fp16 reader would round values of hundreds to steps of 0.25,
+  and an out projection's cancellations turn that into errors past the fp16 tolerance). A sum along static axes
   only (a chunk, a head dimension) has the same length at every input shape, so the range analysis,
   which measures it, decides,
 * ``Softmax``: its input is cast to float32 (exp and the row sum run in fp32); the scaling before it
@@ -52,12 +55,15 @@ _WHY = {"LayerNormalization": "LayerNorm (an fp16 variance overflows)",
         "LinearAttention": "LinearAttention (its state accumulates over the sequence)"}
 # Node metadata key: the pass that wrote the node keeps it float32; the value says why.
 FLOAT32_TAG = "lrexport.keep_float32"
+# Node metadata key, on a tagged node whose output grows with the sequence (a running sum without decay or
+# normalizer, computed by a pass's nodes): its readers stay float32 as a growing CumSum's do.
+GROWS_TAG = "lrexport.grows_with_sequence"
 
 # From a growing running/normalizer sum, fp32 spreads forward through these ops until a Div/Reciprocal.
 _SUM_OPS = frozenset({"CumSum", "ReduceSum"})
 _SUM_PASS_THROUGH = frozenset({
     "Einsum", "MatMul", "Add", "Sub", "Mul", "Unsqueeze", "Squeeze", "Reshape", "Transpose", "Expand",
-    "Slice", "Concat", "Gather", "Pad", "Identity", "Max", "Clip", "CumSum", "ReduceSum", "Flatten",
+    "Slice", "Concat", "Gather", "Pad", "Identity", "Max", "Clip", "CumSum", "ReduceSum", "Flatten", "Split",
 })
 _SUM_STOP = frozenset({"Div", "Reciprocal"})
 _SUM_REASONS = ("sum along an axis whose length varies", "reads the growing sum", "normalizes the growing sum")
@@ -96,6 +102,12 @@ def keep_float32(nodes: Collection[ir.Node], why: str) -> None:
     """Tag ``nodes`` (written by a pass) to stay float32 under the cast, ``why`` being the report's reason."""
     for node in nodes:
         node.metadata_props[FLOAT32_TAG] = why
+
+
+def mark_growing(node: ir.Node, what: str) -> None:
+    """Mark a tagged node as computing a value that grows with the sequence (``what`` names it): the cast
+    keeps its readers float32 up to the division that normalizes it, as for a growing CumSum."""
+    node.metadata_props[GROWS_TAG] = what
 
 
 # ---------------------------------------------------------------------------------------------- plan
@@ -172,6 +184,10 @@ def structural_fp32(graph: ir.Graph, keep_ops: Collection[str]) -> dict[ir.Node,
     for node in graph:
         if FLOAT32_TAG in node.metadata_props and (_has_subgraph(node) or any(_is_float(o) for o in node.outputs)):
             keep[node] = node.metadata_props[FLOAT32_TAG]
+            if GROWS_TAG in node.metadata_props:
+                _keep_sum_readers(node, keep)
+                if f"{_SUM_REASONS[2]} of {_label(node)}" not in keep.values():  # nothing normalizes it
+                    _keep_growing_feeds(node, keep)
         elif node.domain not in _STANDARD:
             keep[node] = "custom op (runs as exported)"
         elif node.op_type in _SUM_OPS:
@@ -215,6 +231,55 @@ def _keep_sum_readers(start: ir.Node, keep: dict[ir.Node, str]) -> None:
                 elif user.op_type in _SUM_PASS_THROUGH and _is_float(user.outputs[0]):
                     keep[user] = f"{_SUM_REASONS[1]} of {_label(start)}"
                     queue.append(user)
+
+
+# Back from an unnormalized growing recurrence: through data movement, and through elementwise maps of one
+# computed input (a feature map, a bias), to the projection that computes q, k, v (kept, then stop).
+_FEED_MOVE = frozenset({"Reshape", "Transpose", "Split", "Slice", "Squeeze", "Unsqueeze", "Concat", "Identity",
+                        "Expand", "Flatten"})
+_FEED_MAP = frozenset({"Add", "Sub", "Mul", "Div", "Elu", "Relu", "LeakyRelu", "Exp", "Sigmoid", "Softplus",
+                       "Tanh", "Gelu", "Erf", "Abs", "Neg", "Sqrt", "Pow", "Softmax", "Max", "Min", "Clip"})
+_FEED_PROJECTION = frozenset({"MatMul", "Gemm", "Einsum"})
+_FEEDS_WHY = "computes an input of the growing {} (its fp16 rounding would grow with the sequence in the output)"
+
+
+def _computed(value: ir.Value | None) -> bool:
+    """A value computed from the model's inputs (not a weight or a constant)."""
+    if value is None or value.const_value is not None:
+        return False
+    producer = value.producer()
+    return producer is None or producer.op_type != "Constant"
+
+
+def _keep_growing_feeds(start: ir.Node, keep: dict[ir.Node, str]) -> None:
+    """The nodes computing the q, k, v of the growing recurrence whose output ``start`` produces, when nothing
+    normalizes that output: its absolute error is the relative rounding of q, k, v times its magnitude, which
+    grows with n (a linear rule at n = 4096: outputs of hundreds, errors of 0.1-0.3 from fp16 q, k, v alone),
+    so they are computed in float32 from the projection on: data movement, elementwise maps of one computed
+    input, and the projection itself (MatMul/Gemm/Einsum, whose input then crosses into float32 with a Cast)."""
+    why = start.metadata_props.get(FLOAT32_TAG)
+    group, seen = [start], {start}
+    frontier: list[ir.Node] = []
+    while group:  # the lowered recurrence: its nodes carry the tag of ``start``
+        node = group.pop()
+        for v in node.inputs:
+            p = v.producer() if v is not None else None
+            if p is None or p in seen:
+                continue
+            seen.add(p)
+            (group if p.metadata_props.get(FLOAT32_TAG) == why else frontier).append(p)
+    label = _FEEDS_WHY.format(_label(start))
+    while frontier:
+        node = frontier.pop()
+        if node in keep or node.domain not in _STANDARD or not any(_is_float(o) for o in node.outputs):
+            continue
+        computed = [v for v in node.inputs if _computed(v) and _is_float(v)]
+        if node.op_type in _FEED_PROJECTION:
+            keep[node] = label
+            continue
+        if node.op_type in _FEED_MOVE or (node.op_type in _FEED_MAP and len(computed) == 1):
+            keep[node] = label
+            frontier += [v.producer() for v in computed if v.producer() is not None]
 
 
 def _sum_grows(node: ir.Node) -> bool:

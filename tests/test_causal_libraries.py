@@ -3,8 +3,8 @@ performer-pytorch's causal LM (a Python loop over chunks), fast-transformers' ca
 CausalDotProduct kernel) and fla's LinearAttention layer (Triton).
 
 For each, ``lrexport build`` keeps the sequence dynamic (nothing pinned), lists its patches, passes parity at
-min/opt/max/odd, the causal-chunk pass reports the chunked rewrite (fla's patch calls the linear-attention op,
-which its own pass lowers), and at n = 1024 the largest intermediate
+min/opt/max/odd, the causal-chunk pass writes its running sums as the linear-attention op (fla's patch calls
+that op itself), which its own pass lowers, and at n = 1024 the largest intermediate
 tensor of the optimized model is at least 4x smaller than that of the exported one (what ``--no-passes``
 ships). ``lrexport export-step`` on fla and fast-transformers reproduces the full-sequence PyTorch output token by
 token and in chunks; performer's is refused by name (its key features see the whole sequence). Builders:
@@ -20,6 +20,7 @@ import pytest
 
 import third_party_models as tpm
 from conftest import error_line
+from graph_passes.causal_chunked import OP_ACTION
 from graph_passes.cost import measure
 
 LIBRARIES = {
@@ -68,8 +69,8 @@ def test_build_dynamic_chunked_parity(cli, tmp_path, name):
         assert passes["linear-attention"]["changed"] and not passes["causal-chunk"]["changed"]
     else:
         causal = passes["causal-chunk"]
-        numerators = [d for d in causal["details"] if d["kind"] == "causal-numerator" and d["action"] == "chunked"]
-        assert causal["changed"] and numerators
+        numerators = [d for d in causal["details"] if d["kind"] == "causal-numerator" and d["action"] == OP_ACTION]
+        assert causal["changed"] and numerators and passes["linear-attention"]["changed"]
         assert not [d for d in causal["details"] if d["kind"] == "large-cumsum-left"]
     exported, optimized = onnx.load(str(out / "exported.onnx")), onnx.load(str(out / "model.onnx"))
     if name in ON_THE_OP:  # exported.onnx holds the op node (no shapes to measure): the state it would materialize

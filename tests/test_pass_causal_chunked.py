@@ -1,4 +1,6 @@
-"""causal-chunk: the n x d x e CumSum of causal linear attention becomes the chunked form."""
+"""causal-chunk: the n x d x e CumSum of causal linear attention becomes one lrexport.LinearAttention node per
+layer (numerator and normalizer; lowered by the linear-attention pass, which these tests run after it), or the
+chunked form where the sum is per bucket or exclusive."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from onnxscript.rewriter import rewrite
 
 from graph_passes import PassOptions, collecting, run_passes
 from graph_passes.causal_canon import CANONICAL_RULES
-from graph_passes.causal_chunked import CAUSAL_RULES, plan_causal
+from graph_passes.causal_chunked import CAUSAL_RULES, OP_ACTION, plan_causal
 from passes_helpers import cumsum_input_ranks, export_sample, feeds_for, make_model, max_err, op_count, run
 
 SEQS = (1, 37, 64, 100, 200)
@@ -87,13 +89,22 @@ def _qkv(n: int, seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
     return {nm: (rng.random((2, 4, n, 8)) + 0.1).astype(dtype) for nm in ("q", "k", "v")}
 
 
-def _check_chunked(model: onnx.ModelProto, chunk: int = 16, seqs=(1, 5, 16, 37, 100)) -> onnx.ModelProto:
+def _exclusive_reference(q, k, v):
+    return _causal_reference(q, k, v) - np.einsum("bhnd,bhnd,bhne->bhne", *(x.astype(np.float64) for x in (q, k, v)))
+
+
+def _check_chunked(model: onnx.ModelProto, chunk: int = 16, seqs=(1, 5, 16, 37, 100),
+                   exclusive: bool = False) -> onnx.ModelProto:
     feeds = [_qkv(n, seed=n) for n in seqs]
-    out, report = run_passes(model, ["causal-chunk", "cleanup"], options=PassOptions(chunk_size=chunk), feeds=feeds)
+    out, report = run_passes(model, ["causal-chunk", "linear-attention", "cleanup"],
+                             options=PassOptions(chunk_size=chunk), feeds=feeds)
     assert report.passes[0].matches == 1, report.format_table()
+    (rec,) = [d for d in report.passes[0].details if d["matched"]]
+    assert rec["action"] == ("chunked" if exclusive else OP_ACTION)
     assert all(r is not None and r < 5 for r in cumsum_input_ranks(out)), "n x d x e CumSum left"
+    ref = _exclusive_reference if exclusive else _causal_reference
     for f, got in zip(feeds, run(out, feeds)):
-        np.testing.assert_allclose(got[0], _causal_reference(f["q"], f["k"], f["v"]), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got[0], ref(f["q"], f["k"], f["v"]), rtol=1e-4, atol=1e-4)
     return out
 
 
@@ -102,26 +113,27 @@ def test_samples_chunked_and_in_parity(name):
     model = export_sample(name)
     feeds = feeds_for(name, SEQS)
     assert 5 in cumsum_input_ranks(model)
-    out, report = run_passes(model, ["cleanup", "causal-chunk", "cleanup"], feeds=feeds)
-    causal = report.passes[1]
+    out, report = run_passes(model, ["cleanup", "causal-chunk", "linear-attention", "cleanup"], feeds=feeds)
+    causal, lowered = report.passes[1], report.passes[2]
     layers = 1 if name == "causal_block" else 2
     assert causal.changed and causal.matches == 2 * layers  # numerator and normalizer per layer
     kinds = [(d["kind"], d["action"]) for d in causal.details]
-    assert kinds.count(("causal-numerator", "chunked")) == layers
-    assert kinds.count(("causal-normalizer", "chunked")) == layers
-    # what is left: one exclusive CumSum over chunk states [P, nc, d, e] and one over key sums per layer
-    assert op_count(out, "CumSum") == 2 * layers
-    assert all(n.attribute[0].i == 1 for n in out.graph.node if n.op_type == "CumSum")
-    # numerator and normalizer share the masked scores after CSE: one MatMul q @ k^T per layer
-    assert op_count(out, "Mul") - op_count(model, "Mul") == layers
+    assert kinds.count(("causal-numerator", OP_ACTION)) == layers
+    assert kinds.count(("causal-normalizer", OP_ACTION)) == layers
+    # numerator and normalizer read the same q and k: one node per layer, on [v, 1]
+    assert [(d["action"], d["count"]) for d in causal.details if d["action"] == "merged"] == [("merged", layers)]
+    assert [d["action"] for d in lowered.details] == ["lowered (standard ops, chunked)"] * layers
+    assert 5 not in cumsum_input_ranks(out)
     assert max_err(run(model, feeds), run(out, feeds)) < 1e-4
-    assert all(p.parity is not None and p.parity < 1e-4 for p in report.passes)
+    assert causal.parity is None  # its lrexport op runs once lowered: the lowering's parity covers both
+    assert all(p.parity is not None and p.parity < 1e-4 for p in report.passes if p is not causal)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 256])
 def test_chunk_sizes_any_length(chunk):
-    """n not divisible by C, n < C (one padded chunk) and C = 1 all agree with the naive form."""
-    _check_chunked(_causal_graph(), chunk=chunk, seqs=(1, 3, 37, 64, 100))
+    """The chunked form (an exclusive prefix): n not divisible by C, n < C (one padded chunk) and C = 1 all
+    agree with the naive form."""
+    _check_chunked(_causal_graph(exclusive=1), chunk=chunk, seqs=(1, 3, 37, 64, 100), exclusive=True)
 
 
 @pytest.mark.parametrize("kw", [
@@ -141,7 +153,8 @@ def test_exported_forms_match(kw):
     model = _causal_graph(**kw)
     if kw.get("eq_out", "").endswith("bhen"):
         feeds = [_qkv(n, seed=n) for n in (1, 37)]
-        out, report = run_passes(model, ["causal-chunk"], options=PassOptions(chunk_size=16), feeds=feeds)
+        out, report = run_passes(model, ["causal-chunk", "linear-attention"], options=PassOptions(chunk_size=16),
+                                 feeds=feeds)
         assert report.passes[0].matches == 1
         for f, got in zip(feeds, run(out, feeds)):
             ref = _causal_reference(f["q"], f["k"], f["v"]).transpose(0, 1, 3, 2)
@@ -154,8 +167,8 @@ def test_exported_forms_match(kw):
 def test_float16_model_sums_in_float32(exported_casts):
     model = _causal_graph(dtype=TensorProto.FLOAT16, cast=exported_casts, cast_before=exported_casts)
     feeds = [_qkv(n, seed=n, dtype=np.float16) for n in (5, 300)]
-    out, report = run_passes(model, ["causal-chunk"], options=PassOptions(chunk_size=64, check_atol=0.5,
-                                                                          check_rtol=2e-2), feeds=feeds)
+    out, report = run_passes(model, ["causal-chunk", "linear-attention"],
+                             options=PassOptions(chunk_size=64, check_atol=0.5, check_rtol=2e-2), feeds=feeds)
     assert report.passes[0].matches == 1
     cumsums = [n for n in out.graph.node if n.op_type == "CumSum"]
     inferred = onnx.shape_inference.infer_shapes(out)
@@ -180,9 +193,9 @@ def test_float16_export_of_causal_block():
     feeds = [{"x": (rng.standard_normal((2, n, 512)) * 0.5).astype(np.float16)} for n in (1, 37, 100)]
     out, report = run_passes(model, feeds=feeds, options=PassOptions(check_atol=2e-2, check_rtol=2e-2))
     causal = next(p for p in report.passes if p.name == "causal-chunk")
-    assert sorted(d["kind"] for d in causal.details if d["action"] == "chunked") == ["causal-normalizer",
-                                                                                     "causal-numerator"]
-    assert all(r == 4 for r in cumsum_input_ranks(out))
+    assert sorted(d["kind"] for d in causal.details if d["action"] == OP_ACTION) == ["causal-normalizer",
+                                                                                    "causal-numerator"]
+    assert all(r is not None and r < 5 for r in cumsum_input_ranks(out))
     ref_model = SAMPLES["causal_block"].factory()
     for f, got in zip(feeds, run(out, feeds)):
         assert got[0].dtype == np.float16
@@ -198,9 +211,9 @@ def test_exclusive_cumsum_chunked():
     out, report = run_passes(model, ["causal-chunk"], options=PassOptions(chunk_size=16), feeds=feeds)
     (rec,) = [d for d in report.passes[0].details if d["action"] == "chunked"]
     assert rec["prefix"] == "exclusive" and all(r is not None and r < 5 for r in cumsum_input_ranks(out))
+    assert "exclusive prefix" in rec["why"]  # why not the op: its sum includes the current position
     for f, got in zip(feeds, run(out, feeds)):
-        ref = _causal_reference(f["q"], f["k"], f["v"]) - np.einsum(
-            "bhnd,bhnd,bhne->bhne", *(f[x].astype(np.float64) for x in "qkv"))  # minus the diagonal term
+        ref = _exclusive_reference(f["q"], f["k"], f["v"])  # minus the diagonal term
         np.testing.assert_allclose(got[0], ref, rtol=1e-4, atol=1e-4)
 
 
@@ -220,22 +233,23 @@ def test_refuses_unsafe(kw, reason):
 
 def test_rule_sets_under_stock_rewrite():
     """The module-level rule sets need no pass: stock onnxscript rewrites (canonical forms, then the state
-    contraction; default chunk 64, nothing recorded) turn the Unsqueeze/Mul/ReduceSum form into the chunked
-    form, exact on random inputs; under a collector the same rule set records its match with the chunk it got."""
+    contraction; nothing recorded) turn the Unsqueeze/Mul/ReduceSum form into one linear-attention node,
+    exact on random inputs once lowered; under a collector the same rule set records its match."""
     model = onnx.shape_inference.infer_shapes(_causal_graph(outer="mul", contraction="mul"))
     canon = model
     for rules in CANONICAL_RULES:
         canon = onnx.shape_inference.infer_shapes(rewrite(canon, pattern_rewrite_rules=rules))
     out = rewrite(canon, pattern_rewrite_rules=CAUSAL_RULES)
-    assert cumsum_input_ranks(out) == [4] and op_count(out, "Unsqueeze") == 0
+    assert cumsum_input_ranks(out) == [] and op_count(out, "LinearAttention") == 1
+    lowered, _ = run_passes(out, ["linear-attention"])
+    assert op_count(out, "Unsqueeze") == 0
     feeds = [_qkv(n, seed=n) for n in (1, 37, 100)]
-    for f, got in zip(feeds, run(out, feeds)):
+    for f, got in zip(feeds, run(lowered, feeds)):
         np.testing.assert_allclose(got[0], _causal_reference(f["q"], f["k"], f["v"]), rtol=1e-4, atol=1e-4)
     with collecting(PassOptions(chunk_size=16)) as found:
-        out16 = rewrite(canon, pattern_rewrite_rules=CAUSAL_RULES)
-    assert [(m.kind, m.action, m.matched, m.rewritten, m.info["chunk"]) for m in found] == [
-        ("causal-numerator", "chunked", True, True, 16)]
-    assert max_err(run(out, feeds), run(out16, feeds)) < 1e-4
+        rewrite(canon, pattern_rewrite_rules=CAUSAL_RULES)
+    assert [(m.kind, m.action, m.matched, m.rewritten, m.info["heads"]) for m in found] == [
+        ("causal-numerator", OP_ACTION, True, True, 4)]
 
 
 def test_refused_cumsum_is_left_with_the_rule_reason():
@@ -289,8 +303,9 @@ def test_normalizer_chunked(kw, chunk):
     model = _normalizer_graph(**kw)
     rng = np.random.default_rng(3)
     feeds = [{nm: rng.random((2, 4, n, 8)).astype(np.float32) for nm in ("q", "k")} for n in (1, 7, 37)]
-    out, report = run_passes(model, ["causal-chunk"], options=PassOptions(chunk_size=chunk), feeds=feeds)
-    assert [d["action"] for d in report.passes[0].details if d["kind"] == "causal-normalizer"] == ["chunked"]
+    out, report = run_passes(model, ["causal-chunk", "linear-attention"], options=PassOptions(chunk_size=chunk),
+                             feeds=feeds)
+    assert [d["action"] for d in report.passes[0].details if d["kind"] == "causal-normalizer"] == [OP_ACTION]
     eq = kw.get("eq", "bhnd,bhnd->bhn").replace(" ", "")
     for f, got in zip(feeds, run(out, feeds)):
         ref = np.einsum(eq, f["q"].astype(np.float64), np.cumsum(f["k"].astype(np.float64), axis=2))
@@ -391,7 +406,16 @@ def test_bucketed_sums_chunked(bucket, shift, chunk):
     exclusive = shift != "none"
     seqs = [bucket, bucket * 9, bucket * 25]
     feeds = [_qkv(n, seed=n) for n in seqs]
-    out, report = run_passes(model, ["causal-chunk", "cleanup"], options=PassOptions(chunk_size=chunk), feeds=feeds)
+    out, report = run_passes(model, ["causal-chunk", "linear-attention", "cleanup"],
+                             options=PassOptions(chunk_size=chunk), feeds=feeds)
+    if bucket == 1 and not exclusive:  # a bucket of one position, inclusive: the per-position sum of the op
+        recs = [d for d in report.passes[0].details if d["action"] == OP_ACTION]
+        assert sorted(d["kind"] for d in recs) == ["causal-normalizer", "causal-numerator"]
+        assert 5 not in cumsum_input_ranks(out) and report.passes[1].matches == 1  # one node (merged)
+        for f, got in zip(feeds, run(out, feeds)):
+            np.testing.assert_allclose(got[0], _bucketed_reference(f["q"], f["k"], f["v"], 1, False),
+                                       rtol=1e-4, atol=1e-4)
+        return
     recs = [d for d in report.passes[0].details if d["action"] == "chunked"]
     assert sorted(d["kind"] for d in recs) == ["causal-normalizer", "causal-numerator"]
     want_chunk = -(-chunk // bucket) * bucket
@@ -453,8 +477,9 @@ def test_per_position_scale_split(eq, factor_shape, to_out):
         shape = [2 if d == "b" else n if d == "n" else d for d in factor_shape]
         f["s"] = rng.random(shape).astype(np.float32)
         feeds.append(f)
-    out, report = run_passes(model, ["causal-chunk"], options=PassOptions(chunk_size=16), feeds=feeds)
-    assert report.passes[0].matches == 1 and cumsum_input_ranks(out) == [4]
+    out, report = run_passes(model, ["causal-chunk", "linear-attention"], options=PassOptions(chunk_size=16),
+                             feeds=feeds)
+    assert report.passes[0].matches == 1 and 5 not in cumsum_input_ranks(out)
     for f, got in zip(feeds, run(out, feeds)):
         ref = _causal_reference(f["q"], f["k"], f["v"]) * to_out(f["s"].astype(np.float64))
         np.testing.assert_allclose(got[0], ref, rtol=1e-4, atol=1e-4)

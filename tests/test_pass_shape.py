@@ -17,6 +17,7 @@ from onnxscript.rewriter import rewrite
 
 import graph_passes.pass_manager as pass_manager
 from graph_passes import GraphPass, GraphPassResult, Match, PassOptions, collecting, rule_options, run_passes
+from graph_passes.causal_chunked import OP_ACTION
 from graph_passes.einsum_lowering import EINSUM_RULES
 from graph_passes.lowrank_pairs import LOWRANK_RULES
 from graph_passes.recurrent_state import RecurrentRefusal, RecurrentStatePass
@@ -85,15 +86,15 @@ def test_every_record_has_the_match_fields():
     ("noncausal_encoder", [], ["noncausal-linear-attention"] * 2),
 ])
 def test_causal_chunk_records_have_the_shape(name, matched, left):
-    """causal-chunk: a chunked site is a match; what no rule took is left (not a match) with a reason."""
+    """causal-chunk: a rewritten site is a match; what no rule took is left (not a match) with a reason."""
     _, report = run_passes(export_sample(name), ["causal-chunk"], feeds=feeds_for(name, (5, 37)))
     p = report.passes[0]
     assert sorted(d["kind"] for d in p.details if d["matched"]) == matched == sorted(
-        d["kind"] for d in p.details if d["action"] == "chunked" and d["rewritten"])
+        d["kind"] for d in p.details if d["action"] == OP_ACTION and d["rewritten"])
     assert p.matches == len(matched)
     lefts = [d for d in p.details if d["action"] == "left"]
     assert [d["kind"] for d in lefts] == left and all(d["reason"] and not d["matched"] for d in lefts)
-    assert {d["action"] for d in p.details} <= {"chunked", "left"} | {
+    assert {d["action"] for d in p.details} <= {OP_ACTION, "merged", "left"} | {
         d["action"] for d in p.details if d["kind"] == "causal-canonical"}
 
 

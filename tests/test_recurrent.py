@@ -526,15 +526,37 @@ def test_step_engine_builds_with_tensorrt_rtx(causal_lm, work):
     assert {o["name"] for o in built.outputs} >= {"output", "new_state_0", "new_state_3"}
 
 
-def test_refuses_the_chunked_model_and_says_to_use_the_exported_one(causal_lm, tmp_path):
+def test_causal_chunk_output_steps_on_the_op_states(causal_lm, tmp_path):
+    """causal-chunk writes each layer's running sums as one linear-attention node (numerator and normalizer on
+    [v, 1]): the step model of its output carries that node's state (its initial/final state), one per layer,
+    and reproduces the PyTorch model token by token and in chunks."""
     from graph_passes import run_passes
 
-    _, _, path, _ = causal_lm
-    chunked, _ = run_passes(onnx.load(str(path)), ["causal-chunk"])
+    model, specs, path, _ = causal_lm
+    passed, _ = run_passes(onnx.load(str(path)), ["cleanup", "causal-chunk"])
+    result = export_step(passed, tmp_path / "s.onnx", specs=specs)
+    assert [s.kind for s in result.states] == ["linear-attention"] * 2
+    assert all(list(s.shape[1:]) == [4, 32, 33] for s in result.states)  # heads, d, [v, 1]
+    check_step_parity(model, tmp_path / "s.onnx", specs, chunks=(1, 7), length=40).assert_ok()
+
+
+def test_refuses_the_chunked_form(tmp_path):
+    """An exclusive prefix keeps causal-chunk's chunked form, which has no step form: refused."""
+    from graph_passes import run_passes
+    from test_pass_causal_chunked import _bucketed_graph
+
+    model = _bucketed_graph(1, "pad")  # an exclusive prefix, its inputs [b, h, n, d] read from [b, n, h, d]
+    for vi in model.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        dims[1].dim_param, dims[2].dim_value = "n", 4
+        vi.name = f"{vi.name}_in"
+    for i, x in enumerate("qkv"):
+        model.graph.node.insert(i, helper.make_node("Transpose", [f"{x}_in"], [x], perm=[0, 2, 1, 3]))
+    chunked, report = run_passes(onnx.shape_inference.infer_shapes(model), ["cleanup", "causal-chunk"])
+    assert [d["action"] for d in report.passes[1].details if d["matched"]] == ["chunked", "chunked"]
     with pytest.raises(LrexportError) as info:
         export_step(chunked, tmp_path / "s.onnx")
-    assert "mixes positions along the sequence axis" in str(info.value)
-    assert "went through the causal-chunk pass" in str(info.value)
+    assert "cannot export a step model" in str(info.value)
 
 
 def test_sequence_local_passes_keep_step_parity(causal_lm, tmp_path):

@@ -19,6 +19,7 @@ import json
 import pytest
 
 import third_party_models as tpm
+from graph_passes.causal_chunked import OP_ACTION
 
 
 def _build(cli, tmp_path, name: str, kwargs: dict | None = None, *extra: str) -> dict:
@@ -158,19 +159,25 @@ def _pass(data: dict, name: str) -> dict:
 def test_linear_attention_transformer_causal_lm_chunked(cli, tmp_path, name, bucket):
     """linear-attention-transformer's causal LM as its author wrote it (per-bucket sums 'bhund,bhune->bhude',
     CumSum over buckets, 3-operand einsum with the normalizer's reciprocal; with B > 1 the sums shifted by one
-    bucket with F.pad + slice): the causal-chunk pass chunks the numerator and the normalizer of both layers
-    (chunks a multiple of B), the sequence stays dynamic (a multiple of B) and parity holds at min/opt/max/odd."""
+    bucket with F.pad + slice): the causal-chunk pass rewrites the numerator and the normalizer of both layers
+    (B = 1: the linear-attention op; B > 1: chunks a multiple of B), the sequence stays dynamic (a multiple of B) and parity holds at min/opt/max/odd."""
     pytest.importorskip("linear_attention_transformer")
     data = _build(cli, tmp_path, name)
     spec = data["export"]["inputs"][0]
     assert spec["dynamic_axes"] == [0, 1] and spec["multiple"] == [1, bucket] and not data["export"]["pinned_axes"]
     causal = _pass(data, "causal-chunk")
-    chunked = [d for d in causal["details"] if d["action"] == "chunked"]
-    assert sorted(d["kind"] for d in chunked) == ["causal-normalizer"] * 2 + ["causal-numerator"] * 2
-    assert all(d["bucket"] == bucket and d["chunk"] % bucket == 0 for d in chunked)
-    assert all((d.get("prefix") == "exclusive") == (bucket > 1) for d in chunked)
+    if bucket == 1:  # a bucket of one position, inclusive: the per-position sum, as the linear-attention op
+        ops = [d for d in causal["details"] if d["action"] == OP_ACTION]
+        assert sorted(d["kind"] for d in ops) == ["causal-normalizer"] * 2 + ["causal-numerator"] * 2
+        after = _pass(data, "linear-attention")["largest_tensor_after"]  # sizes once the op is lowered
+    else:
+        chunked = [d for d in causal["details"] if d["action"] == "chunked"]
+        assert sorted(d["kind"] for d in chunked) == ["causal-normalizer"] * 2 + ["causal-numerator"] * 2
+        assert all(d["bucket"] == bucket and d["chunk"] % bucket == 0 for d in chunked)
+        assert all(d.get("prefix") == "exclusive" for d in chunked)
+        after = causal["largest_tensor_after"]
     assert not any(d["kind"] == "large-cumsum-left" for d in causal["details"])
-    assert causal["largest_tensor_after"] < causal["largest_tensor_before"]
+    assert after < causal["largest_tensor_before"]
     odd = _cases(data)["odd"]["ids"][1]
     assert odd % bucket == 0 and odd % 64 != 0 and _cases(data)["min"]["ids"][1] == bucket
     assert _max_abs(data) < 1e-4
@@ -178,12 +185,13 @@ def test_linear_attention_transformer_causal_lm_chunked(cli, tmp_path, name, buc
 
 def test_performer_causal_lm_chunk_loop(cli, tmp_path):
     """performer-pytorch loops over chunks in Python; lrexport's export patch writes that loop as one running
-    sum, so the sequence stays dynamic and the causal-chunk pass chunks it (numerator and normalizer)."""
+    sum, so the sequence stays dynamic and the causal-chunk pass writes it as the linear-attention op (numerator and
+    normalizer)."""
     pytest.importorskip("performer_pytorch")
     data = _build(cli, tmp_path, "performer_causal_lm")
     assert data["export"]["pinned_axes"] == []
     assert data["export"]["patches"] == ["performer-pytorch causal_linear_attention_noncuda -> cumsum form"]
-    kinds = [d["kind"] for d in _pass(data, "causal-chunk")["details"] if d.get("action") == "chunked"]
+    kinds = [d["kind"] for d in _pass(data, "causal-chunk")["details"] if d.get("action") == OP_ACTION]
     assert sorted(kinds) == ["causal-normalizer", "causal-numerator"]
     assert _max_abs(data) < 1e-4
 
