@@ -60,7 +60,7 @@ ARCHS: dict[str, tuple[Callable[[], torch.nn.Module], int]] = {
     "minimax": (_tiny("minimax_lm"), 1),
     "mamba2": (_tiny("mamba2_lm"), 2),
     "bamba": (_tiny("bamba_lm"), 1),
-    "falcon_h1": (_tiny("falcon_h1_lm"), 1),
+    "falcon_h1": (_tiny("falcon_h1_lm"), 2),  # each layer has a Mamba-2 mixer beside its attention
     "nemotron_h": (_tiny("nemotron_h_lm"), 1),
     "granite_moe_hybrid": (_tiny("granite_moe_hybrid_lm"), 1),
     "zamba2": (_tiny("zamba2_lm"), 2),  # the hybrid layer has a Mamba-2 mixer too
@@ -179,6 +179,40 @@ def test_node_count_does_not_depend_on_the_example_length(cli, arch_folder, arch
               "--out", tmp_path / "short.onnx", "-q")
     assert res.code == 0, res.err[-2000:]
     assert _nodes(tmp_path / "short.onnx") == _nodes(out / "exported.onnx")
+
+
+@pytest.mark.parametrize("name, cls", [("mamba", "MambaForCausalLM"), ("mamba2", "Mamba2ForCausalLM")])
+def test_transformers_class_built_after_another_library_registered_its_model_type(arch_folder, name, cls):
+    """fla, once imported (transformers imports it for Qwen3.5's kernels), registers its own Mamba and Mamba2
+    under transformers' model types "mamba" and "mamba2". The folder still builds transformers' class with its
+    weights (before: fla's Mamba2, which runs Triton, and for Mamba 'transformers cannot build mamba ...
+    ignore_mismatched_sizes')."""
+    pytest.importorskip("fla")
+    import fla  # noqa: F401
+
+    from exporter.loading import load_model
+
+    assert transformers.AutoConfig.for_model(name).__module__.startswith("fla.")  # the Auto registry's answer
+    loaded = load_model(arch_folder(name))
+    assert type(loaded.module.model) is getattr(transformers, cls)
+    ids = torch.randint(0, hf.VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = loaded.module(ids, torch.ones_like(ids))["logits"]
+        want = ARCHS[name][0]()(input_ids=ids).logits
+    assert torch.equal(got, want)
+
+
+def test_default_range_warning_only_where_the_default_is_used(arch_folder):
+    """A config without a maximum length (Mamba): the default sequence 1..4096 is a warning, and none where
+    --shapes chose the range (the builds above)."""
+    from exporter.loading import load_model
+    from exporter.pipeline import resolve_specs
+
+    loaded = load_model(arch_folder("mamba"))
+    resolve_specs(loaded, (), (SHAPES,))
+    assert loaded.notes == []
+    resolve_specs(loaded, (), ())
+    assert loaded.notes == ["config.json names no maximum sequence length: using 1..4096; choose it with --shapes"]
 
 
 @pytest.mark.parametrize("name", list(REFUSED))
