@@ -87,7 +87,8 @@ def inspect_path(path: str | Path, *, factory: str | None = None, factory_kwargs
     modules = _module_histogram(loaded)
     return {"kind": loaded.kind, "path": str(p), "class": type(loaded.module).__name__,
             "parameters": loaded.parameter_count, "inputs": [s.to_dict() for s in specs],
-            "module_histogram": dict(modules.most_common()), "notes": list(loaded.notes)}
+            "module_histogram": dict(modules.most_common()),
+            "notes": list(loaded.notes) + ([] if side else list(loaded.spec_notes))}
 
 
 def _module_histogram(loaded) -> collections.Counter:

@@ -57,6 +57,8 @@ def resolve_specs(loaded: LoadedModel | None, inputs: Sequence[str] = (), shapes
         specs = build_specs(*side)
     elif known:
         specs = known
+        if loaded is not None:  # the defaults' caveats, moot where --input / --shapes replaced them
+            loaded.notes.extend(n for n in loaded.spec_notes if n not in loaded.notes)
     else:
         raise LrexportError("the model's inputs are not known",
                             "pass --input NAME:DIMS:DTYPE (and --shapes NAME:min=..,opt=..,max=.. for dynamic axes)")

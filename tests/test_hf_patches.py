@@ -1,14 +1,11 @@
 """Patches for Hugging Face transformers' own code (exporter/patches/transformers/): each replacement equals
 transformers' own torch code (never fla's Triton kernel, never lrexport's op as its own reference) at lengths
-that are and are not multiples of the model's chunk, is chosen by what the model's modules are and undone
-after, and a whole tiny model builds with the sequence dynamic from 1 token and parity at min/opt/max/odd.
+that are and are not multiples of the model's chunk, and is chosen by what the model's modules are and undone
+after. Each architecture built whole from a save_pretrained folder: tests/test_hf_architectures.py.
 """
 
 from __future__ import annotations
 
-import json
-
-import onnx
 import pytest
 import torch
 
@@ -85,50 +82,6 @@ def test_fla_kernel_fails_on_cpu_unpatched():
         hf.qwen3_5_lm()(torch.randint(0, hf.VOCAB, (1, 8)))
 
 
-def _build(cli, tmp_path, name: str, *extra: str):
-    inputs, shapes = hf.SPECS[name]
-    res = cli("build", "--factory", f"hf_tiny_models:{name}", "--input", inputs, "--shapes", shapes,
-              "--out", tmp_path / name, "--json", "-q", *extra)
-    assert res.code == 0, res.err[-3000:]
-    return json.loads(res.out)
-
-
-def _check_served_from_one(data: dict, max_len: int) -> None:
-    (spec,) = data["export"]["inputs"]
-    assert spec["min"] == [1, 1] and spec["max"][1] == max_len and spec["dynamic_axes"] == [0, 1]
-    # no pinned axis, and no guard narrowing the range (unpatched Mamba-2: "serves only 17..31, 33..47, ...")
-    assert not data["export"]["pinned_axes"] and not data["export"]["warnings"] and data["parity"]["ok"]
-    cases = {c["case"]: c for c in data["parity"]["results"] if c["backend"] == "onnxruntime"}
-    assert set(cases) >= {"min", "opt", "max", "odd"} and all(c["ok"] for c in cases.values())
-    assert cases["min"]["shapes"]["ids"] == [1, 1] and cases["max"]["shapes"]["ids"][1] == max_len
-
-
-def _nodes(path) -> int:
-    return len(onnx.load(str(path), load_external_data=False).graph.node)
-
-
-def test_qwen3_5_builds_dynamic_from_one_token(cli, tmp_path):
-    """Before: export unrolled transformers' chunk loop (10 min at real size) and stopped on a guard. Now one
-    op per layer: exit 0, every length 1..130, parity at min/opt/max/odd, and the same graph exported from a
-    20-token example as from a 70-token one."""
-    data = _build(cli, tmp_path, "qwen3_5_lm", "--backend", "onnxruntime")
-    _check_served_from_one(data, 130)
-    assert data["export"]["patches"] == [p.label for p in select_patches(hf.qwen3_5_lm())]
-    res = cli("export", "--factory", "hf_tiny_models:qwen3_5_lm", "--input", "ids:1x20:int64:0..127",
-              "--shapes", "ids:min=1x1,opt=1x20,max=4x130", "--out", tmp_path / "short.onnx", "-q")
-    assert res.code == 0, res.err[-2000:]
-    assert _nodes(tmp_path / "short.onnx") == _nodes(tmp_path / "qwen3_5_lm" / "exported.onnx")
-
-
-def test_qwen3_next_moe_builds_dynamic_from_one_token(cli, tmp_path):
-    """Qwen3-Next (gated DeltaNet and MoE experts): before, 'the ONNX exporter cannot handle op
-    transformers.grouped_mm_fallback'; now exit 0 with a TensorRT engine, parity PASS from 1 token."""
-    data = _build(cli, tmp_path, "qwen3_next_lm")
-    _check_served_from_one(data, 130)
-    assert len(data["export"]["patches"]) == 2
-    assert (tmp_path / "qwen3_next_lm" / "model.engine").exists()
-
-
 # ------------------------------------------------------------------------------------------------------- MoE
 
 
@@ -185,17 +138,6 @@ def test_ssd_chunk_scan_equals_transformers_torch_code(n, with_state):
     assert _max_err(out, ref_out) < 2e-6 * scale and _max_err(final, ref_final) < 2e-6 * ref_final.abs().max().item()
 
 
-def test_mamba2_builds_dynamic_from_one_token(cli, tmp_path):
-    """Before: torch.export's guards served 17..31, 33..47, ... only (the padding to whole chunks is computed
-    with Python ints), and the inter-chunk step is quadratic in the chunk count. Now one op per layer, every
-    length 1..130 with chunks of 16, no guard, parity at min/opt/max/odd."""
-    data = _build(cli, tmp_path, "mamba2_lm")
-    _check_served_from_one(data, 130)
-    assert any("Mamba-2 SSD" in p for p in data["export"]["patches"])
-    odd = next(c for c in data["parity"]["results"] if c["case"] == "odd")
-    assert odd["shapes"]["ids"][1] % 16
-
-
 # ------------------------------------------------------------------------------------------------- hybrids
 
 _EXPECTED = {"bamba": ["gated"], "falcon_h1": ["gated"], "granite_moe_hybrid": ["gated", "dense"],
@@ -222,12 +164,6 @@ def test_hybrid_patched_equals_transformers(family):
         assert _max_err(got, ref) < 1e-5 * max(1.0, ref.abs().max().item()), family
 
 
-def test_bamba_builds_dynamic_from_one_token(cli, tmp_path):
-    """A Mamba-2 hybrid (SSD layer, attention layer): exit 0, 1..130 tokens, parity at min/opt/max/odd."""
-    data = _build(cli, tmp_path, "bamba_lm", "--backend", "onnxruntime")
-    _check_served_from_one(data, 130)
-
-
 # ---------------------------------------------------------------------------------------- Kimi delta attention
 
 
@@ -250,14 +186,6 @@ def test_kimi_delta_attention_equals_transformers_torch_code(n, with_state):
         assert _max_err(out, ref_out) < 2e-5 and _max_err(final, ref_final) < 2e-5
 
 
-def test_kimi_linear_builds_dynamic_from_one_token(cli, tmp_path):
-    """Kimi-Linear (KDA, MLA, MoE): before, the sequence was fixed at the example's length (transformers'
-    chunk loop unrolled; with fla importable, Triton with no CPU path). Now 1..130 tokens, parity PASS."""
-    data = _build(cli, tmp_path, "kimi_linear_lm", "--backend", "onnxruntime")
-    _check_served_from_one(data, 130)
-    assert any("Kimi delta attention" in p for p in data["export"]["patches"])
-
-
 # ------------------------------------------------------------------------------------ MiniMax lightning
 
 
@@ -273,13 +201,6 @@ def test_lightning_attention_equals_transformers_block_loop(n):
         with applied(model, patches):
             got = model(ids)
     assert _max_err(got, ref) < 1e-5 * max(1.0, ref.abs().max().item())
-
-
-def test_minimax_builds_dynamic_from_one_token(cli, tmp_path):
-    """Before: 'axis 1 of input 'ids' was requested as 16..160, but the exported model serves only 50..63'
-    (tests/test_served_range.py, unpatched). Now 1..130 tokens, parity PASS."""
-    data = _build(cli, tmp_path, "minimax_lm", "--backend", "onnxruntime")
-    _check_served_from_one(data, 130)
 
 
 def test_kernel_bound_on_the_instance_is_swapped_too():
@@ -301,39 +222,3 @@ def test_kernel_bound_on_the_instance_is_swapped_too():
         assert ref.__name__ == "torch_chunk_gated_delta_rule" and ref.__module__.startswith("transformers.models.")
         assert not hasattr(ref, "__wrapped__")
     assert layer.chunk_gated_delta_rule is fla_gdr.chunk_gated_delta_rule
-
-
-def test_padding_mask_exported_without_a_guard(cli, tmp_path):
-    """transformers skips its all-ones mask check (``torch.all(attention_mask == 1)``, data-dependent) while
-    tracing, so the mask stays an input of the graph: the ONNX applies a left-padded mask as the eager model
-    does (the gated-DeltaNet layer zeroes the padded positions, the attention layer masks them)."""
-    import onnxruntime as ort
-
-    res = cli("build", "--factory", "hf_tiny_models:qwen3_5_lm_masked", "--input", "ids:2x20:int64:0..127",
-              "--input", "mask:2x20:int64:1..1", "--shapes", "ids:min=1x1,opt=2x20,max=4x130",
-              "--shapes", "mask:min=1x1,opt=2x20,max=4x130", "--out", tmp_path / "m", "--backend", "onnxruntime",
-              "--cases", "min", "-q")
-    assert res.code == 0, res.err[-2000:]
-    model = hf.qwen3_5_lm_masked()
-    ids = torch.randint(0, hf.VOCAB, (2, 37), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones(2, 37, dtype=torch.int64)
-    mask[0, :9] = 0  # left padding
-    with torch.no_grad(), reference_patches(model):
-        ref = model(ids, mask)
-    sess = ort.InferenceSession(str(tmp_path / "m" / "model.onnx"), providers=["CPUExecutionProvider"])
-    (got,) = sess.run(None, {"ids": ids.numpy(), "mask": mask.numpy()})
-    keep = mask.bool()
-    assert _max_err(torch.from_numpy(got)[keep], ref[keep]) < 1e-4
-    with torch.no_grad(), reference_patches(model):
-        unpadded = model(ids, torch.ones_like(mask))
-    assert _max_err(unpadded[keep], ref[keep]) > 1e-3  # the mask does change the outputs
-
-
-@pytest.mark.parametrize("name", ["olmo_hybrid_lm", "falcon_h1_lm", "nemotron_h_lm", "granite_moe_hybrid_lm",
-                                  "zamba2_lm"])
-def test_other_hybrids_build_dynamic_from_one_token(cli, tmp_path, name):
-    """OLMo-hybrid (gated DeltaNet), FalconH1, NemotronH, GraniteMoeHybrid (MoE) and Zamba2 (Mamba-2 SSD) next
-    to attention: the same patches make each one op per recurrent layer, served from 1 token."""
-    data = _build(cli, tmp_path, name, "--backend", "onnxruntime")
-    _check_served_from_one(data, 130)
-    assert data["passes"]["linear_attention"]["nodes"] >= 1

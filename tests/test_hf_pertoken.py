@@ -1,7 +1,7 @@
 """transformers' per-token recurrences that are not rules of the linear-attention op (RWKV-4's WKV with its
 running max, xLSTM's mLSTM whose stabilizer enters the denominator) are exported as one torch scan each (an
-ONNX ``Scan`` over positions): the sequence stays dynamic from 1, the graph does not grow with it, and the
-ONNX model matches transformers' own kernels."""
+ONNX ``Scan`` over positions), checked here against transformers' own kernels; their builds from folders
+(dynamic from 1 token, a Scan per layer, the graph not growing with the example): tests/test_hf_architectures.py."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import torch
 from exporter.patches.transformers.mlstm import mlstm_scan
 from exporter.patches.transformers.rwkv import wkv_scan
 
-SHAPES = ["--input", "ids:2x64:int64:0..127", "--shapes", "ids:min=1x1,opt=2x64,max=4x130"]
 
 
 @pytest.mark.parametrize("t", [1, 2, 17, 64, 130])
@@ -74,32 +73,6 @@ def test_mlstm_scan_matches_transformers_kernels(t, size):
         assert (got.double() - want).abs().max() <= 2e-5 * want.abs().max()
         for s, w in zip(got_s, want_s):
             assert (s.double() - w).abs().max() <= 2e-5 * w.abs().max() + 1e-30
-
-
-@pytest.mark.parametrize("factory", ["rwkv_lm", "xlstm_lm"])
-def test_build_serves_every_length_from_one_token(cli, tmp_path, factory):
-    """Before: RWKV refused by name (exit 2), xLSTM refused as serving only its example's length (64). The
-    graph exported from a 16-token example has as many nodes as the build's (64 tokens)."""
-    import onnx
-
-    r = cli("build", "--factory", f"hf_tiny_models:{factory}", *SHAPES, "--out", str(tmp_path / "out"), "--json",
-            "--backend", "onnxruntime")
-    assert r.code == 0, r.err
-    data = json.loads(r.out)
-    assert any("-> scan over" in p for p in data["export"]["patches"]), data["export"]
-    (ids,) = data["export"]["inputs"]
-    assert ids["min"] == [1, 1] and ids["max"] == [4, 130]
-    assert data["parity"]["ok"]
-    assert {c["case"] for c in data["parity"]["results"]} == {"min", "opt", "max", "odd"}
-    graph = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph
-    assert [n.op_type for n in graph.node].count("Scan") == 2  # one per layer
-    r = cli("export", "--factory", f"hf_tiny_models:{factory}", "--input", "ids:2x16:int64:0..127", "--shapes",
-            "ids:min=1x1,opt=2x16,max=4x130", "--out", str(tmp_path / "m16.onnx"))
-    assert r.code == 0, r.err
-    counts = [len(onnx.load(str(p), load_external_data=False).graph.node)
-              for p in (tmp_path / "m16.onnx", tmp_path / "out" / "exported.onnx")]
-    assert counts[0] == counts[1], counts
-
 
 
 class _UpcastsToFloat32(torch.nn.Module):

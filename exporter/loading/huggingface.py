@@ -2,7 +2,8 @@
 ``model.safetensors.index.json``).
 
 The model class is the one ``config.json`` names in ``architectures``, found in transformers' own Auto
-mappings (the Auto class whose mapping lists that class for the config's ``model_type``), and its weights
+mappings (the Auto class whose mapping lists that class for the config's ``model_type``; config and model
+classes are transformers' own, whatever another library registered under the same model_type), and its weights
 come through ``from_pretrained(folder, local_files_only=True, use_safetensors=True)``: nothing is downloaded,
 nothing is unpickled, and tied weights (``tie_word_embeddings``, not saved twice) are tied again by
 transformers itself. Every weight the model has must come from the folder: a missing or mismatched one
@@ -96,6 +97,24 @@ def _quiet_transformers() -> Iterator[None]:
 def auto_class(config: Any) -> Any:
     """The transformers Auto class whose mapping lists the class ``config.architectures`` names for the
     config's ``model_type`` (e.g. ``AutoModelForCausalLM`` for ``LlamaForCausalLM``)."""
+    return _auto_and_class(config)[0]
+
+
+def config_class(model_type: str) -> Any | None:
+    """transformers' own config class for ``model_type`` (None where transformers defines no such type: a
+    library's own model, registered with the Auto classes, is read through them)."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    name = CONFIG_MAPPING_NAMES.get(model_type)
+    return getattr(transformers, name, None) if name else None
+
+
+def _auto_and_class(config: Any) -> tuple[Any, Any]:
+    """That Auto class, and transformers' own class ``config.architectures`` names (``transformers.
+    Mamba2ForCausalLM``), which builds the model: not the class the Auto registry gives for the model_type,
+    since other libraries register theirs under transformers' model types when imported (fla its own
+    ``mamba`` and ``mamba2``), and the folder would then build a different model or fail to load."""
     import transformers
 
     archs = list(getattr(config, "architectures", None) or [])
@@ -107,7 +126,7 @@ def auto_class(config: Any) -> Any:
             mapping = getattr(getattr(auto, "_model_mapping", None), "_model_mapping", {})
             listed = mapping.get(model_type)
             if arch == listed or (isinstance(listed, (tuple, list)) and arch in listed):
-                return auto
+                return auto, getattr(transformers, arch, None)
     if not archs:
         raise LrexportError(f"config.json (model_type {model_type!r}) names no class in architectures",
                             "save the model with save_pretrained, which records its class there")
@@ -141,25 +160,30 @@ def load_hf_folder(folder: Path, *, trust_remote_code: bool = False, trust_pickl
                             "pip install transformers") from None
     kwargs = {"local_files_only": True, "trust_remote_code": trust_remote_code}
     with _quiet_transformers():
+        own = None if trust_remote_code and raw.get("auto_map") else config_class(str(raw["model_type"]))
         try:
-            config = transformers.AutoConfig.from_pretrained(str(folder), **kwargs)
+            if own is not None:
+                config = own.from_pretrained(str(folder), local_files_only=True)
+            else:
+                config = transformers.AutoConfig.from_pretrained(str(folder), **kwargs)
         except Exception as err:
             raise LrexportError(f"transformers {transformers.__version__} cannot read {folder / CONFIG} "
                                 f"({_first_line(err)})", "check model_type, or install the transformers version "
                                 "the model was saved with") from None
         remote = _remote_class(raw) if trust_remote_code else None
-        auto = getattr(transformers, remote[0], None) if remote else auto_class(config)
+        auto, own_class = (getattr(transformers, remote[0], None), None) if remote else _auto_and_class(config)
         if auto is None and remote:
             raise LrexportError(f"config.json's auto_map names {remote[0]}, which transformers does not have",
                                 "check the folder's auto_map")
         if auto is None:
             raise LrexportError(f"no transformers Auto class builds a model for {type(config).__name__}",
                                 "check config.json's architectures and model_type")
+        builder = own_class or auto
         try:
-            model, info = auto.from_pretrained(str(folder), config=config, use_safetensors=safetensors,
+            model, info = builder.from_pretrained(str(folder), config=config, use_safetensors=safetensors,
                                                dtype=torch.float32, output_loading_info=True, **kwargs)
         except Exception as err:
-            raise LrexportError(f"transformers cannot build {folder.name} with {auto.__name__} "
+            raise LrexportError(f"transformers cannot build {folder.name} with {builder.__name__} "
                                 f"({_first_line(err)})", "check that the folder is complete (config.json and "
                                 "every weights file) and was saved by this transformers version") from None
     problems = [f"{what} {', '.join(sorted(keys)[:3])}" + (f" (+{len(keys) - 3})" if len(keys) > 3 else "")
@@ -174,7 +198,7 @@ def load_hf_folder(folder: Path, *, trust_remote_code: bool = False, trust_pickl
     wrapper = CausalLMLogits(model)
     notes: list[str] = []
     specs = default_specs(config, notes)
-    return LoadedModel(wrapper, "huggingface", str(folder), inferred_specs=specs, notes=notes)
+    return LoadedModel(wrapper, "huggingface", str(folder), inferred_specs=specs, spec_notes=notes)
 
 
 def _first_line(err: BaseException) -> str:
