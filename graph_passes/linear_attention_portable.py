@@ -46,7 +46,8 @@ from graph_passes.linear_attention_ort import LinearAttentionLowering, Lowered, 
 PORTABLE_RULES = ("linear", "gated", "delta", "gated_delta")
 # the delta rules' chunk: their product-form inverse loses float32 precision as C grows (delta rule, unit
 # keys of dk = 4, max error vs float64: 3.5e-7 at C = 16, 1.7e-6 at C = 32, 1.7e-4 at C = 64)
-DELTA_CHUNK = 16
+DELTA_CHUNK = 64
+INV_BLOCK = 16  # the delta rules: the diagonal blocks whose inverse is a product of powers (see _solve)
 # per-key decay (gated rule): larger chunks mean fewer Scan steps but more levels of products; 16 ran
 # fastest of 16 / 32 / 64 (n = 1024 and 4096, ORT CPU, 2 threads)
 KEY_CHUNK = 16
@@ -123,6 +124,8 @@ class _Prep:
         self.eps = float(_attr(node, "eps", 0.0))
         self.scale = float(_attr(node, "scale", 1.0))
         self.dv = dv = int(v.shape[3]) + int(self.normalize)
+        dk = None if k.shape is None or len(k.shape) != 4 else k.shape[3]
+        self.dk = dk if isinstance(dk, int) else None
         self.out_dtype = q.dtype
         self.C = C
         self.b = b = _Builder(label)
@@ -251,7 +254,8 @@ def _lower(p: _Prep) -> tuple[list[ir.Node], list[ir.Value]]:
 
 def _lower_scan(p: _Prep) -> tuple[list[ir.Node], list[ir.Value]]:
     """Delta rules (UT transform, loop-free inside a chunk) and per-key decay; the state crosses chunks
-    in a ``Scan`` over the chunk axis (its trip count follows T)."""
+    in a ``Scan`` over the chunk axis (its trip count follows T) whose body is one affine map of the state,
+    ``S' = A S + B`` (delta rules) or ``S' = D ⊙ S + B``: everything else is batched over all chunks."""
     b, c, C, Q, K, V = p.b, p.b.const, p.C, p.Q, p.K, p.V
     f32 = ir.DataType.FLOAT
     KT = p.tr(K)
@@ -286,23 +290,24 @@ def _lower_scan(p: _Prep) -> tuple[list[ir.Node], list[ir.Value]]:
         D = p.tr(b.op("Exp", [blast]))  # (B,h,nc,dk|1,1): the chunk's total decay of the state
     else:
         Qd, KdT, D, eb = Q, KT, None, None
-    X, Wk = V, None
     if p.delta:
         bt = b.op("Unsqueeze", [p.Beta, c([4])])  # (B,h,nc,C,1)
-        # (I + A)^-1 with A = diag(beta) KK strictly lower triangular: N = -A is nilpotent (N^C = 0), so
-        # (I - N)^-1 = sum_{p<C} N^p = prod_{k<log2 C} (I + N^(2^k)): log2(C) squarings, no loop over positions
-        N = b.op("Neg", [b.op("Mul", [bt, decayed(K, True)])])
-        inv = b.op("Add", [N, c(np.eye(C, dtype=np.float32), np.float32)])
-        Np = N
-        for _ in range(1, C.bit_length() - 1):
-            Np = b.op("MatMul", [Np, Np])
-            inv = b.op("Add", [inv, b.op("MatMul", [inv, Np])])
-        X = b.op("MatMul", [inv, b.op("Mul", [bt, V])])  # A^-1 beta V
+        # (I + diag(beta) KK) [X | W] = beta [V | exp(b) K], KK strictly lower triangular (_solve)
         Kb = K if eb is None else b.op("Mul", [K, eb])
-        Wk = b.op("MatMul", [inv, b.op("Mul", [bt, Kb])])  # A^-1 beta exp(b) K
-        o_intra = None
-    else:
-        o_intra = b.op("MatMul", [QK, V])  # no state in it: batched over all chunks, outside the Scan
+        N = b.op("Neg", [b.op("Mul", [bt, decayed(K, True)])])
+        Y = _solve(p, N, b.op("Concat", [b.op("Mul", [bt, V]), b.op("Mul", [bt, Kb])], {"axis": 4}))
+        X = b.op("Slice", [Y, c([0]), c([p.dv]), c([4])])
+        Wk = b.op("Slice", [Y, c([p.dv]), c([2**62]), c([4])])
+        # the chunk's map of the state: S' = D S + KdT (X - W S) = A S + B
+        KW = b.op("MatMul", [KdT, Wk])  # (B,h,nc,dk,dk)
+        if p.dk is not None:
+            eye = p.const(np.eye(p.dk, dtype=np.float32))
+            A, A_plus_D = b.op("Sub", [eye if D is None else b.op("Mul", [D, eye]), KW]), False
+        else:  # dk unknown here: the body adds the decayed state itself
+            A, A_plus_D = b.op("Neg", [KW]), True
+        Bm = b.op("MatMul", [KdT, X])  # (B,h,nc,dk,dv)
+    else:  # the chunk's contribution is known up front: the body only decays and adds
+        A, A_plus_D, Bm = None, True, b.op("MatMul", [KdT, V])
 
     s0 = p.s0
     if s0 is None:  # zeros (B, h, dk, dv)
@@ -310,7 +315,7 @@ def _lower_scan(p: _Prep) -> tuple[list[ir.Node], list[ir.Value]]:
                               b.op("Shape", [p.q_in], {"start": 3, "end": 4}), c([p.dv])], {"axis": 0})
         s0 = b.op("ConstantOfShape", [shp], {"value": ir.tensor(np.zeros(1, np.float32))})
 
-    # the Scan body: one chunk, state S (B,h,dk,dv)
+    # the Scan body: one chunk, state S (B,h,dk,dv) -> A S + B; it also emits the chunk's initial state
     body = _Builder(f"{b.label}/scan")
     names = iter(range(10**6))
 
@@ -318,34 +323,67 @@ def _lower_scan(p: _Prep) -> tuple[list[ir.Node], list[ir.Value]]:
         return ir.Value(name=f"{b.label}/scan/in{next(names)}", type=ir.TensorType(f32))
 
     S_in = bval()
-    if p.delta:  # state-dependent update: U = X - W S
-        scan_ins = [Qd, QK, X, KdT, Wk] + ([D] if D is not None else [])
-        Qd_n, QK_n, X_n, KdT_n, Wk_n = (bval() for _ in range(5))
-        D_n = bval() if D is not None else None
-        U = body.op("Sub", [X_n, body.op("MatMul", [Wk_n, S_in])])
-        o_n = body.op("Add", [body.op("MatMul", [Qd_n, S_in]), body.op("MatMul", [QK_n, U])])
-        dS_n = body.op("MatMul", [KdT_n, U])
-        body_ins = [S_in, Qd_n, QK_n, X_n, KdT_n, Wk_n] + ([D_n] if D_n is not None else [])
-    else:  # the chunk's contribution is known up front: the body only decays, adds and reads the state
-        dS = b.op("MatMul", [KdT, V])  # (B,h,nc,dk,dv)
-        scan_ins = [Qd, dS, D]
-        Qd_n, dS_n, D_n = bval(), bval(), bval()
-        o_n = body.op("MatMul", [Qd_n, S_in])
-        body_ins = [S_in, Qd_n, dS_n, D_n]
-    S_dec = S_in if D_n is None else body.op("Mul", [D_n, S_in])
-    S_out = body.op("Identity", [body.op("Add", [S_dec, dS_n])])
-    o_n = body.op("Identity", [o_n])
+    scan_ins = [Bm] + [x for x in (A, D if A_plus_D else None) if x is not None]
+    B_n, *rest = (bval() for _ in scan_ins)
+    A_n = rest.pop(0) if A is not None else None
+    D_n = rest.pop(0) if (A_plus_D and D is not None) else None
+    S_new = S_in if D_n is None else body.op("Mul", [D_n, S_in])
+    if A_n is not None:
+        AS = body.op("MatMul", [A_n, S_in])
+        S_new = body.op("Add", [S_new, AS]) if A_plus_D else AS
+    S_out = body.op("Add", [S_new, B_n])
+    S_start = body.op("Identity", [S_in])
+    body_ins = [S_in, B_n] + [x for x in (A_n, D_n) if x is not None]
     for i, n in enumerate(body.nodes):
         for j, out in enumerate(n.outputs):
             out.name = f"{b.label}/scan/v{i}_{j}"
-    graph = ir.Graph(body_ins, [S_out, o_n], nodes=body.nodes, name=f"{b.label}/scan_body")
+    graph = ir.Graph(body_ins, [S_out, S_start], nodes=body.nodes, name=f"{b.label}/scan_body")
     n_scan = len(scan_ins)
-    S_fin, o = b.op("Scan", [s0] + scan_ins,
-                    {"body": ir.AttrGraph("body", graph), "num_scan_inputs": n_scan,
-                     "scan_input_axes": [2] * n_scan, "scan_output_axes": [2]}, outputs=2)
-    if o_intra is not None:
-        o = b.op("Add", [o, o_intra])
+    S_fin, S_all = b.op("Scan", [s0] + scan_ins,
+                        {"body": ir.AttrGraph("body", graph), "num_scan_inputs": n_scan,
+                         "scan_input_axes": [2] * n_scan, "scan_output_axes": [2]}, outputs=2)
+    # outputs, batched over all chunks from their initial states S_all (B,h,nc,dk,dv)
+    if p.delta:
+        U = b.op("Sub", [X, b.op("MatMul", [Wk, S_all])])
+        o = b.op("Add", [b.op("MatMul", [Qd, S_all]), b.op("MatMul", [QK, U])])
+    else:
+        o = b.op("Add", [b.op("MatMul", [Qd, S_all]), b.op("MatMul", [QK, V])])
     return p.finish(o, S_fin)
+
+
+def _solve(p: _Prep, N: ir.Value, R: ir.Value) -> ir.Value:
+    """Y with ``(I - N) Y = R``, N (B,h,nc,C,C) strictly lower triangular: by blocks of ``L = INV_BLOCK``
+    rows, forward substitution ``Y_s = (I - N_ss)^-1 (R_s + N_s,<s Y_<s)`` unrolled over the C/L blocks;
+    each diagonal block's inverse ``sum_{k<L} N_ss^k = prod_{i<log2 L} (I + N_ss^(2^i))`` (N_ss nilpotent):
+    log2(L) squarings, no loop over positions. The products stay within blocks of L, where float32 keeps
+    them exact enough (their terms grow with the power; see INV_BLOCK)."""
+    b, c, C = p.b, p.b.const, p.C
+    L = min(INV_BLOCK, C)
+    nb = C // L
+    if nb == 1:
+        Nd = N
+    else:  # the diagonal blocks (B,h,nc,nb,L,L): block s starts at flat index s (L C + L)
+        flat = b.op("Pad", [b.op("Reshape", [N, c([0, 0, 0, -1])]), c([0] * 7 + [C])])
+        Nd = b.op("Reshape", [b.op("Slice", [b.op("Reshape", [flat, c([0, 0, 0, nb, L * C + L])]),
+                                             c([0]), c([L * C]), c([4])]), c([0, 0, 0, nb, L, C])])
+        Nd = b.op("Slice", [Nd, c([0]), c([L]), c([5])])
+    inv = b.op("Add", [Nd, c(np.eye(L, dtype=np.float32), np.float32)])
+    Np = Nd
+    for _ in range(1, L.bit_length() - 1):
+        Np = b.op("MatMul", [Np, Np])
+        inv = b.op("Add", [inv, b.op("MatMul", [inv, Np])])
+    if nb == 1:
+        return b.op("MatMul", [inv, R])
+    invs = b.op("Split", [inv], {"axis": 3, "num_outputs": nb}, outputs=nb)
+    Ys = []
+    for s in range(nb):
+        rhs = b.op("Slice", [R, c([s * L]), c([(s + 1) * L]), c([3])])
+        if s:
+            Ns = b.op("Slice", [N, c([s * L, 0]), c([(s + 1) * L, s * L]), c([3, 4])])
+            prev = Ys[0] if s == 1 else b.op("Concat", Ys, {"axis": 3})
+            rhs = b.op("Add", [rhs, b.op("MatMul", [Ns, prev])])
+        Ys.append(b.op("MatMul", [b.op("Squeeze", [invs[s], c([3])]), rhs]))
+    return b.op("Concat", Ys, {"axis": 3})
 
 
 class _SubChunks:
