@@ -38,6 +38,8 @@ unless ONNX Runtime's native op is asked for.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx_ir as ir
 
@@ -46,11 +48,14 @@ from graph_passes.linear_attention_ort import LinearAttentionLowering, Lowered, 
 PORTABLE_RULES = ("linear", "gated", "delta", "gated_delta")
 # the delta rules' chunk: their product-form inverse loses float32 precision as C grows (delta rule, unit
 # keys of dk = 4, max error vs float64: 3.5e-7 at C = 16, 1.7e-6 at C = 32, 1.7e-4 at C = 64)
-DELTA_CHUNK = 64
+DELTA_CHUNK = int(os.environ.get("LA_DELTA_CHUNK", 16))
+_BODY_DELTA = os.environ.get("LA_BODY_DELTA", "inner")
+_BODY_KEY = os.environ.get("LA_BODY_KEY", "outer")
 INV_BLOCK = 16  # the delta rules: the diagonal blocks whose inverse is a product of powers (see _solve)
 # per-key decay (gated rule): larger chunks mean fewer Scan steps but more levels of products; 16 ran
 # fastest of 16 / 32 / 64 (n = 1024 and 4096, ORT CPU, 2 threads)
-KEY_CHUNK = 16
+KEY_CHUNK = int(os.environ.get("LA_KEY_CHUNK", 16))
+GROUP = 16  # linear / per-head gated: chunks per group of the loop-free inter-chunk sum (_chunk_states)
 LEAF = 4  # per-key decay: the blocks whose pairs are one MatMul with a growing factor (see _SubChunks)
 MAX_LOG_DECAY = 20.0  # per-key decay: log decays per step are clipped at -MAX_LOG_DECAY (see _SubChunks)
 
@@ -96,7 +101,7 @@ class LinearAttentionPortablePass(LinearAttentionLowering):
         if scan:
             if chunk & (chunk - 1):
                 return f"chunk size {chunk} is not a power of 2 (the UT inverse and sub-chunks need one)"
-            new_nodes, outs = _lower_scan(_Prep(node, label, chunk))
+            new_nodes, outs = _lower_scan(_Prep(node, label, chunk, chunk_first=True))
         else:
             new_nodes, outs = _lower(_Prep(node, label, chunk))
         action = "lowered (standard ops, chunked" + (", Scan over chunks)" if scan else ")")
@@ -111,7 +116,8 @@ class _Prep:
     transposed operands of MatMuls (``tr``) are then last-two-axes Transposes of a Reshape, which ONNX
     Runtime folds into its MatMul (a Transpose of a Transpose it merges into one slow copy instead)."""
 
-    def __init__(self, node: ir.Node, label: str, C: int) -> None:
+    def __init__(self, node: ir.Node, label: str, C: int, chunk_first: bool = False) -> None:
+        self.chunk_first = chunk_first
         inputs = list(node.inputs) + [None] * (6 - len(node.inputs))
         q, k, v, g, beta, s0 = inputs
         self.rule = _attr(node, "rule")
@@ -159,10 +165,15 @@ class _Prep:
         self.Beta = None if beta is None else self.chunks(beta, 3)  # (B,h,nc,C)
 
     def chunks(self, x: ir.Value, rank: int = 4) -> ir.Value:
-        """(B,T,h[,d]) -> (B,h,nc,C[,d]), zero padded."""
+        """(B,T,h[,d]) -> (B,h,nc,C[,d]), or (nc,B,h,C[,d]) with ``chunk_first``, zero padded."""
         b, c = self.b, self.b.const
         pads = b.op("Concat", [c([0] * (rank + 1)), self.pad, c([0] * (rank - 2))], {"axis": 0})
-        x = b.op("Transpose", [b.op("Pad", [x, pads])], {"perm": [0, 2, 1, 3] if rank == 4 else [0, 2, 1]})
+        x = b.op("Pad", [x, pads])
+        if self.chunk_first:  # (B,nc,C,h[,d]) -> (nc,B,h,C[,d]): one Transpose
+            x = b.op("Reshape", [x, b.op("Concat", [c([0]), self.nc, c([self.C, self.h] + [-1] * (rank == 4))],
+                                          {"axis": 0})])
+            return b.op("Transpose", [x], {"perm": [1, 0, 3, 2, 4] if rank == 4 else [1, 0, 3, 2]})
+        x = b.op("Transpose", [x], {"perm": [0, 2, 1, 3] if rank == 4 else [0, 2, 1]})
         if rank == 3:
             return b.op("Reshape", [x, c([0, 0, -1, self.C])])
         return b.op("Reshape", [x, b.op("Concat", [c([0, 0]), self.nc, c([self.C, -1])], {"axis": 0})])
@@ -206,7 +217,6 @@ def _lower(p: _Prep) -> tuple[list[ir.Node], list[ir.Value]]:
     """``linear`` and per-head ``gated``: loop-free."""
     b, c, C, Q, K, V = p.b, p.b.const, p.C, p.Q, p.K, p.V
     f32 = ir.DataType.FLOAT
-    neg_inf = c(np.float32(-np.inf), np.float32)
     qk = b.op("MatMul", [Q, p.tr(K)])  # (B,h,nc,C,C)
     if p.G is not None:
         bcum = b.op("CumSum", [p.G, c(3)])  # (B,h,nc,C): the one CumSum, along the chunk
@@ -221,35 +231,78 @@ def _lower(p: _Prep) -> tuple[list[ir.Node], list[ir.Value]]:
     o = b.op("MatMul", [qk, V])  # intra-chunk, (B,h,nc,C,dv)
     dS = b.op("MatMul", [p.tr(p.K), Vd])  # (B,h,nc,dk,dv): chunk n's own contribution to the next state
     dS_flat = b.op("Reshape", [dS, c([0, 0, 0, -1])])  # (B,h,nc,dk*dv)
-    # chunk-start states for n = 0..nc (row nc: the final state)
-    nc0 = b.op("Squeeze", [p.nc, c([0])])
-    idx_n = b.op("Range", [c(0), b.op("Add", [nc0, c(1)]), c(1)])  # nc+1
-    idx_m = b.op("Range", [c(0), nc0, c(1)])  # nc
-    before = b.op("Less", [b.op("Unsqueeze", [idx_m, c([1])]), b.op("Unsqueeze", [idx_n, c([0])])])  # m < n
-    if p.G is not None:
-        totals = b.op("Squeeze", [blast, c([3])])  # (B,h,nc)
-        L = b.op("MatMul", [b.op("Unsqueeze", [totals, c([2])]), b.op("Cast", [before], {"to": f32})])
-        L = b.op("Squeeze", [L, c([2])])  # (B,h,nc+1): log decay before chunk n
-        L_next = b.op("Slice", [L, c([1]), c([2**62]), c([2])])  # L_{m+1}, (B,h,nc)
-        expo = b.op("Sub", [b.op("Unsqueeze", [L, c([3])]), b.op("Unsqueeze", [L_next, c([2])])])
-        M = b.op("Exp", [b.op("Where", [b.op("Transpose", [before], {"perm": [1, 0]}), expo, neg_inf])])
-    else:
-        M = b.op("Cast", [b.op("Transpose", [before], {"perm": [1, 0]})], {"to": f32})  # (nc+1, nc)
-    S_all = b.op("MatMul", [M, dS_flat])  # (B,h,nc+1,dk*dv)
-    S_all = b.op("Reshape", [S_all, b.op("Concat", [c([0, 0]), b.op("Add", [p.nc, c([1])]), c([-1, p.dv])],
-                                         {"axis": 0})])  # (B,h,nc+1,dk,dv)
-    if p.s0 is not None:
-        S0 = b.op("Unsqueeze", [p.s0, c([2])])
-        if p.G is not None:
-            S0 = b.op("Mul", [S0, b.op("Exp", [b.op("Unsqueeze", [L, c([3, 4])])])])
-        S_all = b.op("Add", [S_all, S0])
-    S_start = b.op("Slice", [S_all, c([0]), p.nc, c([2])])
+    totals = None if p.G is None else b.op("Squeeze", [blast, c([3])])  # (B,h,nc)
+    S_start, final = _chunk_states(p, dS_flat, totals)
     inter = b.op("MatMul", [Q, S_start])
     if e_q is not None:
         inter = b.op("Mul", [inter, e_q])
     o = b.op("Add", [o, inter])  # inter-chunk
-    final = b.op("Squeeze", [b.op("Slice", [S_all, p.nc, b.op("Add", [p.nc, c([1])]), c([2])]), c([2])])
     return p.finish(o, final)
+
+
+def _decay_prefix(p: _Prep, x: ir.Value, t: ir.Value | None, n: ir.Value, axis: int,
+                  static: int | None = None) -> tuple[ir.Value, ir.Value | None]:
+    """``P_k = sum_{m<k} exp(L_k - L_{m+1}) x_m`` for k = 0..n (row n: after all), ``L_k = sum_{m<k} t_m``,
+    along ``axis`` of x (..., n, F) and t (..., n): (..., n+1, F) and L (..., n+1). ``L`` is a MatMul with a
+    ``m < k`` mask (one CumSum axis per network); every exponent is masked to -inf or is <= 0. An n x n
+    decay matrix: callers keep n small (``static``: n known, the masks are constants)."""
+    b, c = p.b, p.b.const
+    f32 = ir.DataType.FLOAT
+    if static is not None:
+        keep = np.arange(static)[:, None] < np.arange(static + 1)[None, :]  # (n, n+1): m < k
+        before = p.const(keep.astype(np.float32))
+        keep_t = p.const(keep.T)  # (n+1, n)
+        mask01 = p.const(keep.T.astype(np.float32))
+    else:
+        n0 = b.op("Squeeze", [n, c([0])])
+        idx_k = b.op("Range", [c(0), b.op("Add", [n0, c(1)]), c(1)])
+        idx_m = b.op("Range", [c(0), n0, c(1)])
+        lt = b.op("Less", [b.op("Unsqueeze", [idx_m, c([1])]), b.op("Unsqueeze", [idx_k, c([0])])])  # m < k
+        before = b.op("Cast", [lt], {"to": f32})
+        mask01 = b.op("Transpose", [before], {"perm": [1, 0]})
+        keep_t = b.op("Transpose", [lt], {"perm": [1, 0]})
+    if t is None:
+        return b.op("MatMul", [mask01, x]), None
+    L = b.op("Squeeze", [b.op("MatMul", [b.op("Unsqueeze", [t, c([axis])]), before]), c([axis])])  # (..., n+1)
+    L_next = b.op("Slice", [L, c([1]), c([2**62]), c([axis])])  # L_{m+1}
+    expo = b.op("Sub", [b.op("Unsqueeze", [L, c([axis + 1])]), b.op("Unsqueeze", [L_next, c([axis])])])
+    M = b.op("Exp", [b.op("Where", [keep_t, expo, c(np.float32(-np.inf), np.float32)])])  # (..., n+1, n)
+    return b.op("MatMul", [M, x]), L
+
+
+def _chunk_states(p: _Prep, dS: ir.Value, totals: ir.Value | None) -> tuple[ir.Value, ir.Value]:
+    """The state at the start of every chunk (B,h,nc,dk,dv) and the final state (B,h,dk,dv), loop-free,
+    from each chunk's own contribution ``dS`` (B,h,nc,dk*dv) and log decay ``totals`` (B,h,nc), in two
+    levels so that no decay matrix grows with nc squared times the state: inside groups of ``GROUP``
+    chunks (a (G+1) x G matrix per group), then across the groups' totals (an (ng+1) x ng matrix,
+    ng = nc / G), and each chunk's state is its group-start state decayed plus its in-group prefix."""
+    b, c, G = p.b, p.b.const, GROUP
+    pad = b.op("Mod", [b.op("Sub", [c([G]), b.op("Mod", [p.nc, c([G])])]), c([G])])
+    ng = b.op("Div", [b.op("Add", [p.nc, pad]), c([G])])
+    grouped = b.op("Concat", [c([0, 0]), ng, c([G])], {"axis": 0})
+    # padded chunks add nothing and decay nothing: they leave the final state as it is
+    x = b.op("Reshape", [b.op("Pad", [dS, b.op("Concat", [c([0, 0, 0, 0, 0, 0]), pad, c([0])], {"axis": 0})]),
+                         b.op("Concat", [grouped, c([-1])], {"axis": 0})])  # (B,h,ng,G,F)
+    t = None if totals is None else b.op("Reshape", [b.op("Pad", [totals, b.op("Concat", [c([0, 0, 0, 0, 0]), pad],
+                                                                                 {"axis": 0})]), grouped])
+    S_loc, L_loc = _decay_prefix(p, x, t, c([G]), 3, static=G)  # (B,h,ng,G+1,F), (B,h,ng,G+1)
+    E = b.op("Squeeze", [b.op("Slice", [S_loc, c([G]), c([G + 1]), c([3])]), c([3])])  # (B,h,ng,F)
+    T = None if t is None else b.op("Squeeze", [b.op("Slice", [L_loc, c([G]), c([G + 1]), c([3])]), c([3])])
+    S_grp, L_grp = _decay_prefix(p, E, T, ng, 2)  # (B,h,ng+1,F): the state at each group's start
+    if p.s0 is not None:
+        S0 = b.op("Reshape", [p.s0, c([0, 0, 1, -1])])
+        if L_grp is not None:
+            S0 = b.op("Mul", [S0, b.op("Exp", [b.op("Unsqueeze", [L_grp, c([3])])])])
+        S_grp = b.op("Add", [S_grp, S0])
+    final = b.op("Reshape", [b.op("Slice", [S_grp, ng, b.op("Add", [ng, c([1])]), c([2])]), c([0, 0, -1, p.dv])])
+    carried = b.op("Unsqueeze", [b.op("Slice", [S_grp, c([0]), ng, c([2])]), c([3])])  # (B,h,ng,1,F)
+    if L_loc is not None:
+        carried = b.op("Mul", [carried, b.op("Exp", [b.op("Unsqueeze", [
+            b.op("Slice", [L_loc, c([0]), c([G]), c([3])]), c([4])])])])
+    S = b.op("Add", [b.op("Slice", [S_loc, c([0]), c([G]), c([3])]), carried])  # (B,h,ng,G,F)
+    S = b.op("Reshape", [S, b.op("Concat", [c([0, 0]), b.op("Mul", [ng, c([G])]), c([-1])], {"axis": 0})])
+    S = b.op("Slice", [S, c([0]), p.nc, c([2])])
+    return b.op("Reshape", [S, c([0, 0, 0, -1, p.dv])]), final
 
 
 def _lower_scan(p: _Prep) -> tuple[list[ir.Node], list[ir.Value]]:
@@ -290,24 +343,16 @@ def _lower_scan(p: _Prep) -> tuple[list[ir.Node], list[ir.Value]]:
         D = p.tr(b.op("Exp", [blast]))  # (B,h,nc,dk|1,1): the chunk's total decay of the state
     else:
         Qd, KdT, D, eb = Q, KT, None, None
+    X, Wk = V, None
     if p.delta:
-        bt = b.op("Unsqueeze", [p.Beta, c([4])])  # (B,h,nc,C,1)
+        bt = b.op("Unsqueeze", [p.Beta, c([4])])  # (nc,B,h,C,1)
         # (I + diag(beta) KK) [X | W] = beta [V | exp(b) K], KK strictly lower triangular (_solve)
         Kb = K if eb is None else b.op("Mul", [K, eb])
         N = b.op("Neg", [b.op("Mul", [bt, decayed(K, True)])])
         Y = _solve(p, N, b.op("Concat", [b.op("Mul", [bt, V]), b.op("Mul", [bt, Kb])], {"axis": 4}))
         X = b.op("Slice", [Y, c([0]), c([p.dv]), c([4])])
         Wk = b.op("Slice", [Y, c([p.dv]), c([2**62]), c([4])])
-        # the chunk's map of the state: S' = D S + KdT (X - W S) = A S + B
-        KW = b.op("MatMul", [KdT, Wk])  # (B,h,nc,dk,dk)
-        if p.dk is not None:
-            eye = p.const(np.eye(p.dk, dtype=np.float32))
-            A, A_plus_D = b.op("Sub", [eye if D is None else b.op("Mul", [D, eye]), KW]), False
-        else:  # dk unknown here: the body adds the decayed state itself
-            A, A_plus_D = b.op("Neg", [KW]), True
-        Bm = b.op("MatMul", [KdT, X])  # (B,h,nc,dk,dv)
-    else:  # the chunk's contribution is known up front: the body only decays and adds
-        A, A_plus_D, Bm = None, True, b.op("MatMul", [KdT, V])
+    mode = _BODY_DELTA if p.delta else _BODY_KEY
 
     s0 = p.s0
     if s0 is None:  # zeros (B, h, dk, dv)
@@ -315,7 +360,7 @@ def _lower_scan(p: _Prep) -> tuple[list[ir.Node], list[ir.Value]]:
                               b.op("Shape", [p.q_in], {"start": 3, "end": 4}), c([p.dv])], {"axis": 0})
         s0 = b.op("ConstantOfShape", [shp], {"value": ir.tensor(np.zeros(1, np.float32))})
 
-    # the Scan body: one chunk, state S (B,h,dk,dv) -> A S + B; it also emits the chunk's initial state
+    # the Scan body: one chunk, state S (B,h,dk,dv)
     body = _Builder(f"{b.label}/scan")
     names = iter(range(10**6))
 
@@ -323,32 +368,63 @@ def _lower_scan(p: _Prep) -> tuple[list[ir.Node], list[ir.Value]]:
         return ir.Value(name=f"{b.label}/scan/in{next(names)}", type=ir.TensorType(f32))
 
     S_in = bval()
-    scan_ins = [Bm] + [x for x in (A, D if A_plus_D else None) if x is not None]
-    B_n, *rest = (bval() for _ in scan_ins)
-    A_n = rest.pop(0) if A is not None else None
-    D_n = rest.pop(0) if (A_plus_D and D is not None) else None
-    S_new = S_in if D_n is None else body.op("Mul", [D_n, S_in])
-    if A_n is not None:
-        AS = body.op("MatMul", [A_n, S_in])
-        S_new = body.op("Add", [S_new, AS]) if A_plus_D else AS
-    S_out = body.op("Add", [S_new, B_n])
-    S_start = body.op("Identity", [S_in])
-    body_ins = [S_in, B_n] + [x for x in (A_n, D_n) if x is not None]
+    scan_ins, body_ins, body_outs = [], [S_in], []
+
+    def scanned(x: ir.Value) -> ir.Value:
+        scan_ins.append(x)
+        body_ins.append(bval())
+        return body_ins[-1]
+
+    D_n = None if D is None else scanned(D)
+    S_dec = S_in if D_n is None else body.op("Mul", [D_n, S_in])
+    if mode == "affine":  # S' = A S + B, A = D - KdT W, B = KdT X; outputs from the chunks' initial states
+        KW = b.op("MatMul", [KdT, Wk])
+        A_n, B_n = scanned(b.op("Neg", [KW])), scanned(b.op("MatMul", [KdT, X]))
+        S_out = body.op("Add", [body.op("Add", [S_dec, body.op("MatMul", [A_n, S_in])]), B_n])
+        body_outs.append(body.op("Identity", [S_in]))
+    elif mode == "outer":  # S' = D S + KdT V; outputs from the chunks' initial states
+        S_out = body.op("Add", [S_dec, scanned(b.op("MatMul", [KdT, V]))])
+        body_outs.append(body.op("Identity", [S_in]))
+    elif p.delta and mode == "qw":  # [Qd; W] S in one MatMul, emitted; S' = D S + KdT (X - W S)
+        QW_n = scanned(b.op("Concat", [Qd, Wk], {"axis": 3}))  # (nc,B,h,2C,dk)
+        X_n, KdT_n = scanned(X), scanned(KdT)
+        P = body.op("MatMul", [QW_n, S_in])
+        body_outs.append(P)
+        U = body.op("Sub", [X_n, body.op("Slice", [P, body.const([C]), body.const([2 * C]), body.const([2])])])
+        S_out = body.op("Add", [S_dec, body.op("MatMul", [KdT_n, U])])
+    elif p.delta:  # inner: U = X - W S, o = Qd S + QK U, S' = D S + KdT U
+        Qd_n, QK_n, X_n, KdT_n, Wk_n = (scanned(x) for x in (Qd, QK, X, KdT, Wk))
+        U = body.op("Sub", [X_n, body.op("MatMul", [Wk_n, S_in])])
+        body_outs.append(body.op("Add", [body.op("MatMul", [Qd_n, S_in]), body.op("MatMul", [QK_n, U])]))
+        S_out = body.op("Add", [S_dec, body.op("MatMul", [KdT_n, U])])
+    elif mode == "inner2":  # o = Qd S; S' = D S + KdT V, all in the body
+        Qd_n, KdT_n, V_n = (scanned(x) for x in (Qd, KdT, V))
+        body_outs.append(body.op("MatMul", [Qd_n, S_in]))
+        S_out = body.op("Add", [S_dec, body.op("MatMul", [KdT_n, V_n])])
+    else:  # inner, no state-dependent update: o = Qd S; S' = D S + KdT V (known up front)
+        Qd_n = scanned(Qd)
+        body_outs.append(body.op("MatMul", [Qd_n, S_in]))
+        S_out = body.op("Add", [S_dec, scanned(b.op("MatMul", [KdT, V]))])
+    if os.environ.get("LA_IDENT", "0") == "1":
+        S_out = body.op("Identity", [S_out])
     for i, n in enumerate(body.nodes):
         for j, out in enumerate(n.outputs):
             out.name = f"{b.label}/scan/v{i}_{j}"
-    graph = ir.Graph(body_ins, [S_out, S_start], nodes=body.nodes, name=f"{b.label}/scan_body")
+    graph = ir.Graph(body_ins, [S_out] + body_outs, nodes=body.nodes, name=f"{b.label}/scan_body")
     n_scan = len(scan_ins)
-    S_fin, S_all = b.op("Scan", [s0] + scan_ins,
-                        {"body": ir.AttrGraph("body", graph), "num_scan_inputs": n_scan,
-                         "scan_input_axes": [2] * n_scan, "scan_output_axes": [2]}, outputs=2)
-    # outputs, batched over all chunks from their initial states S_all (B,h,nc,dk,dv)
-    if p.delta:
-        U = b.op("Sub", [X, b.op("MatMul", [Wk, S_all])])
-        o = b.op("Add", [b.op("MatMul", [Qd, S_all]), b.op("MatMul", [QK, U])])
-    else:
-        o = b.op("Add", [b.op("MatMul", [Qd, S_all]), b.op("MatMul", [QK, V])])
-    return p.finish(o, S_fin)
+    S_fin, o = b.op("Scan", [s0] + scan_ins,
+                    {"body": ir.AttrGraph("body", graph), "num_scan_inputs": n_scan,
+                     "scan_input_axes": [0] * n_scan, "scan_output_axes": [0]}, outputs=2)
+    if mode == "affine":  # o = Qd S + QK (X - W S), S the chunk's initial state
+        o = b.op("Add", [b.op("MatMul", [Qd, o]), b.op("MatMul", [QK, b.op("Sub", [X, b.op("MatMul", [Wk, o])])])])
+    elif mode == "outer":
+        o = b.op("Add", [b.op("MatMul", [Qd, o]), b.op("MatMul", [QK, V])])
+    elif mode == "qw":  # o = Qd S + QK (X - W S), from the emitted [Qd S; W S]
+        QS, WS = b.op("Split", [o], {"axis": 3, "num_outputs": 2}, outputs=2)
+        o = b.op("Add", [QS, b.op("MatMul", [QK, b.op("Sub", [X, WS])])])
+    elif not p.delta:  # inner, inner2
+        o = b.op("Add", [o, b.op("MatMul", [QK, V])])  # no state in it: batched over all chunks
+    return p.finish(o, S_fin, chunk_first=True)
 
 
 def _solve(p: _Prep, N: ir.Value, R: ir.Value) -> ir.Value:
