@@ -7,7 +7,9 @@ the cumulative log decay inside a chunk, ``L_n`` the total log decay before chun
 * intra-chunk: ``(q k^T ⊙ exp(b_i - b_j)) v`` over ``j <= i``;
 * inter-chunk, with no loop and no Scan: the state at the start of every chunk (and the final state)
   at once, ``S_n = exp(L_n) S_0 + sum_{m<n} exp(L_n - L_{m+1}) ΔS_m`` with ``ΔS_m`` chunk m's own
-  contribution: an ``(nc+1) x nc`` decay matrix times the stacked ``ΔS``, memory linear in T.
+  contribution, in two levels (``_chunk_states``): a decay matrix inside groups of 16 chunks, then one
+  across the groups; one level would be an ``(nc+1) x nc`` matrix times the stacked ``ΔS``, work
+  quadratic in T (at T = 16384, C = 64 it was twice the rest of the lowering). Memory linear in T.
 
 Rules ``delta`` / ``gated_delta`` and a per-key decay (``_lower_scan``, chunks of 16): everything inside a
 chunk is batched over all chunks, and only the (dk x dv) state crosses chunks, in one ``Scan`` over the
@@ -16,8 +18,8 @@ chunk axis (trip count ``ceil(T/C)``, dynamic). The delta rules' UT transform ``
 nilpotent: matmuls, no loop over positions and no triangular solve. A per-key decay's products ``sum_d a_id
 k_jd exp(b_id - b_jd)`` are MatMuls of queries and keys each scaled by one exponential, fla-style: blocks of
 4 against their first position, then halves against the boundary between them (``_SubChunks``), never a
-``[C, C, dk]`` tensor. Without a state-dependent update (the gated rule) the Scan body only decays, adds and
-reads the state. TensorRT generally takes Scan-free graphs better than Scan; the Scan is the price of the
+``[C, C, dk]`` tensor. Without a state-dependent update (the gated rule) the Scan body reads the state,
+decays it and adds the chunk's ``K^T V``. TensorRT generally takes Scan-free graphs better than Scan; the Scan is the price of the
 delta rules' state-dependent update and of a per-key decay (a loop-free per-key form needs an nc x nc x dk
 decay matrix: memory quadratic in T).
 
@@ -38,8 +40,6 @@ unless ONNX Runtime's native op is asked for.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import onnx_ir as ir
 
@@ -48,13 +48,10 @@ from graph_passes.linear_attention_ort import LinearAttentionLowering, Lowered, 
 PORTABLE_RULES = ("linear", "gated", "delta", "gated_delta")
 # the delta rules' chunk: their product-form inverse loses float32 precision as C grows (delta rule, unit
 # keys of dk = 4, max error vs float64: 3.5e-7 at C = 16, 1.7e-6 at C = 32, 1.7e-4 at C = 64)
-DELTA_CHUNK = int(os.environ.get("LA_DELTA_CHUNK", 16))
-_BODY_DELTA = os.environ.get("LA_BODY_DELTA", "inner")
-_BODY_KEY = os.environ.get("LA_BODY_KEY", "outer")
-INV_BLOCK = 16  # the delta rules: the diagonal blocks whose inverse is a product of powers (see _solve)
+DELTA_CHUNK = 16
 # per-key decay (gated rule): larger chunks mean fewer Scan steps but more levels of products; 16 ran
 # fastest of 16 / 32 / 64 (n = 1024 and 4096, ORT CPU, 2 threads)
-KEY_CHUNK = int(os.environ.get("LA_KEY_CHUNK", 16))
+KEY_CHUNK = 16
 GROUP = 16  # linear / per-head gated: chunks per group of the loop-free inter-chunk sum (_chunk_states)
 LEAF = 4  # per-key decay: the blocks whose pairs are one MatMul with a growing factor (see _SubChunks)
 MAX_LOG_DECAY = 20.0  # per-key decay: log decays per step are clipped at -MAX_LOG_DECAY (see _SubChunks)
@@ -110,7 +107,8 @@ class LinearAttentionPortablePass(LinearAttentionLowering):
 
 class _Prep:
     """What both forms share: the node's inputs in float32 on ``h`` heads, zero-padded to ``nc * C``
-    positions (k = 0 adds nothing, g = 0 decays nothing) and cut in chunks ``(B, h, nc, C[, d])``.
+    positions (k = 0 adds nothing, g = 0 decays nothing) and cut in chunks ``(B, h, nc, C[, d])``, or
+    ``(nc, B, h, C[, d])`` with ``chunk_first`` (the Scan form); the axes from 3 on are the same.
 
     The chunk layout is reached by a Transpose that keeps the last axis in place, then a Reshape; the
     transposed operands of MatMuls (``tr``) are then last-two-axes Transposes of a Reshape, which ONNX
@@ -130,8 +128,6 @@ class _Prep:
         self.eps = float(_attr(node, "eps", 0.0))
         self.scale = float(_attr(node, "scale", 1.0))
         self.dv = dv = int(v.shape[3]) + int(self.normalize)
-        dk = None if k.shape is None or len(k.shape) != 4 else k.shape[3]
-        self.dk = dk if isinstance(dk, int) else None
         self.out_dtype = q.dtype
         self.C = C
         self.b = b = _Builder(label)
@@ -307,8 +303,9 @@ def _chunk_states(p: _Prep, dS: ir.Value, totals: ir.Value | None) -> tuple[ir.V
 
 def _lower_scan(p: _Prep) -> tuple[list[ir.Node], list[ir.Value]]:
     """Delta rules (UT transform, loop-free inside a chunk) and per-key decay; the state crosses chunks
-    in a ``Scan`` over the chunk axis (its trip count follows T) whose body is one affine map of the state,
-    ``S' = A S + B`` (delta rules) or ``S' = D ⊙ S + B``: everything else is batched over all chunks."""
+    in a ``Scan`` over the chunk axis (its trip count follows T). The chunks lie chunk axis first,
+    (nc,B,h,C,d), so the Scan slices its inputs and stacks its output in place (on another axis ONNX
+    Runtime transposes every scanned tensor first)."""
     b, c, C, Q, K, V = p.b, p.b.const, p.C, p.Q, p.K, p.V
     f32 = ir.DataType.FLOAT
     KT = p.tr(K)
@@ -318,7 +315,7 @@ def _lower_scan(p: _Prep) -> tuple[list[ir.Node], list[ir.Value]]:
         G = b.op("Max", [p.G, c(np.float32(-MAX_LOG_DECAY), np.float32)]) if p.per_key else \
             b.op("Unsqueeze", [p.G, c([4])])
         bcum = b.op("CumSum", [G, c(3)])
-        blast = b.op("Slice", [bcum, c([C - 1]), c([C]), c([3])])  # (B,h,nc,1,dk|1)
+        blast = b.op("Slice", [bcum, c([C - 1]), c([C]), c([3])])  # (nc,B,h,1,dk|1)
 
     if p.per_key:
         intra = _SubChunks(p, bcum)
@@ -329,7 +326,7 @@ def _lower_scan(p: _Prep) -> tuple[list[ir.Node], list[ir.Value]]:
             diff = b.op("Sub", [b.op("Unsqueeze", [b0, c([4])]), b.op("Unsqueeze", [b0, c([3])])])
 
         def decayed(a: ir.Value, strict: bool) -> ir.Value:
-            """P[i, j] = a_i . k_j exp(b_i - b_j) for j <= i (j < i if strict), else 0: (B,h,nc,C,C)."""
+            """P[i, j] = a_i . k_j exp(b_i - b_j) for j <= i (j < i if strict), else 0: (nc,B,h,C,C)."""
             if bcum is None:
                 return b.op("Mul", [b.op("MatMul", [a, KT]), p.const(np.tril(np.ones((C, C), np.float32),
                                                                               -1 if strict else 0))])
@@ -340,7 +337,7 @@ def _lower_scan(p: _Prep) -> tuple[list[ir.Node], list[ir.Value]]:
         eb = b.op("Exp", [bcum])
         Qd = b.op("Mul", [Q, eb])  # q_i exp(b_i): reads the chunk's initial state
         KdT = p.tr(b.op("Mul", [K, b.op("Exp", [b.op("Sub", [blast, bcum])])]))  # writes the next state
-        D = p.tr(b.op("Exp", [blast]))  # (B,h,nc,dk|1,1): the chunk's total decay of the state
+        D = p.tr(b.op("Exp", [blast]))  # (nc,B,h,dk|1,1): the chunk's total decay of the state
     else:
         Qd, KdT, D, eb = Q, KT, None, None
     X, Wk = V, None
@@ -352,7 +349,6 @@ def _lower_scan(p: _Prep) -> tuple[list[ir.Node], list[ir.Value]]:
         Y = _solve(p, N, b.op("Concat", [b.op("Mul", [bt, V]), b.op("Mul", [bt, Kb])], {"axis": 4}))
         X = b.op("Slice", [Y, c([0]), c([p.dv]), c([4])])
         Wk = b.op("Slice", [Y, c([p.dv]), c([2**62]), c([4])])
-    mode = _BODY_DELTA if p.delta else _BODY_KEY
 
     s0 = p.s0
     if s0 is None:  # zeros (B, h, dk, dv)
@@ -360,7 +356,7 @@ def _lower_scan(p: _Prep) -> tuple[list[ir.Node], list[ir.Value]]:
                               b.op("Shape", [p.q_in], {"start": 3, "end": 4}), c([p.dv])], {"axis": 0})
         s0 = b.op("ConstantOfShape", [shp], {"value": ir.tensor(np.zeros(1, np.float32))})
 
-    # the Scan body: one chunk, state S (B,h,dk,dv)
+    # the Scan body: one chunk, state S (B,h,dk,dv); its outputs are node outputs (no Identity copies)
     body = _Builder(f"{b.label}/scan")
     names = iter(range(10**6))
 
@@ -377,36 +373,16 @@ def _lower_scan(p: _Prep) -> tuple[list[ir.Node], list[ir.Value]]:
 
     D_n = None if D is None else scanned(D)
     S_dec = S_in if D_n is None else body.op("Mul", [D_n, S_in])
-    if mode == "affine":  # S' = A S + B, A = D - KdT W, B = KdT X; outputs from the chunks' initial states
-        KW = b.op("MatMul", [KdT, Wk])
-        A_n, B_n = scanned(b.op("Neg", [KW])), scanned(b.op("MatMul", [KdT, X]))
-        S_out = body.op("Add", [body.op("Add", [S_dec, body.op("MatMul", [A_n, S_in])]), B_n])
-        body_outs.append(body.op("Identity", [S_in]))
-    elif mode == "outer":  # S' = D S + KdT V; outputs from the chunks' initial states
-        S_out = body.op("Add", [S_dec, scanned(b.op("MatMul", [KdT, V]))])
-        body_outs.append(body.op("Identity", [S_in]))
-    elif p.delta and mode == "qw":  # [Qd; W] S in one MatMul, emitted; S' = D S + KdT (X - W S)
-        QW_n = scanned(b.op("Concat", [Qd, Wk], {"axis": 3}))  # (nc,B,h,2C,dk)
-        X_n, KdT_n = scanned(X), scanned(KdT)
-        P = body.op("MatMul", [QW_n, S_in])
-        body_outs.append(P)
-        U = body.op("Sub", [X_n, body.op("Slice", [P, body.const([C]), body.const([2 * C]), body.const([2])])])
-        S_out = body.op("Add", [S_dec, body.op("MatMul", [KdT_n, U])])
-    elif p.delta:  # inner: U = X - W S, o = Qd S + QK U, S' = D S + KdT U
+    if p.delta:  # U = X - W S, o = Qd S + QK U, S' = D S + KdT U
         Qd_n, QK_n, X_n, KdT_n, Wk_n = (scanned(x) for x in (Qd, QK, X, KdT, Wk))
         U = body.op("Sub", [X_n, body.op("MatMul", [Wk_n, S_in])])
         body_outs.append(body.op("Add", [body.op("MatMul", [Qd_n, S_in]), body.op("MatMul", [QK_n, U])]))
         S_out = body.op("Add", [S_dec, body.op("MatMul", [KdT_n, U])])
-    elif mode == "inner2":  # o = Qd S; S' = D S + KdT V, all in the body
+    else:  # no state-dependent update: o = Qd S, S' = D S + KdT V (the chunk's contribution, made here
+        # rather than stacked up front: a (dk x dv) tensor per chunk is dk dv / C floats per position)
         Qd_n, KdT_n, V_n = (scanned(x) for x in (Qd, KdT, V))
         body_outs.append(body.op("MatMul", [Qd_n, S_in]))
         S_out = body.op("Add", [S_dec, body.op("MatMul", [KdT_n, V_n])])
-    else:  # inner, no state-dependent update: o = Qd S; S' = D S + KdT V (known up front)
-        Qd_n = scanned(Qd)
-        body_outs.append(body.op("MatMul", [Qd_n, S_in]))
-        S_out = body.op("Add", [S_dec, scanned(b.op("MatMul", [KdT, V]))])
-    if os.environ.get("LA_IDENT", "0") == "1":
-        S_out = body.op("Identity", [S_out])
     for i, n in enumerate(body.nodes):
         for j, out in enumerate(n.outputs):
             out.name = f"{b.label}/scan/v{i}_{j}"
@@ -415,51 +391,22 @@ def _lower_scan(p: _Prep) -> tuple[list[ir.Node], list[ir.Value]]:
     S_fin, o = b.op("Scan", [s0] + scan_ins,
                     {"body": ir.AttrGraph("body", graph), "num_scan_inputs": n_scan,
                      "scan_input_axes": [0] * n_scan, "scan_output_axes": [0]}, outputs=2)
-    if mode == "affine":  # o = Qd S + QK (X - W S), S the chunk's initial state
-        o = b.op("Add", [b.op("MatMul", [Qd, o]), b.op("MatMul", [QK, b.op("Sub", [X, b.op("MatMul", [Wk, o])])])])
-    elif mode == "outer":
-        o = b.op("Add", [b.op("MatMul", [Qd, o]), b.op("MatMul", [QK, V])])
-    elif mode == "qw":  # o = Qd S + QK (X - W S), from the emitted [Qd S; W S]
-        QS, WS = b.op("Split", [o], {"axis": 3, "num_outputs": 2}, outputs=2)
-        o = b.op("Add", [QS, b.op("MatMul", [QK, b.op("Sub", [X, WS])])])
-    elif not p.delta:  # inner, inner2
+    if not p.delta:
         o = b.op("Add", [o, b.op("MatMul", [QK, V])])  # no state in it: batched over all chunks
     return p.finish(o, S_fin, chunk_first=True)
 
 
 def _solve(p: _Prep, N: ir.Value, R: ir.Value) -> ir.Value:
-    """Y with ``(I - N) Y = R``, N (B,h,nc,C,C) strictly lower triangular: by blocks of ``L = INV_BLOCK``
-    rows, forward substitution ``Y_s = (I - N_ss)^-1 (R_s + N_s,<s Y_<s)`` unrolled over the C/L blocks;
-    each diagonal block's inverse ``sum_{k<L} N_ss^k = prod_{i<log2 L} (I + N_ss^(2^i))`` (N_ss nilpotent):
-    log2(L) squarings, no loop over positions. The products stay within blocks of L, where float32 keeps
-    them exact enough (their terms grow with the power; see INV_BLOCK)."""
-    b, c, C = p.b, p.b.const, p.C
-    L = min(INV_BLOCK, C)
-    nb = C // L
-    if nb == 1:
-        Nd = N
-    else:  # the diagonal blocks (B,h,nc,nb,L,L): block s starts at flat index s (L C + L)
-        flat = b.op("Pad", [b.op("Reshape", [N, c([0, 0, 0, -1])]), c([0] * 7 + [C])])
-        Nd = b.op("Reshape", [b.op("Slice", [b.op("Reshape", [flat, c([0, 0, 0, nb, L * C + L])]),
-                                             c([0]), c([L * C]), c([4])]), c([0, 0, 0, nb, L, C])])
-        Nd = b.op("Slice", [Nd, c([0]), c([L]), c([5])])
-    inv = b.op("Add", [Nd, c(np.eye(L, dtype=np.float32), np.float32)])
-    Np = Nd
-    for _ in range(1, L.bit_length() - 1):
+    """Y with ``(I - N) Y = R``, N (nc,B,h,C,C) strictly lower triangular, so nilpotent (N^C = 0):
+    ``(I - N)^-1 = sum_{k<C} N^k = prod_{i<log2 C} (I + N^(2^i))``, log2(C) squarings, no loop over
+    positions and no triangular solve; then one MatMul for all of R's columns."""
+    b, C = p.b, p.C
+    inv = b.op("Add", [N, p.const(np.eye(C, dtype=np.float32))])
+    Np = N
+    for _ in range(1, C.bit_length() - 1):
         Np = b.op("MatMul", [Np, Np])
         inv = b.op("Add", [inv, b.op("MatMul", [inv, Np])])
-    if nb == 1:
-        return b.op("MatMul", [inv, R])
-    invs = b.op("Split", [inv], {"axis": 3, "num_outputs": nb}, outputs=nb)
-    Ys = []
-    for s in range(nb):
-        rhs = b.op("Slice", [R, c([s * L]), c([(s + 1) * L]), c([3])])
-        if s:
-            Ns = b.op("Slice", [N, c([s * L, 0]), c([(s + 1) * L, s * L]), c([3, 4])])
-            prev = Ys[0] if s == 1 else b.op("Concat", Ys, {"axis": 3})
-            rhs = b.op("Add", [rhs, b.op("MatMul", [Ns, prev])])
-        Ys.append(b.op("MatMul", [b.op("Squeeze", [invs[s], c([3])]), rhs]))
-    return b.op("Concat", Ys, {"axis": 3})
+    return b.op("MatMul", [inv, R])
 
 
 class _SubChunks:
