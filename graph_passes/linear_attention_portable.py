@@ -17,15 +17,16 @@ chunk axis (trip count ``ceil(T/C)``, dynamic). The delta rules' UT transform ``
 (``KK`` strictly lower triangular) is ``prod_{k<log2 C} (I + N^(2^k))`` with ``N = -diag(beta) KK``
 nilpotent: matmuls, no loop over positions and no triangular solve. A per-key decay's products ``sum_d a_id
 k_jd exp(b_id - b_jd)`` are MatMuls of queries and keys each scaled by one exponential, fla-style: blocks of
-4 against their first position, then halves against the boundary between them (``_SubChunks``), never a
+8 against their middle position, then halves against the boundary between them (``_SubChunks``), never a
 ``[C, C, dk]`` tensor. Without a state-dependent update (the gated rule) the Scan body reads the state,
-decays it and adds the chunk's ``K^T V``. TensorRT generally takes Scan-free graphs better than Scan; the Scan is the price of the
-delta rules' state-dependent update and of a per-key decay (a loop-free per-key form needs an nc x nc x dk
-decay matrix: memory quadratic in T).
+decays it and adds the chunk's ``K^T V``. TensorRT generally takes Scan-free graphs better than Scan;
+the Scan is the price of the delta rules' state-dependent update and of a per-key decay (a loop-free
+per-key form needs an nc x nc x dk decay matrix: memory quadratic in T).
 
 Speed (benchmarks/bench_linear_attention.py, ORT CPU): the chunk layout is a Transpose that keeps the
 last axis, then a Reshape, so the MatMuls' transposed operands are Transposes ORT folds into the MatMul;
-masks are added (0 / -inf) or multiplied rather than selected by ``Where`` on large tensors.
+the Scan form puts the chunk axis first, so the Scan slices in place; masks are added (0 / -inf) or
+multiplied rather than selected by ``Where`` on large tensors.
 
 Every exponent is masked to -inf before ``Exp`` where it does not apply, and is <= 0 where it does
 (log decay <= 0), so no inf/NaN; the one exception, a per-key decay's in-block key factors, is bounded
@@ -53,8 +54,8 @@ DELTA_CHUNK = 16
 # fastest of 16 / 32 / 64 (n = 1024 and 4096, ORT CPU, 2 threads)
 KEY_CHUNK = 16
 GROUP = 16  # linear / per-head gated: chunks per group of the loop-free inter-chunk sum (_chunk_states)
-LEAF = 4  # per-key decay: the blocks whose pairs are one MatMul with a growing factor (see _SubChunks)
-MAX_LOG_DECAY = 20.0  # per-key decay: log decays per step are clipped at -MAX_LOG_DECAY (see _SubChunks)
+LEAF = 8  # per-key decay: the blocks whose pairs are one MatMul with bounded factors (see _SubChunks)
+MAX_LOG_DECAY = 16.0  # per-key decay: log decays per step are clipped at -MAX_LOG_DECAY (see _SubChunks)
 
 
 def _refusal(node: ir.Node) -> str | None:
@@ -413,12 +414,13 @@ class _SubChunks:
     """Per-key decay's ``P[i, j] = sum_d a_id k_jd exp(b_id - b_jd)`` (j <= i, j < i if strict) with no
     [C, C, dk] tensor: every part is a MatMul of keys and queries each scaled by one exponential.
 
-    * Leaves of ``LEAF`` positions: ``(a_i exp(b_i - b_f)) . (k_j exp(b_f - b_j))``, ``b_f`` the leaf's
-      first position. The second factor grows, by at most ``(LEAF - 1) * MAX_LOG_DECAY`` in the exponent,
-      because the log decay per step is clipped at ``-MAX_LOG_DECAY`` (``_lower_scan``): a decay of e^-20
-      already scales what crosses it below float32 resolution, so the clip changes no weight by more than
-      e^-20 ~ 2e-9 and bounds the exponents by 60. Pairs with j > i (finite, or inf/NaN at worst) are
-      dropped by a ``Where``.
+    * Leaves of ``LEAF`` positions: ``(a_i exp(b_i - b_r)) . (k_j exp(b_r - b_j))``, ``b_r`` the log decay
+      at the leaf's middle position. Either factor may grow, by at most ``LEAF / 2 * MAX_LOG_DECAY`` = 64
+      in the exponent (e^64 ~ 6e27, far from float32's e^88 both ways), because the log decay per step
+      is clipped at ``-MAX_LOG_DECAY`` (``_lower_scan``): a decay of e^-16 ~ 1.1e-7 already scales what
+      crosses it to float32 resolution, so the clip changes no weight by more than that. Pairs with
+      j > i (finite, or inf/NaN at worst) are dropped by a ``Where``. A middle reference halves the
+      exponent bound of a first-position one: leaves of 8 rather than 4, one level fewer below.
     * Blocks of 2m built from two blocks of m: pairs with j in the first half and i in the second as
       ``(a_i exp(b_i - r)) . (k_j exp(r - b_j))``, r the log decay at the end of the first half: both
       exponents <= 0 (what underflows is below 1e-38 of its term).
@@ -430,8 +432,9 @@ class _SubChunks:
         self.leaf = leaf = min(LEAF, C)
         view = c([0, 0, 0, C // leaf, leaf, -1])
         b_l = b.op("Reshape", [bcum, view])  # (B,h,nc,C/leaf,leaf,dk)
-        first = b.op("Slice", [b_l, c([0]), c([1]), c([4])])
-        d = b.op("Sub", [b_l, first])  # <= 0
+        mid = leaf // 2
+        ref = b.op("Slice", [b_l, c([mid]), c([mid + 1]), c([4])])
+        d = b.op("Sub", [b_l, ref])  # |d| <= (leaf / 2) MAX_LOG_DECAY
         self.e_row = b.op("Exp", [d])
         self.leaf_view = view
         self.k_col = b.op("Mul", [b.op("Reshape", [p.K, view]), b.op("Exp", [b.op("Neg", [d])])])
