@@ -9,7 +9,7 @@ the cumulative log decay inside a chunk, ``L_n`` the total log decay before chun
   at once, ``S_n = exp(L_n) S_0 + sum_{m<n} exp(L_n - L_{m+1}) ΔS_m`` with ``ΔS_m`` chunk m's own
   contribution, in two levels (``_chunk_states``): a decay matrix inside groups of 16 chunks, then one
   across the groups; one level would be an ``(nc+1) x nc`` matrix times the stacked ``ΔS``, work
-  quadratic in T (at T = 16384, C = 64 it was twice the rest of the lowering). Memory linear in T.
+  quadratic in T (at T = 16384, C = 64: twice the multiply-adds of all the rest). Memory linear in T.
 
 Rules ``delta`` / ``gated_delta`` and a per-key decay (``_lower_scan``, chunks of 16): everything inside a
 chunk is batched over all chunks, and only the (dk x dv) state crosses chunks, in one ``Scan`` over the
@@ -29,11 +29,11 @@ the Scan form puts the chunk axis first, so the Scan slices in place; masks are 
 multiplied rather than selected by ``Where`` on large tensors.
 
 Every exponent is masked to -inf before ``Exp`` where it does not apply, and is <= 0 where it does
-(log decay <= 0), so no inf/NaN; the one exception, a per-key decay's in-block key factors, is bounded
-by clipping the log decay per step (``_SubChunks``). One ``CumSum`` axis only (inside the chunk): ``L`` is
-a MatMul with a ``p < n`` mask, as TensorRT miscomputes several CumSums on different axes. ``L`` is a
-prefix sum in float32: with very strong decays over very long sequences the difference ``L_n - L_{m+1}``
-loses absolute precision ~1e-7 |L|.
+(log decay <= 0), so no inf/NaN; the one exception, a per-key decay's factors inside a leaf of 8
+positions, is bounded (by 64) by clipping the log decay per step (``_SubChunks``). One ``CumSum`` axis
+only (inside the chunk): ``L`` is a MatMul with a ``p < n`` mask, as TensorRT miscomputes several
+CumSums on different axes. ``L`` is a prefix sum in float32: with very strong decays over very long
+sequences the difference ``L_n - L_{m+1}`` loses absolute precision ~1e-7 |L|.
 
 The default pipeline's ``linear-attention`` pass (graph_passes/linear_attention.py) runs this lowering
 unless ONNX Runtime's native op is asked for.
@@ -213,7 +213,6 @@ def _tri(C: int, strict: bool) -> np.ndarray:
 def _lower(p: _Prep) -> tuple[list[ir.Node], list[ir.Value]]:
     """``linear`` and per-head ``gated``: loop-free."""
     b, c, C, Q, K, V = p.b, p.b.const, p.C, p.Q, p.K, p.V
-    f32 = ir.DataType.FLOAT
     qk = b.op("MatMul", [Q, p.tr(K)])  # (B,h,nc,C,C)
     if p.G is not None:
         bcum = b.op("CumSum", [p.G, c(3)])  # (B,h,nc,C): the one CumSum, along the chunk
