@@ -7,7 +7,9 @@ the cumulative log decay inside a chunk, ``L_n`` the total log decay before chun
 * intra-chunk: ``(q k^T ⊙ exp(b_i - b_j)) v`` over ``j <= i``;
 * inter-chunk, with no loop and no Scan: the state at the start of every chunk (and the final state)
   at once, ``S_n = exp(L_n) S_0 + sum_{m<n} exp(L_n - L_{m+1}) ΔS_m`` with ``ΔS_m`` chunk m's own
-  contribution: an ``(nc+1) x nc`` decay matrix times the stacked ``ΔS``, memory linear in T.
+  contribution, in two levels (``_chunk_states``): a decay matrix inside groups of 16 chunks, then one
+  across the groups; one level would be an ``(nc+1) x nc`` matrix times the stacked ``ΔS``, work
+  quadratic in T (at T = 16384, C = 64: twice the multiply-adds of all the rest). Memory linear in T.
 
 Rules ``delta`` / ``gated_delta`` and a per-key decay (``_lower_scan``, chunks of 16): everything inside a
 chunk is batched over all chunks, and only the (dk x dv) state crosses chunks, in one ``Scan`` over the
@@ -15,22 +17,22 @@ chunk axis (trip count ``ceil(T/C)``, dynamic). The delta rules' UT transform ``
 (``KK`` strictly lower triangular) is ``prod_{k<log2 C} (I + N^(2^k))`` with ``N = -diag(beta) KK``
 nilpotent: matmuls, no loop over positions and no triangular solve. A per-key decay's products ``sum_d a_id
 k_jd exp(b_id - b_jd)`` are MatMuls of queries and keys each scaled by one exponential, fla-style: blocks of
-4 against their first position, then halves against the boundary between them (``_SubChunks``), never a
-``[C, C, dk]`` tensor. Without a state-dependent update (the gated rule) the Scan body only decays, adds and
-reads the state. TensorRT generally takes Scan-free graphs better than Scan; the Scan is the price of the
-delta rules' state-dependent update and of a per-key decay (a loop-free per-key form needs an nc x nc x dk
-decay matrix: memory quadratic in T).
+8 against their middle position, then halves against the boundary between them (``_SubChunks``), never a
+``[C, C, dk]`` tensor. Without a state-dependent update (the gated rule) the Scan body reads the state,
+decays it and adds the chunk's ``K^T V``. TensorRT generally takes Scan-free graphs better than Scan;
+the Scan is the price of the delta rules' state-dependent update and of a per-key decay (a loop-free
+per-key form needs an nc x nc x dk decay matrix: memory quadratic in T).
 
 Speed (benchmarks/bench_linear_attention.py, ORT CPU): the chunk layout is a Transpose that keeps the
 last axis, then a Reshape, so the MatMuls' transposed operands are Transposes ORT folds into the MatMul;
 masks are added (0 / -inf) or multiplied rather than selected by ``Where`` on large tensors.
 
 Every exponent is masked to -inf before ``Exp`` where it does not apply, and is <= 0 where it does
-(log decay <= 0), so no inf/NaN; the one exception, a per-key decay's in-block key factors, is bounded
-by clipping the log decay per step (``_SubChunks``). One ``CumSum`` axis only (inside the chunk): ``L`` is
-a MatMul with a ``p < n`` mask, as TensorRT miscomputes several CumSums on different axes. ``L`` is a
-prefix sum in float32: with very strong decays over very long sequences the difference ``L_n - L_{m+1}``
-loses absolute precision ~1e-7 |L|.
+(log decay <= 0), so no inf/NaN; the one exception, a per-key decay's factors inside a leaf of 8
+positions, is bounded (by 64) by clipping the log decay per step (``_SubChunks``). One ``CumSum`` axis
+only (inside the chunk): ``L`` is a MatMul with a ``p < n`` mask, as TensorRT miscomputes several
+CumSums on different axes. ``L`` is a prefix sum in float32: with very strong decays over very long
+sequences the difference ``L_n - L_{m+1}`` loses absolute precision ~1e-7 |L|.
 
 The default pipeline's ``linear-attention`` pass (graph_passes/linear_attention.py) runs this lowering
 unless ONNX Runtime's native op is asked for.
@@ -50,8 +52,9 @@ DELTA_CHUNK = 16
 # per-key decay (gated rule): larger chunks mean fewer Scan steps but more levels of products; 16 ran
 # fastest of 16 / 32 / 64 (n = 1024 and 4096, ORT CPU, 2 threads)
 KEY_CHUNK = 16
-LEAF = 4  # per-key decay: the blocks whose pairs are one MatMul with a growing factor (see _SubChunks)
-MAX_LOG_DECAY = 20.0  # per-key decay: log decays per step are clipped at -MAX_LOG_DECAY (see _SubChunks)
+GROUP = 16  # linear / per-head gated: chunks per group of the loop-free inter-chunk sum (_chunk_states)
+LEAF = 8  # per-key decay: the blocks whose pairs are one MatMul with bounded factors (see _SubChunks)
+MAX_LOG_DECAY = 16.0  # per-key decay: log decays per step are clipped at -MAX_LOG_DECAY (see _SubChunks)
 
 
 def _refusal(node: ir.Node) -> str | None:
@@ -202,8 +205,6 @@ def _tri(C: int, strict: bool) -> np.ndarray:
 def _lower(p: _Prep) -> tuple[list[ir.Node], list[ir.Value]]:
     """``linear`` and per-head ``gated``: loop-free."""
     b, c, C, Q, K, V = p.b, p.b.const, p.C, p.Q, p.K, p.V
-    f32 = ir.DataType.FLOAT
-    neg_inf = c(np.float32(-np.inf), np.float32)
     qk = b.op("MatMul", [Q, p.tr(K)])  # (B,h,nc,C,C)
     if p.G is not None:
         bcum = b.op("CumSum", [p.G, c(3)])  # (B,h,nc,C): the one CumSum, along the chunk
@@ -218,40 +219,85 @@ def _lower(p: _Prep) -> tuple[list[ir.Node], list[ir.Value]]:
     o = b.op("MatMul", [qk, V])  # intra-chunk, (B,h,nc,C,dv)
     dS = b.op("MatMul", [p.tr(p.K), Vd])  # (B,h,nc,dk,dv): chunk n's own contribution to the next state
     dS_flat = b.op("Reshape", [dS, c([0, 0, 0, -1])])  # (B,h,nc,dk*dv)
-    # chunk-start states for n = 0..nc (row nc: the final state)
-    nc0 = b.op("Squeeze", [p.nc, c([0])])
-    idx_n = b.op("Range", [c(0), b.op("Add", [nc0, c(1)]), c(1)])  # nc+1
-    idx_m = b.op("Range", [c(0), nc0, c(1)])  # nc
-    before = b.op("Less", [b.op("Unsqueeze", [idx_m, c([1])]), b.op("Unsqueeze", [idx_n, c([0])])])  # m < n
-    if p.G is not None:
-        totals = b.op("Squeeze", [blast, c([3])])  # (B,h,nc)
-        L = b.op("MatMul", [b.op("Unsqueeze", [totals, c([2])]), b.op("Cast", [before], {"to": f32})])
-        L = b.op("Squeeze", [L, c([2])])  # (B,h,nc+1): log decay before chunk n
-        L_next = b.op("Slice", [L, c([1]), c([2**62]), c([2])])  # L_{m+1}, (B,h,nc)
-        expo = b.op("Sub", [b.op("Unsqueeze", [L, c([3])]), b.op("Unsqueeze", [L_next, c([2])])])
-        M = b.op("Exp", [b.op("Where", [b.op("Transpose", [before], {"perm": [1, 0]}), expo, neg_inf])])
-    else:
-        M = b.op("Cast", [b.op("Transpose", [before], {"perm": [1, 0]})], {"to": f32})  # (nc+1, nc)
-    S_all = b.op("MatMul", [M, dS_flat])  # (B,h,nc+1,dk*dv)
-    S_all = b.op("Reshape", [S_all, b.op("Concat", [c([0, 0]), b.op("Add", [p.nc, c([1])]), c([-1, p.dv])],
-                                         {"axis": 0})])  # (B,h,nc+1,dk,dv)
-    if p.s0 is not None:
-        S0 = b.op("Unsqueeze", [p.s0, c([2])])
-        if p.G is not None:
-            S0 = b.op("Mul", [S0, b.op("Exp", [b.op("Unsqueeze", [L, c([3, 4])])])])
-        S_all = b.op("Add", [S_all, S0])
-    S_start = b.op("Slice", [S_all, c([0]), p.nc, c([2])])
+    totals = None if p.G is None else b.op("Squeeze", [blast, c([3])])  # (B,h,nc)
+    S_start, final = _chunk_states(p, dS_flat, totals)
     inter = b.op("MatMul", [Q, S_start])
     if e_q is not None:
         inter = b.op("Mul", [inter, e_q])
     o = b.op("Add", [o, inter])  # inter-chunk
-    final = b.op("Squeeze", [b.op("Slice", [S_all, p.nc, b.op("Add", [p.nc, c([1])]), c([2])]), c([2])])
     return p.finish(o, final)
+
+
+def _decay_prefix(p: _Prep, x: ir.Value, t: ir.Value | None, n: ir.Value, axis: int,
+                  static: int | None = None) -> tuple[ir.Value, ir.Value | None]:
+    """``P_k = sum_{m<k} exp(L_k - L_{m+1}) x_m`` for k = 0..n (row n: after all), ``L_k = sum_{m<k} t_m``,
+    along ``axis`` of x (..., n, F) and t (..., n): (..., n+1, F) and L (..., n+1). ``L`` is a MatMul with a
+    ``m < k`` mask (one CumSum axis per network); every exponent is masked to -inf or is <= 0. An n x n
+    decay matrix: callers keep n small (``static``: n known, the masks are constants)."""
+    b, c = p.b, p.b.const
+    f32 = ir.DataType.FLOAT
+    if static is not None:
+        keep = np.arange(static)[:, None] < np.arange(static + 1)[None, :]  # (n, n+1): m < k
+        before = p.const(keep.astype(np.float32))
+        keep_t = p.const(keep.T)  # (n+1, n)
+        mask01 = p.const(keep.T.astype(np.float32))
+    else:
+        n0 = b.op("Squeeze", [n, c([0])])
+        idx_k = b.op("Range", [c(0), b.op("Add", [n0, c(1)]), c(1)])
+        idx_m = b.op("Range", [c(0), n0, c(1)])
+        lt = b.op("Less", [b.op("Unsqueeze", [idx_m, c([1])]), b.op("Unsqueeze", [idx_k, c([0])])])  # m < k
+        before = b.op("Cast", [lt], {"to": f32})
+        mask01 = b.op("Transpose", [before], {"perm": [1, 0]})
+        keep_t = b.op("Transpose", [lt], {"perm": [1, 0]})
+    if t is None:
+        return b.op("MatMul", [mask01, x]), None
+    L = b.op("Squeeze", [b.op("MatMul", [b.op("Unsqueeze", [t, c([axis])]), before]), c([axis])])  # (..., n+1)
+    L_next = b.op("Slice", [L, c([1]), c([2**62]), c([axis])])  # L_{m+1}
+    expo = b.op("Sub", [b.op("Unsqueeze", [L, c([axis + 1])]), b.op("Unsqueeze", [L_next, c([axis])])])
+    M = b.op("Exp", [b.op("Where", [keep_t, expo, c(np.float32(-np.inf), np.float32)])])  # (..., n+1, n)
+    return b.op("MatMul", [M, x]), L
+
+
+def _chunk_states(p: _Prep, dS: ir.Value, totals: ir.Value | None) -> tuple[ir.Value, ir.Value]:
+    """The state at the start of every chunk (B,h,nc,dk,dv) and the final state (B,h,dk,dv), loop-free,
+    from each chunk's own contribution ``dS`` (B,h,nc,dk*dv) and log decay ``totals`` (B,h,nc), in two
+    levels so that no decay matrix grows with nc squared times the state: inside groups of ``GROUP``
+    chunks (a (G+1) x G matrix per group), then across the groups' totals (an (ng+1) x ng matrix,
+    ng = nc / G), and each chunk's state is its group-start state decayed plus its in-group prefix."""
+    b, c, G = p.b, p.b.const, GROUP
+    pad = b.op("Mod", [b.op("Sub", [c([G]), b.op("Mod", [p.nc, c([G])])]), c([G])])
+    ng = b.op("Div", [b.op("Add", [p.nc, pad]), c([G])])
+    grouped = b.op("Concat", [c([0, 0]), ng, c([G])], {"axis": 0})
+    # padded chunks add nothing and decay nothing: they leave the final state as it is
+    x = b.op("Reshape", [b.op("Pad", [dS, b.op("Concat", [c([0, 0, 0, 0, 0, 0]), pad, c([0])], {"axis": 0})]),
+                         b.op("Concat", [grouped, c([-1])], {"axis": 0})])  # (B,h,ng,G,F)
+    t = None if totals is None else b.op("Reshape", [b.op("Pad", [totals, b.op("Concat", [c([0, 0, 0, 0, 0]), pad],
+                                                                                 {"axis": 0})]), grouped])
+    S_loc, L_loc = _decay_prefix(p, x, t, c([G]), 3, static=G)  # (B,h,ng,G+1,F), (B,h,ng,G+1)
+    E = b.op("Squeeze", [b.op("Slice", [S_loc, c([G]), c([G + 1]), c([3])]), c([3])])  # (B,h,ng,F)
+    T = None if t is None else b.op("Squeeze", [b.op("Slice", [L_loc, c([G]), c([G + 1]), c([3])]), c([3])])
+    S_grp, L_grp = _decay_prefix(p, E, T, ng, 2)  # (B,h,ng+1,F): the state at each group's start
+    if p.s0 is not None:
+        S0 = b.op("Reshape", [p.s0, c([0, 0, 1, -1])])
+        if L_grp is not None:
+            S0 = b.op("Mul", [S0, b.op("Exp", [b.op("Unsqueeze", [L_grp, c([3])])])])
+        S_grp = b.op("Add", [S_grp, S0])
+    final = b.op("Reshape", [b.op("Slice", [S_grp, ng, b.op("Add", [ng, c([1])]), c([2])]), c([0, 0, -1, p.dv])])
+    carried = b.op("Unsqueeze", [b.op("Slice", [S_grp, c([0]), ng, c([2])]), c([3])])  # (B,h,ng,1,F)
+    if L_loc is not None:
+        carried = b.op("Mul", [carried, b.op("Exp", [b.op("Unsqueeze", [
+            b.op("Slice", [L_loc, c([0]), c([G]), c([3])]), c([4])])])])
+    S = b.op("Add", [b.op("Slice", [S_loc, c([0]), c([G]), c([3])]), carried])  # (B,h,ng,G,F)
+    S = b.op("Reshape", [S, b.op("Concat", [c([0, 0]), b.op("Mul", [ng, c([G])]), c([-1])], {"axis": 0})])
+    S = b.op("Slice", [S, c([0]), p.nc, c([2])])
+    return b.op("Reshape", [S, c([0, 0, 0, -1, p.dv])]), final
 
 
 def _lower_scan(p: _Prep) -> tuple[list[ir.Node], list[ir.Value]]:
     """Delta rules (UT transform, loop-free inside a chunk) and per-key decay; the state crosses chunks
-    in a ``Scan`` over the chunk axis (its trip count follows T)."""
+    in a ``Scan`` over the chunk axis (its trip count follows T). The chunk axis stays axis 2: a
+    chunk-first layout, (nc,B,h,C,d), spares the Scan its transposes of the scanned tensors but its own
+    5-D Transposes ran slower (ORT CPU, n = 4096: 117 ms vs 70 ms for the delta rule)."""
     b, c, C, Q, K, V = p.b, p.b.const, p.C, p.Q, p.K, p.V
     f32 = ir.DataType.FLOAT
     KT = p.tr(K)
@@ -286,23 +332,13 @@ def _lower_scan(p: _Prep) -> tuple[list[ir.Node], list[ir.Value]]:
         D = p.tr(b.op("Exp", [blast]))  # (B,h,nc,dk|1,1): the chunk's total decay of the state
     else:
         Qd, KdT, D, eb = Q, KT, None, None
-    X, Wk = V, None
     if p.delta:
         bt = b.op("Unsqueeze", [p.Beta, c([4])])  # (B,h,nc,C,1)
-        # (I + A)^-1 with A = diag(beta) KK strictly lower triangular: N = -A is nilpotent (N^C = 0), so
-        # (I - N)^-1 = sum_{p<C} N^p = prod_{k<log2 C} (I + N^(2^k)): log2(C) squarings, no loop over positions
-        N = b.op("Neg", [b.op("Mul", [bt, decayed(K, True)])])
-        inv = b.op("Add", [N, c(np.eye(C, dtype=np.float32), np.float32)])
-        Np = N
-        for _ in range(1, C.bit_length() - 1):
-            Np = b.op("MatMul", [Np, Np])
-            inv = b.op("Add", [inv, b.op("MatMul", [inv, Np])])
+        # (I + diag(beta) KK)^-1, KK strictly lower triangular (_inverse)
+        inv = _inverse(p, b.op("Neg", [b.op("Mul", [bt, decayed(K, True)])]))
         X = b.op("MatMul", [inv, b.op("Mul", [bt, V])])  # A^-1 beta V
         Kb = K if eb is None else b.op("Mul", [K, eb])
         Wk = b.op("MatMul", [inv, b.op("Mul", [bt, Kb])])  # A^-1 beta exp(b) K
-        o_intra = None
-    else:
-        o_intra = b.op("MatMul", [QK, V])  # no state in it: batched over all chunks, outside the Scan
 
     s0 = p.s0
     if s0 is None:  # zeros (B, h, dk, dv)
@@ -310,7 +346,7 @@ def _lower_scan(p: _Prep) -> tuple[list[ir.Node], list[ir.Value]]:
                               b.op("Shape", [p.q_in], {"start": 3, "end": 4}), c([p.dv])], {"axis": 0})
         s0 = b.op("ConstantOfShape", [shp], {"value": ir.tensor(np.zeros(1, np.float32))})
 
-    # the Scan body: one chunk, state S (B,h,dk,dv)
+    # the Scan body: one chunk, state S (B,h,dk,dv); its outputs are node outputs (no Identity copies)
     body = _Builder(f"{b.label}/scan")
     names = iter(range(10**6))
 
@@ -318,46 +354,62 @@ def _lower_scan(p: _Prep) -> tuple[list[ir.Node], list[ir.Value]]:
         return ir.Value(name=f"{b.label}/scan/in{next(names)}", type=ir.TensorType(f32))
 
     S_in = bval()
-    if p.delta:  # state-dependent update: U = X - W S
-        scan_ins = [Qd, QK, X, KdT, Wk] + ([D] if D is not None else [])
-        Qd_n, QK_n, X_n, KdT_n, Wk_n = (bval() for _ in range(5))
-        D_n = bval() if D is not None else None
-        U = body.op("Sub", [X_n, body.op("MatMul", [Wk_n, S_in])])
-        o_n = body.op("Add", [body.op("MatMul", [Qd_n, S_in]), body.op("MatMul", [QK_n, U])])
-        dS_n = body.op("MatMul", [KdT_n, U])
-        body_ins = [S_in, Qd_n, QK_n, X_n, KdT_n, Wk_n] + ([D_n] if D_n is not None else [])
-    else:  # the chunk's contribution is known up front: the body only decays, adds and reads the state
-        dS = b.op("MatMul", [KdT, V])  # (B,h,nc,dk,dv)
-        scan_ins = [Qd, dS, D]
-        Qd_n, dS_n, D_n = bval(), bval(), bval()
-        o_n = body.op("MatMul", [Qd_n, S_in])
-        body_ins = [S_in, Qd_n, dS_n, D_n]
+    scan_ins, body_ins, body_outs = [], [S_in], []
+
+    def scanned(x: ir.Value) -> ir.Value:
+        scan_ins.append(x)
+        body_ins.append(bval())
+        return body_ins[-1]
+
+    D_n = None if D is None else scanned(D)
     S_dec = S_in if D_n is None else body.op("Mul", [D_n, S_in])
-    S_out = body.op("Identity", [body.op("Add", [S_dec, dS_n])])
-    o_n = body.op("Identity", [o_n])
+    if p.delta:  # U = X - W S, o = Qd S + QK U, S' = D S + KdT U
+        Qd_n, QK_n, X_n, KdT_n, Wk_n = (scanned(x) for x in (Qd, QK, X, KdT, Wk))
+        U = body.op("Sub", [X_n, body.op("MatMul", [Wk_n, S_in])])
+        body_outs.append(body.op("Add", [body.op("MatMul", [Qd_n, S_in]), body.op("MatMul", [QK_n, U])]))
+        S_out = body.op("Add", [S_dec, body.op("MatMul", [KdT_n, U])])
+    else:  # no state-dependent update: o = Qd S, S' = D S + KdT V (the chunk's contribution, made here
+        # rather than stacked up front: a (dk x dv) tensor per chunk is dk dv / C floats per position)
+        Qd_n, KdT_n, V_n = (scanned(x) for x in (Qd, KdT, V))
+        body_outs.append(body.op("MatMul", [Qd_n, S_in]))
+        S_out = body.op("Add", [S_dec, body.op("MatMul", [KdT_n, V_n])])
     for i, n in enumerate(body.nodes):
         for j, out in enumerate(n.outputs):
             out.name = f"{b.label}/scan/v{i}_{j}"
-    graph = ir.Graph(body_ins, [S_out, o_n], nodes=body.nodes, name=f"{b.label}/scan_body")
+    graph = ir.Graph(body_ins, [S_out] + body_outs, nodes=body.nodes, name=f"{b.label}/scan_body")
     n_scan = len(scan_ins)
     S_fin, o = b.op("Scan", [s0] + scan_ins,
                     {"body": ir.AttrGraph("body", graph), "num_scan_inputs": n_scan,
                      "scan_input_axes": [2] * n_scan, "scan_output_axes": [2]}, outputs=2)
-    if o_intra is not None:
-        o = b.op("Add", [o, o_intra])
+    if not p.delta:
+        o = b.op("Add", [o, b.op("MatMul", [QK, V])])  # no state in it: batched over all chunks
     return p.finish(o, S_fin)
+
+
+def _inverse(p: _Prep, N: ir.Value) -> ir.Value:
+    """``(I - N)^-1`` for N (B,h,nc,C,C) strictly lower triangular, so nilpotent (N^C = 0):
+    ``sum_{k<C} N^k = prod_{i<log2 C} (I + N^(2^i))``, log2(C) squarings, no loop over positions and no
+    triangular solve."""
+    b, C = p.b, p.C
+    inv = b.op("Add", [N, p.const(np.eye(C, dtype=np.float32))])
+    Np = N
+    for _ in range(1, C.bit_length() - 1):
+        Np = b.op("MatMul", [Np, Np])
+        inv = b.op("Add", [inv, b.op("MatMul", [inv, Np])])
+    return inv
 
 
 class _SubChunks:
     """Per-key decay's ``P[i, j] = sum_d a_id k_jd exp(b_id - b_jd)`` (j <= i, j < i if strict) with no
     [C, C, dk] tensor: every part is a MatMul of keys and queries each scaled by one exponential.
 
-    * Leaves of ``LEAF`` positions: ``(a_i exp(b_i - b_f)) . (k_j exp(b_f - b_j))``, ``b_f`` the leaf's
-      first position. The second factor grows, by at most ``(LEAF - 1) * MAX_LOG_DECAY`` in the exponent,
-      because the log decay per step is clipped at ``-MAX_LOG_DECAY`` (``_lower_scan``): a decay of e^-20
-      already scales what crosses it below float32 resolution, so the clip changes no weight by more than
-      e^-20 ~ 2e-9 and bounds the exponents by 60. Pairs with j > i (finite, or inf/NaN at worst) are
-      dropped by a ``Where``.
+    * Leaves of ``LEAF`` positions: ``(a_i exp(b_i - b_r)) . (k_j exp(b_r - b_j))``, ``b_r`` the log decay
+      at the leaf's middle position. Either factor may grow, by at most ``LEAF / 2 * MAX_LOG_DECAY`` = 64
+      in the exponent (e^64 ~ 6e27, far from float32's e^88 both ways), because the log decay per step
+      is clipped at ``-MAX_LOG_DECAY`` (``_lower_scan``): a decay of e^-16 ~ 1.1e-7 already scales what
+      crosses it to float32 resolution, so the clip changes no weight by more than that. Pairs with
+      j > i (finite, or inf/NaN at worst) are dropped by a ``Where``. A middle reference halves the
+      exponent bound of a first-position one: leaves of 8 rather than 4, one level fewer below.
     * Blocks of 2m built from two blocks of m: pairs with j in the first half and i in the second as
       ``(a_i exp(b_i - r)) . (k_j exp(r - b_j))``, r the log decay at the end of the first half: both
       exponents <= 0 (what underflows is below 1e-38 of its term).
@@ -369,8 +421,9 @@ class _SubChunks:
         self.leaf = leaf = min(LEAF, C)
         view = c([0, 0, 0, C // leaf, leaf, -1])
         b_l = b.op("Reshape", [bcum, view])  # (B,h,nc,C/leaf,leaf,dk)
-        first = b.op("Slice", [b_l, c([0]), c([1]), c([4])])
-        d = b.op("Sub", [b_l, first])  # <= 0
+        mid = leaf // 2
+        ref = b.op("Slice", [b_l, c([mid]), c([mid + 1]), c([4])])
+        d = b.op("Sub", [b_l, ref])  # |d| <= (leaf / 2) MAX_LOG_DECAY
         self.e_row = b.op("Exp", [d])
         self.leaf_view = view
         self.k_col = b.op("Mul", [b.op("Reshape", [p.K, view]), b.op("Exp", [b.op("Neg", [d])])])

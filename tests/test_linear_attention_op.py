@@ -341,6 +341,18 @@ def test_portable_lowering_matches_float64(case):
     _assert_lowered_matches_float64(model, case, kw, with_state)
 
 
+@pytest.mark.parametrize("case", ["linear", "gated-head"])
+def test_portable_lowering_sums_states_over_chunk_groups(case):
+    """Chunks of 2: T = 130 is 65 chunks, 5 groups of the two-level inter-chunk sum (the last one padded),
+    with an initial state carried across the groups."""
+    from graph_passes._base import PassOptions
+
+    model, kw = _onnx(case, True)
+    LinearAttentionPortablePass(PassOptions(chunk_size=2))(model)
+    assert not {"Loop", "Scan"} & {n.op_type for n in model.graph}
+    _assert_lowered_matches_float64(model, case, kw, True)
+
+
 def test_portable_lowering_leaves_a_chunk_that_is_not_a_power_of_two():
     """The delta rules' inverse is a product of log2(C) factors: a chunk of 12 is refused, with the reason."""
     from graph_passes._base import PassOptions
