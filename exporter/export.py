@@ -104,6 +104,21 @@ def dim_names(specs: Sequence[InputSpec],
     return names
 
 
+def pin_shared_axes(specs: Sequence[InputSpec], pinned: Sequence["PinnedAxis"]) -> list[InputSpec]:
+    """``specs`` with each pinned axis made static, and with it every axis that shares its name
+    (:func:`dim_names`: a padding mask's axes are its tokens'), so the inputs stay the same length where the
+    model takes them as one (parity never feeds 16 tokens with a 1-token mask)."""
+    names = dim_names(specs)
+    sizes = {names[(p.input, p.axis)]: p.size for p in pinned if (p.input, p.axis) in names}
+    out = []
+    for spec in specs:
+        for axis in spec.dynamic_axes:
+            if names[(spec.name, axis)] in sizes:
+                spec = spec.with_static_axis(axis, sizes[names[(spec.name, axis)]])
+        out.append(spec)
+    return out
+
+
 def torch_dynamic_shapes(specs: Sequence[InputSpec], auto: bool = False,
                          equal: dict[tuple[str, int], tuple[str, int]] | None = None) -> tuple[dict[int, Any], ...]:
     """torch.export dynamic_shapes for positional inputs in ``specs`` order."""
@@ -510,10 +525,8 @@ def export_onnx(loaded: LoadedModel | nn.Module, specs: Sequence[InputSpec], pat
         else:
             model, pinned, specs = _export_torchscript(module, args, specs, opset, out_names, say)
             program = None
-    exported_specs = list(specs)
+    exported_specs = pin_shared_axes(specs, pinned)
     for pin in pinned:
-        exported_specs = [s.with_static_axis(pin.axis, pin.size) if s.name == pin.input else s
-                          for s in exported_specs]
         warnings_out.append(pin.message())
     _rename_dims(model, exported_specs)
     written = model.opset_imports.get("", model.opset_imports.get("ai.onnx", opset))
@@ -566,9 +579,7 @@ def _export_dynamo(source: Any, args: tuple, specs: list[InputSpec], opset: int,
         raise LrexportError(f"torch.export failed ({type(err).__name__}: {first})",
                             "fix the model for torch.export, or try --exporter torchscript") from None
     pinned = _static_axes(ep, specs, reasons)
-    served_specs = list(specs)
-    for pin in pinned:  # a pinned axis is reported as such; the other axes must serve their whole range
-        served_specs = [s.with_static_axis(pin.axis, pin.size) if s.name == pin.input else s for s in served_specs]
+    served_specs = pin_shared_axes(specs, pinned)  # a pinned axis is reported as such; the others serve their range
     unserved.extend(unserved_axes(ep, served_specs))
     narrowed = _narrowed_axes(ep, specs, reasons)
     if narrowed and not unserved:  # the guard probe is the finer account; the caller checks what it found

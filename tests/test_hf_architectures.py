@@ -270,3 +270,18 @@ assert not any(m == "fla" or m.startswith("fla.") for m in sys.modules)
         assert data["parity"]["ok"], name
         assert {c["case"] for c in data["parity"]["results"]} == {"min", "opt", "max", "odd"}
         _check_served_from_one(data)
+
+
+def test_a_pinned_sequence_pins_its_padding_mask_too(cli, arch_folder, tmp_path):
+    """xLSTM without lrexport's patches: transformers' chunk loop pins the sequence at the example's 16 tokens
+    (one warning, exit 0). The attention mask is the same axis, so it is pinned with it: before, it kept 1..64
+    and parity fed 16 tokens with masks of 1, 64 and 11 positions."""
+    res = cli("build", arch_folder("xlstm"), "--no-patches", "--shapes", "input_ids:min=1x1,opt=1x16,max=2x64",
+              "--backend", "onnxruntime", "--out", tmp_path / "o", "--json", "-q")
+    assert res.code == 0, res.err[-3000:]
+    data = json.loads(res.out)
+    assert [(p["input"], p["axis"], p["size"]) for p in data["export"]["pinned_axes"]] == [("input_ids", 1, 16)]
+    inputs = {i["name"]: (i["min"], i["max"]) for i in data["export"]["inputs"]}
+    assert inputs == {"input_ids": ([1, 16], [2, 16]), "attention_mask": ([1, 16], [2, 16])}
+    for case in data["parity"]["results"]:
+        assert case["shapes"]["input_ids"] == case["shapes"]["attention_mask"], case
