@@ -25,6 +25,6 @@ def test_bench_hf_lrexport_agrees_with_eager(tmp_path):
     assert not any("failed" in r for r in rows.values()), rows
     assert rows["lrexport"]["err"] < 1e-4, rows["lrexport"]
     assert rows["lrexport"]["median_ms"] > 0 and rows["eager"]["median_ms"] > 0
-    assert rows["step"]["agree"] == 1.0, rows["step"]  # the same 8 greedy tokens as generate
+    assert rows["step"]["agree"] == 1.0, rows["step"]  # transformers picks each of the step model's 8 tokens
     assert rows["step"]["tok_s"] > 0 and rows["generate"]["tok_s"] > 0
     assert "tok/s" in res.stdout and "agree" in res.stdout
