@@ -26,6 +26,7 @@ from exporter.recurrent import initial_states, read_step_info, run_stepwise, ste
 
 pytest.importorskip("transformers")
 
+from test_hf_architectures import arch_folder  # noqa: E402,F401  (save_pretrained folders of every architecture)
 from test_hf_folders import hf_folder  # noqa: E402,F401  (the session fixture of save_pretrained folders)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,10 +153,10 @@ def test_export_step_hf_hybrid(cli, tmp_path, name):
 
 
 @pytest.mark.parametrize("name", ["lfm2", "llama"])
-def test_export_step_hf_folder(cli, hf_folder, tmp_path, name):  # noqa: F811
+def test_export_step_hf_folder(cli, hf_folder, arch_folder, tmp_path, name):  # noqa: F811
     """A save_pretrained folder (input_ids and attention_mask): LFM2 (short convs and attention) and Llama (every
     layer attention) get one KV cache per attention layer; the mask covers the chunk's tokens."""
-    folder, _ = hf_folder(name)
+    folder = arch_folder(name) if name == "lfm2" else hf_folder(name)[0]
     res = cli("export-step", folder, "--shapes", "input_ids:min=1x1,opt=2x40,max=2x130", "--out",
               tmp_path / "step.onnx", "--chunk-max", "16", "--length", "40", "--json", "-q")
     assert res.code == 0, res.err[-3000:]
