@@ -20,8 +20,8 @@ class LoadedModel:
     exported_program: Any = None  # torch.export.ExportedProgram when loaded from .pt2
     inferred_specs: list[InputSpec] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # defaults taken while reading the file, shown as warnings
-    spec_notes: list[str] = field(default_factory=list)  # about inferred_specs: warnings only where those are used
     limits: dict[tuple[str, int], tuple[int, int | None]] = field(default_factory=dict)  # archive's real ranges
+    spec_notes: list[str] = field(default_factory=list)  # about inferred_specs: warnings only where those are used
 
     @property
     def parameter_count(self) -> int:

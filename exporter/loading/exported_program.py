@@ -151,4 +151,4 @@ def load_exported_program(p: Path) -> LoadedModel:
     specs = _specs_from_exported_program(ep, notes, limits)
     module = ep.module()
     specs = _serve_size_one(module, specs, limits, notes)
-    return LoadedModel(module, "exported-program", str(p), ep, specs, notes, limits)
+    return LoadedModel(module, "exported-program", str(p), ep, specs, notes=notes, limits=limits)
