@@ -123,8 +123,10 @@ def test_chunk_size_larger_than_the_longest_sequence_is_clamped_and_said(cli, sa
     warnings = data["passes"]["warnings"]
     assert warnings == ["--chunk-size 4096 is larger than the longest sequence the inputs allow (64): chunks of 64 "
                         "instead (a larger chunk only pads every sequence up to it)"]
+    # causal_lm's running sums become the linear-attention op (its lowering chunks on its own); a chunked form
+    # written by causal-chunk would use the clamped size, never 4096
     chunks = {m["chunk"] for p in data["passes"]["report"]["passes"] for m in p["details"] if "chunk" in m}
-    assert chunks == {64}, data["passes"]["report"]
+    assert chunks <= {64}, data["passes"]["report"]
 
 
 def test_dim_auto_archive_serves_batch_one_and_one_token(cli, tmp_path):
