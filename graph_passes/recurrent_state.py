@@ -52,6 +52,7 @@ from graph_passes.recurrent_carry import (
     is_linear_attention,
     linear_attention_refusal,
 )
+from graph_passes.recurrent_scan import ScanState, TokenShift, carry_scan_state, carry_shift, scan_states, token_shift
 from graph_passes.seq_length import LengthUseError, PositionBound, classify_length_uses
 
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
@@ -411,6 +412,7 @@ class RecurrentStatePass(GraphPass):
         self.offset_name = offset_name
         self._found: dict[str, Any] = {}
         self._masks: set[ir.Node] = set()
+        self._offset: ir.Value | None = None
 
     def opset_too_old(self, model: ir.Model) -> bool:
         version = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
@@ -451,7 +453,7 @@ class RecurrentStatePass(GraphPass):
         states = [self._carry_site(graph, i, site) for i, site in enumerate(carriers)]
         for j, site in enumerate(sites):
             states += self._carry_attention(graph, len(states), j, site, seq)
-        offset = self._offset_input(graph) if ranges or reads else None
+        offset = self._offset_input(graph) if ranges or reads or self._offset is not None else None
         if offset is not None:
             shifted = {self._offset_range(graph, node, offset): node.outputs[0] for node in ranges}
             _unshift(graph, self._masks, shifted)
@@ -489,6 +491,7 @@ class RecurrentStatePass(GraphPass):
         reads: list[PositionRead] = []
         convs: dict[ir.Node, CausalConv] = {}
         in_sites = {n for s in sites for n in s.nodes}
+        shifts: set[ir.Node] = set()
         masks = self._masks = mask_cone(graph, sites)
         for node in graph:
             if node in in_sites or node in masks:
@@ -505,6 +508,20 @@ class RecurrentStatePass(GraphPass):
             if node in convs:
                 if node is convs[node].conv and convs[node].window:
                     carriers.append(convs[node])
+                continue
+            if node in shifts:  # the Slice that ends a token shift
+                continue
+            scan = scan_states(node, seq, graph)
+            if isinstance(scan, str):
+                raise RecurrentRefusal(f"cannot carry the scan's state: it {scan}", node.name or "<unnamed>",
+                                       node.op_type)
+            if scan is not None:
+                carriers += scan
+                continue
+            shift = token_shift(node, seq, graph)
+            if shift is not None:
+                carriers.append(shift)
+                shifts.update(shift.nodes)
                 continue
             if is_linear_attention(node):
                 why = linear_attention_refusal(node, seq)
@@ -575,7 +592,17 @@ class RecurrentStatePass(GraphPass):
         if isinstance(site, tuple):
             return self._carry(graph, i, *site)
         name_in, name_out = f"{self.state_prefix}{i}", f"{self.output_prefix}{i}"
-        if isinstance(site, CausalConv):
+        if isinstance(site, ScanState):
+            node, axis = site.node, 0
+            label = node.name or f"scan_{i}"
+            role, kind = f"scan state {site.index}", "scan"
+            state, out, tap = carry_scan_state(graph, site, name_in, name_out, lambda: self._offset_input(graph))
+        elif isinstance(site, TokenShift):
+            node, axis = site.pad, site.axis
+            label = node.name or f"token_shift_{i}"
+            role, kind = f"token shift of {site.size}", "token-shift"
+            state, out, tap = carry_shift(graph, site, name_in, name_out)
+        elif isinstance(site, CausalConv):
             node, axis = site.conv, 2
             label = node.name or f"conv_{i}"
             role, kind = f"conv window of {site.window}", "conv-window"
@@ -679,9 +706,10 @@ class RecurrentStatePass(GraphPass):
     def _offset_input(self, graph: ir.Graph) -> ir.Value:
         """The int64 scalar input: the position of the chunk's first token (a data tensor, not a shape
         tensor: TensorRT refuses shape-tensor network inputs)."""
-        offset = ir.Value(name=self.offset_name, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT64))
-        graph.inputs.append(offset)
-        return offset
+        if self._offset is None:
+            self._offset = ir.Value(name=self.offset_name, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT64))
+            graph.inputs.append(self._offset)
+        return self._offset
 
     @staticmethod
     def _offset_range(graph: ir.Graph, node: ir.Node, offset: ir.Value) -> ir.Value:
