@@ -253,6 +253,15 @@ def mixing_reason(node: ir.Node, seq: str) -> str | None:
     return None
 
 
+def _shape_read_only(node: ir.Node, graph: ir.Graph) -> bool:
+    """Whether only the shapes of ``node``'s outputs are read (``zeros_like(x[:, 0])``): its values, however they
+    mix positions, reach nothing."""
+    outs = set(graph.outputs)
+    return bool(node.outputs) and all(
+        o not in outs and all(u.op_type in _SHAPE_ONLY and u.domain in ("", "ai.onnx") for u, _ in o.uses())
+        for o in node.outputs)
+
+
 def _custom_reason(node: ir.Node, seq: str) -> str | None:
     for v in node.inputs:
         if v is not None and _seq_positions(shape_dims(v), seq):
@@ -542,6 +551,8 @@ class RecurrentStatePass(GraphPass):
             read = position_read(node, seq)
             if read is not None:
                 reads.append(read)
+                continue
+            if _shape_read_only(node, graph):
                 continue
             why = mixing_reason(node, seq)
             if why:
