@@ -19,6 +19,8 @@ number of tokens seen so far, ``position_offset + n``, where it bounds those pos
 ``arange(n) < n``); any other use of it on per-token data is refused by name (``graph_passes.seq_length``).
 ``lrexport.LinearAttention`` nodes and causal convolutions over the sequence carry states too
 (``graph_passes.recurrent_carry``: the op's initial/final state, a window of the convolution's recent inputs),
+so do a forward Scan over the sequence and a token shift (``graph_passes.recurrent_scan``: the Scan's states,
+the shift's last inputs; a node whose outputs only Shape reads mixes nothing),
 and softmax attention carries its keys and values as a cache that grows by the chunk
 (``graph_passes.kv_cache``: ``past_key_<j>``/``past_value_<j>`` in, ``present_key_<j>``/``present_value_<j>``
 out); the nodes that build only its masks run on the chunk alone, on the chunk's own positions.
