@@ -117,9 +117,8 @@ def scan_states(node: ir.Node, seq: str, graph: ir.Graph) -> list[ScanState] | s
     body = _attr(node, "body")
     for inner in ir.traversal.RecursiveGraphIterator(body):
         for v in inner.inputs:
-            if v is not None and v.graph is not None and v.graph is not body and _seq_at(v, seq) and \
-                    v.graph is graph:
-                return (f"reads the whole sequence {v.name} inside its loop body (every position at each step)")
+            if v is not None and v.graph is graph and _seq_at(v, seq):
+                return f"reads the whole sequence {v.name} inside its loop body (every position at each step)"
     states = []
     for k in range(n_states):
         init = node.inputs[k]

@@ -63,7 +63,8 @@ def _shift_model(after: int, crop: bool):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 4])
     inits = [helper.make_tensor("pads", TensorProto.INT64, [6], [0, 2, 0, 0, after, 0]),
-             helper.make_tensor("s0", TensorProto.INT64, [1], [0]), helper.make_tensor("s1", TensorProto.INT64, [1], [-2]),
+             helper.make_tensor("s0", TensorProto.INT64, [1], [0]),
+             helper.make_tensor("s1", TensorProto.INT64, [1], [-2]),
              helper.make_tensor("ax", TensorProto.INT64, [1], [1])]
     nodes = [helper.make_node("Pad", ["x", "pads"], ["p"], name="node_pad")]
     if crop:
@@ -95,20 +96,25 @@ def test_pad_after_without_crop_is_refused(tmp_path):
                     tmp_path / "s.onnx")
 
 
-def _scan_model(direction: int = 0, init: str = "const"):
+def _scan_model(direction: int = 0, init: str = "const", outer: bool = False):
     """s_t = 0.5 s_{t-1} + x_t, y = s, as a Scan over the sequence (Transposes around it). ``init``: "const"
-    (ones of shape batch x 4, from the input's shape), "input" (a graph input h0)."""
+    (ones of shape batch x 4, from the input's shape), "input" (a graph input h0). ``outer``: the body adds the
+    mean of x over the whole sequence (read from the outer graph) to each state."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 4])
     body = helper.make_graph(
         [helper.make_node("Constant", [], ["half"], value=helper.make_tensor("h", TensorProto.FLOAT, [], [0.5])),
          helper.make_node("Mul", ["s", "half"], ["sh"]), helper.make_node("Add", ["sh", "xt"], ["s_new"]),
-         helper.make_node("Identity", ["s_new"], ["yt"])], "body",
+         *([helper.make_node("ReduceMean", ["x", "ax1"], ["mean"], keepdims=0),
+            helper.make_node("Add", ["s_new", "mean"], ["yt"])] if outer else
+           [helper.make_node("Identity", ["s_new"], ["yt"])])], "body",
         [helper.make_tensor_value_info("s", TensorProto.FLOAT, ["b", 4]),
          helper.make_tensor_value_info("xt", TensorProto.FLOAT, ["b", 4])],
         [helper.make_tensor_value_info("s_new", TensorProto.FLOAT, ["b", 4]),
          helper.make_tensor_value_info("yt", TensorProto.FLOAT, ["b", 4])])
-    inits = [helper.make_tensor("one", TensorProto.FLOAT, [], [1.0]), helper.make_tensor("four", TensorProto.INT64, [1], [4])]
+    inits = [helper.make_tensor("one", TensorProto.FLOAT, [], [1.0]),
+             helper.make_tensor("four", TensorProto.INT64, [1], [4]),
+             helper.make_tensor("ax1", TensorProto.INT64, [1], [1])]
     inputs = [x]
     nodes = [helper.make_node("Transpose", ["x"], ["xs"], perm=[1, 0, 2])]
     if init == "input":
@@ -143,6 +149,7 @@ def test_scan_from_a_nonzero_start(tmp_path):
 @pytest.mark.parametrize("kw, expected", [
     ({"direction": 1}, "scans the sequence backwards"),
     ({"init": "input"}, "starts from a state (s0) computed from the tokens"),
+    ({"outer": True}, "reads the whole sequence x inside its loop body"),
 ])
 def test_scans_a_step_model_cannot_continue(tmp_path, kw, expected):
     with pytest.raises(LrexportError) as info:
