@@ -255,12 +255,13 @@ def mixing_reason(node: ir.Node, seq: str) -> str | None:
     return None
 
 
-def _shape_read_only(node: ir.Node, graph: ir.Graph) -> bool:
-    """Whether only the shapes of ``node``'s outputs are read (``zeros_like(x[:, 0])``): its values, however they
-    mix positions, reach nothing."""
+def _shape_read_only(node: ir.Node, graph: ir.Graph, seq: str) -> bool:
+    """Whether only the shapes of ``node``'s outputs, none of them along the sequence, are read
+    (``zeros_like(x[:, 0])``): its values, however they mix positions, reach nothing, and its shapes are the
+    chunk's as the full sequence's."""
     outs = set(graph.outputs)
     return bool(node.outputs) and all(
-        o not in outs and all(u.op_type in _SHAPE_ONLY and u.domain in ("", "ai.onnx") for u, _ in o.uses())
+        o not in outs and shape_dims(o) is not None and not _seq_positions(shape_dims(o), seq) and all(u.op_type in _SHAPE_ONLY and u.domain in ("", "ai.onnx") for u, _ in o.uses())
         for o in node.outputs)
 
 
@@ -554,7 +555,7 @@ class RecurrentStatePass(GraphPass):
             if read is not None:
                 reads.append(read)
                 continue
-            if _shape_read_only(node, graph):
+            if _shape_read_only(node, graph, seq):
                 continue
             why = mixing_reason(node, seq)
             if why:
