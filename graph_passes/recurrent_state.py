@@ -19,6 +19,8 @@ number of tokens seen so far, ``position_offset + n``, where it bounds those pos
 ``arange(n) < n``); any other use of it on per-token data is refused by name (``graph_passes.seq_length``).
 ``lrexport.LinearAttention`` nodes and causal convolutions over the sequence carry states too
 (``graph_passes.recurrent_carry``: the op's initial/final state, a window of the convolution's recent inputs),
+so do a forward Scan over the sequence and a token shift (``graph_passes.recurrent_scan``: the Scan's states,
+the shift's last inputs; a node whose outputs only Shape reads mixes nothing),
 and softmax attention carries its keys and values as a cache that grows by the chunk
 (``graph_passes.kv_cache``: ``past_key_<j>``/``past_value_<j>`` in, ``present_key_<j>``/``present_value_<j>``
 out); the nodes that build only its masks run on the chunk alone, on the chunk's own positions.
@@ -52,6 +54,7 @@ from graph_passes.recurrent_carry import (
     is_linear_attention,
     linear_attention_refusal,
 )
+from graph_passes.recurrent_scan import ScanState, TokenShift, carry_scan_state, carry_shift, scan_states, token_shift
 from graph_passes.seq_length import LengthUseError, PositionBound, classify_length_uses
 
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
@@ -252,6 +255,16 @@ def mixing_reason(node: ir.Node, seq: str) -> str | None:
     return None
 
 
+def _shape_read_only(node: ir.Node, graph: ir.Graph, seq: str) -> bool:
+    """Whether only the shapes of ``node``'s outputs, none of them along the sequence, are read
+    (``zeros_like(x[:, 0])``): its values, however they mix positions, reach nothing, and its shapes are the
+    chunk's as the full sequence's."""
+    outs = set(graph.outputs)
+    return bool(node.outputs) and all(
+        o not in outs and shape_dims(o) is not None and not _seq_positions(shape_dims(o), seq) and all(u.op_type in _SHAPE_ONLY and u.domain in ("", "ai.onnx") for u, _ in o.uses())
+        for o in node.outputs)
+
+
 def _custom_reason(node: ir.Node, seq: str) -> str | None:
     for v in node.inputs:
         if v is not None and _seq_positions(shape_dims(v), seq):
@@ -411,6 +424,7 @@ class RecurrentStatePass(GraphPass):
         self.offset_name = offset_name
         self._found: dict[str, Any] = {}
         self._masks: set[ir.Node] = set()
+        self._offset: ir.Value | None = None
 
     def opset_too_old(self, model: ir.Model) -> bool:
         version = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
@@ -451,7 +465,7 @@ class RecurrentStatePass(GraphPass):
         states = [self._carry_site(graph, i, site) for i, site in enumerate(carriers)]
         for j, site in enumerate(sites):
             states += self._carry_attention(graph, len(states), j, site, seq)
-        offset = self._offset_input(graph) if ranges or reads else None
+        offset = self._offset_input(graph) if ranges or reads or self._offset is not None else None
         if offset is not None:
             shifted = {self._offset_range(graph, node, offset): node.outputs[0] for node in ranges}
             _unshift(graph, self._masks, shifted)
@@ -489,6 +503,7 @@ class RecurrentStatePass(GraphPass):
         reads: list[PositionRead] = []
         convs: dict[ir.Node, CausalConv] = {}
         in_sites = {n for s in sites for n in s.nodes}
+        shifts: set[ir.Node] = set()
         masks = self._masks = mask_cone(graph, sites)
         for node in graph:
             if node in in_sites or node in masks:
@@ -505,6 +520,20 @@ class RecurrentStatePass(GraphPass):
             if node in convs:
                 if node is convs[node].conv and convs[node].window:
                     carriers.append(convs[node])
+                continue
+            if node in shifts:  # the Slice that ends a token shift
+                continue
+            scan = scan_states(node, seq, graph)
+            if isinstance(scan, str):
+                raise RecurrentRefusal(f"cannot carry the scan's state: it {scan}", node.name or "<unnamed>",
+                                       node.op_type)
+            if scan is not None:
+                carriers += scan
+                continue
+            shift = token_shift(node, seq, graph)
+            if shift is not None:
+                carriers.append(shift)
+                shifts.update(shift.nodes)
                 continue
             if is_linear_attention(node):
                 why = linear_attention_refusal(node, seq)
@@ -525,6 +554,8 @@ class RecurrentStatePass(GraphPass):
             read = position_read(node, seq)
             if read is not None:
                 reads.append(read)
+                continue
+            if _shape_read_only(node, graph, seq):
                 continue
             why = mixing_reason(node, seq)
             if why:
@@ -575,7 +606,17 @@ class RecurrentStatePass(GraphPass):
         if isinstance(site, tuple):
             return self._carry(graph, i, *site)
         name_in, name_out = f"{self.state_prefix}{i}", f"{self.output_prefix}{i}"
-        if isinstance(site, CausalConv):
+        if isinstance(site, ScanState):
+            node, axis = site.node, 0
+            label = node.name or f"scan_{i}"
+            role, kind = f"scan state {site.index}", "scan"
+            state, out, tap = carry_scan_state(graph, site, name_in, name_out, lambda: self._offset_input(graph))
+        elif isinstance(site, TokenShift):
+            node, axis = site.pad, site.axis
+            label = node.name or f"token_shift_{i}"
+            role, kind = f"token shift of {site.size}", "token-shift"
+            state, out, tap = carry_shift(graph, site, name_in, name_out)
+        elif isinstance(site, CausalConv):
             node, axis = site.conv, 2
             label = node.name or f"conv_{i}"
             role, kind = f"conv window of {site.window}", "conv-window"
@@ -679,9 +720,10 @@ class RecurrentStatePass(GraphPass):
     def _offset_input(self, graph: ir.Graph) -> ir.Value:
         """The int64 scalar input: the position of the chunk's first token (a data tensor, not a shape
         tensor: TensorRT refuses shape-tensor network inputs)."""
-        offset = ir.Value(name=self.offset_name, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT64))
-        graph.inputs.append(offset)
-        return offset
+        if self._offset is None:
+            self._offset = ir.Value(name=self.offset_name, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT64))
+            graph.inputs.append(self._offset)
+        return self._offset
 
     @staticmethod
     def _offset_range(graph: ir.Graph, node: ir.Node, offset: ir.Value) -> ir.Value:
