@@ -199,7 +199,7 @@ def find_sites(graph: ir.Graph, seq: str, probe: Probe | None = None, runs: Sequ
     found = []
     for s in sites:
         a, b, v, x = (_key_axis_dims(val, seq, shapes, runs, batch) for val in
-                      (s.scores.inputs[0], s.keys, s.values, s.softmax.inputs[0]))  # type: ignore[arg-type]
+                      (s.scores.inputs[0], s.keys, s.values, s.softmax.inputs[0]))
         if not a or not b or not v or not x or len(a) < 2 or len(b) < 2 or len(v) < 2:
             continue
         if a[-2] != seq or b[-1] != seq or v[-2] != seq or x[-1] != seq or x[-2] != seq:
