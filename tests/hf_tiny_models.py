@@ -133,18 +133,6 @@ def minimax_lm(seed: int = 0) -> nn.Module:
                num_experts_per_tok=1, layer_types=["linear_attention", "full_attention"], block_size=16)
 
 
-class LogitsWithMask(Logits):
-    """``model(input_ids=ids, attention_mask=mask, use_cache=False).logits``."""
-
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return self.lm(input_ids=ids, attention_mask=mask, use_cache=False).logits
-
-
-def qwen3_5_lm_masked(seed: int = 0) -> nn.Module:
-    """:func:`qwen3_5_lm` taking an attention mask too."""
-    return LogitsWithMask(qwen3_5_lm(seed).lm).eval()
-
-
 # Per-token loops of transformers that are linear recurrences (exporter/patches/transformers/selective_scan.py,
 # rg_lru.py), and RWKV-4 (a torch scan: rwkv.py).
 _MAMBA1 = dict(hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4, time_step_rank=4)
