@@ -39,6 +39,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graph_passes._util import const_array, shape_dims
+from graph_passes.recurrent_carry import export_meta
 
 # ops applied elementwise (with broadcasting) on the scores or the probabilities
 ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Where", "Tanh", "Cast", "Identity", "Neg", "Max", "Min",
@@ -242,7 +243,7 @@ def carry_kv(graph: ir.Graph, site: AttentionSite, seq: str, names: tuple[str, s
     """Rewrite ``site`` to attend to the cache inputs too; ``names`` = (past_key, past_value, present_key,
     present_value). Returns ([past_key, past_value], [present_key, present_value])."""
     label = site.softmax.name or "softmax"
-    meta = {k: v for k, v in site.softmax.metadata_props.items() if k.startswith("pkg.torch.onnx")}
+    meta = export_meta(site.softmax)
     b, v = site.keys, site.values
     key_dims, value_dims = site.key_dims, site.value_dims
 

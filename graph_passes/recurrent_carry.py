@@ -46,6 +46,56 @@ class StateTap:
     size: int = 0
 
 
+def export_meta(node: ir.Node) -> dict[str, str]:
+    """torch.onnx's name-scope metadata of ``node``, carried onto the nodes that replace it (the state's module)."""
+    return {k: v for k, v in node.metadata_props.items() if k.startswith("pkg.torch.onnx")}
+
+
+def int64_initializer(graph: ir.Graph, name: str, values: list[int] | int) -> ir.Value:
+    arr = np.array(values, dtype=np.int64)
+    v = ir.Value(name=name, const_value=ir.tensor(arr, name=name), shape=ir.Shape(arr.shape),
+                 type=ir.TensorType(ir.DataType.INT64))
+    graph.register_initializer(v)
+    return v
+
+
+def replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value, *, uses: list[tuple[ir.Node, int]] | None = None,
+                  suffix: str = "replaced") -> None:
+    """Every use of ``old`` (or only ``uses``, taken before nodes that read ``old`` itself were added) reads
+    ``new``; a graph output keeps its name, which ``old`` gives up for ``<name>_<suffix>``."""
+    for user, idx in list(old.uses()) if uses is None else uses:
+        user.replace_input_with(idx, new)
+    was_output = [k for k, o in enumerate(graph.outputs) if o is old]
+    if was_output:
+        name = old.name
+        old.name = f"{name}_{suffix}"
+        new.name = name
+    for k in was_output:
+        graph.outputs[k] = new
+
+
+def carry_window(graph: ir.Graph, data: ir.Value, axis: int, size: int, label: str, meta: dict[str, str],
+                 state_name: str, out_name: str) -> tuple[ir.Value, ir.Node, ir.Node]:
+    """Graph input ``state_name`` (the last ``size`` values of ``data`` along ``axis`` before the chunk), the
+    Concat of it before ``data``, and the Slice of that Concat's last ``size`` values, graph output
+    ``out_name``: (state, concat, keep). The caller inserts both nodes and reads the Concat."""
+    dims = list(data.shape or [])
+    state_dims = [size if i == axis else d for i, d in enumerate(dims)]
+    dtype = data.dtype or ir.DataType.FLOAT
+    state = ir.Value(name=state_name, shape=ir.Shape(state_dims), type=ir.TensorType(dtype))
+    graph.inputs.append(state)
+    cat = ir.node("Concat", [state, data], {"axis": axis}, name=f"{label}_concat", metadata_props=dict(meta))
+    cat.outputs[0].name, cat.outputs[0].type = f"{label}_input", ir.TensorType(dtype)
+    keep = ir.node("Slice", [cat.outputs[0], int64_initializer(graph, f"{label}_start", [-size]),
+                             int64_initializer(graph, f"{label}_end", [_INT64_MAX]),
+                             int64_initializer(graph, f"{label}_axis", [axis])],
+                   name=f"{label}_last", metadata_props=dict(meta))
+    out = keep.outputs[0]
+    out.name, out.shape, out.type = out_name, ir.Shape(state_dims), ir.TensorType(dtype)
+    graph.outputs.append(out)
+    return state, cat, keep
+
+
 def _attr(node: ir.Node, name: str, default: Any = None) -> Any:
     attr = node.attributes.get(name)
     return default if attr is None else attr.value
@@ -139,7 +189,7 @@ def carry_linear_attention(graph: ir.Graph, node: ir.Node, state_name: str, out_
                 graph.outputs[k] = fresh
     graph.remove(node, safe=True)
     ident = ir.node("Identity", [new.outputs[1]], name=f"{node.name or 'linear_attention'}_final_state",
-                    metadata_props={k: v for k, v in node.metadata_props.items() if k.startswith("pkg.torch.onnx")})
+                    metadata_props=export_meta(node))
     out = ident.outputs[0]
     out.name, out.shape, out.type = out_name, final.shape, final.type
     graph.insert_after(new, [ident])
@@ -277,28 +327,9 @@ def carry_conv(graph: ir.Graph, site: CausalConv, state_name: str, out_name: str
     """Prepend graph input ``state_name`` (the last ``window`` inputs before the chunk) instead of zeros and
     return the new last ``window`` inputs as graph output ``out_name``."""
     data, conv, label = site.data, site.conv, site.conv.name or "conv"
-    dims = list(data.shape or [])
-    state_dims = [dims[0], dims[1], site.window]
-    dtype = data.dtype or ir.DataType.FLOAT
     tap = StateTap(data.name or "", "window", 2, site.window)
-    meta = {k: v for k, v in conv.metadata_props.items() if k.startswith("pkg.torch.onnx")}
-    state = ir.Value(name=state_name, shape=ir.Shape(state_dims), type=ir.TensorType(dtype))
-    graph.inputs.append(state)
-
-    def const(name: str, values: list[int]) -> ir.Value:
-        arr = np.array(values, dtype=np.int64)
-        v = ir.Value(name=f"{label}_{name}", const_value=ir.tensor(arr, name=f"{label}_{name}"),
-                     shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.INT64))
-        graph.register_initializer(v)
-        return v
-
-    cat = ir.node("Concat", [state, data], {"axis": 2}, name=f"{label}_window_concat", metadata_props=dict(meta))
-    cat.outputs[0].name = f"{label}_window_input"
-    cat.outputs[0].type = ir.TensorType(dtype)
-    keep = ir.node("Slice", [cat.outputs[0], const("window_start", [-site.window]), const("window_end", [_INT64_MAX]),
-                             const("window_axis", [2])], name=f"{label}_window_last", metadata_props=dict(meta))
-    out = keep.outputs[0]
-    out.name, out.shape, out.type = out_name, ir.Shape(state_dims), ir.TensorType(dtype)
+    meta = export_meta(conv)
+    state, cat, keep = carry_window(graph, data, 2, site.window, f"{label}_window", meta, state_name, out_name)
     attrs = dict(conv.attributes)
     attrs["pads"] = ir.AttrInt64s("pads", [0, 0])
     attrs.pop("auto_pad", None)
@@ -307,22 +338,16 @@ def carry_conv(graph: ir.Graph, site: CausalConv, state_name: str, out_name: str
     result = step_conv.outputs[0]
     new = [cat, keep, step_conv]
     if site.window > site.reach:  # output t reads window positions t .. t + reach: the chunk's are the first T
-        crop = ir.node("Slice", [result, const("crop_start", [0]), const("crop_end", [site.reach - site.window]),
-                                 const("crop_axis", [2])], name=f"{label}_window_crop", metadata_props=dict(meta))
+        crop = ir.node("Slice", [result, int64_initializer(graph, f"{label}_crop_start", [0]),
+                                 int64_initializer(graph, f"{label}_crop_end", [site.reach - site.window]),
+                                 int64_initializer(graph, f"{label}_crop_axis", [2])],
+                       name=f"{label}_window_crop", metadata_props=dict(meta))
         new.append(crop)
         result = crop.outputs[0]
     old = site.result
     result.shape, result.type = old.shape, old.type
     graph.insert_before(site.conv, new)
-    for user, idx in list(old.uses()):
-        user.replace_input_with(idx, result)
-    for k, o in enumerate(graph.outputs):
-        if o is old:
-            name = old.name
-            old.name = f"{name}_unwindowed"
-            result.name = name
-            graph.outputs[k] = result
+    replace_value(graph, old, result, suffix="unwindowed")
     for n in reversed(site.nodes):
         graph.remove(n, safe=True)
-    graph.outputs.append(out)
-    return state, out, tap
+    return state, keep.outputs[0], tap

@@ -23,13 +23,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
 import onnx_ir as ir
 
 from graph_passes._util import const_ints, shape_dims
-from graph_passes.recurrent_carry import StateTap, _crop_start, _zero_pad_along, _zeros
+from graph_passes.recurrent_carry import (
+    StateTap,
+    _crop_start,
+    _zero_pad_along,
+    _zeros,
+    carry_window,
+    export_meta,
+    int64_initializer,
+    replace_value,
+)
 
-_INT64_MAX = np.iinfo(np.int64).max
 
 
 def _attr(node: ir.Node, name: str, default: Any = None) -> Any:
@@ -39,18 +46,6 @@ def _attr(node: ir.Node, name: str, default: Any = None) -> Any:
 
 def _seq_at(value: ir.Value | None, seq: str) -> list[int]:
     return [i for i, d in enumerate(shape_dims(value) or []) if d == seq]
-
-
-def _meta(node: ir.Node) -> dict[str, str]:
-    return {k: v for k, v in node.metadata_props.items() if k.startswith("pkg.torch.onnx")}
-
-
-def _const(graph: ir.Graph, name: str, values: list[int] | int) -> ir.Value:
-    arr = np.array(values, dtype=np.int64)
-    v = ir.Value(name=name, const_value=ir.tensor(arr, name=name), shape=ir.Shape(arr.shape),
-                 type=ir.TensorType(ir.DataType.INT64))
-    graph.register_initializer(v)
-    return v
 
 
 # --------------------------------------------------------------------------------------------- Scan
@@ -146,14 +141,14 @@ def carry_scan_state(graph: ir.Graph, site: ScanState, state_name: str, out_name
     new: list[ir.Node] = []
     fed = state
     if not site.zeros:
-        zero = _const(graph, f"{label}_first_position", 0)
-        first = ir.node("Equal", [offset(), zero], name=f"{label}_at_start", metadata_props=_meta(node))
+        zero = int64_initializer(graph, f"{label}_first_position", 0)
+        first = ir.node("Equal", [offset(), zero], name=f"{label}_at_start", metadata_props=export_meta(node))
         pick = ir.node("Where", [first.outputs[0], init, state], name=f"{label}_start_or_carried",
-                       metadata_props=_meta(node))
+                       metadata_props=export_meta(node))
         pick.outputs[0].shape, pick.outputs[0].type = ir.Shape(dims), ir.TensorType(dtype)
         new += [first, pick]
         fed = pick.outputs[0]
-    ident = ir.node("Identity", [final], name=f"{label}_final", metadata_props=_meta(node))
+    ident = ir.node("Identity", [final], name=f"{label}_final", metadata_props=export_meta(node))
     out = ident.outputs[0]
     out.name, out.shape, out.type = out_name, ir.Shape(dims), ir.TensorType(dtype)
     if new:
@@ -218,35 +213,15 @@ def carry_shift(graph: ir.Graph, site: TokenShift, state_name: str, out_name: st
     last ``size`` positions, and return the new last ``size`` inputs as graph output ``out_name``."""
     data, k, p = site.data, site.size, site.axis
     label = site.pad.name or "token_shift"
-    dims = list(data.shape or [])
-    state_dims = [k if i == p else d for i, d in enumerate(dims)]
-    dtype = data.dtype or ir.DataType.FLOAT
-    meta = _meta(site.pad)
-    state = ir.Value(name=state_name, shape=ir.Shape(state_dims), type=ir.TensorType(dtype))
-    graph.inputs.append(state)
-    axis = _const(graph, f"{label}_shift_axis", [p])
-    cat = ir.node("Concat", [state, data], {"axis": p}, name=f"{label}_shift_concat", metadata_props=dict(meta))
-    cat.outputs[0].name, cat.outputs[0].type = f"{label}_shift_input", ir.TensorType(dtype)
-    keep = ir.node("Slice", [cat.outputs[0], _const(graph, f"{label}_shift_last", [-k]),
-                             _const(graph, f"{label}_shift_end", [_INT64_MAX]), axis],
-                   name=f"{label}_shift_window", metadata_props=dict(meta))
-    out = keep.outputs[0]
-    out.name, out.shape, out.type = out_name, ir.Shape(state_dims), ir.TensorType(dtype)
-    shifted = ir.node("Slice", [cat.outputs[0], _const(graph, f"{label}_shift_start", [0]),
-                                _const(graph, f"{label}_shift_drop", [-k]), axis],
+    meta = export_meta(site.pad)
+    state, cat, keep = carry_window(graph, data, p, k, f"{label}_shift", meta, state_name, out_name)
+    shifted = ir.node("Slice", [cat.outputs[0], int64_initializer(graph, f"{label}_shift_from", [0]),
+                                int64_initializer(graph, f"{label}_shift_drop", [-k]), keep.inputs[3]],
                       name=f"{label}_shift", metadata_props=dict(meta))
     result, old = shifted.outputs[0], site.result
     result.shape, result.type = old.shape, old.type
     graph.insert_before(site.pad, [cat, keep, shifted])
-    for user, idx in list(old.uses()):
-        user.replace_input_with(idx, result)
-    for j, o in enumerate(graph.outputs):
-        if o is old:
-            name = old.name
-            old.name = f"{name}_unshifted"
-            result.name = name
-            graph.outputs[j] = result
+    replace_value(graph, old, result, suffix="unshifted")
     for n in reversed(site.nodes):
         graph.remove(n, safe=True)
-    graph.outputs.append(out)
-    return state, out, StateTap(data.name or "", "window", p, k)
+    return state, keep.outputs[0], StateTap(data.name or "", "window", p, k)

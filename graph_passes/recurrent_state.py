@@ -51,8 +51,10 @@ from graph_passes.recurrent_carry import (
     carry_conv,
     carry_linear_attention,
     causal_conv,
+    export_meta,
     is_linear_attention,
     linear_attention_refusal,
+    replace_value,
 )
 from graph_passes.recurrent_scan import ScanState, TokenShift, carry_scan_state, carry_shift, scan_states, token_shift
 from graph_passes.seq_length import LengthUseError, PositionBound, classify_length_uses
@@ -672,8 +674,7 @@ class RecurrentStatePass(GraphPass):
         state = ir.Value(name=f"{self.state_prefix}{i}", shape=ir.Shape(state_dims), type=ir.TensorType(sdtype))
         graph.inputs.append(state)
         uses = list(y.uses())
-        was_output = [k for k, o in enumerate(graph.outputs) if o is y]
-        meta = {k: v for k, v in node.metadata_props.items() if k.startswith("pkg.torch.onnx")}
+        meta = export_meta(node)
         if cast:
             cx = ir.node("Cast", [x], {"to": sdtype}, name=f"{label}_state_cast_in", metadata_props=dict(meta))
             graph.insert_before(node, [cx])
@@ -702,14 +703,7 @@ class RecurrentStatePass(GraphPass):
             new.append(back)
             carried = back.outputs[0]
         graph.insert_after(node, new)
-        for user, idx in uses:
-            user.replace_input_with(idx, carried)
-        if was_output:  # the graph output keeps its name
-            name = y.name
-            y.name = f"{name}_uncarried"
-            carried.name = name
-        for k in was_output:
-            graph.outputs[k] = carried
+        replace_value(graph, y, carried, uses=uses, suffix="uncarried")  # the new nodes read y themselves
         graph.outputs.append(out_state)
         scopes = name_scopes(node) or []
         module = scopes[-2] if len(scopes) >= 2 else None  # "" is the root module
@@ -732,7 +726,6 @@ class RecurrentStatePass(GraphPass):
         dtype = out.dtype or ir.DataType.INT64
         label = node.name or "range"
         uses = list(out.uses())
-        was_output = [k for k, o in enumerate(graph.outputs) if o is out]
         new = _cast_offset(offset, dtype, label)
         off = new[-1].outputs[0] if new else offset
         scaled = ir.node("Mul", [off, delta], name=f"{label}_offset_scale")
@@ -743,14 +736,7 @@ class RecurrentStatePass(GraphPass):
         shifted.outputs[0].type = out.type
         new += [scaled, shifted]
         graph.insert_after(node, new)
-        for user, idx in uses:
-            user.replace_input_with(idx, shifted.outputs[0])
-        if was_output:
-            name = out.name
-            out.name = f"{name}_unshifted"
-            shifted.outputs[0].name = name
-        for k in was_output:
-            graph.outputs[k] = shifted.outputs[0]
+        replace_value(graph, out, shifted.outputs[0], uses=uses, suffix="unshifted")
         return shifted.outputs[0]
 
     @staticmethod
@@ -807,7 +793,7 @@ class RecurrentStatePass(GraphPass):
                          metadata_props=dict(node.metadata_props))
         gather.outputs[0].shape, gather.outputs[0].type = out.shape, out.type
         graph.insert_before(node, [*new, gather])
-        _replace_value(graph, out, gather.outputs[0])
+        replace_value(graph, out, gather.outputs[0])
         graph.remove(node, safe=True)
 
 
@@ -850,19 +836,6 @@ def _unshift(graph: ir.Graph, masks: set[ir.Node], shifted: dict[ir.Value, ir.Va
         for k, v in enumerate(node.inputs):
             if v is not None and v.producer() not in masks and depends(v, seen):
                 node.replace_input_with(k, local(v))
-
-
-def _replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
-    """Every use of ``old`` (a graph output keeps its name) reads ``new``."""
-    for user, idx in list(old.uses()):
-        user.replace_input_with(idx, new)
-    was_output = [k for k, o in enumerate(graph.outputs) if o is old]
-    if was_output:
-        name = old.name
-        old.name = f"{name}_replaced"
-        new.name = name
-    for k in was_output:
-        graph.outputs[k] = new
 
 
 def _cast_offset(offset: ir.Value, dtype: ir.DataType, label: str) -> list[ir.Node]:
