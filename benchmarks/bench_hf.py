@@ -183,6 +183,12 @@ def naive_worker(name: str, n: int, out: str) -> None:
     print(json.dumps({"export_s": time.perf_counter() - t0}))
 
 
+def _last_line(err: BaseException) -> str:
+    """The last line a failed case printed (a subprocess's stderr, or the error's own text)."""
+    text = getattr(err, "stderr", None) or str(err)
+    return (text.strip().splitlines() or ["?"])[-1][:160]
+
+
 def _run(cmd: list[str], timeout: float | None = None) -> dict:
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, env=_env(),
                          timeout=timeout).stdout
@@ -221,7 +227,7 @@ def _decode_rows(name: str, variants: list[str], args: argparse.Namespace, tmp: 
                      f"ids:min=1x1,opt=1x{args.prompt},max=1x{total}", "--linear-attention", "onnxruntime",
                      "--out", str(step), "--force", "-q"], capture_output=True, text=True, cwd=ROOT, env=_env())
                 if exp.returncode != 0:
-                    raise RuntimeError((exp.stderr.strip().splitlines() or ["?"])[-1][:200])
+                    raise RuntimeError(exp.stderr)  # its last line becomes the row's failure
                 export_s = time.perf_counter() - t0
                 r = _run([sys.executable, __file__, "--worker", "step", str(step), "0", str(outs), "--repeats",
                           str(args.repeats), "--prompt", str(args.prompt), "--new", str(args.new)])
@@ -236,8 +242,7 @@ def _decode_rows(name: str, variants: list[str], args: argparse.Namespace, tmp: 
                     r["same_as_generate"] = float((got == want).mean())
             row.update(r)
         except (subprocess.CalledProcessError, RuntimeError) as err:
-            text = getattr(err, "stderr", None) or str(err)
-            row["failed"] = (text.strip().splitlines() or ["?"])[-1][:160]
+            row["failed"] = _last_line(err)
         rows.append(row)
         print(f"  decode {variant:<9} {json.dumps({k: v for k, v in row.items() if k not in ('model', 'variant')})}",
               file=sys.stderr, flush=True)
@@ -324,8 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                     except subprocess.TimeoutExpired:
                         row["failed"] = f"export timed out after {args.naive_timeout:.0f} s"
                     except (subprocess.CalledProcessError, RuntimeError) as err:
-                        text = getattr(err, "stderr", None) or str(err)
-                        row["failed"] = (text.strip().splitlines() or ["?"])[-1][:160]
+                        row["failed"] = _last_line(err)
                     rows.append(row)
                     print(f"  n={n} {variant:<9} {json.dumps({k: v for k, v in row.items() if k not in ('model', 'n', 'variant')})}",
                           file=sys.stderr, flush=True)
