@@ -10,6 +10,8 @@ Variants, each timed in its own process (median latency, peak RSS = VmHWM), 2 th
  - ort-native: ``LinearAttentionOrtPass`` (``com.microsoft.LinearAttention``);
  - portable: ``LinearAttentionPortablePass`` (standard ops; loop-free for linear / per-head gated,
    a Scan over chunks for the delta rules and per-key decay);
+ - loop-free: ``LinearAttentionLoopFreePass`` (the engine form: standard ops with no Scan, the delta rules'
+   and per-key decay's chunk-to-chunk state by doubling levels sized for n <= 16384; the others as portable);
  - per-token Scan: the recurrence as written, one ``Scan`` step per position (standard ops);
  - ai-onnx: ``LinearAttentionOnnxPass`` (the standard ``LinearAttention`` op, opset 27; ONNX Runtime 1.32
    runs it through the op's function body, itself a per-token ``Scan``);
@@ -39,7 +41,7 @@ H, D = 8, 64
 # name -> (op rule, decay kind)
 RULES = {"linear": ("linear", None), "gated-head": ("gated", "head"), "gated-key": ("gated", "key"),
          "delta": ("delta", None), "gated_delta-head": ("gated_delta", "head")}
-VARIANTS = ("ort-native", "portable", "per-token-scan", "ai-onnx", "pytorch", "ort-op", "ort-bare")
+VARIANTS = ("ort-native", "portable", "loop-free", "per-token-scan", "ai-onnx", "pytorch", "ort-op", "ort-bare")
 PREPARED = ("ort-op", "ort-bare")  # variants fed the prepared inputs (prepared_feeds)
 
 
@@ -235,6 +237,8 @@ def export(name: str, folder: Path) -> dict[str, Path]:
     from exporter.linear_attention.onnx_export import TRANSLATION_TABLE
     from graph_passes.linear_attention_onnx import LinearAttentionOnnxPass
     from graph_passes.linear_attention_ort import LinearAttentionOrtPass
+    from graph_passes._base import PassOptions
+    from graph_passes.linear_attention_loopfree import LinearAttentionLoopFreePass
     from graph_passes.linear_attention_portable import LinearAttentionPortablePass
 
     shapes = input_shapes(name, 64)
@@ -256,6 +260,7 @@ def export(name: str, folder: Path) -> dict[str, Path]:
         onnx.save(ir.to_proto(model), str(paths[variant]))
     for variant, lower in (("ort-native", lambda m: LinearAttentionOrtPass()(m)),
                            ("portable", lambda m: LinearAttentionPortablePass()(m)),
+                           ("loop-free", lambda m: LinearAttentionLoopFreePass(PassOptions(max_positions=16384))(m)),
                            ("per-token-scan", per_token_scan),
                            ("ai-onnx", lambda m: LinearAttentionOnnxPass()(m))):
         model = ir.from_proto(onnx.load_from_string(raw))

@@ -118,8 +118,9 @@ def check_linear_attention(choice: str) -> None:
 def choose_linear_attention(options: BuildOptions, with_engine: bool | None) -> tuple[str, str]:
     """The lowering of ``lrexport.LinearAttention`` nodes (graph_passes/linear_attention.py) and why.
 
-    ``auto`` follows what runs ``model.onnx``: a TensorRT engine (``with_engine``) takes the portable form
-    (TensorRT cannot run com.microsoft ops); ONNX Runtime alone takes its native contrib op, the fastest on
+    ``auto`` follows what runs ``model.onnx``: a TensorRT engine (``with_engine``) takes the loop-free form
+    (TensorRT cannot run com.microsoft ops, and builds a Scan as a loop whose outputs have a dynamic
+    length); ONNX Runtime alone takes its native contrib op, the fastest on
     its CPU (README: "Linear-attention rules"); where the runtime is not known (``lrexport optimize``:
     ``with_engine`` None), the portable form, which every runtime runs. An asked-for contrib op is refused
     where an engine is built from the model."""
@@ -128,18 +129,20 @@ def choose_linear_attention(options: BuildOptions, with_engine: bool | None) -> 
     if choice == "onnxruntime" and with_engine:
         raise LrexportError(f"--linear-attention onnxruntime writes com.microsoft.LinearAttention, which TensorRT "
                             f"cannot run, and this build makes a TensorRT engine from the model (--backend "
-                            f"{options.backend})", "use --linear-attention portable (or auto), or --backend onnxruntime")
+                            f"{options.backend})", "use --linear-attention loop-free (or auto), or --backend onnxruntime")
     if choice != "auto":
         return choice, "asked for with --linear-attention"
     if with_engine is None:
         return "portable", ("the runtime is not known here and standard ops run on every one; --linear-attention "
                             "onnxruntime is the fastest on ONNX Runtime (CPU)")
     if with_engine:
-        return "portable", "a TensorRT engine is built from the model, and TensorRT cannot run com.microsoft ops"
+        return "loop-free", ("a TensorRT engine is built from the model: TensorRT cannot run com.microsoft ops, and "
+                             "standard ops with no Scan spare it a loop over chunks")
     return "onnxruntime", "ONNX Runtime (CPU) is this build's only backend, and its native op is the fastest there"
 
 
 LOWERED_TO = {"onnxruntime": "com.microsoft.LinearAttention", "portable": "standard ops (opset <= 25)",
+              "loop-free": "standard ops with no loop (opset <= 25)",
               "ai.onnx": "the standard LinearAttention op (opset 27)"}
 
 
@@ -216,7 +219,7 @@ def run_passes_on(model: onnx.ModelProto, options: BuildOptions, specs: Sequence
     feeds, memory = pass_check_feeds(model, options, specs, budget, base_dir)
     chunk, warnings = clamp_chunk(options.chunk_size, specs)
     opts = graph_passes.PassOptions(chunk_size=chunk, merge_threshold=options.merge_threshold,
-                                    linear_attention=lowering[0])
+                                    linear_attention=lowering[0], max_positions=served_positions(specs))
     passes = options.passes
     if passes is not None and "linear-attention" not in passes:  # no runtime runs lrexport's own op: it is
         passes = [*passes, "linear-attention"]  # always lowered (causal-chunk and quadratic-causal write it)
@@ -236,10 +239,23 @@ def run_passes_on(model: onnx.ModelProto, options: BuildOptions, specs: Sequence
                                                              "why": lowering[1], "nodes": lowered})
 
 
+def longest_sequence(specs: Sequence[InputSpec]) -> int:
+    """The longest sequence (axis 1) the inputs allow; 0 where no input has a second axis."""
+    return max((s.max[1] for s in specs if s.rank >= 2), default=0)
+
+
+def served_positions(specs: Sequence[InputSpec]) -> int | None:
+    """The positions a loop-free recurrence is sized for (``PassOptions.max_positions``): twice the longest
+    sequence the inputs allow, room for tokens a model adds to its input (one more doubling level);
+    past it the lowered op gives NaN, which parity at the max shape would show. None: not known."""
+    longest = longest_sequence(specs)
+    return 2 * longest if longest else None
+
+
 def clamp_chunk(chunk_size: int, specs: Sequence[InputSpec]) -> tuple[int, list[str]]:
     """The causal-chunk pass's chunk, at most the longest sequence (axis 1) the inputs allow: a larger chunk
     only pads every sequence up to it (4096 for a max of 512: 600x the FLOPs), so it is clamped, and said."""
-    longest = max((s.max[1] for s in specs if s.rank >= 2), default=0)
+    longest = longest_sequence(specs)
     if not longest or chunk_size <= longest:
         return chunk_size, []
     return longest, [f"--chunk-size {chunk_size} is larger than the longest sequence the inputs allow ({longest}): "

@@ -56,6 +56,7 @@ class PassOptions:
     sibling_min_group: int = 2  # concatenate first factors when at least this many pairs share an input
     flops_shapes: dict[str, tuple[int, ...]] | None = None  # input shapes to count FLOPs at
     linear_attention: str = "portable"  # how lrexport.LinearAttention nodes are lowered (linear_attention.py)
+    max_positions: int | None = None  # the longest sequence the model serves (sizes loop-free forms)
 
 
 _FIELDS = ("kind", "action", "nodes", "reason", "matched", "rewritten")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from graph_passes._base import GraphPass, PassOptions
+from graph_passes.linear_attention_loopfree import LinearAttentionLoopFreePass
 from graph_passes.linear_attention_onnx import LinearAttentionOnnxPass
 from graph_passes.linear_attention_ort import DOMAIN, OP_TYPE, LinearAttentionOrtPass
 from graph_passes.linear_attention_portable import LinearAttentionPortablePass
@@ -34,6 +35,7 @@ from graph_passes.precision_cast import keep_float32, mark_growing
 
 LOWERINGS: dict[str, type[GraphPass]] = {
     "portable": LinearAttentionPortablePass,
+    "loop-free": LinearAttentionLoopFreePass,
     "onnxruntime": LinearAttentionOrtPass,
     "ai.onnx": LinearAttentionOnnxPass,
 }

@@ -40,6 +40,8 @@ unless ONNX Runtime's native op is asked for.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx_ir as ir
 
@@ -126,6 +128,8 @@ class _Prep:
         self.eps = float(_attr(node, "eps", 0.0))
         self.scale = float(_attr(node, "scale", 1.0))
         self.dv = dv = int(v.shape[3]) + int(self.normalize)
+        dk = q.shape[3] if q.shape is not None and len(q.shape) == 4 else None
+        self.dk = dk if isinstance(dk, int) else None  # None: known only at run time
         self.out_dtype = q.dtype
         self.C = C
         self.b = b = _Builder(label)
@@ -293,13 +297,27 @@ def _chunk_states(p: _Prep, dS: ir.Value, totals: ir.Value | None) -> tuple[ir.V
     return b.op("Reshape", [S, c([0, 0, 0, -1, p.dv])]), final
 
 
-def _lower_scan(p: _Prep) -> tuple[list[ir.Node], list[ir.Value]]:
-    """Delta rules (UT transform, loop-free inside a chunk) and per-key decay; the state crosses chunks
-    in a ``Scan`` over the chunk axis (its trip count follows T). The chunk axis stays axis 2: a
-    chunk-first layout, (nc,B,h,C,d), spares the Scan its transposes of the scanned tensors but its own
-    5-D Transposes ran slower (ORT CPU, n = 4096: 117 ms vs 70 ms for the delta rule)."""
+@dataclass
+class ChunkTerms:
+    """What one chunk contributes, batched over all chunks (B,h,nc,...), for the forms that carry the state
+    from chunk to chunk (the delta rules and a per-key decay): with ``S`` the state at the chunk's start,
+
+    * output ``o = Qd S + QK U`` and next state ``S' = D S + KdT U``, where ``U = V`` (gated rule) or
+      ``U = X - Wk S`` (delta rules: the UT transform's ``X = A^-1 beta V``, ``Wk = A^-1 beta exp(b) K``);
+    * ``D`` (B,h,nc,dk|1,1) the chunk's total decay of the state (None: no decay)."""
+
+    QK: ir.Value  # (B,h,nc,C,C): q_i . k_j decayed, j <= i
+    Qd: ir.Value  # (B,h,nc,C,dk): q_i exp(b_i), reads the chunk's initial state
+    KdT: ir.Value  # (B,h,nc,dk,C): k_j exp(b_last - b_j), transposed: writes the next state
+    D: ir.Value | None
+    U: ir.Value  # V (gated rule) or X (delta rules)
+    Wk: ir.Value | None  # delta rules only
+
+
+def chunk_terms(p: _Prep) -> ChunkTerms:
+    """The per-chunk terms of the delta rules and a per-key decay (:class:`ChunkTerms`), loop-free: a
+    per-key decay's products by sub-chunks (:class:`_SubChunks`), the UT inverse by :func:`_inverse`."""
     b, c, C, Q, K, V = p.b, p.b.const, p.C, p.Q, p.K, p.V
-    f32 = ir.DataType.FLOAT
     KT = p.tr(K)
     bcum = None
     if p.G is not None:
@@ -327,24 +345,41 @@ def _lower_scan(p: _Prep) -> tuple[list[ir.Node], list[ir.Value]]:
     QK = decayed(Q, False)
     if bcum is not None:
         eb = b.op("Exp", [bcum])
-        Qd = b.op("Mul", [Q, eb])  # q_i exp(b_i): reads the chunk's initial state
-        KdT = p.tr(b.op("Mul", [K, b.op("Exp", [b.op("Sub", [blast, bcum])])]))  # writes the next state
-        D = p.tr(b.op("Exp", [blast]))  # (B,h,nc,dk|1,1): the chunk's total decay of the state
+        Qd = b.op("Mul", [Q, eb])
+        KdT = p.tr(b.op("Mul", [K, b.op("Exp", [b.op("Sub", [blast, bcum])])]))
+        D = p.tr(b.op("Exp", [blast]))
     else:
         Qd, KdT, D, eb = Q, KT, None, None
-    if p.delta:
-        bt = b.op("Unsqueeze", [p.Beta, c([4])])  # (B,h,nc,C,1)
-        # (I + diag(beta) KK)^-1, KK strictly lower triangular (_inverse)
-        inv = _inverse(p, b.op("Neg", [b.op("Mul", [bt, decayed(K, True)])]))
-        X = b.op("MatMul", [inv, b.op("Mul", [bt, V])])  # A^-1 beta V
-        Kb = K if eb is None else b.op("Mul", [K, eb])
-        Wk = b.op("MatMul", [inv, b.op("Mul", [bt, Kb])])  # A^-1 beta exp(b) K
+    if not p.delta:
+        return ChunkTerms(QK, Qd, KdT, D, V, None)
+    bt = b.op("Unsqueeze", [p.Beta, c([4])])  # (B,h,nc,C,1)
+    # (I + diag(beta) KK)^-1, KK strictly lower triangular (_inverse)
+    inv = _inverse(p, b.op("Neg", [b.op("Mul", [bt, decayed(K, True)])]))
+    X = b.op("MatMul", [inv, b.op("Mul", [bt, V])])  # A^-1 beta V
+    Kb = K if eb is None else b.op("Mul", [K, eb])
+    Wk = b.op("MatMul", [inv, b.op("Mul", [bt, Kb])])  # A^-1 beta exp(b) K
+    return ChunkTerms(QK, Qd, KdT, D, X, Wk)
 
-    s0 = p.s0
-    if s0 is None:  # zeros (B, h, dk, dv)
-        shp = b.op("Concat", [b.op("Shape", [p.q_in], {"start": 0, "end": 1}), c([p.h]),
-                              b.op("Shape", [p.q_in], {"start": 3, "end": 4}), c([p.dv])], {"axis": 0})
-        s0 = b.op("ConstantOfShape", [shp], {"value": ir.tensor(np.zeros(1, np.float32))})
+
+def initial_state(p: _Prep) -> ir.Value:
+    """The node's initial state in float32 on h heads (B,h,dk,dv), zeros where it has none."""
+    if p.s0 is not None:
+        return p.s0
+    b, c = p.b, p.b.const
+    shp = b.op("Concat", [b.op("Shape", [p.q_in], {"start": 0, "end": 1}), c([p.h]),
+                          b.op("Shape", [p.q_in], {"start": 3, "end": 4}), c([p.dv])], {"axis": 0})
+    return b.op("ConstantOfShape", [shp], {"value": ir.tensor(np.zeros(1, np.float32))})
+
+
+def _lower_scan(p: _Prep) -> tuple[list[ir.Node], list[ir.Value]]:
+    """Delta rules (UT transform, loop-free inside a chunk) and per-key decay; the state crosses chunks
+    in a ``Scan`` over the chunk axis (its trip count follows T). The chunk axis stays axis 2: a
+    chunk-first layout, (nc,B,h,C,d), spares the Scan its transposes of the scanned tensors but its own
+    5-D Transposes ran slower (ORT CPU, n = 4096: 117 ms vs 70 ms for the delta rule)."""
+    b = p.b
+    f32 = ir.DataType.FLOAT
+    t = chunk_terms(p)
+    s0 = initial_state(p)
 
     # the Scan body: one chunk, state S (B,h,dk,dv); its outputs are node outputs (no Identity copies)
     body = _Builder(f"{b.label}/scan")
@@ -361,16 +396,16 @@ def _lower_scan(p: _Prep) -> tuple[list[ir.Node], list[ir.Value]]:
         body_ins.append(bval())
         return body_ins[-1]
 
-    D_n = None if D is None else scanned(D)
+    D_n = None if t.D is None else scanned(t.D)
     S_dec = S_in if D_n is None else body.op("Mul", [D_n, S_in])
     if p.delta:  # U = X - W S, o = Qd S + QK U, S' = D S + KdT U
-        Qd_n, QK_n, X_n, KdT_n, Wk_n = (scanned(x) for x in (Qd, QK, X, KdT, Wk))
+        Qd_n, QK_n, X_n, KdT_n, Wk_n = (scanned(x) for x in (t.Qd, t.QK, t.U, t.KdT, t.Wk))
         U = body.op("Sub", [X_n, body.op("MatMul", [Wk_n, S_in])])
         body_outs.append(body.op("Add", [body.op("MatMul", [Qd_n, S_in]), body.op("MatMul", [QK_n, U])]))
         S_out = body.op("Add", [S_dec, body.op("MatMul", [KdT_n, U])])
     else:  # no state-dependent update: o = Qd S, S' = D S + KdT V (the chunk's contribution, made here
         # rather than stacked up front: a (dk x dv) tensor per chunk is dk dv / C floats per position)
-        Qd_n, KdT_n, V_n = (scanned(x) for x in (Qd, KdT, V))
+        Qd_n, KdT_n, V_n = (scanned(x) for x in (t.Qd, t.KdT, t.U))
         body_outs.append(body.op("MatMul", [Qd_n, S_in]))
         S_out = body.op("Add", [S_dec, body.op("MatMul", [KdT_n, V_n])])
     for i, n in enumerate(body.nodes):
@@ -382,7 +417,7 @@ def _lower_scan(p: _Prep) -> tuple[list[ir.Node], list[ir.Value]]:
                     {"body": ir.AttrGraph("body", graph), "num_scan_inputs": n_scan,
                      "scan_input_axes": [2] * n_scan, "scan_output_axes": [2]}, outputs=2)
     if not p.delta:
-        o = b.op("Add", [o, b.op("MatMul", [QK, V])])  # no state in it: batched over all chunks
+        o = b.op("Add", [o, b.op("MatMul", [t.QK, t.U])])  # no state in it: batched over all chunks
     return p.finish(o, S_fin)
 
 

@@ -1,6 +1,6 @@
-"""benchmarks/bench_linear_attention.py: its ONNX Runtime models (native op, portable lowering, the standard
-opset-27 op, the per-token Scan baseline written by the benchmark, the op alone lowered for ORT and the bare
-native node) agree with its float64 recurrence on the seeded inputs."""
+"""benchmarks/bench_linear_attention.py: its ONNX Runtime models (native op, portable and loop-free
+lowerings, the standard opset-27 op, the per-token Scan baseline written by the benchmark, the op alone
+lowered for ORT and the bare native node) agree with its float64 recurrence on the seeded inputs."""
 
 from __future__ import annotations
 

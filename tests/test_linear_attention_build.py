@@ -61,16 +61,20 @@ def test_onnxruntime_backend_lowers_to_the_contrib_op(cli, tmp_path):
 
 
 @pytest.mark.skipif(NO_RTX is not None, reason=NO_RTX or "")
-def test_engine_build_lowers_portable(cli, tmp_path):
-    """A TensorRT-RTX engine is built from model.onnx: standard ops only (a Scan for the delta rule)."""
+def test_engine_build_lowers_loop_free(cli, tmp_path):
+    """A TensorRT-RTX engine is built from model.onnx: standard ops only, and no loop even for the delta rule
+    (doubling levels sized from the longest sequence the shapes allow, said in the pass record)."""
     res = _build(cli, tmp_path / "b", "gated_delta", "--backend", "tensorrt-rtx", "--json")
     assert res.code == 0, res.err
     report = json.loads(res.out)
     ops = _ops(tmp_path / "b" / "model.onnx")
-    assert {d for d, _ in ops} == {""} and ("", "Scan") in ops
+    assert {d for d, _ in ops} == {""} and not {"Scan", "Loop"} & {op for _, op in ops}
     assert report["engine"]["backend"] == "tensorrt-rtx" and (tmp_path / "b" / "model.engine").stat().st_size > 0
-    assert report["passes"]["linear_attention"]["lowering"] == "portable"
+    assert report["passes"]["linear_attention"]["lowering"] == "loop-free"
     assert "TensorRT cannot run com.microsoft ops" in report["passes"]["linear_attention"]["why"]
+    (record,) = [d for p in report["passes"]["report"]["passes"] if p["name"] == "linear-attention"
+                 for d in p["details"] if d.get("kind") == "linear-attention"]
+    assert record["max_positions"] >= 2 * int(SHAPES[3].split("max=")[1].split("x")[1])
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +95,14 @@ def exported(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("choice, node, opset", [("onnxruntime", ("com.microsoft", "LinearAttention"), 18),
                                                   ("ai.onnx", ("", "LinearAttention"), 27),
-                                                  ("auto", ("", "Scan"), 18)])
+                                                  ("auto", ("", "Scan"), 18),
+                                                  ("loop-free", ("", "MatMul"), 18)])
 def test_optimize_lowers_an_exported_file(cli, exported, tmp_path, choice, node, opset):
     res = cli("optimize", exported, tmp_path / "o.onnx", "--linear-attention", choice, "--json", "-q")
     assert res.code == 0, res.err
     ops = _ops(tmp_path / "o.onnx")
     assert node in ops and not any(d == "lrexport" for d, _ in ops)
+    assert (("", "Scan") in ops) == (choice == "auto")
     assert onnx.load(str(tmp_path / "o.onnx")).opset_import[0].version == opset
     la = json.loads(res.out)["linear_attention"]
     assert la["lowering"] == ("portable" if choice == "auto" else choice) and la["nodes"] == 1
@@ -105,7 +111,7 @@ def test_optimize_lowers_an_exported_file(cli, exported, tmp_path, choice, node,
 
 
 @pytest.mark.parametrize("args, problem", [
-    (["--linear-attention", "fastest"], "'fastest' is not one of 'auto', 'portable', 'onnxruntime', 'ai.onnx'"),
+    (["--linear-attention", "fastest"], "'fastest' is not one of 'auto', 'portable', 'loop-free', 'onnxruntime', 'ai.onnx'"),
     (["--linear-attention", "onnxruntime", "--backend", "tensorrt-rtx"],
      "--linear-attention onnxruntime writes com.microsoft.LinearAttention, which TensorRT cannot run"),
 ])
@@ -188,16 +194,19 @@ def test_fp16_onnxruntime_lowering_keeps_the_op_float32(cli, tmp_path, rule):
 
 @pytest.mark.skipif(NO_RTX is not None, reason=NO_RTX or "")
 @pytest.mark.parametrize("rule", list(RULES))
-def test_fp16_portable_lowering_keeps_the_recurrence_float32(cli, tmp_path, rule):
-    """The engine path: the portable form (a Scan for the delta rules and a per-key decay) kept float32,
-    an fp16 TensorRT-RTX engine built from the cast model."""
+def test_fp16_loop_free_lowering_keeps_the_recurrence_float32(cli, tmp_path, rule):
+    """The engine path: the loop-free form (doubling levels for the delta rules and a per-key decay) kept
+    float32, an fp16 TensorRT-RTX engine built from the cast model."""
     res = _build(cli, tmp_path / "b", rule, "--fp16", "--backend", "tensorrt-rtx")
     report = _fp16_report(res, tmp_path / "b")
     why = report["precision"]["kept_fp32_why"]
     cast = onnx.load(str(tmp_path / "b" / "model.fp16.onnx"))
     kept = {n.op_type for n in cast.graph.node if why.get(n.name, "").startswith("linear-attention recurrence")}
     assert "MatMul" in kept and ("Exp" in kept) == ("decay" in RULES[rule])
-    assert ("Scan" in kept) == (rule in ("gated-key", "delta", "gated_delta"))
+    assert not {"Scan", "Loop"} & {n.op_type for n in cast.graph.node}
+    (record,) = [d for p in report["passes"]["report"]["passes"] if p["name"] == "linear-attention"
+                 for d in p["details"] if d.get("kind") == "linear-attention"]
+    assert ("doubling levels" in record["action"]) == (rule in ("gated-key", "delta", "gated_delta"))
     # the plain linear layer is all float32 (the growing recurrence, its q, k, v projection, its out projection)
     assert report["engine"]["precision"] == ("fp32" if rule == "linear" else "fp16")
     assert (tmp_path / "b" / "model.engine").stat().st_size > 0

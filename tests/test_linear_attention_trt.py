@@ -1,5 +1,6 @@
 """The portable lowering of ``lrexport.LinearAttention`` (Scan over chunks for the delta rules and a per-key
-decay) parses and builds with TensorRT-RTX (which builds on CPU): one small engine per rule form."""
+decay) and the loop-free one (doubling levels instead) parse and build with TensorRT-RTX (which builds on
+CPU): one small engine per rule form and lowering."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 
 from exporter.specs import build_specs
 from exporter.trt_build import build_engine
+from graph_passes._base import PassOptions
+from graph_passes.linear_attention_loopfree import LinearAttentionLoopFreePass
 from graph_passes.linear_attention_portable import LinearAttentionPortablePass
 from test_linear_attention_op import _onnx
 
@@ -43,6 +46,20 @@ def test_portable_scan_lowering_builds_with_tensorrt_rtx(case: str, tmp_path: Pa
     model, _ = _onnx(case)
     LinearAttentionPortablePass()(model)
     assert "Scan" in [n.op_type for n in model.graph]
+    proto = ir.to_proto(model)
+    onnx.save(proto, str(tmp_path / "m.onnx"))
+    res = build_engine(tmp_path / "m.onnx", tmp_path / "m.engine", specs=_specs(proto), backend="tensorrt-rtx",
+                       opt_level=0)
+    assert res.unsupported_nodes == [] and (tmp_path / "m.engine").stat().st_size == res.engine_bytes > 0
+
+
+@pytest.mark.skipif(_WHY is not None, reason=_WHY or "")
+@pytest.mark.parametrize("case", ["delta", "gated-key", "gated_delta-key"])
+def test_loop_free_lowering_builds_with_tensorrt_rtx(case: str, tmp_path: Path) -> None:
+    """No Scan or Loop: levels sized for the profile's max of 256 positions."""
+    model, _ = _onnx(case)
+    LinearAttentionLoopFreePass(PassOptions(max_positions=256))(model)
+    assert not {"Scan", "Loop"} & {n.op_type for n in model.graph.all_nodes()}
     proto = ir.to_proto(model)
     onnx.save(proto, str(tmp_path / "m.onnx"))
     res = build_engine(tmp_path / "m.onnx", tmp_path / "m.engine", specs=_specs(proto), backend="tensorrt-rtx",
