@@ -144,11 +144,13 @@ pass_options = _compose(
                  show_default=True,
                  help="How the linear-attention op (lrexport.LinearAttention nodes) is lowered. onnxruntime: "
                       "com.microsoft.LinearAttention, the fastest on ONNX Runtime CPU (33-62 ms at n = 4096 against "
-                      "51-130 ms portable); portable: standard ops (opset <= 25), which TensorRT runs (it cannot "
-                      "run com.microsoft ops); ai.onnx: the standard op of opset 27, which ONNX Runtime 1.32 runs "
-                      "as a per-token Scan, 3-5x slower than its native op. auto: build takes onnxruntime when "
-                      "ONNX Runtime is its only backend, portable when it builds a TensorRT engine; optimize "
-                      "takes portable."),
+                      "51-130 ms portable); portable: standard ops (opset <= 25; a Scan over chunks for the "
+                      "delta rules and a per-key decay), which every runtime runs; loop-free: standard ops with "
+                      "no Scan or Loop (the chunk-to-chunk state by doubling levels sized from the shapes' max), "
+                      "for TensorRT (it cannot run com.microsoft ops); ai.onnx: the standard op of opset 27, which "
+                      "ONNX Runtime 1.32 runs as a per-token Scan, 3-5x slower than its native op. auto: build "
+                      "takes onnxruntime when ONNX Runtime is its only backend, loop-free when it builds a "
+                      "TensorRT engine; optimize takes portable."),
 )
 
 
