@@ -244,12 +244,17 @@ def longest_sequence(specs: Sequence[InputSpec]) -> int:
     return max((s.max[1] for s in specs if s.rank >= 2), default=0)
 
 
+MIN_SERVED_POSITIONS = 4096
+
+
 def served_positions(specs: Sequence[InputSpec]) -> int | None:
     """The positions a loop-free recurrence is sized for (``PassOptions.max_positions``): twice the longest
-    sequence the inputs allow, room for tokens a model adds to its input (one more doubling level);
-    past it the lowered op gives NaN, which parity at the max shape would show. None: not known."""
+    sequence the inputs allow (axis 1), room for tokens a model adds to its input, and at least
+    ``MIN_SERVED_POSITIONS``, since the op's sequence need not be an input's axis 1 (patches of an image);
+    each doubling of it is one more level of ~20 small nodes. Past it the lowered op gives NaN, which
+    parity at the max shape shows. None: not known."""
     longest = longest_sequence(specs)
-    return 2 * longest if longest else None
+    return max(2 * longest, MIN_SERVED_POSITIONS) if longest else None
 
 
 def clamp_chunk(chunk_size: int, specs: Sequence[InputSpec]) -> tuple[int, list[str]]:

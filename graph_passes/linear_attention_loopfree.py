@@ -10,8 +10,9 @@ per-key decay). Each chunk n is an affine map of the state, ``S_{n+1} = A_n S_n 
 fixed number of doubling levels (:func:`_chunk_starts`, a work-efficient up-sweep / down-sweep): level l
 composes neighbours pairwise, ``(A_{2i+1} A_{2i}, A_{2i+1} B_{2i} + B_{2i+1})``, so ``L`` levels serve
 ``2^L`` chunks, and the way down hands each pair's start state to both halves. ``L`` is sized from the
-longest sequence the model serves (``PassOptions.max_positions``, from the build's shapes or the engine
-profile's max); past ``2^L`` chunks every output is NaN, never a silently wrong value.
+node's sequence length where it is static, else from the longest sequence the model serves
+(``PassOptions.max_positions``, from the build's shapes, which are the engine profile's); past ``2^L``
+chunks every output is NaN, never a silently wrong value.
 
 Maps are kept as ``A - I``: zero-padding a level to an even length then pads with identity maps, and
 ``(I + X)(I + Y) = I + X + Y + XY`` composes them. A per-key decay without a delta rule makes every map
@@ -53,7 +54,8 @@ class LinearAttentionLoopFreePass(LinearAttentionPortablePass):
         chunk = chunk_for(node, self.options.chunk_size)
         if chunk & (chunk - 1):
             return f"chunk size {chunk} is not a power of 2 (the UT inverse and sub-chunks need one)"
-        levels = levels_for(self.options.max_positions, chunk)
+        seq = node.inputs[0].shape[1] if node.inputs[0] is not None and node.inputs[0].shape is not None else None
+        levels = levels_for(seq if isinstance(seq, int) else self.options.max_positions, chunk)
         new_nodes, outs = _lower_loop_free(_Prep(node, label, chunk), levels)
         served = chunk << levels
         return new_nodes, outs, f"lowered (standard ops, chunked, no loop: {levels} doubling levels)", {

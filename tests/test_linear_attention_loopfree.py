@@ -80,3 +80,32 @@ def test_loop_free_lowering_keeps_the_portable_form_where_it_has_no_loop(case):
     p(model)
     assert p.records[0].action == "lowered (standard ops, chunked)"
     _assert_lowered_matches_float64(model, case, kw, True)
+
+
+def test_loop_free_lowering_sizes_a_static_sequence_from_the_node():
+    """A node whose sequence is static (40: 3 chunks) gets the 2 levels that serve it, whatever the
+    options say."""
+    model, kw = _onnx("gated_delta-head")
+    for v in model.graph.inputs[:5]:  # q, k, v, g, beta (the state has no sequence axis)
+        v.shape = ir.Shape([2, 40, *v.shape[2:]])
+    (node,) = list(model.graph)
+    assert node.inputs[0].shape[1] == 40
+    p = LinearAttentionLoopFreePass(PassOptions(max_positions=1 << 20))
+    p(model)
+    assert (p.records[0].info["levels"], p.records[0].info["max_positions"]) == (2, 64)
+    sess = _session(model)
+    args, _ = make_inputs("gated_delta-head", 40, seed=6)
+    out, state = sess.run(None, {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)})
+    want_out, want_state = reference(*args[:5], kw["scale"], args[5])
+    assert rel_err(out, want_out) < 2e-5 and rel_err(state, want_state) < 2e-5
+
+
+def test_build_sizes_the_levels_from_the_shapes_with_a_floor():
+    """Twice the longest input sequence (axis 1), at least 4096 positions (the op's sequence need not be
+    an input's axis 1); none where no input has a second axis."""
+    from exporter.specs import build_specs
+    from exporter.stages import served_positions
+
+    assert served_positions(build_specs(["x:1x8x32:float32"], ["x:min=1x1x32,opt=1x8x32,max=2x130x32"])) == 4096
+    assert served_positions(build_specs(["x:1x8x32:float32"], ["x:min=1x1x32,opt=1x8x32,max=2x5000x32"])) == 10000
+    assert served_positions(build_specs(["x:4:float32"], [])) is None
