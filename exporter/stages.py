@@ -129,7 +129,8 @@ def choose_linear_attention(options: BuildOptions, with_engine: bool | None) -> 
     if choice == "onnxruntime" and with_engine:
         raise LrexportError(f"--linear-attention onnxruntime writes com.microsoft.LinearAttention, which TensorRT "
                             f"cannot run, and this build makes a TensorRT engine from the model (--backend "
-                            f"{options.backend})", "use --linear-attention loop-free (or auto), or --backend onnxruntime")
+                            f"{options.backend})",
+                            "use --linear-attention loop-free (or auto), or --backend onnxruntime")
     if choice != "auto":
         return choice, "asked for with --linear-attention"
     if with_engine is None:

@@ -403,6 +403,9 @@ def test_build_delta_layer(name, cli, tmp_path):
     if _has_trt_rtx():
         assert report["engine"]["backend"].startswith("tensorrt-rtx"), report["engine"]
         assert (tmp_path / "o" / "model.engine").stat().st_size > 0
+        # the engine's form: standard ops with no loop over chunks (the delta rule's maps by doubling)
+        assert report["passes"]["linear_attention"]["lowering"] == "loop-free"
+        assert not {"Scan", "Loop"} & {n.op_type for n in onnx.load(str(tmp_path / "o" / "model.onnx")).graph.node}
     model = globals()[factory]()
     nodes = []
     with applied(model, select_patches(model)):

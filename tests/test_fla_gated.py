@@ -274,6 +274,9 @@ def test_build_dynamic_on_the_op(cli, tmp_path, name):
     assert len(onnx.load(str(tmp_path / "long.onnx")).graph.node) == len(exported.graph.node)
     if importlib.util.find_spec("tensorrt_rtx") is not None:
         assert (out / "model.engine").stat().st_size > 0 and data["engine"]["backend"] == "tensorrt-rtx"
+        # the engine's form: standard ops with no loop over chunks (a per-key decay's maps by doubling)
+        assert data["passes"]["linear_attention"]["lowering"] == "loop-free"
+        assert not {"Scan", "Loop"} & {n.op_type for n in optimized.graph.node}
 
 
 def test_attention_mask_refused_by_name(cli, tmp_path):

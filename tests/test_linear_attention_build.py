@@ -111,7 +111,8 @@ def test_optimize_lowers_an_exported_file(cli, exported, tmp_path, choice, node,
 
 
 @pytest.mark.parametrize("args, problem", [
-    (["--linear-attention", "fastest"], "'fastest' is not one of 'auto', 'portable', 'loop-free', 'onnxruntime', 'ai.onnx'"),
+    (["--linear-attention", "fastest"],
+     "'fastest' is not one of 'auto', 'portable', 'loop-free', 'onnxruntime', 'ai.onnx'"),
     (["--linear-attention", "onnxruntime", "--backend", "tensorrt-rtx"],
      "--linear-attention onnxruntime writes com.microsoft.LinearAttention, which TensorRT cannot run"),
 ])
