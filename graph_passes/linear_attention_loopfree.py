@@ -30,7 +30,7 @@ import onnx_ir as ir
 
 from graph_passes.linear_attention_ort import Lowered, _attr
 from graph_passes.linear_attention_portable import (
-    LinearAttentionPortablePass, _needs_scan, _Prep, _refusal, chunk_for, chunk_terms, initial_state)
+    ChunkTerms, LinearAttentionPortablePass, _needs_scan, _Prep, _refusal, chunk_for, chunk_terms, initial_state)
 
 # where the longest sequence is not known: levels for this many positions (2^16 chunks of 16)
 DEFAULT_MAX_POSITIONS = 1 << 20
@@ -68,11 +68,9 @@ def _lower_loop_free(p: _Prep, levels: int) -> tuple[list[ir.Node], list[ir.Valu
     A, B, diagonal = chunk_maps(p, t)
     S0 = initial_state(p)
     starts, top_A, top_B, top_n = _chunk_starts(p, A, B, diagonal, S0, levels)
-    if p.delta:  # U = X - Wk S, o = Qd S + QK U
-        U = b.op("Sub", [t.U, b.op("MatMul", [t.Wk, starts])])
-        o = b.op("Add", [b.op("MatMul", [t.Qd, starts]), b.op("MatMul", [t.QK, U])])
-    else:
-        o = b.op("Add", [b.op("MatMul", [t.Qd, starts]), b.op("MatMul", [t.QK, t.U])])
+    # o = Qd S + QK U, with U = X - Wk S for the delta rules (V otherwise)
+    U = b.op("Sub", [t.U, b.op("MatMul", [t.Wk, starts])]) if p.delta else t.U
+    o = b.op("Add", [b.op("MatMul", [t.Qd, starts]), b.op("MatMul", [t.QK, U])])
     final = b.op("Add", [b.op("Add", [S0, _apply(b, top_A, S0, diagonal)]), top_B])
     # more chunks than the levels serve: NaN everywhere rather than a wrong value
     over = b.op("Greater", [top_n, c([1])])
@@ -82,18 +80,21 @@ def _lower_loop_free(p: _Prep, levels: int) -> tuple[list[ir.Node], list[ir.Valu
     return p.finish(o, final)
 
 
-def chunk_maps(p: _Prep, t) -> tuple[ir.Value, ir.Value, bool]:
+def chunk_maps(p: _Prep, t: ChunkTerms) -> tuple[ir.Value, ir.Value, bool]:
     """Each chunk's state map ``S' = (I + A) S + B`` as ``A`` (B,h,nc,dk,dk), or (B,h,nc,dk,1) where
     it is diagonal (a per-key decay, no delta rule), and ``B`` (B,h,nc,dk,dv)."""
     b, c = p.b, p.b.const
-    if not p.delta:  # S' = D S + KdT V: diagonal
-        return b.op("Sub", [t.D, c(np.float32(1), np.float32)]), b.op("MatMul", [t.KdT, t.U]), True
+    B = b.op("MatMul", [t.KdT, t.U])  # KdT V, or KdT X for the delta rules
+    D1 = None if t.D is None else b.op("Sub", [t.D, c(np.float32(1), np.float32)])  # D - I, on the diagonal
+    if not p.delta:  # S' = D S + KdT V: diagonal (the Scan forms without a delta rule have a per-key D)
+        assert D1 is not None
+        return D1, B, True
     # S' = D S + KdT (X - Wk S) = (D - KdT Wk) S + KdT X
     A = b.op("Neg", [b.op("MatMul", [t.KdT, t.Wk])])
-    if t.D is not None:
+    if D1 is not None:
         eye = p.const(np.eye(p.dk, dtype=np.float32)) if p.dk else _eye_like(p, A)
-        A = b.op("Add", [A, b.op("Mul", [b.op("Sub", [t.D, c(np.float32(1), np.float32)]), eye])])
-    return A, b.op("MatMul", [t.KdT, t.U]), False
+        A = b.op("Add", [A, b.op("Mul", [D1, eye])])
+    return A, B, False
 
 
 def _eye_like(p: _Prep, A: ir.Value) -> ir.Value:

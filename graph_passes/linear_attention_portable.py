@@ -19,9 +19,9 @@ nilpotent: matmuls, no loop over positions and no triangular solve. A per-key de
 k_jd exp(b_id - b_jd)`` are MatMuls of queries and keys each scaled by one exponential, fla-style: blocks of
 8 against their middle position, then halves against the boundary between them (``_SubChunks``), never a
 ``[C, C, dk]`` tensor. Without a state-dependent update (the gated rule) the Scan body reads the state,
-decays it and adds the chunk's ``K^T V``. TensorRT generally takes Scan-free graphs better than Scan;
-the Scan is the price of the delta rules' state-dependent update and of a per-key decay (a loop-free
-per-key form needs an nc x nc x dk decay matrix: memory quadratic in T).
+decays it and adds the chunk's ``K^T V``. The Scan is the cheapest way on ONNX Runtime CPU to carry the
+delta rules' state-dependent update and a per-key decay; graph_passes/linear_attention_loopfree.py carries
+the same state with no Scan (doubling levels, more arithmetic) for TensorRT engines.
 
 Speed (benchmarks/bench_linear_attention.py, ORT CPU): the chunk layout is a Transpose that keeps the
 last axis, then a Reshape, so the MatMuls' transposed operands are Transposes ORT folds into the MatMul;
@@ -108,7 +108,7 @@ class LinearAttentionPortablePass(LinearAttentionLowering):
 
 
 class _Prep:
-    """What both forms share: the node's inputs in float32 on ``h`` heads, zero-padded to ``nc * C``
+    """What every form shares: the node's inputs in float32 on ``h`` heads, zero-padded to ``nc * C``
     positions (k = 0 adds nothing, g = 0 decays nothing) and cut in chunks ``(B, h, nc, C[, d])``.
 
     The chunk layout is reached by a Transpose that keeps the last axis in place, then a Reshape; the

@@ -11,7 +11,9 @@ import pytest
 
 from graph_passes._base import PassOptions
 from graph_passes.linear_attention_loopfree import LinearAttentionLoopFreePass, levels_for
-from test_linear_attention_op import SCAN_CASES, _assert_lowered_matches_float64, _onnx, make_inputs, reference, rel_err
+from test_linear_attention_op import (
+    SCAN_CASES, _assert_lowered_matches_float64, _onnx, assert_strong_decay_stays_finite, make_inputs, reference,
+    rel_err)
 
 
 def _session(model: ir.Model) -> ort.InferenceSession:
@@ -57,19 +59,29 @@ def test_loop_free_lowering_is_nan_past_the_positions_it_serves():
 
 def test_loop_free_lowering_strong_decay_stays_finite():
     """Per-key decays of e^-60 per token beside slow ones: maps composed over many chunks stay finite."""
-    import torch
-
     model, kw = _onnx("gated_delta-key")
     LinearAttentionLoopFreePass(PassOptions(max_positions=512))(model)
+    assert_strong_decay_stays_finite(model, kw, 300)
+
+
+@pytest.mark.parametrize("case", ["gated-key", "gated_delta-head"])
+def test_loop_free_lowering_is_right_at_every_edge_of_its_range(case):
+    """Sized for 256 positions (chunks of 16): right at 1, a chunk -1 / +0 / +1, the last chunk's edge and the
+    stated maximum; NaN one position past it."""
+    model, kw = _onnx(case)
+    p = LinearAttentionLoopFreePass(PassOptions(max_positions=256))
+    p(model)
+    assert p.records[0].info["max_positions"] == 256
     sess = _session(model)
-    (q, k, v, g, beta, s0), _ = make_inputs("gated_delta-key", 300, seed=4)
-    g = torch.full_like(g, -60.0)
-    g[..., ::2] = -1e-3
-    args = (q, k, v, g, beta, s0)
-    out, state = sess.run(None, {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)})
-    want_out, want_state = reference(q, k, v, g, beta, kw["scale"], s0)
-    assert np.isfinite(out).all() and np.isfinite(state).all()
-    assert rel_err(out, want_out) < 2e-5 and rel_err(state, want_state) < 2e-5
+    names = [i.name for i in sess.get_inputs()]
+    for t in (1, 15, 16, 17, 255, 256, 257):
+        args, _ = make_inputs(case, t, seed=7)  # beta is None for the gated rule: not an input
+        out, state = sess.run(None, dict(zip(names, [a.numpy() for a in args if a is not None])))
+        if t > 256:
+            assert np.isnan(out).all() and np.isnan(state).all(), t
+            continue
+        want_out, want_state = reference(*args[:5], kw["scale"], args[5])
+        assert rel_err(out, want_out) < 2e-5 and rel_err(state, want_state) < 2e-5, (case, t)
 
 
 @pytest.mark.parametrize("case", ["linear", "gated-head"])
